@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:
+#   make demo PROMPT="a red ball bouncing"   set up, start the mesh, write a video, print its path
+#   make test                                set up, run every test (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch that lies on this machine's disk; a GPU host may set TORCH_SPEC to its own.
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= a red ball bouncing on green grass
+OUTPUT ?= out/video.mp4
+
+.PHONY: setup demo test protos clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/t2v up --generate "$(PROMPT)" -o $(OUTPUT)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+protos: setup
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) out

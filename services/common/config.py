@@ -1,0 +1,99 @@
+"""Service configuration: a frozen dataclass per service, filled from CLI flags, then ``T2V_*``
+environment variables, then the defaults written in the dataclass.
+
+Why one mechanism: every service is configured the same way on a laptop (flags) and on Kubernetes
+(env from a ConfigMap), and ``--help`` always lists every setting with its variable and default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = str(REPO_ROOT / "models" / "t2v-tiny")
+ENV_PREFIX = "T2V_"
+
+C = TypeVar("C")
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with the help text that ``--help`` shows."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings every gRPC server has."""
+
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
+    port: int = setting(0, "port to listen on (0 = any free port)")
+    max_message_mb: int = setting(64, "largest gRPC message sent or received, in MiB")
+    max_workers: int = setting(32, "gRPC handler threads (concurrent calls)")
+    grace_seconds: float = setting(10.0, "on SIGTERM, how long in-flight calls may take to finish")
+    log_level: str = setting("info", "debug, info, warning or error")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ModelConfig(ServerConfig):
+    """Settings of a stage that loads part of the model folder."""
+
+    model: str = setting(DEFAULT_MODEL, "diffusers model folder (text-to-video-ms-1.7b layout)")
+    device: str = setting("auto", "torch device: cpu, cuda, cuda:1 ... (auto = cuda if available)")
+    dtype: str = setting("auto", "float32, float16 or bfloat16 (auto = float16 on GPU, float32 on CPU)")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _converter(kind: Any) -> Any:
+    return _parse_bool if kind is bool else kind
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, description: str) -> C:
+    """Build ``cls`` from flags, then env, then defaults. Exits with a usage message on bad input."""
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        env = ENV_PREFIX + f.name.upper()
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
+                            default=None, metavar=f.name.upper(),
+                            help=f"{f.metadata.get('help', '')} [env {env}; default {f.default}]")
+    namespace = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(namespace, f.name)
+        env = ENV_PREFIX + f.name.upper()
+        if value is None and env in os.environ:
+            try:
+                value = _converter(hints[f.name])(os.environ[env])
+            except ValueError as exc:
+                parser.error(f"environment variable {env}={os.environ[env]!r} is not valid: {exc}")
+        if value is not None:
+            values[f.name] = value
+    return cls(**values)
+
+
+def describe(config: Any) -> str:
+    """One line with every setting, printed once at start."""
+    return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())

@@ -1,0 +1,11 @@
+"""Values the contracts in protos/ define but protobuf cannot express: the scheduler names and
+diffusers' defaults. Both the gateway (which validates) and the denoiser (which runs) read them here,
+so stages never import each other."""
+
+SCHEDULERS = ("ddim", "dpmsolver++")
+DEFAULT_SCHEDULER = "ddim"
+DEFAULT_FRAMES = 16
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 9.0
+DEFAULT_FPS = 8
+VAE_SCALE_FACTOR = 8     # height and width must be multiples of this

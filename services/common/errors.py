@@ -1,0 +1,85 @@
+"""Errors that a servicer raises, and the one place that turns them into gRPC status codes.
+
+Why: model code raises plain Python exceptions with a sentence a user can act on; the servicer
+wrapper maps them to INVALID_ARGUMENT / UNAVAILABLE / ... so no traceback ever reaches a client,
+and an unexpected failure is logged once with the request id and answered with INTERNAL.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from services.common.logs import kv
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """An error with a gRPC status code and a sentence for the user."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server log has the details"
+
+
+def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
+    code, message = _status_for(exc)
+    if code == grpc.StatusCode.INTERNAL and not isinstance(exc, ServiceError):
+        log.exception(kv("rpc_failed", method=method))
+    else:
+        log.info(kv("rpc_refused", method=method, code=code.name, reason=message))
+    context.abort(code, message)
+
+
+def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a servicer method (unary or server-streaming) so every exception becomes a status."""
+    name = method.__name__
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - the point is to map everything
+                _abort(context, name, exc)
+        return stream
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, name, exc)
+    return unary

@@ -1,0 +1,77 @@
+"""Decoder gRPC servicer: checks latents, decodes them with the VAE, encodes the MP4."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+
+from services.common.config import ModelConfig, parse_config, setting
+from services.common.errors import InvalidArgument, grpc_errors
+from services.common.logs import kv
+from services.common.model_folder import resolve_device, resolve_dtype
+from services.common.server import ReadyGate, serve
+from services.common.tensors import check_finite, from_proto, to_proto
+from services.decoder.vae import VaeDecoder
+from services.decoder.video import encode_mp4, to_uint8
+from t2v.v1 import decoder_pb2, decoder_pb2_grpc
+
+SERVICE_NAME = "t2v.v1.Decoder"
+log = logging.getLogger("decoder")
+
+
+@dataclass(frozen=True)
+class DecoderConfig(ModelConfig):
+    port: int = setting(50053, "port to listen on (0 = any free port)")
+    chunk_size: int = setting(8, "frames decoded by the VAE at a time (lower it if a long video runs out of memory)")
+    crf: int = setting(18, "H.264 quality, 0 (lossless) to 51 (worst)")
+    max_frames: int = setting(256, "most frames accepted in one video")
+    max_fps: int = setting(60, "highest frame rate accepted")
+
+
+class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
+    def __init__(self, config: DecoderConfig) -> None:
+        self.config = config
+        self.gate = ReadyGate("decoder")
+        self.vae: VaeDecoder | None = None
+
+    def load(self) -> None:
+        device = resolve_device(self.config.device)
+        self.vae = VaeDecoder(self.config.model, device, resolve_dtype(self.config.dtype, device),
+                              chunk_size=self.config.chunk_size)
+
+    @grpc_errors
+    def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.ServicerContext
+               ) -> decoder_pb2.DecodeResponse:
+        self.gate.check()
+        assert self.vae is not None
+        if not 1 <= request.fps <= self.config.max_fps:
+            raise InvalidArgument(f"fps is {request.fps}; it must be between 1 and {self.config.max_fps}")
+        latents = from_proto(request.latents, "latents")
+        channels = self.vae.latent_channels
+        if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != channels:
+            raise InvalidArgument(f"latents have shape {list(latents.shape)}; expected [1, {channels}, frames, "
+                                  "height/8, width/8]")
+        if latents.shape[2] > self.config.max_frames:
+            raise InvalidArgument(f"latents hold {latents.shape[2]} frames; at most {self.config.max_frames}")
+        check_finite(latents, "latents")
+        frames = self.vae.decode(latents)
+        video = encode_mp4(to_uint8(frames), request.fps, self.config.crf)
+        count, height, width, _ = frames.shape
+        log.info(kv("decoded", job_id=request.request_id, frames=count, width=width, height=height,
+                    mp4_bytes=len(video)))
+        response = decoder_pb2.DecodeResponse(video=video, mime_type="video/mp4", num_frames=count,
+                                              height=height, width=width)
+        if request.return_frames:
+            response.frames.CopyFrom(to_proto(frames.contiguous()))
+        return response
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(DecoderConfig, argv, "t2v serve decoder",
+                          "VAE decoder stage: latents -> frames -> MP4 over gRPC.")
+    servicer = DecoderServicer(config)
+    serve(config, "decoder", SERVICE_NAME, servicer, servicer.gate,
+          lambda server: decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server))

@@ -1,0 +1,281 @@
+"""The denoiser engine: one loop that keeps the GPU busy with step-level continuous batching.
+
+Why: the UNet is the product's cost. Every iteration takes the active requests of one shape
+(frames, height, width), runs ONE UNet forward for all of them (cond and uncond rows together,
+each row at its own timestep), then a scheduler step per request. Requests join and leave between
+steps; a cancelled request leaves at the next step. Noise comes from each request's own seeded
+generator, so a video does not depend on what it was batched with. Knows nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from diffusers import DDIMScheduler, UNet3DConditionModel
+
+from services.common.logs import kv
+from services.common.model_folder import model_part
+from services.denoiser import sampling
+
+log = logging.getLogger("denoiser.engine")
+
+
+class EngineFull(RuntimeError):
+    """More requests are active than ``max_jobs``."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is stopping; the request should go to another replica."""
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    embeddings: torch.Tensor          # [2, 77, D] (uncond, cond) or [1, 77, D] without guidance
+    num_frames: int
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str = sampling.DEFAULT_SCHEDULER
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int          # 1-based
+    total: int
+    timestep: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    latents: torch.Tensor   # [1, C, F, h, w] on the CPU
+    steps_run: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    steps_run: int
+
+
+Event = Union[Step, Finished, Failed, Cancelled]
+
+
+@dataclass
+class Job:
+    """One request's state inside the engine; its events come out of ``events``."""
+
+    request: Request
+    events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Set by the engine thread when the job is admitted.
+    scheduler: Any = None
+    timesteps: Any = None
+    latents: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    @property
+    def shape_key(self) -> tuple[int, int, int]:
+        r = self.request
+        return (r.num_frames, r.height, r.width)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0                 # UNet forwards
+    requests_stepped: int = 0      # sum of batch sizes
+    max_batch_seen: int = 0
+    finished: int = 0
+    cancelled: int = 0
+
+
+class DenoiseEngine:
+    """Owns the UNet and the one thread that runs it."""
+
+    def __init__(self, unet: UNet3DConditionModel, scheduler_config: dict[str, Any], device: torch.device,
+                 dtype: torch.dtype, max_batch: int = 8, max_jobs: int = 64) -> None:
+        self.unet = unet
+        self.scheduler_config = scheduler_config
+        self.device, self.dtype = device, dtype
+        self.max_batch, self.max_jobs = max_batch, max_jobs
+        self.stats = EngineStats()
+        self._inbox: list[Job] = []
+        self._active: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="denoise-engine", daemon=True)
+
+    @classmethod
+    def from_folder(cls, model: str | Path, device: torch.device, dtype: torch.dtype, **kwargs: Any
+                    ) -> "DenoiseEngine":
+        unet = UNet3DConditionModel.from_pretrained(model_part(model, "unet"), torch_dtype=dtype)
+        unet.to(device).eval().requires_grad_(False)
+        scheduler_config = dict(DDIMScheduler.load_config(model_part(model, "scheduler")))
+        return cls(unet, scheduler_config, device, dtype, **kwargs)
+
+    # --- what the model accepts ------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * 8
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "DenoiseEngine":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let active jobs run for up to ``timeout`` seconds, then fail the rest as EngineStopped."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        while self.active_jobs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._cond:
+            leftover = self._inbox + self._active
+            self._inbox, self._active = [], []
+            self._cond.notify_all()
+        for job in leftover:
+            job.events.put(Failed(EngineStopped("the denoiser stopped before this request finished")))
+        self._thread.join(timeout=5)
+
+    def submit(self, request: Request) -> Job:
+        job = Job(request)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the denoiser is shutting down")
+            if len(self._inbox) + len(self._active) >= self.max_jobs:
+                raise EngineFull(f"the denoiser already runs {self.max_jobs} requests; retry later")
+            self._inbox.append(job)
+            self._cond.notify_all()
+        return job
+
+    def active_jobs(self) -> int:
+        with self._cond:
+            return len(self._inbox) + len(self._active)
+
+    # --- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._inbox and not self._active:
+                    if self._stopping:
+                        return
+                    self._cond.wait()
+                new, self._inbox = self._inbox, []
+            for job in new:
+                self._admit(job)
+            self._drop_cancelled()
+            batch = self._pick_batch()
+            if not batch:
+                continue
+            try:
+                self._step(batch)
+            except Exception as exc:  # noqa: BLE001 - a failed forward fails its batch, not the engine
+                log.exception(kv("step_failed", jobs=",".join(j.request.request_id for j in batch)))
+                self._retire(batch, Failed(exc))
+
+    def _admit(self, job: Job) -> None:
+        r = job.request
+        try:
+            job.scheduler = sampling.make_scheduler(r.scheduler, self.scheduler_config)
+            job.scheduler.set_timesteps(r.num_inference_steps, device=self.device)
+            job.timesteps = job.scheduler.timesteps
+            shape = (1, self.latent_channels, r.num_frames, r.height // 8, r.width // 8)
+            job.latents, job.generator = sampling.initial_latents(
+                shape, r.seed, self.device, self.dtype, job.scheduler.init_noise_sigma)
+            job.kwargs = sampling.step_kwargs(job.scheduler, job.generator)
+            job.embeddings = r.embeddings.to(self.device, self.dtype)
+        except Exception as exc:  # noqa: BLE001
+            job.events.put(Failed(exc))
+            return
+        with self._cond:
+            self._active.append(job)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [j for j in self._active if j.cancelled.is_set()]
+        for job in gone:
+            self.stats.cancelled += 1
+            log.info(kv("cancelled", job_id=job.request.request_id, steps_run=job.index,
+                        steps=job.request.num_inference_steps))
+        self._retire(gone, None)
+
+    def _pick_batch(self) -> list[Job]:
+        """The oldest job's shape, and every job of that shape in arrival order, up to max_batch."""
+        with self._cond:
+            if not self._active:
+                return []
+            key = self._active[0].shape_key
+            return [j for j in self._active if j.shape_key == key][: self.max_batch]
+
+    def _retire(self, jobs: list[Job], event: Event | None) -> None:
+        with self._cond:
+            self._active = [j for j in self._active if j not in jobs]
+        for job in jobs:
+            job.events.put(event if event is not None else Cancelled(job.index))
+
+    @torch.inference_mode()
+    def _step(self, batch: list[Job]) -> None:
+        inputs, embeddings, timesteps, rows = [], [], [], []
+        for job in batch:
+            t = job.timesteps[job.index]
+            x = torch.cat([job.latents] * 2) if job.request.uses_guidance else job.latents
+            x = job.scheduler.scale_model_input(x, t)
+            inputs.append(x)
+            embeddings.append(job.embeddings)
+            timesteps.append(t.reshape(1).expand(x.shape[0]))
+            rows.append(x.shape[0])
+        noise = self.unet(torch.cat(inputs), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeddings),
+                          return_dict=False)[0]
+        self.stats.steps += 1
+        self.stats.requests_stepped += len(batch)
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
+
+        done = []
+        for job, pred in zip(batch, noise.split(rows)):
+            r = job.request
+            if r.uses_guidance:
+                pred = sampling.apply_guidance(pred, r.guidance_scale)
+            t = job.timesteps[job.index]
+            job.latents = sampling.scheduler_step(job.scheduler, pred, t, job.latents, job.kwargs)
+            job.index += 1
+            job.events.put(Step(job.index, len(job.timesteps), int(t)))
+            if job.index == len(job.timesteps):
+                done.append(job)
+        for job in done:
+            self.stats.finished += 1
+            with self._cond:
+                self._active.remove(job)
+            job.events.put(Finished(job.latents.to("cpu"), job.index))

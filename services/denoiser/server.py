@@ -1,0 +1,125 @@
+"""Denoiser gRPC servicer: checks a DenoiseRequest, hands it to the engine, streams its events."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import grpc
+
+from services.common.config import ModelConfig, parse_config, setting
+from services.common.errors import (Cancelled, InvalidArgument, ResourceExhausted, ServiceError, Unavailable,
+                                    grpc_errors)
+from services.common.logs import kv
+from services.common.model_folder import resolve_device, resolve_dtype
+from services.common.server import ReadyGate, serve
+from services.common.tensors import check_finite, from_proto, to_proto
+from services.denoiser import engine as eng
+from services.denoiser.sampling import SCHEDULERS
+from t2v.v1 import denoiser_pb2, denoiser_pb2_grpc, generation_pb2
+
+SERVICE_NAME = "t2v.v1.Denoiser"
+log = logging.getLogger("denoiser")
+
+
+@dataclass(frozen=True)
+class DenoiserConfig(ModelConfig):
+    port: int = setting(50052, "port to listen on (0 = any free port)")
+    max_batch: int = setting(8, "most requests that share one UNet forward")
+    max_jobs: int = setting(64, "most requests active at once; more get RESOURCE_EXHAUSTED")
+    max_frames: int = setting(64, "largest num_frames accepted")
+    max_size: int = setting(1024, "largest height or width accepted, in pixels")
+    max_steps: int = setting(500, "largest num_inference_steps accepted")
+
+
+def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, embedding_dim: int
+                  ) -> eng.Request:
+    """Turn a DenoiseRequest into an engine Request, or raise InvalidArgument saying what to fix."""
+    if not 1 <= request.num_frames <= config.max_frames:
+        raise InvalidArgument(f"num_frames is {request.num_frames}; it must be between 1 and {config.max_frames}")
+    for name in ("height", "width"):
+        value = getattr(request, name)
+        if value <= 0 or value % 8 or value > config.max_size:
+            raise InvalidArgument(f"{name} is {value}; it must be a positive multiple of 8, at most {config.max_size}")
+    if not 1 <= request.num_inference_steps <= config.max_steps:
+        raise InvalidArgument(f"num_inference_steps is {request.num_inference_steps}; "
+                              f"it must be between 1 and {config.max_steps}")
+    if not math.isfinite(request.guidance_scale) or request.guidance_scale < 0:
+        raise InvalidArgument(f"guidance_scale is {request.guidance_scale}; it must be a number >= 0")
+    if request.scheduler not in SCHEDULERS:
+        raise InvalidArgument(f"scheduler {request.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    embeddings = from_proto(request.embeddings, "embeddings")
+    rows = 2 if request.guidance_scale > 1.0 else 1
+    if embeddings.dim() != 3 or embeddings.shape[0] != rows or embeddings.shape[2] != embedding_dim:
+        raise InvalidArgument(f"embeddings have shape {list(embeddings.shape)}; this model expects "
+                              f"[{rows}, tokens, {embedding_dim}] ({'uncond, cond' if rows == 2 else 'cond only'} "
+                              f"for guidance_scale {request.guidance_scale})")
+    check_finite(embeddings, "embeddings")
+    return eng.Request(request_id=request.request_id, embeddings=embeddings, num_frames=request.num_frames,
+                       height=request.height, width=request.width,
+                       num_inference_steps=request.num_inference_steps,
+                       guidance_scale=request.guidance_scale, seed=request.seed, scheduler=request.scheduler)
+
+
+class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
+    def __init__(self, config: DenoiserConfig) -> None:
+        self.config = config
+        self.gate = ReadyGate("denoiser")
+        self.engine: eng.DenoiseEngine | None = None
+
+    def load(self) -> None:
+        device = resolve_device(self.config.device)
+        self.engine = eng.DenoiseEngine.from_folder(
+            self.config.model, device, resolve_dtype(self.config.dtype, device),
+            max_batch=self.config.max_batch, max_jobs=self.config.max_jobs).start()
+
+    def close(self, timeout: float) -> None:
+        if self.engine is not None:
+            self.engine.stop(timeout)
+
+    @grpc_errors
+    def Denoise(self, request: denoiser_pb2.DenoiseRequest, context: grpc.ServicerContext
+                ) -> Iterator[denoiser_pb2.DenoiseEvent]:
+        self.gate.check()
+        assert self.engine is not None
+        checked = check_request(request, self.config, self.engine.embedding_dim)
+        try:
+            job = self.engine.submit(checked)
+        except eng.EngineFull as exc:
+            raise ResourceExhausted(str(exc)) from None
+        except eng.EngineStopped as exc:
+            raise Unavailable(str(exc)) from None
+        context.add_callback(job.cancel)
+        log.info(kv("accepted", job_id=checked.request_id, frames=checked.num_frames, height=checked.height,
+                    width=checked.width, steps=checked.num_inference_steps, scheduler=checked.scheduler))
+        while True:
+            event = job.events.get()
+            if isinstance(event, eng.Step):
+                yield denoiser_pb2.DenoiseEvent(progress=generation_pb2.StepProgress(
+                    step=event.step, total_steps=event.total, timestep=event.timestep))
+            elif isinstance(event, eng.Finished):
+                log.info(kv("finished", job_id=checked.request_id, steps_run=event.steps_run))
+                yield denoiser_pb2.DenoiseEvent(latents=to_proto(event.latents))
+                return
+            elif isinstance(event, eng.Cancelled):
+                raise Cancelled(f"request cancelled after {event.steps_run} steps")
+            else:
+                error = event.error
+                if isinstance(error, eng.EngineStopped):
+                    raise Unavailable(str(error))
+                if isinstance(error, (ServiceError, ValueError)):
+                    raise InvalidArgument(str(error))
+                raise error
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(DenoiserConfig, argv, "t2v serve denoiser",
+                          "3D-UNet denoiser stage: embeddings -> latents, with step-level batching.")
+    servicer = DenoiserServicer(config)
+    try:
+        serve(config, "denoiser", SERVICE_NAME, servicer, servicer.gate,
+              lambda server: denoiser_pb2_grpc.add_DenoiserServicer_to_server(servicer, server))
+    finally:
+        servicer.close(config.grace_seconds)

@@ -1,0 +1,96 @@
+"""Checking a user's GenerationParams and filling in the defaults. Pure logic, no gRPC.
+
+Why here and first: a bad request must be refused with a sentence the user can act on before it
+costs a queue slot or a GPU second; every rule lives in this one function, which tests cover.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument
+from services.common.contract import (DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER,
+                                      DEFAULT_STEPS, SCHEDULERS, VAE_SCALE_FACTOR)
+from t2v.v1 import generation_pb2
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frames: int = 64
+    max_size: int = 1024
+    max_steps: int = 200
+    max_fps: int = 60
+    max_prompt_chars: int = 10_000
+    default_size: int = 256          # the model's unet sample_size * 8
+
+
+@dataclass(frozen=True)
+class Params:
+    """A validated request with every default filled in."""
+
+    prompt: str
+    negative_prompt: str
+    num_frames: int
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    fps: int
+    scheduler: str
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+def _check_text(name: str, text: str, limits: Limits) -> None:
+    if len(text) > limits.max_prompt_chars:
+        raise InvalidArgument(f"{name} has {len(text)} characters; at most {limits.max_prompt_chars} are accepted "
+                              "(and the model reads only the first 77 tokens)")
+    if "\x00" in text:
+        raise InvalidArgument(f"{name} contains a NUL character; send plain text")
+
+
+def validate(params: generation_pb2.GenerationParams, limits: Limits) -> Params:
+    """Return the resolved params or raise InvalidArgument naming the field and the allowed range."""
+    prompt = params.prompt
+    if not prompt.strip():
+        raise InvalidArgument("prompt is empty; describe the video you want, e.g. \"a red ball bouncing\"")
+    _check_text("prompt", prompt, limits)
+    _check_text("negative_prompt", params.negative_prompt, limits)
+
+    frames = params.num_frames or DEFAULT_FRAMES
+    if not 1 <= frames <= limits.max_frames:
+        raise InvalidArgument(f"num_frames is {frames}; it must be between 1 and {limits.max_frames}")
+    sizes = {}
+    for name in ("height", "width"):
+        value = getattr(params, name) or limits.default_size
+        if value < 0 or value % VAE_SCALE_FACTOR or value > limits.max_size:
+            raise InvalidArgument(f"{name} is {value}; it must be a positive multiple of {VAE_SCALE_FACTOR}, "
+                                  f"at most {limits.max_size}")
+        sizes[name] = value
+    steps = params.num_inference_steps or DEFAULT_STEPS
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidArgument(f"num_inference_steps is {steps}; it must be between 1 and {limits.max_steps}")
+    guidance = params.guidance_scale if params.HasField("guidance_scale") else DEFAULT_GUIDANCE
+    if not math.isfinite(guidance) or guidance < 0:
+        raise InvalidArgument(f"guidance_scale is {guidance}; it must be a number >= 0 (9.0 is the default, "
+                              "<= 1 turns guidance off)")
+    fps = params.fps or DEFAULT_FPS
+    if not 1 <= fps <= limits.max_fps:
+        raise InvalidArgument(f"fps is {fps}; it must be between 1 and {limits.max_fps}")
+    scheduler = (params.scheduler or DEFAULT_SCHEDULER).strip().lower()
+    if scheduler not in SCHEDULERS:
+        raise InvalidArgument(f"scheduler {params.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    if params.HasField("seed"):
+        if params.seed < 0:
+            raise InvalidArgument(f"seed is {params.seed}; it must be >= 0")
+        seed = params.seed
+    else:
+        seed = secrets.randbelow(2**31)
+    return Params(prompt=prompt, negative_prompt=params.negative_prompt, num_frames=frames,
+                  height=sizes["height"], width=sizes["width"], num_inference_steps=steps,
+                  guidance_scale=float(guidance), seed=seed, fps=fps, scheduler=scheduler)

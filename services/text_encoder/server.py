@@ -1,0 +1,73 @@
+"""TextEncoder gRPC servicer: translates EncodeRequest <-> TextEncoder; no model logic here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+
+from services.common.config import ModelConfig, parse_config, setting
+from services.common.errors import InvalidArgument, grpc_errors
+from services.common.logs import kv
+from services.common.model_folder import resolve_device, resolve_dtype
+from services.common.server import ReadyGate, serve
+from services.common.tensors import to_proto
+from services.text_encoder.encoder import TextEncoder
+from t2v.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+
+SERVICE_NAME = "t2v.v1.TextEncoder"
+log = logging.getLogger("text_encoder")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig(ModelConfig):
+    port: int = setting(50051, "port to listen on (0 = any free port)")
+    max_prompts: int = setting(16, "most prompts in one Encode call")
+    max_prompt_chars: int = setting(10_000, "longest prompt accepted, in characters")
+
+
+class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
+    def __init__(self, config: TextEncoderConfig) -> None:
+        self.config = config
+        self.gate = ReadyGate("text_encoder")
+        self.encoder: TextEncoder | None = None
+
+    def load(self) -> None:
+        device = resolve_device(self.config.device)
+        self.encoder = TextEncoder(self.config.model, device, resolve_dtype(self.config.dtype, device))
+
+    def _check(self, prompts: Sequence[str]) -> None:
+        if not prompts:
+            raise InvalidArgument("prompts is empty; send at least one prompt")
+        if len(prompts) > self.config.max_prompts:
+            raise InvalidArgument(f"{len(prompts)} prompts sent; at most {self.config.max_prompts} per call")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) > self.config.max_prompt_chars:
+                raise InvalidArgument(f"prompt {i} has {len(prompt)} characters; at most "
+                                      f"{self.config.max_prompt_chars} are accepted (and only 77 tokens are used)")
+
+    @grpc_errors
+    def Encode(self, request: text_encoder_pb2.EncodeRequest, context: grpc.ServicerContext
+               ) -> text_encoder_pb2.EncodeResponse:
+        self.gate.check()
+        prompts = list(request.prompts)
+        self._check(prompts)
+        assert self.encoder is not None
+        embeddings = self.encoder.encode(prompts)
+        reports = self.encoder.report(prompts)
+        log.info(kv("encoded", job_id=request.request_id, prompts=len(prompts),
+                    truncated=sum(r.truncated for r in reports)))
+        return text_encoder_pb2.EncodeResponse(
+            embeddings=to_proto(embeddings),
+            prompts=[text_encoder_pb2.PromptInfo(num_tokens=r.num_tokens, truncated=r.truncated,
+                                                 dropped_text=r.dropped_text) for r in reports])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(TextEncoderConfig, argv, "t2v serve text_encoder",
+                          "CLIP text encoder stage: prompts -> embeddings over gRPC.")
+    servicer = TextEncoderServicer(config)
+    serve(config, "text_encoder", SERVICE_NAME, servicer, servicer.gate,
+          lambda server: text_encoder_pb2_grpc.add_TextEncoderServicer_to_server(servicer, server))

@@ -1,0 +1,5 @@
+import sys
+
+from t2v.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Build a model folder in the exact diffusers layout of text-to-video-ms-1.7b, with random weights.
+
+Why: no weights can be downloaded here, yet every service must load a real folder through the same
+code that loads the real snapshot. ``tiny`` is the embedded default (runs on a 2-core CPU);
+``full`` has the real 1.7B configs, so a benchmark's FLOPs are the real ones.
+The tokenizer is always the real CLIP BPE (49408 tokens), copied from ``--tokenizer-from``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+# The scheduler of the real snapshot (scheduler/scheduler_config.json).
+SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+PRESETS: dict[str, dict] = {
+    # The real text-to-video-ms-1.7b: UNet3D 1411M, CLIP text 340M, VAE 84M parameters.
+    "full": {
+        "text_encoder": dict(
+            hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+            projection_dim=512, hidden_act="gelu",
+        ),
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+            up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3,
+            layers_per_block=2, attention_head_dim=64, cross_attention_dim=1024,
+            norm_num_groups=32, sample_size=32,
+        ),
+        "vae": dict(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+            sample_size=256,
+        ),
+    },
+    # The embedded default: the same block types and an 8x VAE, scaled down to run on a CPU.
+    "tiny": {
+        "text_encoder": dict(
+            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            projection_dim=32, hidden_act="gelu",
+        ),
+        "unet": dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            layers_per_block=1, attention_head_dim=8, cross_attention_dim=32,
+            norm_num_groups=8, sample_size=16,
+        ),
+        "vae": dict(
+            block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+            sample_size=256,
+        ),
+    },
+}
+
+DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "t2v-tiny" / "tokenizer"
+
+
+def make_model(preset: str, out_dir: Path, seed: int = 0, tokenizer_from: Path = DEFAULT_TOKENIZER) -> Path:
+    """Write a complete model folder for ``preset`` into ``out_dir`` and return it."""
+    import torch
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+
+    text_config = CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        layer_norm_eps=1e-5, **spec["text_encoder"],
+    )
+    CLIPTextModel(text_config).save_pretrained(out_dir / "text_encoder")
+    UNet3DConditionModel(in_channels=4, out_channels=4, **spec["unet"]).save_pretrained(out_dir / "unet")
+    n_blocks = len(spec["vae"]["block_out_channels"])
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.18215,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks, up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        **spec["vae"],
+    ).save_pretrained(out_dir / "vae")
+    # Written as the real snapshot has it (its PNDM-era keys included), not through DDIMScheduler.
+    (out_dir / "scheduler").mkdir(exist_ok=True)
+    scheduler = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.15.0.dev0", **SCHEDULER_CONFIG}
+    (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+
+    tokenizer_dir = out_dir / "tokenizer"
+    if Path(tokenizer_from).resolve() != tokenizer_dir.resolve():
+        shutil.copytree(tokenizer_from, tokenizer_dir, dirs_exist_ok=True)
+    model_index = {
+        "_class_name": "TextToVideoSDPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet3DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out_dir / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,127 @@
+"""``t2v up``: start the four services as separate processes on loopback, wait until every one
+reports SERVING over grpc.health.v1, and stop them all cleanly on Ctrl-C (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STAGES = ("text_encoder", "denoiser", "decoder", "gateway")
+
+
+class StartError(RuntimeError):
+    """A service did not come up; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class MeshPorts:
+    gateway: int = 50050
+    text_encoder: int = 50051
+    denoiser: int = 50052
+    decoder: int = 50053
+
+    @classmethod
+    def from_base(cls, base: int) -> "MeshPorts":
+        return cls(base, base + 1, base + 2, base + 3)
+
+
+def health_status(address: str, timeout: float = 1.0) -> int | None:
+    """The grpc.health.v1 status of the server at ``address``, or None if it does not answer."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return response.status
+    except grpc.RpcError:
+        return None
+
+
+@dataclass
+class Mesh:
+    host: str
+    ports: MeshPorts
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    log_dir: Path | None = None
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    def address(self, stage: str) -> str:
+        return f"{self.host}:{getattr(self.ports, stage)}"
+
+    def command(self, stage: str) -> list[str]:
+        args = [sys.executable, "-m", "t2v", "serve", stage, "--host", self.host,
+                "--port", str(getattr(self.ports, stage)), "--model", self.model]
+        if stage == "gateway":
+            args += [f"--{s.replace('_', '-')}={self.address(s)}" for s in STAGES[:3]]
+        else:
+            args += ["--device", self.device, "--dtype", self.dtype]
+        return args + self.extra_args.get(stage, [])
+
+    def start(self, timeout: float = 300.0, echo: IO[str] = sys.stderr) -> None:
+        """Start every stage, then wait until all are SERVING; raise StartError otherwise."""
+        for stage in STAGES:
+            output: int | IO[bytes] | None = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                output = open(self.log_dir / f"{stage}.log", "wb")  # noqa: SIM115 - closed in stop()
+                self._logs.append(output)
+            self.processes[stage] = subprocess.Popen(self.command(stage), stdout=output, stderr=output,
+                                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        waiting = list(STAGES)
+        while waiting:
+            for stage in list(waiting):
+                code = self.processes[stage].poll()
+                if code is not None:
+                    raise StartError(f"{stage} exited with code {code} while starting{self._log_hint(stage)}")
+                if health_status(self.address(stage)) == health_pb2.HealthCheckResponse.SERVING:
+                    echo.write(f"{stage:<13} SERVING on {self.address(stage)}\n")
+                    waiting.remove(stage)
+            if waiting and time.monotonic() > deadline:
+                raise StartError(f"{', '.join(waiting)} not SERVING after {timeout:.0f} s{self._log_hint(waiting[0])}")
+            if waiting:
+                time.sleep(0.2)
+
+    def _log_hint(self, stage: str) -> str:
+        if self.log_dir is None:
+            return " (its log is above)"
+        path = self.log_dir / f"{stage}.log"
+        tail = path.read_text(errors="replace").strip().splitlines()[-5:] if path.exists() else []
+        return f"; last lines of {path}:\n  " + "\n  ".join(tail)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM every service (gateway first), wait up to ``grace`` seconds, then SIGKILL."""
+        for stage in reversed(STAGES):
+            proc = self.processes.get(stage)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for log in self._logs:
+            log.close()
+
+    def wait_any_exit(self) -> tuple[str, int] | None:
+        """Block until a service exits (returns it) or a signal interrupts (returns None)."""
+        while True:
+            for stage, proc in self.processes.items():
+                code = proc.poll()
+                if code is not None:
+                    return stage, code
+            time.sleep(0.5)
