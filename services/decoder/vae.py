@@ -16,7 +16,7 @@ from services.common.model_folder import model_part
 
 class VaeDecoder:
     def __init__(self, model: str | Path, device: torch.device, dtype: torch.dtype, chunk_size: int = 8) -> None:
-        self.vae = AutoencoderKL.from_pretrained(model_part(model, "vae"), torch_dtype=dtype)
+        self.vae = AutoencoderKL.from_pretrained(model_part(model, "vae"), dtype=dtype)
         self.vae.to(device).eval().requires_grad_(False)
         self.device, self.dtype, self.chunk_size = device, dtype, chunk_size
 

@@ -131,7 +131,7 @@ class DenoiseEngine:
     @classmethod
     def from_folder(cls, model: str | Path, device: torch.device, dtype: torch.dtype, **kwargs: Any
                     ) -> "DenoiseEngine":
-        unet = UNet3DConditionModel.from_pretrained(model_part(model, "unet"), torch_dtype=dtype)
+        unet = UNet3DConditionModel.from_pretrained(model_part(model, "unet"), dtype=dtype)
         unet.to(device).eval().requires_grad_(False)
         scheduler_config = dict(DDIMScheduler.load_config(model_part(model, "scheduler")))
         return cls(unet, scheduler_config, device, dtype, **kwargs)
