@@ -46,6 +46,8 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
 def convert(bpe_gz: Path, out_dir: Path) -> int:
     lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise SystemExit(f"{bpe_gz} holds {len(merges)} merges, expected {_NUM_MERGES} pairs: is it CLIP's BPE file?")
     vocab = build_vocab(merges)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

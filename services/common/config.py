@@ -72,13 +72,12 @@ def _converter(kind: Any) -> Any:
 def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, description: str) -> C:
     """Build ``cls`` from flags, then env, then defaults. Exits with a usage message on bad input."""
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     for f in dataclasses.fields(cls):
         env = ENV_PREFIX + f.name.upper()
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
                             default=None, metavar=f.name.upper(),
-                            help=f"{f.metadata.get('help', '')} [env {env}; default {f.default}]")
+                            help=f"{f.metadata.get('help', '')} [env {env}; default {f.default}]".replace("%", "%%"))
     namespace = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -95,5 +94,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
 
 
 def describe(config: Any) -> str:
-    """One line with every setting, printed once at start."""
-    return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
+    """One line with every setting, printed once at start (values quoted as in the logs)."""
+    from services.common.logs import kv
+
+    return kv("config", **dataclasses.asdict(config)).removeprefix("event=config ")

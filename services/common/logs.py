@@ -19,8 +19,9 @@ def setup_logging(service: str, level: str = "info") -> logging.Logger:
 
 def _format_value(value: Any) -> str:
     text = str(value)
-    if not text or any(c.isspace() or c in '"=' for c in text):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if not text or any(c.isspace() or c in '"=' or not c.isprintable() for c in text):
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+        return '"' + "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in escaped) + '"'
     return text
 
 

@@ -27,7 +27,10 @@ def model_part(model: str | Path, part: str) -> Path:
     index = root / "model_index.json"
     if not index.is_file():
         raise ModelFolderError(f"{root} has no model_index.json; it is not a diffusers model folder")
-    components = json.loads(index.read_text())
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{index} cannot be read as JSON ({exc}); is the download complete?") from None
     folder = root / part
     if part not in components or not folder.is_dir():
         raise ModelFolderError(f"model folder {root} has no '{part}' component; expected the "

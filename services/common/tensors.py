@@ -39,6 +39,8 @@ def to_proto(tensor: torch.Tensor) -> tensor_pb2.Tensor:
     """Encode a floating tensor (any device) as a Tensor message."""
     if tensor.dtype not in _TORCH_TO_PROTO:
         raise TensorError(f"cannot send a {dtype_name(tensor.dtype)} tensor; use float32, float16 or bfloat16")
+    if tensor.dim() == 0 or tensor.numel() == 0:
+        raise TensorError(f"cannot send a tensor of shape {list(tensor.shape)}; every dimension must be positive")
     t = tensor.detach().to("cpu").contiguous()
     carrier = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
     data = carrier.numpy().astype(_NUMPY_CARRIER[t.dtype], copy=False).tobytes()
