@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red ball bouncing on green grass
 OUTPUT ?= out/video.mp4
 
-.PHONY: setup demo test protos clean
+.PHONY: setup demo test protos clean promtool
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,16 @@ setup: $(VENV)/.installed
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/t2v up --generate "$(PROMPT)" -o $(OUTPUT)
 
-test: setup
+test: setup promtool
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The metrics tests check every service's /metrics with promtool (Debian/Ubuntu package prometheus).
+# Installed quietly when missing and apt-get exists; elsewhere the tests fail and say how to get it.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+promtool:
+	@command -v promtool >/dev/null || ! command -v apt-get >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	   apt-get install -y -qq prometheus >/dev/null)
 
 protos: setup
 	$(PY) scripts/gen_protos.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Sequence
 
 from services.common.config import DEFAULT_MODEL
 
+_PRIORITIES = {"low": 1, "normal": 2, "high": 3}     # t2v.v1.Priority values; imported lazily elsewhere
 SERVE_MODULES = {
     "text_encoder": "services.text_encoder.server",
     "denoiser": "services.denoiser.server",
@@ -39,7 +41,11 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fps", type=int, default=0, help="frames per second of the MP4 (default 8)")
     g.add_argument("--scheduler", default="", help="ddim (default) or dpmsolver++")
     g.add_argument("-o", "--output", type=Path, default=Path("out/video.mp4"), help="where to write the MP4")
-    g.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    g.add_argument("--timeout", type=float, default=None,
+                   help="give up after this many seconds (time waiting in the queue included)")
+    g.add_argument("--priority", choices=sorted(_PRIORITIES), default="normal", help="queue priority")
+    g.add_argument("--api-key", default=None,
+                   help="key for a gateway that requires one [env T2V_API_KEY]")
 
 
 def _params(prompt: str, args: argparse.Namespace):  # -> generation_pb2.GenerationParams
@@ -60,7 +66,8 @@ def _run_generate(gateway: str, prompt: str, args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     try:
-        result = generate(gateway, _params(prompt, args), args.output, timeout=args.timeout)
+        result = generate(gateway, _params(prompt, args), args.output, timeout=args.timeout,
+                          api_key=args.api_key or os.environ.get("T2V_API_KEY"), priority=_PRIORITIES[args.priority])
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -81,7 +88,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     ports = MeshPorts(args.gateway_port or ports.gateway, args.text_encoder_port or ports.text_encoder,
                       args.denoiser_port or ports.denoiser, args.decoder_port or ports.decoder)
     log_dir = args.log_dir or (Path("out/logs") if args.generate else None)
-    mesh = Mesh(args.host, ports, args.model, args.device, args.dtype, log_dir)
+    mesh = Mesh(args.host, ports, args.model, args.device, args.dtype, log_dir, state_dir=args.state_dir)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         print(f"starting the mesh on {args.host} with model {args.model}"
@@ -112,7 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_make_model(args: argparse.Namespace) -> int:
     from t2v.modelgen import make_model
 
-    print(make_model(args.preset, args.output, seed=args.seed))
+    print(make_model(args.preset, args.output, seed=args.seed, device=args.device, dtype=args.dtype))
     return 0
 
 
@@ -131,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", default="auto", help="torch device for the stages (auto, cpu, cuda)")
     up.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
     up.add_argument("--log-dir", type=Path, default=None, help="write each service's log here instead of the terminal")
+    up.add_argument("--state-dir", type=Path, default=None,
+                    help="the gateway's job database and videos (default: LOG_DIR/state with --log-dir, "
+                         "else out/state)")
     up.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every service")
     up.add_argument("--generate", metavar="PROMPT", default=None,
                     help="make one video for PROMPT, then stop the mesh (prints the MP4's path)")
@@ -152,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny: the embedded default; full: the real 1.7B architecture")
     make.add_argument("-o", "--output", type=Path, required=True, help="folder to write")
     make.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    make.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster for full)")
+    make.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                      help="dtype of the saved weights")
     make.set_defaults(func=cmd_make_model)
     return parser
 

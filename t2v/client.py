@@ -42,8 +42,10 @@ class ProgressBar:
 
 
 def generate(gateway: str, params: generation_pb2.GenerationParams, output: Path, timeout: float | None = None,
-             progress: TextIO | None = sys.stderr) -> gateway_pb2.VideoResult:
+             progress: TextIO | None = sys.stderr, api_key: str | None = None,
+             priority: int = gateway_pb2.PRIORITY_UNSPECIFIED) -> gateway_pb2.VideoResult:
     """Run one generation through the gateway and write the video to ``output``."""
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     bar = ProgressBar(progress) if progress is not None else None
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
@@ -51,12 +53,15 @@ def generate(gateway: str, params: generation_pb2.GenerationParams, output: Path
         stub = gateway_pb2_grpc.GatewayStub(channel)
         result = None
         try:
-            for event in stub.Generate(gateway_pb2.GenerateRequest(params=params), timeout=timeout):
+            for event in stub.Generate(gateway_pb2.GenerateRequest(params=params, priority=priority),
+                                       timeout=timeout, metadata=metadata):
                 for warning in event.warnings:
                     if bar:
                         bar.stream.write(f"warning: {warning}\n")
                 kind = event.WhichOneof("event")
-                if kind == "stage" and bar:
+                if kind == "queue" and bar:
+                    bar.stage(f"waiting in the queue: {event.queue.position} of {event.queue.queue_length}")
+                elif kind == "stage" and bar:
                     bar.stage(_STAGE_LABELS.get(event.stage.stage, "working"))
                 elif kind == "progress" and bar:
                     bar.step(event.progress.step, event.progress.total_steps)

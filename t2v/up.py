@@ -1,5 +1,8 @@
 """``t2v up``: start the four services as separate processes on loopback, wait until every one
 reports SERVING over grpc.health.v1, and stop them all cleanly on Ctrl-C (SIGTERM, then SIGKILL).
+
+Each service also serves Prometheus ``/metrics`` over HTTP on its gRPC port + 100
+(gateway 50150, text_encoder 50151, denoiser 50152, decoder 50153 with the default ports).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 STAGES = ("text_encoder", "denoiser", "decoder", "gateway")
+METRICS_PORT_OFFSET = 100   # each service's /metrics HTTP port = its gRPC port + this
 
 
 class StartError(RuntimeError):
@@ -54,17 +58,33 @@ class Mesh:
     dtype: str = "auto"
     log_dir: Path | None = None
     extra_args: dict[str, list[str]] = field(default_factory=dict)
+    metrics_offset: int = METRICS_PORT_OFFSET   # -1: no /metrics endpoints
+    state_dir: Path | None = None               # the gateway's jobs and videos; see gateway_state_dir
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     def address(self, stage: str) -> str:
         return f"{self.host}:{getattr(self.ports, stage)}"
 
+    def metrics_port(self, stage: str) -> int | None:
+        return getattr(self.ports, stage) + self.metrics_offset if self.metrics_offset >= 0 else None
+
+    @property
+    def gateway_state_dir(self) -> Path:
+        """``state_dir``, else ``<log_dir>/state`` (a run that keeps logs keeps its jobs beside them),
+        else ``out/state``: the same folder each time, so jobs survive a restart of the mesh."""
+        if self.state_dir is not None:
+            return self.state_dir
+        return self.log_dir / "state" if self.log_dir is not None else Path("out/state")
+
     def command(self, stage: str) -> list[str]:
         args = [sys.executable, "-m", "t2v", "serve", stage, "--host", self.host,
                 "--port", str(getattr(self.ports, stage)), "--model", self.model]
+        if self.metrics_port(stage) is not None:
+            args += [f"--metrics-port={self.metrics_port(stage)}"]
         if stage == "gateway":
             args += [f"--{s.replace('_', '-')}={self.address(s)}" for s in STAGES[:3]]
+            args += [f"--state-dir={self.gateway_state_dir}"]
         else:
             args += ["--device", self.device, "--dtype", self.dtype]
         return args + self.extra_args.get(stage, [])
@@ -87,7 +107,9 @@ class Mesh:
                 if code is not None:
                     raise StartError(f"{stage} exited with code {code} while starting{self._log_hint(stage)}")
                 if health_status(self.address(stage)) == health_pb2.HealthCheckResponse.SERVING:
-                    echo.write(f"{stage:<13} SERVING on {self.address(stage)}\n")
+                    metrics = self.metrics_port(stage)
+                    echo.write(f"{stage:<13} SERVING on {self.address(stage)}"
+                               + (f" (metrics http://{self.host}:{metrics}/metrics)" if metrics else "") + "\n")
                     waiting.remove(stage)
             if waiting and time.monotonic() > deadline:
                 raise StartError(f"{', '.join(waiting)} not SERVING after {timeout:.0f} s{self._log_hint(waiting[0])}")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,15 +42,26 @@ class RunningStage:
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address, options=message_options(64 * 1024 * 1024))
 
+    @property
+    def metrics_url(self) -> str:
+        """``/metrics`` of a stage started with ``metrics_port`` >= 0 in its config."""
+        return f"http://127.0.0.1:{self.servicer.metrics.http_port}/metrics"
+
 
 def start_stage(servicer: Any, service_name: str, add: Callable[[Any, grpc.Server], None],
-                load: bool = True) -> RunningStage:
-    server = GrpcServer(servicer.config, service_name, lambda s: add(servicer, s))
+                load: bool = True, interceptors: list[grpc.ServerInterceptor] | None = None) -> RunningStage:
+    server = GrpcServer(servicer.config, service_name, lambda s: add(servicer, s), interceptors)
     port = server.start()
+    metrics = getattr(servicer, "metrics", None)    # as serve() does: /metrics, model load
+    if metrics is not None and getattr(servicer.config, "metrics_port", -1) >= 0:
+        metrics.serve_http("127.0.0.1", servicer.config.metrics_port)
     if load:
+        started = time.monotonic()
         servicer.load()
         servicer.gate.open()
         server.set_serving(True)
+        if metrics is not None:
+            metrics.model_loaded(time.monotonic() - started)
     return RunningStage(server, servicer, port)
 
 
@@ -89,12 +104,30 @@ def decoder_stage() -> Iterator[RunningStage]:
     stage.server.stop(0)
 
 
-def start_gateway(text_encoder: str, denoiser: str, decoder: str, **overrides: Any) -> RunningStage:
-    from services.gateway.server import SERVICE_NAME, GatewayConfig, GatewayServicer
+_OWN_STATE_PREFIX = "t2v-gateway-state-"
+
+
+def start_gateway(text_encoder: str, denoiser: str, decoder: str, observer: Any = None,
+                  **overrides: Any) -> RunningStage:
+    """A gateway in front of the given stages; its jobs live in a fresh temporary state dir unless
+    ``state_dir`` is given. Stop it with ``stop_gateway``."""
+    from services.gateway.server import SERVICE_NAME, GatewayConfig, GatewayServicer, interceptors_from
     from t2v.v1 import gateway_pb2_grpc
 
+    if "state_dir" not in overrides:
+        overrides["state_dir"] = tempfile.mkdtemp(prefix=_OWN_STATE_PREFIX)
     config = GatewayConfig(port=0, text_encoder=text_encoder, denoiser=denoiser, decoder=decoder, **overrides)
-    return start_stage(GatewayServicer(config), SERVICE_NAME, gateway_pb2_grpc.add_GatewayServicer_to_server)
+    return start_stage(GatewayServicer(config, observer), SERVICE_NAME,
+                       gateway_pb2_grpc.add_GatewayServicer_to_server, interceptors=interceptors_from(config))
+
+
+def stop_gateway(stage: RunningStage) -> None:
+    """Stop the server, then its job system (running jobs are interrupted, kept for a successor)."""
+    stage.server.stop(0)
+    stage.servicer.close(0)
+    state_dir = Path(stage.servicer.config.state_dir)
+    if state_dir.name.startswith(_OWN_STATE_PREFIX):     # made by start_gateway, not passed in by a test
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -102,5 +135,4 @@ def gateway_stage(text_encoder_stage: RunningStage, denoiser_stage: RunningStage
                   decoder_stage: RunningStage) -> Iterator[RunningStage]:
     stage = start_gateway(text_encoder_stage.address, denoiser_stage.address, decoder_stage.address)
     yield stage
-    stage.server.stop(0)
-    stage.servicer.orchestrator.close()
+    stop_gateway(stage)

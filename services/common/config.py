@@ -37,6 +37,8 @@ class ServerConfig:
     max_workers: int = setting(32, "gRPC handler threads (concurrent calls)")
     grace_seconds: float = setting(10.0, "on SIGTERM, how long in-flight calls may take to finish")
     log_level: str = setting("info", "debug, info, warning or error")
+    metrics_port: int = setting(-1, "HTTP port that serves Prometheus /metrics on --host (-1 = off, "
+                                    "0 = any free port)")
 
     @property
     def max_message_bytes(self) -> int:

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.config import ServerConfig, describe
 from services.common.errors import Unavailable
 from services.common.logs import kv, setup_logging
+from services.common.metrics import metrics_of
 
 
 def message_options(max_bytes: int) -> list[tuple[str, int]]:
@@ -59,11 +60,13 @@ class GrpcServer:
     """One gRPC server with health and reflection; ``start`` binds and returns the real port."""
 
     def __init__(self, config: ServerConfig, service_name: str,
-                 add_servicer: Callable[[grpc.Server], None]) -> None:
+                 add_servicer: Callable[[grpc.Server], None],
+                 interceptors: "list[grpc.ServerInterceptor] | None" = None) -> None:
         self.config = config
         self.service_name = service_name
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                                   options=message_options(config.max_message_bytes))
+                                   options=message_options(config.max_message_bytes),
+                                   interceptors=interceptors or None)
         add_servicer(self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -93,13 +96,16 @@ class GrpcServer:
 
 
 def serve(config: ServerConfig, service: str, service_name: str, servicer: Loadable, gate: ReadyGate,
-          add_servicer: Callable[[grpc.Server], None]) -> None:
+          add_servicer: Callable[[grpc.Server], None],
+          interceptors: "list[grpc.ServerInterceptor] | None" = None) -> None:
     """Run a service until SIGTERM/SIGINT: listen, load the model, report SERVING, drain, stop."""
     log = setup_logging(service, config.log_level)
-    log.info(kv("config", **{"settings": describe(config)}))
-    server = GrpcServer(config, service_name, add_servicer)
+    log.info("event=config " + describe(config))
+    server = GrpcServer(config, service_name, add_servicer, interceptors)
     port = server.start()
     log.info(kv("listening", address=f"{config.host}:{port}", health="NOT_SERVING"))
+    metrics = metrics_of(servicer, service)
+    metrics.serve_http(config.host, config.metrics_port)   # -1 = off
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,6 +120,7 @@ def serve(config: ServerConfig, service: str, service_name: str, servicer: Loada
         raise SystemExit(f"{service}: {exc}") from None
     gate.open()
     server.set_serving(True)
+    metrics.model_loaded(time.monotonic() - started)
     log.info(kv("serving", address=f"{config.host}:{port}", load_seconds=round(time.monotonic() - started, 2)))
 
     while not stop.wait(0.5):
@@ -121,4 +128,5 @@ def serve(config: ServerConfig, service: str, service_name: str, servicer: Loada
     log.info(kv("draining", grace_seconds=config.grace_seconds))
     gate.drain()
     server.stop()
+    metrics.stop_http()
     log.info(kv("stopped"))

@@ -16,7 +16,7 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
+def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18, preset: str = "veryfast") -> bytes:
     """[F, H, W, 3] uint8 RGB -> MP4 bytes. Height and width must be even (yuv420p)."""
     count, height, width, _ = frames.shape
     if height % 2 or width % 2:
@@ -24,16 +24,16 @@ def encode_mp4(frames: np.ndarray, fps: int, crf: int = 18) -> bytes:
     # faststart rewrites the file to put the index first, which needs a real file, not a BytesIO.
     with tempfile.TemporaryDirectory(prefix="t2v-mp4-") as folder:
         path = Path(folder) / "video.mp4"
-        _write(path, frames, fps, crf)
+        _write(path, frames, fps, crf, preset)
         return path.read_bytes()
 
 
-def _write(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
+def _write(path: Path, frames: np.ndarray, fps: int, crf: int, preset: str) -> None:
     count, height, width, _ = frames.shape
     with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium"}
+        stream.options = {"crf": str(crf), "preset": preset}
         for i in range(count):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
             for packet in stream.encode(frame):

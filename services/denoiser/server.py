@@ -17,6 +17,7 @@ from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, serve
 from services.common.tensors import check_finite, from_proto, to_proto
 from services.denoiser import engine as eng
+from services.denoiser.metrics import DenoiserMetrics
 from services.denoiser.sampling import SCHEDULERS
 from t2v.v1 import denoiser_pb2, denoiser_pb2_grpc, generation_pb2
 
@@ -32,6 +33,22 @@ class DenoiserConfig(ModelConfig):
     max_frames: int = setting(64, "largest num_frames accepted")
     max_size: int = setting(1024, "largest height or width accepted, in pixels")
     max_steps: int = setting(500, "largest num_inference_steps accepted")
+    cuda_graphs: str = setting("auto", "replay the UNet as CUDA graphs: on, off, auto (= on when the device is CUDA)")
+    compile_rows: str = setting("", "UNet batch sizes in rows (2 per request with guidance) to torch.compile, "
+                                    "e.g. 32,64: ~30% faster there on an H100, ~2-3 min of warm-up each")
+    warm_shapes: str = setting("", "shapes to warm at start, FRAMESxHEIGHTxWIDTH comma-separated, e.g. 16x256x256")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """"16x256x256,8x128x128" -> [(16, 256, 256), (8, 128, 128)]."""
+    shapes = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            frames, height, width = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"warm shape {item!r} is not FRAMESxHEIGHTxWIDTH, e.g. 16x256x256") from None
+        shapes.append((frames, height, width))
+    return shapes
 
 
 def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, embedding_dim: int
@@ -67,13 +84,22 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, config: DenoiserConfig) -> None:
         self.config = config
         self.gate = ReadyGate("denoiser")
+        self.metrics = DenoiserMetrics()
         self.engine: eng.DenoiseEngine | None = None
 
     def load(self) -> None:
         device = resolve_device(self.config.device)
-        self.engine = eng.DenoiseEngine.from_folder(
+        shapes = parse_shapes(self.config.warm_shapes)
+        engine = eng.DenoiseEngine.from_folder(
             self.config.model, device, resolve_dtype(self.config.dtype, device),
-            max_batch=self.config.max_batch, max_jobs=self.config.max_jobs).start()
+            max_batch=self.config.max_batch, max_jobs=self.config.max_jobs, observer=self.metrics)
+        if self.config.compile_rows:
+            engine.use_compile({int(rows) for rows in self.config.compile_rows.split(",")})
+        if self.config.cuda_graphs == "on" or (self.config.cuda_graphs == "auto" and device.type == "cuda"):
+            engine.use_cuda_graphs()
+        engine.warm(shapes)
+        self.engine = engine.start()
+        self.metrics.watch_active(self.engine.active_jobs)
 
     def close(self, timeout: float) -> None:
         if self.engine is not None:

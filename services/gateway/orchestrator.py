@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Union
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.errors import (Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted,
                                     ServiceError, Unavailable)
@@ -111,6 +112,17 @@ class Orchestrator:
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
+
+    def ready(self, timeout: float = 1.0) -> bool:
+        """True when every stage answers grpc.health.v1 with SERVING (its model is loaded)."""
+        for channel in self._channels.values():
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            except grpc.RpcError:
+                return False
+            if answer.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+        return True
 
     def _timeout(self, deadline: float | None) -> float:
         if deadline is None:

@@ -1,27 +1,36 @@
-"""Gateway gRPC servicer: the public front door. Validates, runs the job, streams its events.
+"""Gateway gRPC servicer: the public front door. Validates a request, hands it to the job system,
+translates the answers to protobuf.
 
-The queue, job store, HTTP bridge and metrics plug in here: Generate already turns the
-orchestrator's plain events into GenerateEvents, so a queued job is the same events, later.
+Every request is a job (``jobs.JobService``: SQLite rows, a priority queue, ``--slots`` workers running
+the orchestrator, a result store with a TTL). Generate is SubmitJob + watching the job, streamed;
+SubmitJob / GetJob / ListJobs / CancelJob / GetVideo expose the same jobs one call at a time. Nothing
+here decides anything: the rules live in jobs.py, queue.py, store.py and validation.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grpc
 
+from services.common.auth import ENV_KEYS, ApiKeyInterceptor, load_api_keys
 from services.common.config import DEFAULT_MODEL, ServerConfig, parse_config, setting
-from services.common.errors import grpc_errors
-from services.common.logs import kv
+from services.common.errors import Unavailable, grpc_errors
 from services.common.server import ReadyGate, serve
+from services.gateway import messages
 from services.gateway import orchestrator as orch
-from services.gateway.validation import Limits, Params, validate
+from services.gateway.jobs import Finished, Interrupted, JobRequest, JobService, JobSettings
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.observer import JobObserver
+from services.gateway.queue import QueueFull
+from services.gateway.store import JobStatus
+from services.gateway.validation import Limits, validate
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 
 SERVICE_NAME = "t2v.v1.Gateway"
@@ -41,6 +50,15 @@ class GatewayConfig(ServerConfig):
     max_size: int = setting(1024, "largest height or width accepted")
     max_steps: int = setting(200, "largest num_inference_steps accepted")
     max_prompt_chars: int = setting(10_000, "longest prompt accepted, in characters")
+    slots: int = setting(4, "jobs run at once: how many the denoiser pool takes; the rest wait in the queue")
+    max_queue: int = setting(256, "most jobs waiting; more are refused with RESOURCE_EXHAUSTED and a retry-after")
+    aging_seconds: float = setting(60.0, "a waiting job rises one priority level per this many seconds "
+                                         "(0 = no aging)")
+    state_dir: str = setting("out/state", "folder for the job database (jobs.sqlite3) and the videos (results/)")
+    result_ttl_hours: float = setting(24.0, "hours a finished video is kept; then GetVideo says it expired")
+    cleanup_interval_seconds: float = setting(60.0, "how often expired videos are deleted, in seconds")
+    api_keys_file: str = setting("", "file with one API key per line; set (or T2V_API_KEYS=k1,k2) to require "
+                                     "'authorization: Bearer <key>' on every call except health checks")
 
 
 def model_default_size(model: str) -> int:
@@ -57,58 +75,175 @@ def limits_from(config: GatewayConfig) -> Limits:
                   default_size=config.default_size or model_default_size(config.model))
 
 
-def result_message(result: orch.Result, params: Params) -> gateway_pb2.VideoResult:
-    return gateway_pb2.VideoResult(
-        video=result.video, mime_type=result.mime_type, seed=params.seed, num_frames=result.num_frames,
-        height=result.height, width=result.width, fps=params.fps, num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale, scheduler=params.scheduler)
+def settings_from(config: GatewayConfig) -> JobSettings:
+    """The job system's settings; a value that cannot work raises ValueError naming its flag."""
+    for name, value, least in [("slots", config.slots, 1), ("max-queue", config.max_queue, 1),
+                               ("aging-seconds", config.aging_seconds, 0),
+                               ("result-ttl-hours", config.result_ttl_hours, 0),
+                               ("cleanup-interval-seconds", config.cleanup_interval_seconds, 0.01)]:
+        if not value >= least:
+            raise ValueError(f"--{name} is {value}; it must be at least {least}")
+    return JobSettings(slots=config.slots, max_queue=config.max_queue, aging_seconds=config.aging_seconds,
+                       result_ttl_seconds=config.result_ttl_hours * 3600,
+                       cleanup_interval_seconds=config.cleanup_interval_seconds,
+                       model=os.path.realpath(config.model))
 
 
-def to_message(job_id: str, event: orch.JobEvent, params: Params) -> gateway_pb2.GenerateEvent:
-    if isinstance(event, orch.StageStarted):
-        return gateway_pb2.GenerateEvent(job_id=job_id, stage=gateway_pb2.StageStarted(stage=event.stage))
-    if isinstance(event, orch.Progress):
-        return gateway_pb2.GenerateEvent(job_id=job_id, progress=generation_pb2.StepProgress(
-            step=event.step, total_steps=event.total, timestep=event.timestep))
-    if isinstance(event, orch.Warning):
-        return gateway_pb2.GenerateEvent(job_id=job_id, warnings=[event.text])
-    return gateway_pb2.GenerateEvent(job_id=job_id, result=result_message(event, params))
+def _deadline_seconds(context: grpc.ServicerContext) -> float | None:
+    """Seconds left of the call's deadline; None when the client set none (gRPC then reports years)."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 10 * 365 * 24 * 3600:
+        return None
+    return max(remaining, 0.001)
+
+
+def _retry_after(context: grpc.ServicerContext, error: QueueFull) -> None:
+    """A full queue: tell the client when to come back, in the trailing metadata too."""
+    context.set_trailing_metadata((("retry-after", str(error.retry_after_seconds)),))
+
+
+class _GatewayGate(ReadyGate):
+    """The ready gate, which also tells the servicer when the server starts draining."""
+
+    def __init__(self, on_drain: Callable[[], None]) -> None:
+        super().__init__("gateway")
+        self._on_drain = on_drain
+
+    def drain(self) -> None:
+        self._on_drain()
+        super().drain()
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, observer: JobObserver | None = None) -> None:
         self.config = config
-        self.gate = ReadyGate("gateway")
+        self.draining = threading.Event()
+        self.gate = _GatewayGate(self._drain)
         self.limits = limits_from(config)
+        self.metrics = GatewayMetrics()   # serve() serves it on --metrics-port; grpc_errors counts calls
+        self.observer = observer or self.metrics
         self.orchestrator: orch.Orchestrator | None = None
+        self.jobs: JobService | None = None
 
     def load(self) -> None:
         self.orchestrator = orch.Orchestrator(
             orch.StageAddresses(self.config.text_encoder, self.config.denoiser, self.config.decoder),
             self.config.max_message_bytes, self.config.stage_timeout)
+        self.jobs = JobService.open(self.config.state_dir, self.metrics.observing(self.orchestrator),
+                                    settings_from(self.config), self.observer,
+                                    stages_ready=self.orchestrator.ready).start()
+
+    def _drain(self) -> None:
+        """SIGTERM: take no new jobs; a Generate cut off from now on leaves its job to the next gateway."""
+        self.draining.set()
+        if self.jobs is not None:
+            self.jobs.stop_accepting()
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop the job system (running jobs get ``grace`` seconds, then run again after a restart)."""
+        self.draining.set()
+        if self.jobs is not None:
+            self.jobs.stop(grace)
+        if self.orchestrator is not None:
+            self.orchestrator.close()
+
+    def _service(self) -> JobService:
+        self.gate.check()
+        assert self.jobs is not None
+        return self.jobs
+
+    def _job_request(self, params: generation_pb2.GenerationParams, priority: int,
+                     timeout: float | None) -> JobRequest:
+        return JobRequest(validate(params, self.limits), messages.priority_from_proto(priority),
+                          seed_given=params.HasField("seed"), timeout_seconds=timeout)
 
     @grpc_errors
     def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[gateway_pb2.GenerateEvent]:
-        self.gate.check()
-        params = validate(request.params, self.limits)
-        assert self.orchestrator is not None
-        job_id = uuid.uuid4().hex
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        control = orch.RunControl()
-        context.add_callback(control.cancel)
-        log.info(kv("job_accepted", job_id=job_id, frames=params.num_frames, height=params.height,
-                    width=params.width, steps=params.num_inference_steps, seed=params.seed))
-        started = time.monotonic()
-        for event in self.orchestrator.run(job_id, params, control, deadline):
-            yield to_message(job_id, event, params)
-        log.info(kv("job_completed", job_id=job_id, seconds=round(time.monotonic() - started, 3)))
+        jobs = self._service()
+        job_request = self._job_request(request.params, request.priority, _deadline_seconds(context))
+        try:
+            watch = jobs.submit_and_watch(job_request)
+        except QueueFull as error:
+            _retry_after(context, error)
+            raise
+        job_id = watch.job_id
+
+        def client_gone() -> None:
+            if not self.draining.is_set():     # a stopping server keeps the job for its successor
+                jobs.abandon(job_id)
+        if not context.add_callback(client_gone):
+            client_gone()
+        with watch:
+            for update in watch:
+                if isinstance(update, Finished):
+                    if update.job.status != JobStatus.COMPLETED:
+                        raise messages.error_for(update)
+                    with jobs.open_video(job_id) as video:
+                        data = video.read()
+                    record = update.job.record
+                    # A cached job never ran here: its warnings (e.g. truncation) come with the result.
+                    yield gateway_pb2.GenerateEvent(job_id=job_id, result=messages.result_message(record, data),
+                                                    warnings=list(record.warnings) if record.cached else [])
+                elif isinstance(update, Interrupted):
+                    raise Unavailable(update.message)
+                else:
+                    message = messages.event_message(job_id, update)
+                    if message is not None:
+                        yield message
+
+    @grpc_errors
+    def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> gateway_pb2.Job:
+        jobs = self._service()
+        job_request = self._job_request(request.params, request.priority, request.timeout_seconds or None)
+        try:
+            return messages.job_message(jobs.submit(job_request))
+        except QueueFull as error:
+            _retry_after(context, error)
+            raise
+
+    @grpc_errors
+    def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext) -> gateway_pb2.Job:
+        return messages.job_message(self._service().get(request.job_id))
+
+    @grpc_errors
+    def ListJobs(self, request: gateway_pb2.ListJobsRequest, context: grpc.ServicerContext
+                 ) -> gateway_pb2.ListJobsResponse:
+        views, token = self._service().list(messages.status_from_proto(request.status), request.page_size,
+                                            request.page_token)
+        return gateway_pb2.ListJobsResponse(jobs=[messages.job_message(v) for v in views], next_page_token=token)
+
+    @grpc_errors
+    def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.ServicerContext) -> gateway_pb2.Job:
+        return messages.job_message(self._service().cancel(request.job_id))
+
+    @grpc_errors
+    def GetVideo(self, request: gateway_pb2.GetVideoRequest, context: grpc.ServicerContext
+                 ) -> Iterator[gateway_pb2.VideoChunk]:
+        with self._service().open_video(request.job_id) as video:
+            for offset, data in video.chunks(request.offset):
+                yield gateway_pb2.VideoChunk(data=data, offset=offset, total_size=video.size,
+                                             mime_type=video.mime_type)
+
+
+def interceptors_from(config: GatewayConfig) -> list[grpc.ServerInterceptor]:
+    """The API-key check when keys are configured (--api-keys-file and/or T2V_API_KEYS), else none."""
+    keys = load_api_keys(config.api_keys_file, os.environ.get(ENV_KEYS))
+    return [ApiKeyInterceptor(keys)] if keys else []
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(GatewayConfig, argv, "t2v serve gateway",
-                          "Public gateway: validates requests and runs them through the three stages.")
+                          "Public gateway: validates requests, queues them as jobs and runs them through the "
+                          "three stages.")
+    try:
+        settings_from(config)
+        interceptors = interceptors_from(config)
+    except ValueError as error:        # a bad setting, or an ApiKeyError
+        raise SystemExit(f"gateway: {error}") from None
     servicer = GatewayServicer(config)
-    serve(config, "gateway", SERVICE_NAME, servicer, servicer.gate,
-          lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server))
+    try:
+        serve(config, "gateway", SERVICE_NAME, servicer, servicer.gate,
+              lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server), interceptors)
+    finally:
+        servicer.close(config.grace_seconds)

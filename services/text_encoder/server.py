@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,6 +16,7 @@ from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, serve
 from services.common.tensors import to_proto
 from services.text_encoder.encoder import TextEncoder
+from services.text_encoder.metrics import TextEncoderMetrics
 from t2v.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
 SERVICE_NAME = "t2v.v1.TextEncoder"
@@ -32,6 +34,7 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, config: TextEncoderConfig) -> None:
         self.config = config
         self.gate = ReadyGate("text_encoder")
+        self.metrics = TextEncoderMetrics()
         self.encoder: TextEncoder | None = None
 
     def load(self) -> None:
@@ -55,12 +58,15 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         prompts = list(request.prompts)
         self._check(prompts)
         assert self.encoder is not None
-        embeddings = self.encoder.encode(prompts)
+        started = time.perf_counter()
+        embeddings = to_proto(self.encoder.encode(prompts))   # copies to the CPU: the GPU work is done
+        seconds = time.perf_counter() - started
         reports = self.encoder.report(prompts)
+        self.metrics.encoded(len(prompts), sum(r.truncated for r in reports), seconds)
         log.info(kv("encoded", job_id=request.request_id, prompts=len(prompts),
                     truncated=sum(r.truncated for r in reports)))
         return text_encoder_pb2.EncodeResponse(
-            embeddings=to_proto(embeddings),
+            embeddings=embeddings,
             prompts=[text_encoder_pb2.PromptInfo(num_tokens=r.num_tokens, truncated=r.truncated,
                                                  dropped_text=r.dropped_text) for r in reports])
 

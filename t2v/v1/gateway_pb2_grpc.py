@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class GatewayStub:
-    """The public front door. Generate streams what happens to one job, then its video.
+    """The public front door. Every request becomes a job: it is stored (SQLite), queued by priority,
+    run when a denoiser slot is free, and its video kept in the result store for a while (TTL).
+    Generate = SubmitJob + watching the job + its video in the last event, in one stream.
     """
 
     def __init__(self, channel):
@@ -40,14 +42,75 @@ class GatewayStub:
                 request_serializer=t2v_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=t2v_dot_v1_dot_gateway__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/t2v.v1.Gateway/SubmitJob',
+                request_serializer=t2v_dot_v1_dot_gateway__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=t2v_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/t2v.v1.Gateway/GetJob',
+                request_serializer=t2v_dot_v1_dot_gateway__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=t2v_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/t2v.v1.Gateway/ListJobs',
+                request_serializer=t2v_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=t2v_dot_v1_dot_gateway__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/t2v.v1.Gateway/CancelJob',
+                request_serializer=t2v_dot_v1_dot_gateway__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=t2v_dot_v1_dot_gateway__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetVideo = channel.unary_stream(
+                '/t2v.v1.Gateway/GetVideo',
+                request_serializer=t2v_dot_v1_dot_gateway__pb2.GetVideoRequest.SerializeToString,
+                response_deserializer=t2v_dot_v1_dot_gateway__pb2.VideoChunk.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
-    """The public front door. Generate streams what happens to one job, then its video.
+    """The public front door. Every request becomes a job: it is stored (SQLite), queued by priority,
+    run when a denoiser slot is free, and its video kept in the result store for a while (TTL).
+    Generate = SubmitJob + watching the job + its video in the last event, in one stream.
     """
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJob(self, request, context):
+        """Accept a job and return at once; poll GetJob, then fetch the video with GetVideo.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Removes a queued job, stops a running one; a finished job is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVideo(self, request, context):
+        """The MP4 of a COMPLETED job, in chunks (1 MiB each).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +123,31 @@ def add_GatewayServicer_to_server(servicer, server):
                     request_deserializer=t2v_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
                     response_serializer=t2v_dot_v1_dot_gateway__pb2.GenerateEvent.SerializeToString,
             ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=t2v_dot_v1_dot_gateway__pb2.SubmitJobRequest.FromString,
+                    response_serializer=t2v_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=t2v_dot_v1_dot_gateway__pb2.GetJobRequest.FromString,
+                    response_serializer=t2v_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=t2v_dot_v1_dot_gateway__pb2.ListJobsRequest.FromString,
+                    response_serializer=t2v_dot_v1_dot_gateway__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=t2v_dot_v1_dot_gateway__pb2.CancelJobRequest.FromString,
+                    response_serializer=t2v_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'GetVideo': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetVideo,
+                    request_deserializer=t2v_dot_v1_dot_gateway__pb2.GetVideoRequest.FromString,
+                    response_serializer=t2v_dot_v1_dot_gateway__pb2.VideoChunk.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             't2v.v1.Gateway', rpc_method_handlers)
@@ -69,7 +157,9 @@ def add_GatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Gateway:
-    """The public front door. Generate streams what happens to one job, then its video.
+    """The public front door. Every request becomes a job: it is stored (SQLite), queued by priority,
+    run when a denoiser slot is free, and its video kept in the result store for a while (TTL).
+    Generate = SubmitJob + watching the job + its video in the last event, in one stream.
     """
 
     @staticmethod
@@ -89,6 +179,141 @@ class Gateway:
             '/t2v.v1.Gateway/Generate',
             t2v_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
             t2v_dot_v1_dot_gateway__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/t2v.v1.Gateway/SubmitJob',
+            t2v_dot_v1_dot_gateway__pb2.SubmitJobRequest.SerializeToString,
+            t2v_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/t2v.v1.Gateway/GetJob',
+            t2v_dot_v1_dot_gateway__pb2.GetJobRequest.SerializeToString,
+            t2v_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/t2v.v1.Gateway/ListJobs',
+            t2v_dot_v1_dot_gateway__pb2.ListJobsRequest.SerializeToString,
+            t2v_dot_v1_dot_gateway__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/t2v.v1.Gateway/CancelJob',
+            t2v_dot_v1_dot_gateway__pb2.CancelJobRequest.SerializeToString,
+            t2v_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/t2v.v1.Gateway/GetVideo',
+            t2v_dot_v1_dot_gateway__pb2.GetVideoRequest.SerializeToString,
+            t2v_dot_v1_dot_gateway__pb2.VideoChunk.FromString,
             options,
             channel_credentials,
             insecure,

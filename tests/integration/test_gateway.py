@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
-from tests.conftest import free_port, start_gateway
+from tests.conftest import free_port, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def test_a_stage_that_is_down_gives_unavailable_naming_it(text_encoder_stage, de
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert f"the {down} stage at {addresses[down]} is unavailable" in info.value.details()
     finally:
-        gateway.server.stop(0)
+        stop_gateway(gateway)
 
 
 def test_a_client_that_goes_away_stops_the_denoiser_early(gateway_stage, denoiser_stage):

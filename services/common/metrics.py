@@ -1,0 +1,137 @@
+"""Prometheus metrics every service has, and the HTTP endpoint that serves them at ``/metrics``.
+
+Why a registry per server and not prometheus_client's global one: tests run several servers in one
+process, and each server must report only its own numbers. A servicer owns its metrics as
+``self.metrics`` (a :class:`ServiceMetrics` or a subclass that adds the stage's own metrics);
+``serve()`` serves that registry on ``--metrics-port`` (-1 = off, 0 = any free port) and records
+the model load, and ``errors.grpc_errors`` counts every call by method and status code.
+
+Conventions (DESIGN section 6): ``t2v_`` prefix, seconds and bytes as base units, histograms for
+durations, labels with bounded values only (stage, method, status code, outcome, priority).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Sequence
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector, start_http_server)
+
+from services.common.logs import kv
+
+log = logging.getLogger("metrics")
+
+# From a 5 ms Encode to a 10-minute Denoise of a long video on a slow card.
+DURATION_BUCKETS: Sequence[float] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                                     120.0, 300.0, 600.0)
+LOAD_BUCKETS: Sequence[float] = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class MetricsHttp:
+    """``/metrics`` for one registry on its own HTTP port, in a daemon thread; ``stop`` frees the port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._server, self._thread = start_http_server(port, host, registry=registry)
+        self.port: int = self._server.server_port
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class ServiceMetrics:
+    """The metrics every service has: model load state and time, gRPC calls by method and code.
+
+    ``stage`` is the service's name (text_encoder, denoiser, decoder, gateway); it labels the model
+    metrics, so one dashboard can show every stage's load state side by side.
+    """
+
+    def __init__(self, stage: str, registry: CollectorRegistry | None = None) -> None:
+        self.stage = stage
+        self.registry = registry if registry is not None else new_registry()
+        r = self.registry
+        self._loaded = Gauge("t2v_model_loaded", "1 once the service has loaded its model (and reports SERVING), "
+                             "else 0", ["stage"], registry=r)
+        self._load_seconds = Histogram("t2v_model_load_duration_seconds", "Time from start of the model load "
+                                       "to SERVING, in seconds (one observation per process)", ["stage"],
+                                       buckets=LOAD_BUCKETS, registry=r)
+        self._rpcs = Counter("t2v_grpc_requests", "gRPC calls handled, by method and final status code",
+                             ["method", "code"], registry=r)
+        self._rpc_seconds = Histogram("t2v_grpc_request_duration_seconds", "Time to handle a gRPC call (a "
+                                      "streaming call: until its last message), in seconds", ["method"],
+                                      buckets=DURATION_BUCKETS, registry=r)
+        self._rpcs_in_progress = Gauge("t2v_grpc_requests_in_progress", "gRPC calls being handled now, by method",
+                                       ["method"], registry=r)
+        self._loaded.labels(stage).set(0)
+        self._http: MetricsHttp | None = None
+        self._lock = threading.Lock()
+
+    # --- model -------------------------------------------------------------------------------
+    def model_loaded(self, seconds: float) -> None:
+        """The model is loaded and the service is SERVING; ``seconds`` is how long loading took."""
+        self._load_seconds.labels(self.stage).observe(seconds)
+        self._loaded.labels(self.stage).set(1)
+
+    def model_unloaded(self) -> None:
+        """The service stopped serving (draining)."""
+        self._loaded.labels(self.stage).set(0)
+
+    # --- gRPC calls (called by errors.grpc_errors) -----------------------------------------------
+    def rpc_started(self, method: str) -> None:
+        self._rpcs_in_progress.labels(method).inc()
+
+    def rpc_finished(self, method: str, code: str, seconds: float) -> None:
+        """``code`` is the gRPC status name: OK, INVALID_ARGUMENT, CANCELLED, ..."""
+        self._rpcs_in_progress.labels(method).dec()
+        self._rpcs.labels(method, code).inc()
+        self._rpc_seconds.labels(method).observe(seconds)
+
+    # --- the HTTP endpoint -------------------------------------------------------------------
+    def serve_http(self, host: str, port: int) -> int | None:
+        """Serve ``/metrics`` on ``host:port`` (port 0 = any free port, -1 = don't); return the port."""
+        if port < 0:
+            return None
+        with self._lock:
+            if self._http is None:
+                try:
+                    self._http = MetricsHttp(self.registry, host, port)
+                except (OSError, OverflowError) as exc:
+                    raise RuntimeError(f"cannot serve metrics on {host}:{port} ({exc}); is the port already "
+                                       "in use? pass another --metrics-port, 0 for any free port or -1 for none"
+                                       ) from None
+                log.info(kv("metrics_listening", url=f"http://{host}:{self._http.port}/metrics"))
+            return self._http.port
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    def stop_http(self) -> None:
+        with self._lock:
+            if self._http is not None:
+                self._http.stop()
+                self._http = None
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry of its own, with the standard process_* (CPU, memory, open files) and python_* metrics."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def metrics_of(servicer: Any, stage: str) -> ServiceMetrics:
+    """The servicer's ``metrics``; a servicer that has none gets the common ones (so every service
+    serves ``/metrics`` and counts its calls, even before it defines metrics of its own)."""
+    metrics = getattr(servicer, "metrics", None)
+    if isinstance(metrics, ServiceMetrics):
+        return metrics
+    fresh = ServiceMetrics(stage)
+    if metrics is None:
+        servicer.metrics = fresh
+    return fresh

@@ -1,0 +1,227 @@
+"""The gateway's Prometheus metrics: the queue, the jobs, the stages as the gateway sees them.
+
+``GatewayMetrics`` is a ``ServiceMetrics`` (ready state, gRPC calls by method and code) plus the job
+metrics below, and it is an ``observer.JobObserver``: the job system's hooks feed it. Nothing is
+wired yet; the wiring, in ``services/gateway/server.py``'s ``GatewayServicer``:
+
+    # __init__: serve() then serves self.metrics on --metrics-port and grpc_errors counts the calls
+    self.metrics = GatewayMetrics()
+    self.observer = observer or self.metrics
+    # load(): the runner wrapped, so the orchestrator's events give stage durations and steps
+    self.jobs = JobService.open(self.config.state_dir, self.metrics.observing(self.orchestrator),
+                                settings_from(self.config), self.observer).start()
+
+The observer hooks give the queue, job, cache and slot metrics; ``observing(orchestrator)`` gives
+each stage's duration and the denoising steps (``observe(events)`` does the same for any loop over
+``orchestrator.run``). Without the job system the plain methods do the same by hand: ``queued``,
+``set_queue_depth``, ``started``, ``in_flight``, ``finished``, ``cache_hit``, ``cache_miss``,
+``stage_seconds``, ``steps``.
+
+``priority`` may be ``queue.Priority``, the ``t2v.v1.Priority`` number or a name ("high",
+"PRIORITY_HIGH"); ``stage`` the ``t2v.v1.Stage`` number or a name ("denoiser"). Label values stay
+bounded: an unknown outcome, priority or stage raises ValueError (the job system's ``SafeObserver``
+logs it; the tests catch it).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.metrics import DURATION_BUCKETS, ServiceMetrics
+from services.gateway import orchestrator as orch
+from services.gateway.observer import JobObserver
+from services.gateway.store import JobRecord, JobStatus
+from t2v.v1 import gateway_pb2
+
+OUTCOMES = ("completed", "failed", "cancelled", "expired", "deadline_exceeded")
+PRIORITIES = ("low", "normal", "high")
+STAGES = ("text_encoder", "denoiser", "decoder")
+
+_PRIORITY_NUMBERS = {gateway_pb2.PRIORITY_UNSPECIFIED: "normal", gateway_pb2.PRIORITY_LOW: "low",
+                     gateway_pb2.PRIORITY_NORMAL: "normal", gateway_pb2.PRIORITY_HIGH: "high"}
+_STAGE_NUMBERS = {gateway_pb2.STAGE_TEXT_ENCODER: "text_encoder", gateway_pb2.STAGE_DENOISER: "denoiser",
+                  gateway_pb2.STAGE_DECODER: "decoder"}
+# Queue waits: from instant to an hour behind a long line of long videos.
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+JOB_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
+
+
+def priority_label(priority: int | str) -> str:
+    if isinstance(priority, enum.Enum):          # queue.Priority (LOW = 0 ...): its name, not its number
+        priority = priority.name
+    elif isinstance(priority, int) and priority in _PRIORITY_NUMBERS:
+        return _PRIORITY_NUMBERS[priority]
+    name = str(priority).lower().removeprefix("priority_")
+    if name == "unspecified":
+        return "normal"
+    if name not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
+    return name
+
+
+def stage_label(stage: int | str) -> str:
+    if isinstance(stage, enum.Enum):
+        stage = stage.name
+    elif isinstance(stage, int) and stage in _STAGE_NUMBERS:
+        return _STAGE_NUMBERS[stage]
+    name = str(stage).lower().removeprefix("stage_")
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    return name
+
+
+def outcome_label(job: JobRecord, status: JobStatus) -> str:
+    """COMPLETED -> completed, CANCELLED -> cancelled, FAILED -> failed or deadline_exceeded."""
+    if status == JobStatus.FAILED and job.error_code == "DEADLINE_EXCEEDED":
+        return "deadline_exceeded"
+    return JobStatus(status).value
+
+
+class GatewayMetrics(ServiceMetrics, JobObserver):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__("gateway", registry)
+        r = self.registry
+        self._queued = Counter("t2v_gateway_jobs_queued", "Jobs that entered the queue, by priority",
+                               ["priority"], registry=r)
+        self._queue_depth = Gauge("t2v_gateway_queue_depth", "Jobs waiting in the queue now, by priority",
+                                  ["priority"], registry=r)
+        self._queue_seconds = Histogram("t2v_gateway_queue_wait_seconds", "Time a job waited in the "
+                                        "queue before it started, in seconds, by priority", ["priority"],
+                                        buckets=QUEUE_BUCKETS, registry=r)
+        self._jobs = Counter("t2v_gateway_jobs", "Jobs that ended, by outcome (completed, failed, cancelled, "
+                             "deadline_exceeded; expired: a completed job's video deleted after its "
+                             "retention time, counted again); cache hits are not included", ["outcome"],
+                             registry=r)
+        self._job_seconds = Histogram("t2v_gateway_job_duration_seconds", "Time from submission to the end of "
+                                      "a job (queue time included), in seconds, by outcome", ["outcome"],
+                                      buckets=JOB_BUCKETS, registry=r)
+        self._in_flight = Gauge("t2v_gateway_jobs_in_flight", "Jobs holding a slot (running in the stages) now",
+                                registry=r)
+        self._stage_seconds = Histogram("t2v_gateway_stage_duration_seconds", "Time of one stage of a job as "
+                                        "the gateway sees it (call and transfer included), in seconds, by stage",
+                                        ["stage"], buckets=DURATION_BUCKETS, registry=r)
+        self._steps = Counter("t2v_gateway_denoising_steps", "Denoising steps reported by the denoiser for "
+                              "the gateway's jobs", registry=r)
+        self._cache_hits = Counter("t2v_gateway_cache_hits", "Jobs answered from the result cache", registry=r)
+        self._cache_misses = Counter("t2v_gateway_cache_misses", "Cacheable jobs not found in the result cache",
+                                     registry=r)
+        for priority in PRIORITIES:       # every series exists from the start, at 0
+            self._queued.labels(priority)
+            self._queue_depth.labels(priority)
+            self._queue_seconds.labels(priority)
+        for outcome in OUTCOMES:
+            self._jobs.labels(outcome)
+            if outcome != "expired":
+                self._job_seconds.labels(outcome)
+        for stage in STAGES:
+            self._stage_seconds.labels(stage)
+
+    # --- the queue ---------------------------------------------------------------------------
+    def queued(self, priority: int | str) -> None:
+        self._queued.labels(priority_label(priority)).inc()
+
+    def set_queue_depth(self, priority: int | str, n: int) -> None:
+        self._queue_depth.labels(priority_label(priority)).set(n)
+
+    def watch_queue(self, depth: Callable[[str], int]) -> None:
+        """Instead of ``set_queue_depth`` calls: read ``depth("high")`` ... at each scrape."""
+        for priority in PRIORITIES:
+            self._queue_depth.labels(priority).set_function(lambda p=priority: depth(p))
+
+    def started(self, priority: int | str, queue_seconds: float) -> None:
+        self._queue_seconds.labels(priority_label(priority)).observe(queue_seconds)
+
+    # --- the jobs ----------------------------------------------------------------------------
+    def in_flight(self, n: int) -> None:
+        self._in_flight.set(n)
+
+    def finished(self, outcome: str, seconds: float | None = None, count: int = 1) -> None:
+        """A job ended; ``seconds`` from submission to the end (None: count it, observe no time)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown job outcome {outcome!r}; expected one of {', '.join(OUTCOMES)}")
+        self._jobs.labels(outcome).inc(count)
+        if seconds is not None:
+            self._job_seconds.labels(outcome).observe(seconds)
+
+    def cache_hit(self, job: JobRecord | None = None) -> None:
+        self._cache_hits.inc()
+
+    def cache_miss(self, job: JobRecord | None = None) -> None:
+        self._cache_misses.inc()
+
+    # --- the job system's hooks (observer.JobObserver) ------------------------------------------
+    def job_queued(self, job: JobRecord) -> None:
+        self.queued(job.priority)
+
+    def job_started(self, job: JobRecord, queued_seconds: float) -> None:
+        self.started(job.priority, queued_seconds)
+
+    def job_finished(self, job: JobRecord, outcome: JobStatus, seconds: float) -> None:
+        total = (job.finished_ms - job.created_ms) / 1000 if job.finished_ms and job.created_ms else seconds
+        self.finished(outcome_label(job, outcome), max(0.0, total))
+
+    def queue_depth(self, depth: int, by_priority: dict[str, int] | None = None) -> None:
+        for priority, n in (by_priority or {}).items():
+            self.set_queue_depth(priority, n)
+
+    def jobs_running(self, count: int) -> None:
+        self.in_flight(count)
+
+    def results_expired(self, count: int) -> None:
+        self.finished("expired", count=count)
+
+    # --- the stages --------------------------------------------------------------------------
+    def stage_seconds(self, stage: int | str, seconds: float) -> None:
+        self._stage_seconds.labels(stage_label(stage)).observe(seconds)
+
+    def steps(self, n: int = 1) -> None:
+        self._steps.inc(n)
+
+    def observe(self, events: Iterable[orch.JobEvent]) -> Iterator[orch.JobEvent]:
+        """Pass the orchestrator's events through unchanged, recording each stage's duration (from its
+        StageStarted to the next StageStarted or the Result) and one denoising step per Progress.
+
+        A stage that fails or is cancelled records no duration (the job's outcome says what happened).
+        The time is taken as the events arrive, so it includes the consumer's own time between two
+        events: small for the job system, which only stores them.
+        """
+        stage: int | None = None
+        since = 0.0
+        try:
+            for event in events:
+                now = time.monotonic()
+                if isinstance(event, orch.StageStarted):
+                    if stage is not None:
+                        self.stage_seconds(stage, now - since)
+                    stage, since = event.stage, now
+                elif isinstance(event, orch.Progress):
+                    self.steps()
+                elif isinstance(event, orch.Result) and stage is not None:
+                    self.stage_seconds(stage, now - since)
+                    stage = None
+                yield event
+        finally:
+            close = getattr(events, "close", None)     # the consumer stopped early: stop the run now
+            if close is not None:
+                close()
+
+    def observing(self, runner: Any) -> "ObservedRunner":
+        """``runner`` (the orchestrator, or anything with its ``run``) with its events observed."""
+        return ObservedRunner(runner, self)
+
+
+class ObservedRunner:
+    """A runner whose ``run`` yields the inner runner's events through ``GatewayMetrics.observe``."""
+
+    def __init__(self, inner: Any, metrics: GatewayMetrics) -> None:
+        self.inner, self.metrics = inner, metrics
+
+    def run(self, *args: Any, **kwargs: Any) -> Iterator[orch.JobEvent]:
+        return self.metrics.observe(self.inner.run(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:      # close() and the rest: the orchestrator's own
+        return getattr(self.inner, name)
