@@ -47,6 +47,11 @@ class RunningStage:
         """``/metrics`` of a stage started with ``metrics_port`` >= 0 in its config."""
         return f"http://127.0.0.1:{self.servicer.metrics.http_port}/metrics"
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP API of a gateway started with ``http_port`` >= 0, without the trailing slash."""
+        return self.servicer.http.url.rstrip("/")
+
 
 def start_stage(servicer: Any, service_name: str, add: Callable[[Any, grpc.Server], None],
                 load: bool = True, interceptors: list[grpc.ServerInterceptor] | None = None) -> RunningStage:

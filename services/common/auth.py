@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 
@@ -53,6 +53,17 @@ def load_api_keys(path: str = "", env_value: str | None = None) -> frozenset[str
     if bad:
         raise ApiKeyError(f"{len(bad)} API key(s) contain spaces or control characters; keys are single tokens")
     return frozenset(keys)
+
+
+def key_matches(keys: Sequence[bytes], given: str) -> bool:
+    """True if ``given`` is one of ``keys``. Compared with ``hmac.compare_digest`` against every key, with no
+    early exit, so the time taken tells nothing about which key matched or how much of one. The gRPC
+    interceptor and the HTTP API both check keys here."""
+    data = given.encode()
+    match = False
+    for candidate in keys:
+        match |= hmac.compare_digest(candidate, data)
+    return match
 
 
 def presented_key(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
@@ -99,11 +110,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         self._open = open_prefixes
 
     def _valid(self, key: str) -> bool:
-        given = key.encode()
-        match = False
-        for candidate in self._keys:
-            match |= hmac.compare_digest(candidate, given)
-        return match
+        return key_matches(self._keys, key)
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
                           handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:

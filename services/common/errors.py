@@ -28,9 +28,10 @@ class ServiceError(Exception):
 
     code = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.field = field      # the request field at fault, when one is (the HTTP API reports it as "param")
 
 
 class InvalidArgument(ServiceError):

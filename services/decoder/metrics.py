@@ -17,8 +17,8 @@ class DecoderMetrics(ServiceMetrics):
         self.vae_seconds = Histogram("t2v_decoder_vae_decode_duration_seconds", "Time to decode one video's "
                                      "latents to frames with the VAE, in seconds", buckets=DURATION_BUCKETS,
                                      registry=r)
-        self.mp4_seconds = Histogram("t2v_decoder_mp4_encode_duration_seconds", "Time to encode one video's "
-                                     "frames to MP4 (H.264), in seconds", buckets=DURATION_BUCKETS, registry=r)
+        self.mp4_seconds = Histogram("t2v_decoder_mp4_encode_duration_seconds", "Time the MP4 (H.264) "
+                                     "encoding adds beyond the VAE (it overlaps the next chunk's decode), in seconds", buckets=DURATION_BUCKETS, registry=r)
         self.mp4_bytes = Histogram("t2v_decoder_mp4_size_bytes", "Size of each MP4 returned, in bytes "
                                    "(_sum: all bytes sent)", buckets=SIZE_BUCKETS, registry=r)
         self.frames = Counter("t2v_decoder_frames_decoded", "Video frames decoded by the VAE", registry=r)

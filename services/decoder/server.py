@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grpc
+import numpy as np
+import torch
 
 from services.common.config import ModelConfig, parse_config, setting
 from services.common.errors import InvalidArgument, grpc_errors
@@ -16,7 +18,7 @@ from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, serve
 from services.common.tensors import check_finite, from_proto, to_proto
 from services.decoder.metrics import DecoderMetrics
-from services.decoder.vae import VaeDecoder
+from services.decoder.vae import DecodeTiming, VaeDecoder
 from services.decoder.video import encode_mp4, to_uint8
 from t2v.v1 import decoder_pb2, decoder_pb2_grpc
 
@@ -63,18 +65,27 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             raise InvalidArgument(f"latents hold {latents.shape[2]} frames; at most {self.config.max_frames}")
         check_finite(latents, "latents")
         started = time.perf_counter()
-        frames = self.vae.decode(latents)        # ends on the CPU, so the GPU work is done
-        decoded = time.perf_counter()
-        video = encode_mp4(to_uint8(frames), request.fps, self.config.crf, self.config.x264_preset)
-        count, height, width, _ = frames.shape
-        self.metrics.decoded(count, decoded - started)
-        self.metrics.encoded(len(video), time.perf_counter() - decoded)
+        timing, kept, count = DecodeTiming(), [], 0
+
+        def chunks() -> Iterator[np.ndarray]:
+            nonlocal count
+            for frames in self.vae.iter_decode(latents, timing):
+                count += frames.shape[0]
+                if request.return_frames:     # otherwise only one chunk of frames is ever held
+                    kept.append(frames)
+                yield to_uint8(frames)
+
+        height, width = (latents.shape[3] * self.vae.scale_factor, latents.shape[4] * self.vae.scale_factor)
+        video = encode_mp4(chunks(), request.fps, width, height, self.config.crf, self.config.x264_preset)
+        self.metrics.decoded(count, timing.vae_seconds)
+        # What the decode did not hide: the MP4 encoding and the hand-over of frames on the CPU.
+        self.metrics.encoded(len(video), max(0.0, time.perf_counter() - started - timing.vae_seconds))
         log.info(kv("decoded", job_id=request.request_id, frames=count, width=width, height=height,
                     mp4_bytes=len(video)))
         response = decoder_pb2.DecodeResponse(video=video, mime_type="video/mp4", num_frames=count,
                                               height=height, width=width)
         if request.return_frames:
-            response.frames.CopyFrom(to_proto(frames.contiguous()))
+            response.frames.CopyFrom(to_proto(torch.cat(kept)))
         return response
 
 

@@ -4,7 +4,8 @@ translates the answers to protobuf.
 Every request is a job (``jobs.JobService``: SQLite rows, a priority queue, ``--slots`` workers running
 the orchestrator, a result store with a TTL). Generate is SubmitJob + watching the job, streamed;
 SubmitJob / GetJob / ListJobs / CancelJob / GetVideo expose the same jobs one call at a time. Nothing
-here decides anything: the rules live in jobs.py, queue.py, store.py and validation.py.
+here decides anything: the rules live in jobs.py, queue.py, store.py and validation.py. With
+``--http-port``, http.py serves the same job system over HTTP (and the web page) from this process.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from services.common.errors import Unavailable, grpc_errors
 from services.common.server import ReadyGate, serve
 from services.gateway import messages
 from services.gateway import orchestrator as orch
+from services.gateway.http import Backend, HttpServer, start_http
 from services.gateway.jobs import Finished, Interrupted, JobRequest, JobService, JobSettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.observer import JobObserver
@@ -59,6 +61,8 @@ class GatewayConfig(ServerConfig):
     cleanup_interval_seconds: float = setting(60.0, "how often expired videos are deleted, in seconds")
     api_keys_file: str = setting("", "file with one API key per line; set (or T2V_API_KEYS=k1,k2) to require "
                                      "'authorization: Bearer <key>' on every call except health checks")
+    http_port: int = setting(-1, "port of the HTTP API (/v1/videos) and the web page (/) on --host "
+                                 "(-1 = off, 0 = any free port); t2v up uses the gRPC port + 30")
 
 
 def model_default_size(model: str) -> int:
@@ -124,6 +128,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.observer = observer or self.metrics
         self.orchestrator: orch.Orchestrator | None = None
         self.jobs: JobService | None = None
+        self.http: HttpServer | None = None
 
     def load(self) -> None:
         self.orchestrator = orch.Orchestrator(
@@ -132,6 +137,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.jobs = JobService.open(self.config.state_dir, self.metrics.observing(self.orchestrator),
                                     settings_from(self.config), self.observer,
                                     stages_ready=self.orchestrator.ready).start()
+        self.http = start_http(Backend(self._service, self.limits, self.config.model, self.orchestrator.ready,
+                                       api_keys_from(self.config)), self.config.host, self.config.http_port)
 
     def _drain(self) -> None:
         """SIGTERM: take no new jobs; a Generate cut off from now on leaves its job to the next gateway."""
@@ -143,7 +150,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Stop the job system (running jobs get ``grace`` seconds, then run again after a restart)."""
         self.draining.set()
         if self.jobs is not None:
-            self.jobs.stop(grace)
+            self.jobs.stop(grace)          # first: open event streams get their last event
+        if self.http is not None:
+            self.http.stop()
         if self.orchestrator is not None:
             self.orchestrator.close()
 
@@ -226,9 +235,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                              mime_type=video.mime_type)
 
 
+def api_keys_from(config: GatewayConfig) -> frozenset[str]:
+    """The keys of --api-keys-file and T2V_API_KEYS (empty = keys off); gRPC and HTTP check the same ones."""
+    return load_api_keys(config.api_keys_file, os.environ.get(ENV_KEYS))
+
+
 def interceptors_from(config: GatewayConfig) -> list[grpc.ServerInterceptor]:
     """The API-key check when keys are configured (--api-keys-file and/or T2V_API_KEYS), else none."""
-    keys = load_api_keys(config.api_keys_file, os.environ.get(ENV_KEYS))
+    keys = api_keys_from(config)
     return [ApiKeyInterceptor(keys)] if keys else []
 
 

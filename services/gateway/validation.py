@@ -49,45 +49,49 @@ class Params:
 def _check_text(name: str, text: str, limits: Limits) -> None:
     if len(text) > limits.max_prompt_chars:
         raise InvalidArgument(f"{name} has {len(text)} characters; at most {limits.max_prompt_chars} are accepted "
-                              "(and the model reads only the first 77 tokens)")
+                              "(and the model reads only the first 77 tokens)", field=name)
     if "\x00" in text:
-        raise InvalidArgument(f"{name} contains a NUL character; send plain text")
+        raise InvalidArgument(f"{name} contains a NUL character; send plain text", field=name)
 
 
 def validate(params: generation_pb2.GenerationParams, limits: Limits) -> Params:
     """Return the resolved params or raise InvalidArgument naming the field and the allowed range."""
     prompt = params.prompt
     if not prompt.strip():
-        raise InvalidArgument("prompt is empty; describe the video you want, e.g. \"a red ball bouncing\"")
+        raise InvalidArgument("prompt is empty; describe the video you want, e.g. \"a red ball bouncing\"",
+                              field="prompt")
     _check_text("prompt", prompt, limits)
     _check_text("negative_prompt", params.negative_prompt, limits)
 
     frames = params.num_frames or DEFAULT_FRAMES
     if not 1 <= frames <= limits.max_frames:
-        raise InvalidArgument(f"num_frames is {frames}; it must be between 1 and {limits.max_frames}")
+        raise InvalidArgument(f"num_frames is {frames}; it must be between 1 and {limits.max_frames}",
+                              field="num_frames")
     sizes = {}
     for name in ("height", "width"):
         value = getattr(params, name) or limits.default_size
         if value < 0 or value % VAE_SCALE_FACTOR or value > limits.max_size:
             raise InvalidArgument(f"{name} is {value}; it must be a positive multiple of {VAE_SCALE_FACTOR}, "
-                                  f"at most {limits.max_size}")
+                                  f"at most {limits.max_size}", field=name)
         sizes[name] = value
     steps = params.num_inference_steps or DEFAULT_STEPS
     if not 1 <= steps <= limits.max_steps:
-        raise InvalidArgument(f"num_inference_steps is {steps}; it must be between 1 and {limits.max_steps}")
+        raise InvalidArgument(f"num_inference_steps is {steps}; it must be between 1 and {limits.max_steps}",
+                              field="num_inference_steps")
     guidance = params.guidance_scale if params.HasField("guidance_scale") else DEFAULT_GUIDANCE
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidArgument(f"guidance_scale is {guidance}; it must be a number >= 0 (9.0 is the default, "
-                              "<= 1 turns guidance off)")
+                              "<= 1 turns guidance off)", field="guidance_scale")
     fps = params.fps or DEFAULT_FPS
     if not 1 <= fps <= limits.max_fps:
-        raise InvalidArgument(f"fps is {fps}; it must be between 1 and {limits.max_fps}")
+        raise InvalidArgument(f"fps is {fps}; it must be between 1 and {limits.max_fps}", field="fps")
     scheduler = (params.scheduler or DEFAULT_SCHEDULER).strip().lower()
     if scheduler not in SCHEDULERS:
-        raise InvalidArgument(f"scheduler {params.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+        raise InvalidArgument(f"scheduler {params.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}",
+                              field="scheduler")
     if params.HasField("seed"):
         if params.seed < 0:
-            raise InvalidArgument(f"seed is {params.seed}; it must be >= 0")
+            raise InvalidArgument(f"seed is {params.seed}; it must be >= 0", field="seed")
         seed = params.seed
     else:
         seed = secrets.randbelow(2**31)

@@ -1,0 +1,518 @@
+"""The gateway's HTTP API (the shape of OpenAI's Videos API) and its web page, served by the gateway
+process itself on ``--http-port``.
+
+Why in the gateway process: the routes call the same ``JobService`` as the gRPC servicer, in memory, so
+both front doors share one queue, cache, deadline and restart story, and there is nothing more to
+deploy. Why FastAPI: ``/openapi.json`` comes from the bodies in ``videos.py``; uvicorn runs it on a
+background thread with its own event loop, beside the gRPC server's thread pool.
+
+    GET    /                          the web page (static/index.html), open without a key
+    GET    /healthz                   200 when the job system runs and the stages are SERVING, else 503
+    GET    /openapi.json              the contract
+    POST   /v1/videos                 create (JSON, multipart or urlencoded form) -> video object
+    GET    /v1/videos                 list, newest first (limit, after)
+    GET    /v1/videos/{id}            the video object
+    DELETE /v1/videos/{id}            cancel -> the video object
+    GET    /v1/videos/{id}/content    the MP4 (Range requests: 206 / 416)
+    GET    /v1/videos/{id}/events     server-sent events until the job ends
+
+Errors are OpenAI-shaped ({"error": {message, type, param, code}}), ``code`` being the gRPC status
+in lower case; the status mapping is ``HTTP_STATUS`` below (docs/api.md has the table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path as FilePath
+from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional
+
+import grpc
+import uvicorn
+from fastapi import FastAPI, Path, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.auth import key_matches, presented_key
+from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from services.common.logs import kv
+from services.gateway import videos
+from services.gateway.jobs import Finished, Interrupted, JobService, JobView, Video as OpenVideo
+from services.gateway.queue import QueueFull
+from services.gateway.ranges import RangeNotSatisfiable, parse_range
+from services.gateway.store import JOB_ID_PATTERN, JobStatus
+from services.gateway.validation import Limits
+
+log = logging.getLogger("gateway.http")
+
+PAGE = FilePath(__file__).with_name("static") / "index.html"
+OPEN_PATHS = frozenset({"/", "/healthz"})       # GET without a key: the page itself and probes
+MAX_BODY_BYTES = 1 << 20
+READ_CHUNK_BYTES = 256 << 10
+SSE_POLL_SECONDS = 0.1                          # how often an event stream looks for the job's news
+SSE_KEEPALIVE_SECONDS = 15.0                    # a comment line this often keeps proxies from closing it
+SHUTDOWN_SECONDS = 3.0                          # open streams get this long when the gateway stops
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.CANCELLED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+MISSING_KEY = ("this gateway needs an API key: send the header 'Authorization: Bearer <key>' "
+               "(or 'X-API-Key: <key>')")
+WRONG_KEY = "the API key sent is not valid; check it with whoever runs this gateway"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the HTTP API needs of the gateway; ``server.GatewayServicer`` fills it."""
+
+    jobs: Callable[[], JobService]        # the job system; raises Unavailable while loading or draining
+    limits: Limits
+    model: str                            # the model folder
+    stages_ready: Callable[[], bool]      # every stage answers SERVING
+    api_keys: frozenset[str] = frozenset()
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def error_response(status: int, message: str, code: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    body = {"error": {"message": message, "type": _error_type(status), "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def service_error_response(error: ServiceError) -> JSONResponse:
+    status = HTTP_STATUS.get(error.code, 500)
+    headers = {"Retry-After": str(error.retry_after_seconds)} if isinstance(error, QueueFull) else None
+    return error_response(status, error.message, error.code.name.lower(), error.field, headers)
+
+
+def _unauthenticated(missing: bool) -> JSONResponse:
+    challenge = 'Bearer realm="t2v-mesh"' + ("" if missing else ', error="invalid_token"')
+    return error_response(401, MISSING_KEY if missing else WRONG_KEY, "unauthenticated",
+                          headers={"WWW-Authenticate": challenge})
+
+
+def _query_sentence(error: dict[str, Any]) -> tuple[str, str | None]:
+    """A sentence for a query or path parameter that FastAPI refused (e.g. ?limit=0)."""
+    loc = [str(part) for part in error.get("loc", ()) if part not in ("query", "path", "body")]
+    field = ".".join(loc) or None
+    kind, given, ctx = error.get("type", ""), error.get("input"), error.get("ctx") or {}
+    bounds = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()), "")
+        return f"{field} is {given}; it must be {bounds[kind]} {limit}", field
+    if kind.startswith("int_"):
+        return f"{field} is {given!r}; it must be a whole number", field
+    if kind == "literal_error":
+        return f"{field} {given!r} is unknown; use {ctx.get('expected', '')}", field
+    return f"{field or 'the request'}: {error.get('msg', 'is not valid')}", field
+
+
+# --- the middleware: API keys and one log line per request --------------------------------------------
+class _Front:
+    """Every request passes here first: the API-key check (when keys are set; ``OPEN_PATHS`` excepted)
+    and one log line when it ends (debug for success, info for a refusal). Keys are never logged."""
+
+    def __init__(self, app: Any, keys: frozenset[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.monotonic(), [0]
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.keys and not (scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD")):
+                key = presented_key((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
+                if key is None or not key_matches(self.keys, key):
+                    await _unauthenticated(key is None)(scope, receive, sending)
+                    return
+            await self.app(scope, receive, sending)
+        finally:
+            level = logging.INFO if status[0] >= 400 or status[0] == 0 else logging.DEBUG
+            log.log(level, kv("http_request", method=scope["method"], path=scope["path"], status=status[0],
+                              seconds=round(time.monotonic() - started, 4)))
+
+
+# --- helpers for the routes ---------------------------------------------------------------------------
+def _check_id(video_id: str) -> str:
+    if not JOB_ID_PATTERN.fullmatch(video_id):
+        shown = video_id if len(video_id) <= 64 else video_id[:64] + "..."
+        raise InvalidArgument(f"video id {shown!r} is malformed; a video id is the 32 lowercase hex characters "
+                              "that POST /v1/videos returned", field="video_id")
+    return video_id
+
+
+def _get(jobs: JobService, video_id: str, expired_ok: bool = False) -> JobView:
+    """The job, or 404 (unknown, or expired unless ``expired_ok``) / 400 (malformed) in HTTP's words."""
+    try:
+        view = jobs.get(_check_id(video_id))
+    except NotFound:
+        raise NotFound(f"video {video_id} does not exist on this gateway; GET /v1/videos lists the videos "
+                       "it knows") from None
+    if view.status == JobStatus.EXPIRED and not expired_ok:
+        raise NotFound(videos.expired_sentence(view))
+    return view
+
+
+def _not_ready(view: JobView) -> ServiceError:
+    """Why a job has no content to serve (409)."""
+    r, job_id = view.record, view.job_id
+    if r.status == JobStatus.QUEUED:
+        return FailedPrecondition(f"video {job_id} is still queued (position {view.queue_position} of "
+                                  f"{view.queue_length}); fetch its content once its status is completed "
+                                  f"(follow GET /v1/videos/{job_id}/events)")
+    if r.status == JobStatus.RUNNING:
+        return FailedPrecondition(f"video {job_id} is in progress (step {r.step} of {r.total_steps}); fetch its "
+                                  f"content once its status is completed (follow GET /v1/videos/{job_id}/events)")
+    reason = f": {r.error_message}" if r.error_message else ""
+    if r.status == JobStatus.CANCELLED:
+        return Cancelled(f"video {job_id} was cancelled and has no content{reason}")
+    return FailedPrecondition(f"video {job_id} failed and has no content{reason}")
+
+
+async def _read_body(request: Request) -> Any:
+    """The POST body as a dict: JSON, or a form as OpenAI's SDKs send it (every value a string)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/x-www-form-urlencoded" and (await request.body()).lstrip()[:1] == b"{":
+        kind = "application/json"            # JSON sent as curl -d sends it, without a Content-Type
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        async with request.form() as form:
+            return {name: value if isinstance(value, str) else "(a file)" for name, value in form.multi_items()}
+    if kind and kind != "application/json" and not kind.endswith("+json"):
+        raise InvalidArgument(f"Content-Type {kind!r} is not supported; send application/json (or a form)")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise InvalidArgument(f"the request body is over {MAX_BODY_BYTES >> 20} MiB; a request is a few "
+                                  "fields of JSON")
+    if not raw.strip():
+        raise InvalidArgument("the request body is empty; send JSON such as {\"prompt\": \"a red ball bouncing\"}")
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        raise InvalidArgument(f"the request body is not valid JSON ({error}); send e.g. "
+                              "{\"prompt\": \"a red ball bouncing\"}") from None
+
+
+def _file_part(video: OpenVideo, start: int, length: int) -> Iterator[bytes]:
+    """``length`` bytes of the open video from ``start``; closes it at the end (or when abandoned)."""
+    try:
+        video.file.seek(start)
+        left = length
+        while left > 0:
+            data = video.file.read(min(READ_CHUNK_BYTES, left))
+            if not data:
+                return
+            left -= len(data)
+            yield data
+    finally:
+        video.close()
+
+
+def _sse(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _event_stream(jobs: JobService, job_id: str, model: str) -> AsyncIterator[str]:
+    """The job's updates as server-sent events, until it ends. Polls the watch (a thread-safe queue)
+    rather than parking a thread per stream; a client that goes away cancels this at its next await."""
+    watch = jobs.watch(job_id)
+    seen, beat = videos.Progress(), time.monotonic()
+    try:
+        yield "retry: 2000\n\n"
+        while True:
+            update = watch.next(timeout=0)
+            if update is None:
+                if time.monotonic() - beat >= SSE_KEEPALIVE_SECONDS:
+                    beat = time.monotonic()
+                    yield ": keepalive\n\n"
+                await asyncio.sleep(SSE_POLL_SECONDS)
+                continue
+            event = videos.event_of(job_id, update, seen, model)
+            if event is not None:
+                beat = time.monotonic()
+                yield _sse(*event)
+            if isinstance(update, (Finished, Interrupted)):
+                return
+    finally:
+        watch.close()
+
+
+class Mp4Response(StreamingResponse):
+    media_type = "video/mp4"
+
+
+class EventStreamResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+_ERRORS = {status: {"model": videos.ErrorResponse, "description": text} for status, text in [
+    (400, "Bad input: `error.message` says what to change, `error.param` names the field."),
+    (401, "API keys are on and the request has no valid `Authorization: Bearer <key>`."),
+    (404, "No such video, or its MP4 expired (the message says which)."),
+    (429, "The queue is full; `Retry-After` says when to come back."),
+    (503, "The gateway is starting or stopping, or a stage is down.")]}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: _ERRORS[status] for status in statuses}
+
+
+# --- the app ----------------------------------------------------------------------------------------------
+def create_app(backend: Backend) -> FastAPI:
+    """The HTTP API over ``backend``'s job system, with the web page at ``/``."""
+    model = videos.model_name(backend.model)
+    app = FastAPI(title="t2v-mesh", version="1", docs_url=None, redoc_url=None,
+                  description="Text-to-video jobs over HTTP, in the shape of OpenAI's Videos API. "
+                              "Errors: `{\"error\": {message, type, param, code}}`.")
+    page = PAGE.read_text(encoding="utf-8")
+    bearer = HTTPBearer(auto_error=False, description="Only when the gateway has API keys; the check itself "
+                                                      "covers every path but / and /healthz.")
+    v1 = [Security(bearer)]     # documents the scheme on /v1 routes; _Front does the check
+
+    @app.exception_handler(ServiceError)
+    async def on_service_error(request: Request, error: ServiceError) -> JSONResponse:
+        if HTTP_STATUS.get(error.code, 500) >= 500:
+            log.info(kv("http_refused", path=request.url.path, code=error.code.name, reason=error.message))
+        return service_error_response(error)
+
+    @app.exception_handler(RangeNotSatisfiable)
+    async def on_bad_range(request: Request, error: RangeNotSatisfiable) -> JSONResponse:
+        return error_response(416, str(error), "out_of_range", "Range",
+                              headers={"Content-Range": f"bytes */{error.size}", "Accept-Ranges": "bytes"})
+
+    @app.exception_handler(RequestValidationError)
+    async def on_bad_parameter(request: Request, error: RequestValidationError) -> JSONResponse:
+        message, field = _query_sentence(error.errors()[0])
+        return error_response(400, message, "invalid_argument", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        messages = {404: f"there is no {where} here; the API is under /v1/videos (see /openapi.json)",
+                    405: f"{where} is not allowed; /openapi.json lists the methods of each path"}
+        code = {404: "not_found", 405: "unimplemented"}.get(error.status_code, "invalid_argument")
+        return error_response(error.status_code, messages.get(error.status_code, str(error.detail)), code,
+                              headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, error: Exception) -> JSONResponse:
+        log.exception(kv("http_failed", method=request.method, path=request.url.path))
+        return error_response(500, f"internal error ({type(error).__name__}); the server log has the details",
+                              "internal")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def web_page() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/healthz", summary="Ready to take jobs?",
+             responses={200: {"content": {"application/json": {"example": {"status": "serving"}}}},
+                        503: {"model": videos.ErrorResponse, "description": "Not ready, with the reason."}})
+    def healthz() -> JSONResponse:
+        """200 when the job system runs and every stage answers SERVING; 503 with the reason otherwise.
+        Open without an API key, for probes."""
+        try:
+            backend.jobs()
+        except ServiceError as error:
+            return service_error_response(error)
+        if not backend.stages_ready():
+            return error_response(503, "a stage (text_encoder, denoiser or decoder) is not SERVING; jobs wait "
+                                  "until every stage is up: check the stages' logs", "unavailable")
+        return JSONResponse({"status": "serving"})
+
+    @app.post("/v1/videos", response_model=videos.Video, dependencies=v1, summary="Create a video",
+              responses=_errors(400, 401, 429, 503),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  media: {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}}
+                  for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")}}})
+    async def create_video(request: Request) -> videos.Video:
+        """Queue a job; the answer comes at once (status queued, or in_progress when a slot was free, or
+        completed for a cache hit). Follow it with GET /v1/videos/{id} or /events."""
+        body = await _read_body(request)
+
+        def submit() -> videos.Video:
+            jobs = backend.jobs()
+            job_request = videos.to_job_request(videos.parse_request(body), backend.limits)
+            return videos.video_object(jobs.submit(job_request), model)
+        return await run_in_threadpool(submit)
+
+    @app.get("/v1/videos", response_model=videos.VideoList, dependencies=v1, summary="List videos",
+             responses=_errors(400, 401, 404, 503))
+    def list_videos(limit: int = Query(20, ge=1, le=100, description="Videos per page."),
+                    after: Optional[str] = Query(None, description="The `last_id` of the previous page."),
+                    order: Literal["desc"] = Query("desc", description="Newest first (the only order).")
+                    ) -> videos.VideoList:
+        jobs = backend.jobs()
+        token = str(_get(jobs, after, expired_ok=True).record.seq) if after else ""
+        views, next_token = jobs.list(None, limit, token)
+        data = [videos.video_object(view, model) for view in views]
+        return videos.VideoList(data=data, first_id=data[0].id if data else None,
+                                last_id=data[-1].id if data else None, has_more=bool(next_token))
+
+    video_id_param = Path(description="The video's id (32 lowercase hex characters).",
+                          json_schema_extra={"pattern": JOB_ID_PATTERN.pattern})
+
+    @app.get("/v1/videos/{video_id}", response_model=videos.Video, dependencies=v1, summary="Get a video",
+             responses=_errors(400, 401, 404, 503))
+    def get_video(video_id: str = video_id_param) -> videos.Video:
+        return videos.video_object(_get(backend.jobs(), video_id), model)
+
+    @app.delete("/v1/videos/{video_id}", response_model=videos.Video, dependencies=v1,
+                summary="Cancel a video", responses=_errors(400, 401, 404, 503))
+    def cancel_video(video_id: str = video_id_param) -> videos.Video:
+        """Removes a queued job or stops a running one (status failed, error.code cancelled). A finished
+        job is returned unchanged: videos are deleted when they expire."""
+        jobs = backend.jobs()
+        _get(jobs, video_id)
+        return videos.video_object(jobs.cancel(video_id, "cancelled by DELETE /v1/videos/{id}"), model)
+
+    @app.get("/v1/videos/{video_id}/content", response_class=Mp4Response, dependencies=v1,
+             summary="Download the MP4",
+             responses={200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+                              "description": "The whole MP4 (H.264, yuv420p). `Accept-Ranges: bytes`."},
+                        206: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+                              "description": "The bytes of a `Range: bytes=a-b` request, with `Content-Range`."},
+                        409: {"model": videos.ErrorResponse, "description": "Not completed (yet)."},
+                        416: {"model": videos.ErrorResponse, "description": "The range starts past the end."},
+                        **_errors(400, 401, 404, 503)})
+    def video_content(request: Request, video_id: str = video_id_param,
+                      variant: Literal["video"] = Query("video", description="Only `video` is stored.")
+                      ) -> Response:
+        jobs = backend.jobs()
+        view = _get(jobs, video_id)
+        if view.status != JobStatus.COMPLETED:
+            raise _not_ready(view)
+        video = jobs.open_video(video_id)       # NotFound if it expired a moment ago: it says so
+        try:
+            part = parse_range(request.headers.get("range"), video.size)
+        except RangeNotSatisfiable:
+            video.close()
+            raise
+        headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'inline; filename="{video_id}.mp4"',
+                   "Cache-Control": "private, max-age=3600", "ETag": f'"{video_id}"'}
+        if part is None:
+            headers["Content-Length"] = str(video.size)
+            return Mp4Response(_file_part(video, 0, video.size), headers=headers, media_type=video.mime_type)
+        headers.update({"Content-Length": str(part.length), "Content-Range": part.content_range(video.size)})
+        return Mp4Response(_file_part(video, part.start, part.length), status_code=206, headers=headers,
+                           media_type=video.mime_type)
+
+    @app.get("/v1/videos/{video_id}/events", response_class=EventStreamResponse, dependencies=v1,
+             summary="Follow a video's progress",
+             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                              "description": "Server-sent events: `queued`, `stage`, `progress`, `warning`, "
+                                             "then `completed` or `failed` (the video object) or `error`; "
+                                             "then the stream closes."},
+                        **_errors(400, 401, 404, 503)})
+    def video_events(video_id: str = video_id_param) -> Response:
+        jobs = backend.jobs()
+        _get(jobs, video_id)
+        return EventStreamResponse(_event_stream(jobs, video_id, model),
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, plus the request body (read by hand, for the form variants) and the bounds
+        that come from this gateway's settings."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            body = videos.CreateVideoRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, bounds in videos.schema_limits(backend.limits).items():
+                body["properties"][name].update(bounds)
+            schema.setdefault("components", {}).setdefault("schemas", {})["CreateVideoRequest"] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(_Front, keys=backend.api_keys)
+    return app
+
+
+# --- the server thread ------------------------------------------------------------------------------------
+class HttpServer:
+    """uvicorn on a background thread of the gateway process. ``start`` binds (so a busy port fails at
+    once, with a sentence) and returns the port; ``stop`` gives open streams ``SHUTDOWN_SECONDS``."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._app = app
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self, timeout: float = 10.0) -> int:
+        try:
+            family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0][0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve HTTP on {self.host}:{self.port} ({exc.strerror or exc}); is the port "
+                               "already in use? pass another --http-port, 0 for any free port or -1 for none"
+                               ) from None
+        self.port = sock.getsockname()[1]
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)     # our own line says where it listens
+        config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=SHUTDOWN_SECONDS, ws="none")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="gateway-http",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the HTTP server on {self.host}:{self.port} did not start; see the log above")
+            time.sleep(0.01)
+        log.info(kv("http_listening", url=self.url))
+        return self.port
+
+    def stop(self, timeout: float = SHUTDOWN_SECONDS + 2.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._server = self._thread = None
+
+
+def start_http(backend: Backend, host: str, port: int) -> HttpServer | None:
+    """Serve the HTTP API and the page on ``host:port`` (0 = any free port, -1 = off)."""
+    if port < 0:
+        return None
+    server = HttpServer(create_app(backend), host, port)
+    server.start()
+    return server
