@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red ball bouncing on green grass
 OUTPUT ?= out/video.mp4
 
-.PHONY: setup demo test protos clean promtool
+.PHONY: setup demo test protos clean promtool chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/t2v up --generate "$(PROMPT)" -o $(OUTPUT)
 
-test: setup promtool
+test: setup promtool chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # The metrics tests check every service's /metrics with promtool (Debian/Ubuntu package prometheus).
@@ -32,6 +32,13 @@ promtool:
 	@command -v promtool >/dev/null || ! command -v apt-get >/dev/null || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
 	   apt-get install -y -qq prometheus >/dev/null)
+
+# The web page's test drives Debian's chromium through Playwright (never `playwright install`: no
+# browser downloads). Installed quietly when missing, as promtool is; elsewhere that test fails and says how.
+chromium:
+	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	   apt-get install -y -qq chromium >/dev/null)
 
 protos: setup
 	$(PY) scripts/gen_protos.py

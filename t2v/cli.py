@@ -5,6 +5,7 @@
     t2v serve STAGE [--help]             run one service (text_encoder, denoiser, decoder, gateway)
     t2v generate "a prompt" -o v.mp4     call a running gateway, with a progress bar
     t2v make-model --preset tiny -o DIR  write a random-weight model folder (tiny or full 1.7B layout)
+    t2v ops status|scale|drain           look after the mesh on Kubernetes (deploy/k8s, docs/deploy.md)
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               + (f" (service logs in {log_dir}/)" if log_dir else ""), file=sys.stderr)
         started = time.monotonic()
         mesh.start(timeout=args.start_timeout)
-        print(f"all services SERVING in {time.monotonic() - started:.1f} s; gateway at {mesh.address('gateway')}",
-              file=sys.stderr)
+        print(f"all services SERVING in {time.monotonic() - started:.1f} s; gateway at {mesh.address('gateway')}"
+              + (f"; web page at {mesh.web_url}" if mesh.web_url else ""), file=sys.stderr)
         if args.generate:
             return _run_generate(mesh.address("gateway"), args.generate, args)
         print("press Ctrl-C to stop", file=sys.stderr)
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                       help="dtype of the saved weights")
     make.set_defaults(func=cmd_make_model)
+
+    from t2v.ops import add_parser as add_ops_parser   # t2v ops status|scale|drain (Kubernetes)
+    add_ops_parser(sub)
     return parser
 
 

@@ -2,7 +2,8 @@
 reports SERVING over grpc.health.v1, and stop them all cleanly on Ctrl-C (SIGTERM, then SIGKILL).
 
 Each service also serves Prometheus ``/metrics`` over HTTP on its gRPC port + 100
-(gateway 50150, text_encoder 50151, denoiser 50152, decoder 50153 with the default ports).
+(gateway 50150, text_encoder 50151, denoiser 50152, decoder 50153 with the default ports), and the
+gateway serves its HTTP API and web page on its gRPC port + 30 (http://127.0.0.1:50080/).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 STAGES = ("text_encoder", "denoiser", "decoder", "gateway")
 METRICS_PORT_OFFSET = 100   # each service's /metrics HTTP port = its gRPC port + this
+HTTP_PORT_OFFSET = 30       # the gateway's HTTP API and web page = its gRPC port + this (50080)
 
 
 class StartError(RuntimeError):
@@ -59,6 +61,7 @@ class Mesh:
     log_dir: Path | None = None
     extra_args: dict[str, list[str]] = field(default_factory=dict)
     metrics_offset: int = METRICS_PORT_OFFSET   # -1: no /metrics endpoints
+    http_offset: int = HTTP_PORT_OFFSET         # -1: no HTTP API and web page on the gateway
     state_dir: Path | None = None               # the gateway's jobs and videos; see gateway_state_dir
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -68,6 +71,13 @@ class Mesh:
 
     def metrics_port(self, stage: str) -> int | None:
         return getattr(self.ports, stage) + self.metrics_offset if self.metrics_offset >= 0 else None
+
+    @property
+    def web_url(self) -> str | None:
+        """The gateway's web page (its HTTP API is under /v1/videos there); None when it is off."""
+        if self.http_offset < 0:
+            return None
+        return f"http://{self.host}:{self.ports.gateway + self.http_offset}/"
 
     @property
     def gateway_state_dir(self) -> Path:
@@ -85,6 +95,8 @@ class Mesh:
         if stage == "gateway":
             args += [f"--{s.replace('_', '-')}={self.address(s)}" for s in STAGES[:3]]
             args += [f"--state-dir={self.gateway_state_dir}"]
+            if self.http_offset >= 0:
+                args += [f"--http-port={self.ports.gateway + self.http_offset}"]
         else:
             args += ["--device", self.device, "--dtype", self.dtype]
         return args + self.extra_args.get(stage, [])
@@ -108,8 +120,11 @@ class Mesh:
                     raise StartError(f"{stage} exited with code {code} while starting{self._log_hint(stage)}")
                 if health_status(self.address(stage)) == health_pb2.HealthCheckResponse.SERVING:
                     metrics = self.metrics_port(stage)
+                    notes = [f"metrics http://{self.host}:{metrics}/metrics"] if metrics else []
+                    if stage == "gateway" and self.web_url:
+                        notes.append(f"web page {self.web_url}")
                     echo.write(f"{stage:<13} SERVING on {self.address(stage)}"
-                               + (f" (metrics http://{self.host}:{metrics}/metrics)" if metrics else "") + "\n")
+                               + (f" ({'; '.join(notes)})" if notes else "") + "\n")
                     waiting.remove(stage)
             if waiting and time.monotonic() > deadline:
                 raise StartError(f"{', '.join(waiting)} not SERVING after {timeout:.0f} s{self._log_hint(waiting[0])}")

@@ -4,7 +4,8 @@ Why an interceptor: the check must cover every method of the service (today's an
 without each servicer remembering to call it. A client sends ``authorization: Bearer <key>`` (or
 ``x-api-key: <key>``) as call metadata. Keys are compared with ``hmac.compare_digest`` against every
 configured key (no early exit), and never logged. Health checks stay open: Kubernetes probes and
-``t2v up`` send no key.
+``t2v up`` send no key. The gateway's HTTP API (``services/gateway/http.py``) loads the same keys with
+``load_api_keys`` and checks them with ``presented_key`` and ``key_matches``.
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ class ServerConfig:
     max_message_mb: int = setting(64, "largest gRPC message sent or received, in MiB")
     max_workers: int = setting(32, "gRPC handler threads (concurrent calls)")
     grace_seconds: float = setting(10.0, "on SIGTERM, how long in-flight calls may take to finish")
+    max_connection_age_seconds: float = setting(
+        0.0, "close client connections after this long (0 = never) so clients re-resolve DNS and spread "
+             "over new replicas; in-flight calls get 30 minutes to finish")
     log_level: str = setting("info", "debug, info, warning or error")
     metrics_port: int = setting(-1, "HTTP port that serves Prometheus /metrics on --host (-1 = off, "
                                     "0 = any free port)")

@@ -29,6 +29,19 @@ def message_options(max_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
 
 
+def connection_age_options(seconds: float) -> list[tuple[str, int]]:
+    """Why: a gateway's round_robin channel resolves a headless Service only when a connection drops;
+    ageing connections out makes it pick up replicas added by the autoscaler. A long Denoise stream in
+    flight is not cut: it gets ``CONNECTION_AGE_GRACE_MS`` to finish."""
+    if seconds <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
+
+
+CONNECTION_AGE_GRACE_MS = 30 * 60 * 1000
+
+
 class Loadable(Protocol):
     """A servicer whose model is loaded after the server is listening."""
 
@@ -65,7 +78,8 @@ class GrpcServer:
         self.config = config
         self.service_name = service_name
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                                   options=message_options(config.max_message_bytes),
+                                   options=message_options(config.max_message_bytes)
+                                   + connection_age_options(config.max_connection_age_seconds),
                                    interceptors=interceptors or None)
         add_servicer(self._server)
         self._health = health.HealthServicer()

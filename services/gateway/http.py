@@ -46,7 +46,7 @@ from services.common.auth import key_matches, presented_key
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from services.common.logs import kv
 from services.gateway import videos
-from services.gateway.jobs import Finished, Interrupted, JobService, JobView, Video as OpenVideo
+from services.gateway.jobs import Finished, Interrupted, JobService, JobView, Video as OpenVideo, Watch
 from services.gateway.queue import QueueFull
 from services.gateway.ranges import RangeNotSatisfiable, parse_range
 from services.gateway.store import JOB_ID_PATTERN, JobStatus
@@ -201,6 +201,8 @@ def _not_ready(view: JobView) -> ServiceError:
 async def _read_body(request: Request) -> Any:
     """The POST body as a dict: JSON, or a form as OpenAI's SDKs send it (every value a string)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise InvalidArgument(f"the request body is over {MAX_BODY_BYTES >> 20} MiB; a request is a few fields")
     if kind == "application/x-www-form-urlencoded" and (await request.body()).lstrip()[:1] == b"{":
         kind = "application/json"            # JSON sent as curl -d sends it, without a Content-Type
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
@@ -242,10 +244,10 @@ def _sse(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def _event_stream(jobs: JobService, job_id: str, model: str) -> AsyncIterator[str]:
+async def _event_stream(watch: Watch, model: str) -> AsyncIterator[str]:
     """The job's updates as server-sent events, until it ends. Polls the watch (a thread-safe queue)
     rather than parking a thread per stream; a client that goes away cancels this at its next await."""
-    watch = jobs.watch(job_id)
+    job_id = watch.job_id
     seen, beat = videos.Progress(), time.monotonic()
     try:
         yield "retry: 2000\n\n"
@@ -372,7 +374,13 @@ def create_app(backend: Backend) -> FastAPI:
                     order: Literal["desc"] = Query("desc", description="Newest first (the only order).")
                     ) -> videos.VideoList:
         jobs = backend.jobs()
-        token = str(_get(jobs, after, expired_ok=True).record.seq) if after else ""
+        token = ""
+        if after:
+            try:
+                token = str(_get(jobs, after, expired_ok=True).record.seq)
+            except ServiceError as error:
+                error.field = "after"
+                raise
         views, next_token = jobs.list(None, limit, token)
         data = [videos.video_object(view, model) for view in views]
         return videos.VideoList(data=data, first_id=data[0].id if data else None,
@@ -436,7 +444,8 @@ def create_app(backend: Backend) -> FastAPI:
     def video_events(video_id: str = video_id_param) -> Response:
         jobs = backend.jobs()
         _get(jobs, video_id)
-        return EventStreamResponse(_event_stream(jobs, video_id, model),
+        watch = jobs.watch(video_id)          # here, in the thread pool: it takes the job system's lock
+        return EventStreamResponse(_event_stream(watch, model),
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def openapi() -> dict[str, Any]:

@@ -289,6 +289,8 @@ def progress_percent(job_status: JobStatus, stage: int, step: int, total_steps: 
     100 once completed; a job that ended otherwise keeps what it had reached."""
     if job_status in (JobStatus.COMPLETED, JobStatus.EXPIRED):
         return 100
+    if job_status == JobStatus.QUEUED:
+        return 0
     if stage == gateway_pb2.STAGE_DECODER:
         return 99
     return min(99, 100 * step // total_steps) if total_steps else 0
