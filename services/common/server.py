@@ -7,7 +7,6 @@ calls, let in-flight ones finish for ``grace_seconds``) must be identical and te
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import av
 import pytest
 
-from tests.conftest import RunningStage, free_port, start_gateway, stop_gateway
+from tests.conftest import RunningStage, free_port, start_gateway, stop_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -98,17 +98,6 @@ class Http:
                 elif line == "" and data:
                     yield name or "message", json.loads("\n".join(data))
                     name, data = None, []
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def frames_of(data: bytes) -> list[tuple[int, int]]:

@@ -19,24 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.gateway.observer import JobObserver
 from services.gateway.store import JobRecord, JobStatus
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
-from tests.conftest import RunningStage, start_gateway, stop_gateway
+from tests.conftest import RunningStage, start_gateway, stop_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
 LONG = 500           # steps: ~7 s on a 2-core CPU; never run to the end here
 SMALL = dict(num_frames=2, height=32, width=32)
 S = gateway_pb2
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class Client:
