@@ -170,6 +170,7 @@ class DenoiseEngine:
         self._active: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._last_key: tuple[int, int, int] | None = None   # the shape stepped last (shapes take turns)
         self._thread = threading.Thread(target=self._loop, name="denoise-engine", daemon=True)
         self._forward = self._eager_forward
 
@@ -328,12 +329,18 @@ class DenoiseEngine:
         self._retire(gone, None)
 
     def _pick_batch(self) -> list[Job]:
-        """The oldest job's shape, and every job of that shape in arrival order, up to max_batch."""
+        """The next shape in turn, and its jobs in arrival order, up to max_batch.
+
+        Shapes take turns step by step, so a long job of one shape never stalls the jobs of another
+        (and the gateway's priorities keep their meaning); within a shape, the oldest jobs go first.
+        """
         with self._cond:
             if not self._active:
                 return []
-            key = self._active[0].shape_key
-            return [j for j in self._active if j.shape_key == key][: self.max_batch]
+            keys = list(dict.fromkeys(job.shape_key for job in self._active))   # in arrival order
+            key = keys[(keys.index(self._last_key) + 1) % len(keys)] if self._last_key in keys else keys[0]
+            self._last_key = key
+            return [job for job in self._active if job.shape_key == key][: self.max_batch]
 
     def _retire(self, jobs: list[Job], event: Event | None) -> None:
         with self._cond:

@@ -85,3 +85,13 @@ def test_a_full_engine_refuses_more_work(model_dir):
     small.submit(request(1, small.embedding_dim))
     with pytest.raises(eng.EngineFull, match="retry later"):
         small.submit(request(2, small.embedding_dim))
+
+
+def test_shapes_take_turns_so_a_long_job_does_not_stall_another_shape(engine):
+    dim = engine.embedding_dim
+    long_job = engine.submit(request(11, dim, steps=30, num_frames=2))
+    other = engine.submit(request(12, dim, steps=30, num_frames=3))
+    collect(long_job)
+    progressed = other.events.qsize()
+    assert progressed >= 20, f"the other shape ran only {progressed} steps while the first job ran 30"
+    assert isinstance(collect(other)[-1], eng.Finished)
