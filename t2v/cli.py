@@ -5,6 +5,7 @@
     t2v serve STAGE [--help]             run one service (text_encoder, denoiser, decoder, gateway)
     t2v generate "a prompt" -o v.mp4     call a running gateway, with a progress bar
     t2v make-model --preset tiny -o DIR  write a random-weight model folder (tiny or full 1.7B layout)
+    t2v jobs list|show|cancel|download   follow the gateway's jobs
     t2v ops status|scale|drain           look after the mesh on Kubernetes (deploy/k8s, docs/deploy.md)
 """
 
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dtype of the saved weights")
     make.set_defaults(func=cmd_make_model)
 
+    from t2v.jobs_cli import add_parser as add_jobs_parser   # t2v jobs list|show|cancel|download
+    add_jobs_parser(sub)
     from t2v.ops import add_parser as add_ops_parser   # t2v ops status|scale|drain (Kubernetes)
     add_ops_parser(sub)
     return parser

@@ -41,15 +41,31 @@ class ProgressBar:
         self.stream.flush()
 
 
+def gateway_channel(gateway: str) -> grpc.Channel:
+    """A channel to the gateway that takes whole videos (the 4 MiB default would not)."""
+    return grpc.insecure_channel(gateway, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+
+
+def auth_metadata(api_key: str | None) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {api_key}")] if api_key else None
+
+
+def explain(gateway: str, error: grpc.RpcError) -> str:
+    """One sentence for a failed call: the gateway's own message, or that it cannot be reached."""
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and "stage" not in details:
+        return f"cannot reach the gateway at {gateway} ({details}); is `t2v up` running?"
+    return f"{code.name}: {details}"
+
+
 def generate(gateway: str, params: generation_pb2.GenerationParams, output: Path, timeout: float | None = None,
              progress: TextIO | None = sys.stderr, api_key: str | None = None,
              priority: int = gateway_pb2.PRIORITY_UNSPECIFIED) -> gateway_pb2.VideoResult:
     """Run one generation through the gateway and write the video to ``output``."""
-    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
+    metadata = auth_metadata(api_key)
     bar = ProgressBar(progress) if progress is not None else None
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    with grpc.insecure_channel(gateway, options=options) as channel:
+    with gateway_channel(gateway) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         result = None
         try:
@@ -68,10 +84,7 @@ def generate(gateway: str, params: generation_pb2.GenerationParams, output: Path
                 elif kind == "result":
                     result = event.result
         except grpc.RpcError as error:
-            code, details = error.code(), error.details()
-            if code == grpc.StatusCode.UNAVAILABLE and "stage" not in (details or ""):
-                raise GenerateError(f"cannot reach the gateway at {gateway} ({details}); is `t2v up` running?") from None
-            raise GenerateError(f"{code.name}: {details}") from None
+            raise GenerateError(explain(gateway, error)) from None
     if result is None:
         raise GenerateError("the gateway ended the stream without a video")
     output.parent.mkdir(parents=True, exist_ok=True)

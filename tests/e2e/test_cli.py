@@ -58,6 +58,21 @@ def test_up_generate_and_ctrl_c(tmp_path):
         assert "step 6/6" in gen.stderr and "seed 3" in gen.stderr
         assert probe(output) == (8, 128, 128, 12.0)
 
+        gateway = ["--gateway", f"127.0.0.1:{ports['gateway']}"]
+        listing = subprocess.run(T2V + ["jobs", *gateway, "list"], env=ENV, capture_output=True, text=True,
+                                 timeout=60)
+        assert listing.returncode == 0, listing.stderr
+        job_id, status = listing.stdout.split()[:2]
+        assert status == "completed" and "a cat playing piano" in listing.stdout
+        copy = tmp_path / "copy.mp4"
+        download = subprocess.run(T2V + ["jobs", *gateway, "download", job_id, "-o", str(copy)], env=ENV,
+                                  capture_output=True, text=True, timeout=60)
+        assert download.returncode == 0 and copy.read_bytes() == output.read_bytes()
+        unknown = subprocess.run(T2V + ["jobs", *gateway, "show", "0" * 32], env=ENV, capture_output=True,
+                                 text=True, timeout=60)
+        assert unknown.returncode == 1 and unknown.stderr.startswith("error: NOT_FOUND: ")
+        assert "Traceback" not in unknown.stderr
+
         bad = subprocess.run(T2V + ["generate", "  ", "--gateway", f"127.0.0.1:{ports['gateway']}",
                                     "-o", str(tmp_path / "x.mp4")], env=ENV, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1
