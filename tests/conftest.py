@@ -153,3 +153,26 @@ def gateway_stage(text_encoder_stage: RunningStage, denoiser_stage: RunningStage
     stage = start_gateway(text_encoder_stage.address, denoiser_stage.address, decoder_stage.address)
     yield stage
     stop_gateway(stage)
+
+
+@pytest.fixture
+def gateway_factory(text_encoder_stage: RunningStage, denoiser_stage: RunningStage, decoder_stage: RunningStage,
+                    tmp_path: Any) -> Iterator[Callable[..., RunningStage]]:
+    """Start gateways in front of the session's stages (each with its own state dir unless told);
+    after the test, stop them and wait until the denoiser holds none of their requests."""
+    started: list[RunningStage] = []
+
+    def make(**overrides: Any) -> RunningStage:
+        overrides.setdefault("state_dir", str(tmp_path / f"state{len(started)}"))
+        stages = {name: overrides.pop(name, default) for name, default in [
+            ("text_encoder", text_encoder_stage.address), ("denoiser", denoiser_stage.address),
+            ("decoder", decoder_stage.address)]}
+        gateway = start_gateway(**stages, **overrides)
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        stop_gateway(gateway)
+    engine = denoiser_stage.servicer.engine
+    wait_for(lambda: engine.active_jobs() == 0, 30, "the denoiser to drop every request of the test")

@@ -13,13 +13,12 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import av
 import pytest
 
-from tests.conftest import RunningStage, free_port, start_gateway, stop_gateway, wait_for
+from tests.conftest import RunningStage, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -106,26 +105,12 @@ def frames_of(data: bytes) -> list[tuple[int, int]]:
 
 
 @pytest.fixture
-def make_gateway(text_encoder_stage: RunningStage, denoiser_stage: RunningStage, decoder_stage: RunningStage,
-                 tmp_path: Path) -> Iterator[Callable[..., RunningStage]]:
-    started: list[RunningStage] = []
-
+def make_gateway(gateway_factory: Callable[..., RunningStage]) -> Callable[..., RunningStage]:
     def make(**overrides: Any) -> RunningStage:
-        overrides.setdefault("state_dir", str(tmp_path / f"state{len(started)}"))
         overrides.setdefault("max_steps", LONG)
         overrides.setdefault("http_port", 0)
-        stages = {name: overrides.pop(name, default) for name, default in [
-            ("text_encoder", text_encoder_stage.address), ("denoiser", denoiser_stage.address),
-            ("decoder", decoder_stage.address)]}
-        gateway = start_gateway(**stages, **overrides)
-        started.append(gateway)
-        return gateway
-
-    yield make
-    for gateway in started:
-        stop_gateway(gateway)
-    engine = denoiser_stage.servicer.engine
-    wait_for(lambda: engine.active_jobs() == 0, 30, "the denoiser to drop every request of the test")
+        return gateway_factory(**overrides)
+    return make
 
 
 def test_create_poll_and_download_the_mp4_with_ranges(make_gateway) -> None:

@@ -9,7 +9,7 @@ import io
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import av
 import grpc
@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.gateway.observer import JobObserver
 from services.gateway.store import JobRecord, JobStatus
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
-from tests.conftest import RunningStage, start_gateway, stop_gateway, wait_for
+from tests.conftest import RunningStage, stop_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -85,23 +85,12 @@ class Finishes(JobObserver):
 
 
 @pytest.fixture
-def make_gateway(text_encoder_stage: RunningStage, denoiser_stage: RunningStage, decoder_stage: RunningStage,
-                 tmp_path: Path) -> Iterator[Callable[..., RunningStage]]:
-    started: list[RunningStage] = []
-
+def make_gateway(gateway_factory: Callable[..., RunningStage], tmp_path: Path) -> Callable[..., RunningStage]:
     def make(**overrides: Any) -> RunningStage:
-        overrides.setdefault("state_dir", str(tmp_path / "state"))
+        overrides.setdefault("state_dir", str(tmp_path / "state"))   # restart tests reuse one state dir
         overrides.setdefault("max_steps", LONG)
-        gateway = start_gateway(text_encoder_stage.address, denoiser_stage.address, decoder_stage.address,
-                                **overrides)
-        started.append(gateway)
-        return gateway
-
-    yield make
-    for gateway in started:
-        stop_gateway(gateway)
-    engine = denoiser_stage.servicer.engine
-    wait_for(lambda: engine.active_jobs() == 0, 30, "the denoiser to drop every request of the test")
+        return gateway_factory(**overrides)
+    return make
 
 
 def decode_frames(data: bytes) -> list[tuple[int, int]]:
