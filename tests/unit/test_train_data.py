@@ -1,0 +1,136 @@
+"""t2v.train.world (the captioned clip generator) and a CPU smoke run of t2v.train.train."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from t2v.train import world
+from t2v.train.world import Spec
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_render_is_deterministic_and_seed_dependent() -> None:
+    spec = Spec("square", "red", "spinning", "gray")
+    a, b = world.render(spec, 7), world.render(spec, 7)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, world.render(spec, 8))
+    rng1, rng2 = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(5):
+        s1, f1, c1 = world.sample(rng1)
+        s2, f2, c2 = world.sample(rng2)
+        assert (s1, c1) == (s2, c2) and np.array_equal(f1, f2)
+
+
+@pytest.mark.parametrize("spec", [Spec("circle", "blue", "left", "black"), Spec("triangle", "yellow", "growing", "dark blue"),
+                                  Spec("square", "white", "down", "dark green")])
+def test_frames_shape_dtype_and_content(spec: Spec) -> None:
+    frames = world.render(spec, 1)
+    assert frames.shape == (world.FRAMES, world.SIZE, world.SIZE, 3) and frames.dtype == np.uint8
+    corner = frames[0, 0, 0].astype(int)
+    assert np.abs(corner - np.asarray(world.BACKGROUNDS[spec.background])).max() <= world.BACKGROUND_JITTER
+    # The shape is drawn, in its colour, and stays inside the frame (the border is all background).
+    fg = np.asarray(world.COLOURS[spec.colour])
+    near_fg = np.abs(frames.astype(int) - fg).max(axis=-1) <= world.COLOUR_JITTER + 1
+    assert near_fg.reshape(world.FRAMES, -1).sum(axis=1).min() > 20
+    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
+    assert (border == frames[0, 0, 0]).all()
+
+
+def test_render_is_fast() -> None:
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+    for _ in range(200):
+        world.sample(rng)
+    assert time.perf_counter() - started < 10.0      # ~0.4 s here: tens of thousands of clips a minute
+
+
+def test_captions_name_colour_shape_motion_and_background() -> None:
+    rng = np.random.default_rng(0)
+    for spec in world.train_specs()[::7]:
+        for paraphrase in (False, True):
+            vocab = world.PARAPHRASE if paraphrase else world.TRAIN
+            for _ in range(5):
+                text = world.captions(spec, rng, paraphrase).lower()
+                assert spec.colour in text
+                assert any(word in text for word in vocab["shape"][spec.shape])
+                assert any(phrase in text for phrase in vocab["motion"][spec.motion])
+                if "background" in text or "backdrop" in text or "scene" in text or "field" in text:
+                    assert spec.background in text
+                assert " a orange" not in text and not text.startswith("a orange")
+
+
+def test_several_phrasings_and_disjoint_paraphrases() -> None:
+    spec = Spec("circle", "red", "left", "black")
+    rng = np.random.default_rng(0)
+    seen = {world.captions(spec, rng).lower() for _ in range(200)}
+    assert len(seen) >= 10
+    assert "a red circle moving left on a black background" in world.all_captions(spec)
+    train_all = set(world.all_captions(spec))
+    para_all = set(world.all_captions(spec, paraphrase=True))
+    assert seen <= train_all and not (train_all & para_all)
+    # No motion phrase of the paraphrase set is a training phrase.
+    for motion in world.MOTIONS:
+        assert not set(world.TRAIN["motion"][motion]) & set(world.PARAPHRASE["motion"][motion])
+
+
+def test_heldout_combinations_never_in_training() -> None:
+    held = set(world.HELDOUT_COMBOS)
+    train = {spec.combo for spec in world.train_specs()}
+    assert held and not (held & train)
+    assert {spec.combo for spec in world.heldout_specs()} == held
+    assert train | held == set(world.all_combos())
+    assert abs(len(held) / len(world.all_combos()) - world.HELDOUT_FRACTION) < 0.02
+    # Every attribute pair of a held-out combination is still seen in training.
+    pairs = {(s, c) for s, c, _ in train} | {(s, m) for s, _, m in train} | {(c, m) for _, c, m in train}
+    for s, c, m in held:
+        assert {(s, c), (s, m), (c, m)} <= pairs
+    rng = np.random.default_rng(0)
+    assert all(world.sample_spec(rng, "train").combo not in held for _ in range(2000))
+    assert world.HELDOUT_COMBOS == world._heldout()            # the split is deterministic
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(ValueError, match="spin"):
+        Spec("circle", "red", "spinning", "black")
+    with pytest.raises(ValueError, match="colour"):
+        Spec("circle", "pink", "left", "black")
+    assert not any(s.shape == "circle" and s.motion == "spinning" for s in world.train_specs())
+
+
+@pytest.mark.slow
+def test_smoke_training_writes_a_loadable_model_folder(tmp_path: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out = tmp_path / "model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "t2v.train.train", "--smoke", "--out", str(out)], cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert time.perf_counter() - started < 60
+    assert "[vae] step" in run.stdout and "[unet] step" in run.stdout and "clips/s" in run.stdout
+    for part in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "training.json"):
+        assert (out / part).is_file(), part
+
+    unet = UNet3DConditionModel.from_pretrained(out / "unet")
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    text = CLIPTextModel.from_pretrained(out / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    assert unet.config.sample_size * 8 == world.SIZE and unet.config.cross_attention_dim == text.config.hidden_size
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 8 and vae.config.scaling_factor != 0.18215
+    with torch.no_grad():
+        ids = tokenizer(["a red circle moving left"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        states = text(ids)[0]
+        latents = torch.randn(1, 4, 2, 8, 8)
+        assert unet(latents, 10, encoder_hidden_states=states).sample.shape == latents.shape
+        assert vae.decode(latents[:, :, 0]).sample.shape == (1, 3, 64, 64)
