@@ -64,12 +64,13 @@ def _params(prompt: str, args: argparse.Namespace):  # -> generation_pb2.Generat
 
 
 def _run_generate(gateway: str, prompt: str, args: argparse.Namespace) -> int:
-    from t2v.client import GenerateError, generate
+    from t2v.client import GenerateError, generate, tls_from_args
 
     started = time.monotonic()
     try:
         result = generate(gateway, _params(prompt, args), args.output, timeout=args.timeout,
-                          api_key=args.api_key or os.environ.get("T2V_API_KEY"), priority=_PRIORITIES[args.priority])
+                          api_key=args.api_key or os.environ.get("T2V_API_KEY"), priority=_PRIORITIES[args.priority],
+                          tls=tls_from_args(args))
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="what the video shows")
     gen.add_argument("--gateway", default="127.0.0.1:50050", help="gateway address")
     _add_generation_args(gen)
+    from t2v.client import add_tls_args
+    add_tls_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     make = sub.add_parser("make-model", help="write a model folder with random weights")

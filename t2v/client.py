@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import TextIO
 
 import grpc
 
+from services.common.tls import ClientTls, TlsConfigError, channel as tls_channel, load_client_tls
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 
 _STAGE_LABELS = {gateway_pb2.STAGE_TEXT_ENCODER: "encoding the prompt", gateway_pb2.STAGE_DENOISER: "denoising",
@@ -41,10 +44,33 @@ class ProgressBar:
         self.stream.flush()
 
 
-def gateway_channel(gateway: str) -> grpc.Channel:
-    """A channel to the gateway that takes whole videos (the 4 MiB default would not)."""
-    return grpc.insecure_channel(gateway, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+def gateway_channel(gateway: str, tls: ClientTls | None = None) -> grpc.Channel:
+    """A channel to the gateway that takes whole videos (the 4 MiB default would not); TLS with ``tls``."""
+    return tls_channel(gateway, tls, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+
+
+def add_tls_args(parser: argparse.ArgumentParser) -> None:
+    """--tls, --ca, --client-cert, --client-key: how ``t2v generate`` and ``t2v jobs`` reach a TLS gateway."""
+    g = parser.add_argument_group("TLS (a gateway started with --tls-cert)")
+    g.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs [env T2V_TLS=1]")
+    g.add_argument("--ca", default=None, help="PEM CA that signed the gateway's certificate; implies --tls "
+                                              "[env T2V_CA]")
+    g.add_argument("--client-cert", default=None, help="PEM certificate for a gateway that requires one "
+                                                       "(--tls-client-ca) [env T2V_CLIENT_CERT]")
+    g.add_argument("--client-key", default=None, help="PEM private key of --client-cert [env T2V_CLIENT_KEY]")
+
+
+def tls_from_args(args: argparse.Namespace) -> ClientTls | None:
+    """The TLS settings of ``add_tls_args`` (flags, then env); None = plaintext. Raises GenerateError."""
+    def pick(name: str) -> str:
+        return getattr(args, name, None) or os.environ.get(f"T2V_{name.upper()}", "")
+    enabled = bool(getattr(args, "tls", False)) or os.environ.get("T2V_TLS", "") in ("1", "true", "yes", "on")
+    try:
+        return load_client_tls(pick("ca"), pick("client_cert"), pick("client_key"), enabled,
+                               names=("ca", "client_cert", "client_key"))
+    except TlsConfigError as error:
+        raise GenerateError(str(error)) from None
 
 
 def auth_metadata(api_key: str | None) -> list[tuple[str, str]] | None:
@@ -55,17 +81,22 @@ def explain(gateway: str, error: grpc.RpcError) -> str:
     """One sentence for a failed call: the gateway's own message, or that it cannot be reached."""
     code, details = error.code(), error.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE and "stage" not in details:
-        return f"cannot reach the gateway at {gateway} ({details}); is `t2v up` running?"
+        if any(word in details.lower() for word in ("ssl", "tls", "handshake", "certificate")):
+            return (f"cannot reach the gateway at {gateway}: the TLS handshake failed ({details}); does --ca name "
+                    "the CA that signed the gateway's certificate, and does the gateway use TLS?")
+        return (f"cannot reach the gateway at {gateway} ({details}); is `t2v up` running? (a gateway with TLS "
+                "needs --ca or --tls)")
     return f"{code.name}: {details}"
 
 
 def generate(gateway: str, params: generation_pb2.GenerationParams, output: Path, timeout: float | None = None,
              progress: TextIO | None = sys.stderr, api_key: str | None = None,
-             priority: int = gateway_pb2.PRIORITY_UNSPECIFIED) -> gateway_pb2.VideoResult:
+             priority: int = gateway_pb2.PRIORITY_UNSPECIFIED, tls: ClientTls | None = None
+             ) -> gateway_pb2.VideoResult:
     """Run one generation through the gateway and write the video to ``output``."""
     metadata = auth_metadata(api_key)
     bar = ProgressBar(progress) if progress is not None else None
-    with gateway_channel(gateway) as channel:
+    with gateway_channel(gateway, tls) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         result = None
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from t2v.client import auth_metadata, explain, gateway_channel
+from t2v.client import GenerateError, add_tls_args, auth_metadata, explain, gateway_channel, tls_from_args
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc
 
 STATUSES = {name.removeprefix("JOB_STATUS_").lower(): value for name, value in gateway_pb2.JobStatus.items()
@@ -40,7 +40,12 @@ def describe(job: gateway_pb2.Job) -> str:
 
 def run(args: argparse.Namespace) -> int:
     metadata = auth_metadata(args.api_key or os.environ.get("T2V_API_KEY"))
-    with gateway_channel(args.gateway) as channel:
+    try:
+        tls = tls_from_args(args)
+    except GenerateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    with gateway_channel(args.gateway, tls) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         try:
             if args.action == "list":
@@ -73,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           description="Follow the gateway's jobs: t2v jobs list | show ID | cancel ID | download ID")
     jobs.add_argument("--gateway", default="127.0.0.1:50050", help="gateway address")
     jobs.add_argument("--api-key", default=None, help="key for a gateway that requires one [env T2V_API_KEY]")
+    add_tls_args(jobs)
     actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="newest first")
     listing.add_argument("--status", choices=sorted(STATUSES), default=None, help="only jobs in this status")

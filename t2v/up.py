@@ -63,6 +63,7 @@ class Mesh:
     metrics_offset: int = METRICS_PORT_OFFSET   # -1: no /metrics endpoints
     http_offset: int = HTTP_PORT_OFFSET         # -1: no HTTP API and web page on the gateway
     state_dir: Path | None = None               # the gateway's jobs and videos; see gateway_state_dir
+    env: dict[str, str] | None = None           # extra environment variables for every service
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -110,7 +111,8 @@ class Mesh:
                 output = open(self.log_dir / f"{stage}.log", "wb")  # noqa: SIM115 - closed in stop()
                 self._logs.append(output)
             self.processes[stage] = subprocess.Popen(self.command(stage), stdout=output, stderr=output,
-                                                     start_new_session=True)
+                                                     start_new_session=True,
+                                                     env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + timeout
         waiting = list(STAGES)
         while waiting:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -134,8 +138,9 @@ def start_gateway(text_encoder: str, denoiser: str, decoder: str, observer: Any 
     if "state_dir" not in overrides:
         overrides["state_dir"] = tempfile.mkdtemp(prefix=_OWN_STATE_PREFIX)
     config = GatewayConfig(port=0, text_encoder=text_encoder, denoiser=denoiser, decoder=decoder, **overrides)
-    return start_stage(GatewayServicer(config, observer), SERVICE_NAME,
-                       gateway_pb2_grpc.add_GatewayServicer_to_server, interceptors=interceptors_from(config))
+    servicer = GatewayServicer(config, observer)
+    return start_stage(servicer, SERVICE_NAME, gateway_pb2_grpc.add_GatewayServicer_to_server,
+                       interceptors=interceptors_from(config, servicer.rate_limiter))
 
 
 def stop_gateway(stage: RunningStage) -> None:
@@ -176,3 +181,80 @@ def gateway_factory(text_encoder_stage: RunningStage, denoiser_stage: RunningSta
         stop_gateway(gateway)
     engine = denoiser_stage.servicer.engine
     wait_for(lambda: engine.active_jobs() == 0, 30, "the denoiser to drop every request of the test")
+
+
+# --- services as processes of their own: what SIGKILL, SIGSTOP and SIGTERM need (tests/integration/test_faults.py)
+STAGE_PROCESS_ARGS = ("--device", "cpu", "--dtype", "float32")
+
+
+@dataclass
+class ServiceProcess:
+    """A service run as ``python -m t2v serve NAME`` on loopback: a real OS process to kill, stop or drain."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    port: int = 0                         # 0 until ``wait_serving`` read it from the log
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self, service: str = "", timeout: float = 2.0) -> int | None:
+        """grpc.health.v1 status of ``service`` ("" = the server), or None when it does not answer."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            with grpc.insecure_channel(self.address) as channel:
+                return health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+        except grpc.RpcError:
+            return None
+
+    def wait_serving(self, timeout: float = 120.0) -> "ServiceProcess":
+        """Wait for the log's ``event=serving`` (health SERVING), learning the port; fail if it exits."""
+        def serving() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            match = re.search(r"event=serving address=\S+:(\d+)", self.log())
+            if match:
+                self.port = int(match.group(1))
+            return match is not None
+        wait_for(serving, timeout, f"{self.name} to be SERVING")
+        return self
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL and reap (a stopped process dies too, without running again); a no-op once it exited."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """``spawn(NAME, *args, port=0)`` starts ``t2v serve NAME`` (a stage on the CPU in float32) as a process of
+    its own, logging to a file under tmp_path; it does not wait (``.wait_serving()``). Every process started
+    is killed after the test, whether it passed or not."""
+    started: list[ServiceProcess] = []
+
+    def start(name: str, *args: str, port: int = 0) -> ServiceProcess:
+        log_path = tmp_path / f"{name}-{len(started)}.log"
+        command = [sys.executable, "-m", "t2v", "serve", name, "--host", "127.0.0.1", "--port", str(port),
+                   *(STAGE_PROCESS_ARGS if name != "gateway" else ()), *args]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    # one torch thread each: several processes share a small machine
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                                         "OMP_NUM_THREADS": "1"})
+        started.append(ServiceProcess(name, proc, log_path, port))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()

@@ -42,6 +42,13 @@ class ServerConfig:
     log_level: str = setting("info", "debug, info, warning or error")
     metrics_port: int = setting(-1, "HTTP port that serves Prometheus /metrics on --host (-1 = off, "
                                     "0 = any free port)")
+    tls_cert: str = setting("", "PEM certificate (chain) of this server; with --tls-key, its ports speak TLS "
+                                "only (the gateway's HTTP API too)")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = setting("", "PEM CA bundle; set, every client must present a certificate it signed "
+                                     "(mutual TLS; needs --tls-cert)")
+    health_port: int = setting(-1, "a second, plaintext port on --host that serves only grpc.health.v1, for "
+                                   "probes that cannot do (mutual) TLS (-1 = off, 0 = any free port)")
 
     @property
     def max_message_bytes(self) -> int:

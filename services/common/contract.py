@@ -9,3 +9,4 @@ DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 9.0
 DEFAULT_FPS = 8
 VAE_SCALE_FACTOR = 8     # height and width must be multiples of this
+TEXT_TOKENS = 77         # CLIP's context: an embedding has 77 rows per prompt ([2, 77, D] in denoiser.proto)

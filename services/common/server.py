@@ -21,6 +21,7 @@ from services.common.config import ServerConfig, describe
 from services.common.errors import Unavailable
 from services.common.logs import kv, setup_logging
 from services.common.metrics import metrics_of
+from services.common.tls import TlsConfigError, load_server_tls
 
 
 def message_options(max_bytes: int) -> list[tuple[str, int]]:
@@ -69,7 +70,12 @@ class ReadyGate:
 
 
 class GrpcServer:
-    """One gRPC server with health and reflection; ``start`` binds and returns the real port."""
+    """One gRPC server with health and reflection; ``start`` binds and returns the real port.
+
+    With ``tls_cert``/``tls_key`` the port speaks TLS only (and with ``tls_client_ca``, mutual TLS);
+    bad TLS settings raise ``TlsConfigError`` here, before anything listens. With ``health_port`` >= 0
+    a second, plaintext server answers grpc.health.v1 only (the same statuses): Kubernetes' gRPC probes
+    can present no certificate, and health says nothing but SERVING or not."""
 
     def __init__(self, config: ServerConfig, service_name: str,
                  add_servicer: Callable[[grpc.Server], None],
@@ -80,29 +86,47 @@ class GrpcServer:
                                    options=message_options(config.max_message_bytes)
                                    + connection_age_options(config.max_connection_age_seconds),
                                    interceptors=interceptors or None)
+        self.tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
         add_servicer(self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._health_server: grpc.Server | None = None
+        if config.health_port >= 0:
+            self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
         reflection.enable_server_reflection(
             (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self.set_serving(False)
         self.port = 0
+        self.health_port = -1
 
     def start(self) -> int:
-        self.port = self._server.add_insecure_port(self.config.address)
+        if self.tls is None:
+            self.port = self._server.add_insecure_port(self.config.address)
+        else:
+            self.port = self._server.add_secure_port(self.config.address, self.tls.grpc_credentials())
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {self.config.address}: is the port already in use?")
+        if self._health_server is not None:
+            address = f"{self.config.host}:{self.config.health_port}"
+            self.health_port = self._health_server.add_insecure_port(address)
+            if self.health_port == 0:
+                raise RuntimeError(f"cannot serve health checks on {address}: is the port already in use?")
+            self._health_server.start()
         self._server.start()
         return self.port
 
-    def set_serving(self, serving: bool) -> None:
+    def set_serving(self, serving: bool, names: "tuple[str, ...] | None" = None) -> None:
+        """Health of ``names`` (default: the server, ``""``, and its service)."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", self.service_name):
+        for name in names if names is not None else ("", self.service_name):
             self._health.set(name, status)
 
     def stop(self, grace: float | None = None) -> None:
         self.set_serving(False)
         self._server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        if self._health_server is not None:       # last: probes see NOT_SERVING while calls drain
+            self._health_server.stop(0)
 
     def wait(self) -> None:
         self._server.wait_for_termination()
@@ -110,13 +134,22 @@ class GrpcServer:
 
 def serve(config: ServerConfig, service: str, service_name: str, servicer: Loadable, gate: ReadyGate,
           add_servicer: Callable[[grpc.Server], None],
-          interceptors: "list[grpc.ServerInterceptor] | None" = None) -> None:
-    """Run a service until SIGTERM/SIGINT: listen, load the model, report SERVING, drain, stop."""
+          interceptors: "list[grpc.ServerInterceptor] | None" = None,
+          readiness: Callable[[], bool] | None = None) -> None:
+    """Run a service until SIGTERM/SIGINT: listen, load the model, report SERVING, drain, stop.
+
+    ``readiness`` (the gateway's: are the stages up?) is asked every half second once loaded; the health of
+    ``service_name`` follows it, while the server's (``""``, what liveness probes ask) stays SERVING."""
     log = setup_logging(service, config.log_level)
     log.info("event=config " + describe(config))
-    server = GrpcServer(config, service_name, add_servicer, interceptors)
+    try:
+        server = GrpcServer(config, service_name, add_servicer, interceptors)
+    except TlsConfigError as exc:
+        raise SystemExit(f"{service}: {exc}") from None
     port = server.start()
-    log.info(kv("listening", address=f"{config.host}:{port}", health="NOT_SERVING"))
+    log.info(kv("listening", address=f"{config.host}:{port}", health="NOT_SERVING",
+                tls="mutual" if server.tls and server.tls.mutual else "on" if server.tls else "off",
+                **({"health_port": server.health_port} if server.health_port >= 0 else {})))
     metrics = metrics_of(servicer, service)
     metrics.serve_http(config.host, config.metrics_port)   # -1 = off
 
@@ -136,8 +169,14 @@ def serve(config: ServerConfig, service: str, service_name: str, servicer: Loada
     metrics.model_loaded(time.monotonic() - started)
     log.info(kv("serving", address=f"{config.host}:{port}", load_seconds=round(time.monotonic() - started, 2)))
 
-    while not stop.wait(0.5):
-        pass
+    ready = True
+    while True:
+        if readiness is not None and readiness() != ready:
+            ready = not ready
+            server.set_serving(ready, (service_name,))
+            log.info(kv("readiness", service=service_name, health="SERVING" if ready else "NOT_SERVING"))
+        if stop.wait(0.5):
+            break
     log.info(kv("draining", grace_seconds=config.grace_seconds))
     gate.drain()
     server.stop()

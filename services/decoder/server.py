@@ -35,6 +35,7 @@ class DecoderConfig(ModelConfig):
                                            "faster than medium, files ~10% larger)")
     max_frames: int = setting(256, "most frames accepted in one video")
     max_fps: int = setting(60, "highest frame rate accepted")
+    max_size: int = setting(1024, "largest height or width of a video accepted, in pixels")
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
@@ -63,6 +64,11 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                                   "height/8, width/8]")
         if latents.shape[2] > self.config.max_frames:
             raise InvalidArgument(f"latents hold {latents.shape[2]} frames; at most {self.config.max_frames}")
+        # Unchecked, a [1, C, 1, 1, 4M] tensor (16 MiB) would ask the VAE for a 32-megapixel frame.
+        height, width = (latents.shape[3] * self.vae.scale_factor, latents.shape[4] * self.vae.scale_factor)
+        if max(height, width) > self.config.max_size:
+            raise InvalidArgument(f"latents of shape {list(latents.shape)} make {width}x{height} frames; at most "
+                                  f"{self.config.max_size} pixels a side are accepted")
         check_finite(latents, "latents")
         started = time.perf_counter()
         timing, kept, count = DecodeTiming(), [], 0
@@ -70,12 +76,16 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         def chunks() -> Iterator[np.ndarray]:
             nonlocal count
             for frames in self.vae.iter_decode(latents, timing):
+                if not torch.isfinite(frames).all():    # else to_uint8 makes them a silently broken video
+                    raise InvalidArgument(f"decoding gave NaN or Inf pixels: the latents' values (up to "
+                                          f"{float(latents.abs().max()):.3g}) are far outside what this VAE "
+                                          "decodes; check the denoiser's output (a huge guidance_scale makes such "
+                                          "latents)")
                 count += frames.shape[0]
                 if request.return_frames:     # otherwise only one chunk of frames is ever held
                     kept.append(frames)
                 yield to_uint8(frames)
 
-        height, width = (latents.shape[3] * self.vae.scale_factor, latents.shape[4] * self.vae.scale_factor)
         video = encode_mp4(chunks(), request.fps, width, height, self.config.crf, self.config.x264_preset)
         self.metrics.decoded(count, timing.vae_seconds)
         # What the decode did not hide: the MP4 encoding and the hand-over of frames on the CPU.

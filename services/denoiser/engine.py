@@ -79,9 +79,13 @@ class Cancelled:
 Event = Union[Step, Finished, Failed, Cancelled]
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """One request's state inside the engine; its events come out of ``events``."""
+    """One request's state inside the engine; its events come out of ``events``.
+
+    Compared by identity (``eq=False``): the loop's ``remove`` / ``not in`` mean "this job", and a
+    field-wise ``==`` would compare two jobs' tensors when their request ids are equal, raising in
+    the engine thread and killing it (tests/integration/test_bad_input.py has the case)."""
 
     request: Request
     events: "queue.Queue[Event]" = field(default_factory=queue.Queue)

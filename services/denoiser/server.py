@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import grpc
+import torch
 
 from services.common.config import ModelConfig, parse_config, setting
+from services.common.contract import TEXT_TOKENS
 from services.common.errors import (Cancelled, InvalidArgument, ResourceExhausted, ServiceError, Unavailable,
                                     grpc_errors)
 from services.common.logs import kv
@@ -69,10 +71,13 @@ def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, 
         raise InvalidArgument(f"scheduler {request.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
     embeddings = from_proto(request.embeddings, "embeddings")
     rows = 2 if request.guidance_scale > 1.0 else 1
-    if embeddings.dim() != 3 or embeddings.shape[0] != rows or embeddings.shape[2] != embedding_dim:
+    # Tokens too: requests of one shape share a UNet forward, so a [2, 5, D] request would fail its batch.
+    if embeddings.dim() != 3 or embeddings.shape[0] != rows or embeddings.shape[1] != TEXT_TOKENS \
+            or embeddings.shape[2] != embedding_dim:
+        order = "uncond, cond" if rows == 2 else "cond only"
         raise InvalidArgument(f"embeddings have shape {list(embeddings.shape)}; this model expects "
-                              f"[{rows}, tokens, {embedding_dim}] ({'uncond, cond' if rows == 2 else 'cond only'} "
-                              f"for guidance_scale {request.guidance_scale})")
+                              f"[{rows}, {TEXT_TOKENS}, {embedding_dim}] ({order} for guidance_scale "
+                              f"{request.guidance_scale})")
     check_finite(embeddings, "embeddings")
     return eng.Request(request_id=request.request_id, embeddings=embeddings, num_frames=request.num_frames,
                        height=request.height, width=request.width,
@@ -127,6 +132,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     step=event.step, total_steps=event.total, timestep=event.timestep))
             elif isinstance(event, eng.Finished):
                 log.info(kv("finished", job_id=checked.request_id, steps_run=event.steps_run))
+                if not torch.isfinite(event.latents).all():     # else the decoder would refuse them, less clearly
+                    raise InvalidArgument(f"the latents became NaN or Inf while denoising (guidance_scale "
+                                          f"{checked.guidance_scale}, or the embeddings' values, are too large); "
+                                          "lower guidance_scale or check the embeddings")
                 yield denoiser_pb2.DenoiseEvent(latents=to_proto(event.latents))
                 return
             elif isinstance(event, eng.Cancelled):

@@ -45,9 +45,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common.auth import key_matches, presented_key
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from services.common.logs import kv
+from services.common.tls import ServerTls
 from services.gateway import videos
 from services.gateway.jobs import Finished, Interrupted, JobService, JobView, Video as OpenVideo, Watch
 from services.gateway.queue import QueueFull
+from services.gateway.ratelimit import RateLimited, RateLimiter, identity
 from services.gateway.ranges import RangeNotSatisfiable, parse_range
 from services.gateway.store import JOB_ID_PATTERN, JobStatus
 from services.gateway.validation import Limits
@@ -82,6 +84,7 @@ class Backend:
     model: str                            # the model folder
     stages_ready: Callable[[], bool]      # every stage answers SERVING
     api_keys: frozenset[str] = frozenset()
+    rate_limiter: RateLimiter | None = None   # shared with the gRPC side: one budget per key
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -130,12 +133,14 @@ def _query_sentence(error: dict[str, Any]) -> tuple[str, str | None]:
 
 # --- the middleware: API keys and one log line per request --------------------------------------------
 class _Front:
-    """Every request passes here first: the API-key check (when keys are set; ``OPEN_PATHS`` excepted)
-    and one log line when it ends (debug for success, info for a refusal). Keys are never logged."""
+    """Every request passes here first: the API-key check (when keys are set; ``OPEN_PATHS`` excepted),
+    then the per-key rate limit (when set: 429 with Retry-After), and one log line when it ends (debug
+    for success, info for a refusal). Keys are never logged."""
 
-    def __init__(self, app: Any, keys: frozenset[str]) -> None:
+    def __init__(self, app: Any, keys: frozenset[str], limiter: RateLimiter | None = None) -> None:
         self.app = app
         self.keys = [key.encode() for key in keys]
+        self.limiter = limiter
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -149,10 +154,19 @@ class _Front:
             await send(message)
 
         try:
-            if self.keys and not (scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD")):
+            guarded = not (scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD"))
+            key = None
+            if self.keys and guarded:
                 key = presented_key((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"])
                 if key is None or not key_matches(self.keys, key):
                     await _unauthenticated(key is None)(scope, receive, sending)
+                    return
+            if self.limiter is not None and guarded:
+                try:            # key is None with keys off: a sent key is unchecked, so count by address
+                    self.limiter.take(identity(key, (scope.get("client") or ("?",))[0]), "http")
+                except RateLimited as refused:
+                    await error_response(429, str(refused), "resource_exhausted", headers={
+                        "Retry-After": str(refused.retry_after_seconds)})(scope, receive, sending)
                     return
             await self.app(scope, receive, sending)
         finally:
@@ -219,10 +233,18 @@ async def _read_body(request: Request) -> Any:
     if not raw.strip():
         raise InvalidArgument("the request body is empty; send JSON such as {\"prompt\": \"a red ball bouncing\"}")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
+        json.dumps(body, ensure_ascii=False).encode()   # "\ud800" is valid JSON but not text: no job, no row
+    except UnicodeEncodeError:
+        raise InvalidArgument("the request body has a lone surrogate escape such as \"\\ud800\", which is not text; "
+                              "send valid Unicode (UTF-8)") from None
+    except RecursionError:
+        raise InvalidArgument("the request body is nested too deeply; a request is one flat JSON object, e.g. "
+                              "{\"prompt\": \"a red ball bouncing\"}") from None
     except ValueError as error:
         raise InvalidArgument(f"the request body is not valid JSON ({error}); send e.g. "
                               "{\"prompt\": \"a red ball bouncing\"}") from None
+    return body
 
 
 def _file_part(video: OpenVideo, start: int, length: int) -> Iterator[bytes]:
@@ -450,10 +472,15 @@ def create_app(backend: Backend) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema, plus the request body (read by hand, for the form variants) and the bounds
-        that come from this gateway's settings."""
+        that come from this gateway's settings. Errors are JSON on every path: FastAPI would document
+        those of /content and /events in the route's own media type (video/mp4, text/event-stream)."""
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
+            for operation in (op for path in schema["paths"].values() for op in path.values()):
+                for status, answer in operation.get("responses", {}).items():
+                    if status.startswith(("4", "5")) and len(answer.get("content", {})) == 1:
+                        answer["content"] = {"application/json": answer["content"].popitem()[1]}
             body = videos.CreateVideoRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, bounds in videos.schema_limits(backend.limits).items():
                 body["properties"][name].update(bounds)
@@ -462,7 +489,7 @@ def create_app(backend: Backend) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(_Front, keys=backend.api_keys)
+    app.add_middleware(_Front, keys=backend.api_keys, limiter=backend.rate_limiter)
     return app
 
 
@@ -471,9 +498,10 @@ class HttpServer:
     """uvicorn on a background thread of the gateway process. ``start`` binds (so a busy port fails at
     once, with a sentence) and returns the port; ``stop`` gives open streams ``SHUTDOWN_SECONDS``."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, tls: ServerTls | None = None) -> None:
         self.host = host
         self.port = port
+        self.tls = tls                    # the gateway's --tls-cert/--tls-key (and --tls-client-ca): HTTPS
         self._app = app
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -481,7 +509,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/"
 
     def start(self, timeout: float = 10.0) -> int:
         try:
@@ -496,7 +524,8 @@ class HttpServer:
         self.port = sock.getsockname()[1]
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)     # our own line says where it listens
         config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=SHUTDOWN_SECONDS, ws="none")
+                                timeout_graceful_shutdown=SHUTDOWN_SECONDS, ws="none",
+                                **(self.tls.uvicorn_options() if self.tls else {}))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="gateway-http",
                                         daemon=True)
@@ -518,10 +547,10 @@ class HttpServer:
         self._server = self._thread = None
 
 
-def start_http(backend: Backend, host: str, port: int) -> HttpServer | None:
-    """Serve the HTTP API and the page on ``host:port`` (0 = any free port, -1 = off)."""
+def start_http(backend: Backend, host: str, port: int, tls: ServerTls | None = None) -> HttpServer | None:
+    """Serve the HTTP API and the page on ``host:port`` (0 = any free port, -1 = off); HTTPS with ``tls``."""
     if port < 0:
         return None
-    server = HttpServer(create_app(backend), host, port)
+    server = HttpServer(create_app(backend), host, port, tls)
     server.start()
     return server

@@ -50,6 +50,9 @@ DB_NAME = "jobs.sqlite3"
 RESULTS_DIR = "results"
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+# A job's longest timeout: ten years (as Generate ignores a longer gRPC deadline). Beyond it the deadline in
+# milliseconds overflows SQLite's INTEGER and the housekeeper's wait.
+MAX_TIMEOUT_SECONDS = 10 * 365 * 24 * 3600
 VIDEO_CHUNK_BYTES = 1 << 20
 # A client that goes away this close to its deadline is taken to have hit the deadline (the client's
 # clock fires a little before ours), so the job is recorded as DEADLINE_EXCEEDED, not CANCELLED.
@@ -379,7 +382,7 @@ class JobService:
         limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         before = None
         if page_token:
-            if not page_token.isdigit() or len(page_token) > 18:
+            if not (page_token.isascii() and page_token.isdigit()) or len(page_token) > 18:   # not '²'
                 raise InvalidArgument(f"page_token {page_token[:40]!r} is not one this gateway gave; pass the "
                                       "next_page_token of the previous answer, or nothing for the first page")
             before = int(page_token)
@@ -465,9 +468,9 @@ class JobService:
     # --- submit -------------------------------------------------------------------------------------
     def _submit(self, request: JobRequest, subscribe: bool | None) -> tuple[JobView, Watch | None]:
         timeout = request.timeout_seconds
-        if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
-            raise InvalidArgument(f"timeout_seconds is {timeout}; it must be a number of seconds >= 0 "
-                                  "(0 = no limit)")
+        if timeout is not None and (not math.isfinite(timeout) or not 0 <= timeout <= MAX_TIMEOUT_SECONDS):
+            raise InvalidArgument(f"timeout_seconds is {timeout}; it must be a number of seconds between 0 and "
+                                  f"{MAX_TIMEOUT_SECONDS} (ten years; 0 = no limit)", field="timeout_seconds")
         with self._lock:
             if not self._accepting:
                 raise Unavailable("the gateway is shutting down; retry in a moment")
@@ -647,8 +650,11 @@ class JobService:
             where = f"while it was still queued (position {self.queue.position(live.job_id)} of {len(self.queue)})"
             advice = "retry later, with a longer deadline or a higher priority"
         else:
-            where = f"while it was running (step {live.step} of {live.total_steps})"
-            advice = "ask for fewer frames or steps, or allow a longer deadline"
+            stage = orch.stage_name(live.stage)     # a job waits in a stage that has no replica up
+            in_stage = f"{stage} stage, " if stage else ""
+            where = f"while it was running ({in_stage}step {live.step} of {live.total_steps})"
+            advice = ("ask for fewer frames or steps, or allow a longer deadline; if it did not move, check that "
+                      f"the {stage or 'stages'} {'stage is' if stage else 'are'} up (the gateway's /healthz)")
         self._finish(live, JobStatus.FAILED, "DEADLINE_EXCEEDED",
                      f"the job's deadline passed after {waited:.1f} s {where}; {advice}")
 

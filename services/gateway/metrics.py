@@ -40,6 +40,7 @@ from t2v.v1 import gateway_pb2
 OUTCOMES = ("completed", "failed", "cancelled", "expired", "deadline_exceeded")
 PRIORITIES = ("low", "normal", "high")
 STAGES = ("text_encoder", "denoiser", "decoder")
+APIS = ("grpc", "http")
 
 _PRIORITY_NUMBERS = {gateway_pb2.PRIORITY_UNSPECIFIED: "normal", gateway_pb2.PRIORITY_LOW: "low",
                      gateway_pb2.PRIORITY_NORMAL: "normal", gateway_pb2.PRIORITY_HIGH: "high"}
@@ -119,6 +120,17 @@ class GatewayMetrics(ServiceMetrics, JobObserver):
                 self._job_seconds.labels(outcome)
         for stage in STAGES:
             self._stage_seconds.labels(stage)
+        self._rate_limited = Counter("t2v_gateway_rate_limited", "Requests refused by the per-key rate limit "
+                                     "(--rate-limit-per-minute), by front door (grpc, http); never by key",
+                                     ["api"], registry=r)
+        for api in APIS:
+            self._rate_limited.labels(api)
+
+    def rate_limited(self, api: str) -> None:
+        """A request refused by the per-key rate limit (``ratelimit.RateLimiter``'s ``on_refused``)."""
+        if api not in APIS:
+            raise ValueError(f"unknown api {api!r}; expected one of {', '.join(APIS)}")
+        self._rate_limited.labels(api).inc()
 
     # --- the queue ---------------------------------------------------------------------------
     def queued(self, priority: int | str) -> None:

@@ -6,12 +6,13 @@ and job store (SubmitJob / GetJob) can consume the same events without touching 
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Union
+from typing import Any, Callable, Generator, Iterator, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,18 +21,29 @@ from services.common.errors import (Cancelled, DeadlineExceeded, InvalidArgument
                                     ServiceError, Unavailable)
 from services.common.logs import kv
 from services.common.server import message_options
+from services.common.tls import ClientTls, channel as tls_channel
 from services.gateway.validation import Params
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, gateway_pb2,
                     text_encoder_pb2, text_encoder_pb2_grpc)
 
 log = logging.getLogger("gateway.orchestrator")
 
-# Retry a stage call that found no server (a pod restarting) a few times before giving up.
-_RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+# Retry a stage call that found no server (a pod restarting) a few times before giving up. The health
+# check makes round_robin send calls only to replicas whose grpc.health.v1 says SERVING: not to one still
+# loading its model, nor to one draining after SIGTERM.
+_RETRY_SERVICE_CONFIG = json.dumps({"healthCheckConfig": {"serviceName": ""}, "methodConfig": [{
     "name": [{"service": "t2v.v1.TextEncoder"}, {"service": "t2v.v1.Denoiser"}, {"service": "t2v.v1.Decoder"}],
     "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "1s", "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"]},
 }]})
+
+
+# A stage call that breaks after it started (its replica killed or stopped mid-call: UNAVAILABLE) is not
+# retried by gRPC's policy above, so ``Orchestrator.run`` tries it again itself, this many times in all.
+STAGE_ATTEMPTS = 3
+RETRY_BACKOFF_SECONDS = 0.25         # before the second try; doubled before each next one
+# A stage that is down is found again this soon after it comes back (gRPC's default backs off to 120 s).
+_MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 @dataclass(frozen=True)
@@ -96,14 +108,21 @@ _STAGE_NAMES = {gateway_pb2.STAGE_TEXT_ENCODER: "text_encoder", gateway_pb2.STAG
                 gateway_pb2.STAGE_DECODER: "decoder"}
 
 
+def stage_name(stage: int) -> str:
+    """``text_encoder``, ``denoiser`` or ``decoder`` for a ``gateway_pb2.Stage`` value ("" for none)."""
+    return _STAGE_NAMES.get(stage, "")
+
+
 class Orchestrator:
-    def __init__(self, addresses: StageAddresses, max_message_bytes: int, stage_timeout: float) -> None:
+    def __init__(self, addresses: StageAddresses, max_message_bytes: int, stage_timeout: float,
+                 tls: ClientTls | None = None) -> None:
         self.addresses = addresses
         self.stage_timeout = stage_timeout
         options = message_options(max_message_bytes) + [
             ("grpc.service_config", _RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1),
-            ("grpc.lb_policy_name", "round_robin")]
-        self._channels = {name: grpc.insecure_channel(getattr(addresses, name), options=options)
+            ("grpc.lb_policy_name", "round_robin"), ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS)]
+        # tls: the stages' CA and the gateway's client certificate (--stage-tls-*); None = plaintext
+        self._channels = {name: tls_channel(getattr(addresses, name), tls, options)
                           for name in ("text_encoder", "denoiser", "decoder")}
         self.text_encoder = text_encoder_pb2_grpc.TextEncoderStub(self._channels["text_encoder"])
         self.denoiser = denoiser_pb2_grpc.DenoiserStub(self._channels["denoiser"])
@@ -113,16 +132,18 @@ class Orchestrator:
         for channel in self._channels.values():
             channel.close()
 
+    def _stage_serving(self, name: str, timeout: float) -> bool:
+        """True when a replica of stage ``name`` answers grpc.health.v1 with SERVING."""
+        try:
+            answer = health_pb2_grpc.HealthStub(self._channels[name]).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
     def ready(self, timeout: float = 1.0) -> bool:
         """True when every stage answers grpc.health.v1 with SERVING (its model is loaded)."""
-        for channel in self._channels.values():
-            try:
-                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-            except grpc.RpcError:
-                return False
-            if answer.status != health_pb2.HealthCheckResponse.SERVING:
-                return False
-        return True
+        return all(self._stage_serving(name, timeout) for name in self._channels)
 
     def _timeout(self, deadline: float | None) -> float:
         if deadline is None:
@@ -132,69 +153,122 @@ class Orchestrator:
             raise DeadlineExceeded("the request's deadline passed before the job finished")
         return min(self.stage_timeout, remaining)
 
-    def _stage_error(self, stage: int, error: grpc.RpcError, control: RunControl) -> ServiceError:
+    def _stage_error(self, stage: int, error: grpc.RpcError, control: RunControl, timeout: float,
+                     attempts: int) -> ServiceError:
         name = _STAGE_NAMES[stage]
         address = getattr(self.addresses, name)
         code, details = error.code(), error.details() or ""
         if code == grpc.StatusCode.CANCELLED or control.cancelled.is_set():
             return Cancelled("the job was cancelled")
         if code == grpc.StatusCode.UNAVAILABLE:
-            return Unavailable(f"the {name} stage at {address} is unavailable ({details}); "
+            tried = f" (tried {attempts} times)" if attempts > 1 else ""
+            return Unavailable(f"the {name} stage at {address} is unavailable{tried}: {details}; "
                                "check that it is running")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidArgument(f"the {name} stage refused the request: {details}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return ResourceExhausted(f"the {name} stage is full: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceeded(f"the {name} stage at {address} did not finish in time")
+            if timeout < self.stage_timeout:          # the job's own deadline came first
+                return DeadlineExceeded(f"the job's deadline passed while the {name} stage at {address} "
+                                        "worked on it (or while the job waited for a replica of it)")
+            if not self._stage_serving(name, 0.5):
+                return DeadlineExceeded(f"the {name} stage at {address} did not answer within the stage timeout "
+                                        f"({self.stage_timeout:g} s) and does not report SERVING now: it is down, "
+                                        "hung or still loading; check its replicas")
+            return DeadlineExceeded(f"the {name} stage at {address} did not finish within the stage timeout "
+                                    f"({self.stage_timeout:g} s); raise --stage-timeout for jobs this large, or "
+                                    "add replicas if the stage is overloaded")
         return ServiceError(f"the {name} stage failed ({code.name}): {details}")
 
     def run(self, job_id: str, params: Params, control: RunControl | None = None,
             deadline: float | None = None, return_frames: bool = False) -> Iterator[JobEvent]:
         """Encode, denoise, decode; yield events; the last one is the Result. Raises ServiceError."""
         control = control or RunControl()
-        stage = gateway_pb2.STAGE_TEXT_ENCODER
-        try:
-            yield StageStarted(stage)
-            prompts = [params.negative_prompt, params.prompt] if params.uses_guidance else [params.prompt]
-            encoded = self.text_encoder.Encode(
-                text_encoder_pb2.EncodeRequest(prompts=prompts, request_id=job_id), timeout=self._timeout(deadline))
-            for which, info in zip(["negative_prompt", "prompt"][-len(prompts):], encoded.prompts):
-                if info.truncated:
-                    yield Warning(f"{which} has {info.num_tokens} tokens; the model reads 77, so this was "
-                                  f"dropped: {info.dropped_text!r}")
+        yield StageStarted(gateway_pb2.STAGE_TEXT_ENCODER)
+        prompts = [params.negative_prompt, params.prompt] if params.uses_guidance else [params.prompt]
+        encode = text_encoder_pb2.EncodeRequest(prompts=prompts, request_id=job_id)
+        encoded = yield from self._call(job_id, gateway_pb2.STAGE_TEXT_ENCODER, control, deadline,
+                                        lambda timeout: self._unary(self.text_encoder.Encode, encode, timeout, control))
+        for which, info in zip(["negative_prompt", "prompt"][-len(prompts):], encoded.prompts):
+            if info.truncated:
+                yield Warning(f"{which} has {info.num_tokens} tokens; the model reads 77, so this was "
+                              f"dropped: {info.dropped_text!r}")
 
-            stage = gateway_pb2.STAGE_DENOISER
-            yield StageStarted(stage)
-            if control.cancelled.is_set():
-                raise Cancelled("the job was cancelled")
-            call = self.denoiser.Denoise(denoiser_pb2.DenoiseRequest(
-                request_id=job_id, embeddings=encoded.embeddings, num_frames=params.num_frames,
-                height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale, seed=params.seed, scheduler=params.scheduler),
-                timeout=self._timeout(deadline))
-            control.track(call)
-            latents = None
-            for event in call:
-                if event.HasField("progress"):
-                    p = event.progress
-                    yield Progress(p.step, p.total_steps, p.timestep)
-                else:
-                    latents = event.latents
-            control.track(None)
-            if latents is None:
-                raise ServiceError("the denoiser stage ended its stream without latents")
+        yield StageStarted(gateway_pb2.STAGE_DENOISER)
+        denoise = denoiser_pb2.DenoiseRequest(
+            request_id=job_id, embeddings=encoded.embeddings, num_frames=params.num_frames,
+            height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale, seed=params.seed, scheduler=params.scheduler)
+        latents = yield from self._call(job_id, gateway_pb2.STAGE_DENOISER, control, deadline,
+                                        lambda timeout: self._denoise(denoise, timeout, control))
 
-            stage = gateway_pb2.STAGE_DECODER
-            yield StageStarted(stage)
-            decoded = self.decoder.Decode(decoder_pb2.DecodeRequest(
-                request_id=job_id, latents=latents, fps=params.fps, return_frames=return_frames),
-                timeout=self._timeout(deadline))
-        except grpc.RpcError as error:
-            raise self._stage_error(stage, error, control) from None
-        finally:
-            control.track(None)
+        yield StageStarted(gateway_pb2.STAGE_DECODER)
+        decode = decoder_pb2.DecodeRequest(request_id=job_id, latents=latents, fps=params.fps,
+                                           return_frames=return_frames)
+        decoded = yield from self._call(job_id, gateway_pb2.STAGE_DECODER, control, deadline,
+                                        lambda timeout: self._unary(self.decoder.Decode, decode, timeout, control))
         log.info(kv("job_done", job_id=job_id, mp4_bytes=len(decoded.video)))
         yield Result(video=decoded.video, mime_type=decoded.mime_type, num_frames=decoded.num_frames,
                      height=decoded.height, width=decoded.width,
                      frames=decoded.frames if return_frames else None)
+
+    def _call(self, job_id: str, stage: int, control: RunControl, deadline: float | None,
+              attempt: Callable[[float], Any]) -> Generator[JobEvent, None, Any]:
+        """One stage call (``attempt(timeout)``: the answer, or a generator of events that returns it),
+        tried again when it fails UNAVAILABLE: its replica went away mid-call (killed, or draining past its
+        grace), which gRPC's own retry policy does not cover once the call has started. At most
+        ``STAGE_ATTEMPTS`` tries, each announced with a Warning and a new StageStarted: the stage starts
+        over (for the denoiser, progress restarts from step 1). Every other error is final: trying again
+        would not change INVALID_ARGUMENT, and a DEADLINE_EXCEEDED has used up the time."""
+        name = _STAGE_NAMES[stage]
+        for number in range(1, STAGE_ATTEMPTS + 1):
+            if control.cancelled.is_set():
+                raise Cancelled("the job was cancelled")
+            timeout = self._timeout(deadline)
+            try:
+                answer = attempt(timeout)
+                if inspect.isgenerator(answer):
+                    answer = yield from answer
+                return answer
+            except grpc.RpcError as error:
+                if (error.code() != grpc.StatusCode.UNAVAILABLE or control.cancelled.is_set()
+                        or number == STAGE_ATTEMPTS):
+                    raise self._stage_error(stage, error, control, timeout, number) from None
+                details = error.details() or "connection lost"
+            finally:
+                control.track(None)
+            log.warning(kv("stage_retry", job_id=job_id, stage=name, attempt=number + 1, reason=details))
+            yield Warning(f"the {name} stage failed during the call ({details}); trying again, attempt "
+                          f"{number + 1} of {STAGE_ATTEMPTS}"
+                          + ("; denoising restarts from step 1" if stage == gateway_pb2.STAGE_DENOISER else ""))
+            control.cancelled.wait(RETRY_BACKOFF_SECONDS * 2 ** (number - 1))
+            yield StageStarted(stage)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    @staticmethod
+    def _unary(method: Any, request: Any, timeout: float, control: RunControl) -> Any:
+        """A unary stage call that ``control.cancel()`` stops at once, and that waits (up to ``timeout``)
+        for a SERVING replica instead of failing at once when none is up (``wait_for_ready``)."""
+        call = method.future(request, timeout=timeout, wait_for_ready=True)
+        control.track(call)
+        try:
+            return call.result()
+        except grpc.FutureCancelledError:
+            raise Cancelled("the job was cancelled") from None
+
+    def _denoise(self, request: denoiser_pb2.DenoiseRequest, timeout: float, control: RunControl
+                 ) -> Generator[JobEvent, None, Any]:
+        """The Denoise stream: yields a Progress per step, returns the latents."""
+        call = self.denoiser.Denoise(request, timeout=timeout, wait_for_ready=True)
+        control.track(call)
+        latents = None
+        for event in call:
+            if event.HasField("progress"):
+                p = event.progress
+                yield Progress(p.step, p.total_steps, p.timestep)
+            else:
+                latents = event.latents
+        if latents is None:
+            raise ServiceError("the denoiser stage ended its stream without latents")
+        return latents

@@ -24,6 +24,7 @@ from services.common.auth import ENV_KEYS, ApiKeyInterceptor, load_api_keys
 from services.common.config import DEFAULT_MODEL, ServerConfig, parse_config, setting
 from services.common.errors import Unavailable, grpc_errors
 from services.common.server import ReadyGate, serve
+from services.common.tls import ClientTls, load_client_tls, load_server_tls
 from services.gateway import messages
 from services.gateway import orchestrator as orch
 from services.gateway.http import Backend, HttpServer, start_http
@@ -31,6 +32,7 @@ from services.gateway.jobs import Finished, Interrupted, JobRequest, JobService,
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.observer import JobObserver
 from services.gateway.queue import QueueFull
+from services.gateway.ratelimit import RateLimiter, RateLimitInterceptor
 from services.gateway.store import JobStatus
 from services.gateway.validation import Limits, validate
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
@@ -63,6 +65,16 @@ class GatewayConfig(ServerConfig):
                                      "'authorization: Bearer <key>' on every call except health checks")
     http_port: int = setting(-1, "port of the HTTP API (/v1/videos) and the web page (/) on --host "
                                  "(-1 = off, 0 = any free port); t2v up uses the gRPC port + 30")
+    rate_limit_per_minute: float = setting(0.0, "requests a minute each API key may make, gRPC and HTTP together "
+                                                "(each client address when keys are off); more are refused with "
+                                                "RESOURCE_EXHAUSTED / 429 and a retry-after (0 = no limit)")
+    rate_limit_burst: int = setting(0, "requests a key may make at once before --rate-limit-per-minute applies "
+                                       "(0 = one minute's worth)")
+    stage_tls_ca: str = setting("", "PEM CA bundle that signed the stages' certificates; set, the gateway calls "
+                                    "the stages over TLS")
+    stage_tls_cert: str = setting("", "PEM client certificate the gateway presents to the stages (mutual TLS; "
+                                      "with --stage-tls-key, needs --stage-tls-ca)")
+    stage_tls_key: str = setting("", "PEM private key of --stage-tls-cert")
 
 
 def model_default_size(model: str) -> int:
@@ -125,6 +137,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.gate = _GatewayGate(self._drain)
         self.limits = limits_from(config)
         self.metrics = GatewayMetrics()   # serve() serves it on --metrics-port; grpc_errors counts calls
+        self.rate_limiter = rate_limiter_from(config, self.metrics.rate_limited)   # gRPC and HTTP share it
         self.observer = observer or self.metrics
         self.orchestrator: orch.Orchestrator | None = None
         self.jobs: JobService | None = None
@@ -133,12 +146,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def load(self) -> None:
         self.orchestrator = orch.Orchestrator(
             orch.StageAddresses(self.config.text_encoder, self.config.denoiser, self.config.decoder),
-            self.config.max_message_bytes, self.config.stage_timeout)
+            self.config.max_message_bytes, self.config.stage_timeout, stage_tls_from(self.config))
         self.jobs = JobService.open(self.config.state_dir, self.metrics.observing(self.orchestrator),
                                     settings_from(self.config), self.observer,
                                     stages_ready=self.orchestrator.ready).start()
         self.http = start_http(Backend(self._service, self.limits, self.config.model, self.orchestrator.ready,
-                                       api_keys_from(self.config)), self.config.host, self.config.http_port)
+                                       api_keys_from(self.config), self.rate_limiter),
+                               self.config.host, self.config.http_port,
+                               load_server_tls(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca))
+
+    def ready(self) -> bool:
+        """Readiness: every stage has a replica SERVING, so a job runs now. The health of ``t2v.v1.Gateway``
+        follows it; the server's (``""``) stays SERVING while a stage is down, because jobs are still accepted
+        (they wait for the stage) and a liveness probe must not restart the gateway for a stage's fault."""
+        return self.orchestrator is not None and self.orchestrator.ready(timeout=0.5)
 
     def _drain(self) -> None:
         """SIGTERM: take no new jobs; a Generate cut off from now on leaves its job to the next gateway."""
@@ -240,10 +261,28 @@ def api_keys_from(config: GatewayConfig) -> frozenset[str]:
     return load_api_keys(config.api_keys_file, os.environ.get(ENV_KEYS))
 
 
-def interceptors_from(config: GatewayConfig) -> list[grpc.ServerInterceptor]:
-    """The API-key check when keys are configured (--api-keys-file and/or T2V_API_KEYS), else none."""
+def stage_tls_from(config: GatewayConfig) -> ClientTls | None:
+    """TLS toward the stages (--stage-tls-ca, and the client certificate for mTLS); None = plaintext."""
+    return load_client_tls(config.stage_tls_ca, config.stage_tls_cert, config.stage_tls_key,
+                           names=("stage_tls_ca", "stage_tls_cert", "stage_tls_key"))
+
+
+def rate_limiter_from(config: GatewayConfig, on_refused: Callable[[str], None] | None = None) -> RateLimiter | None:
+    """The per-key rate limit of --rate-limit-per-minute / --rate-limit-burst; None when off."""
+    if config.rate_limit_per_minute == 0:
+        if config.rate_limit_burst < 0:
+            raise ValueError(f"--rate-limit-burst is {config.rate_limit_burst}; it must be at least 0")
+        return None
+    return RateLimiter(config.rate_limit_per_minute, config.rate_limit_burst, on_refused=on_refused)
+
+
+def interceptors_from(config: GatewayConfig, rate_limiter: RateLimiter | None = None) -> list[grpc.ServerInterceptor]:
+    """The API-key check when keys are configured (--api-keys-file and/or T2V_API_KEYS), then the rate limit.
+    Pass the servicer's ``rate_limiter`` so gRPC and HTTP share one budget per key; without it, one is made
+    from ``config`` for gRPC alone."""
     keys = api_keys_from(config)
-    return [ApiKeyInterceptor(keys)] if keys else []
+    limiter = rate_limiter or rate_limiter_from(config)
+    return ([ApiKeyInterceptor(keys)] if keys else []) + ([RateLimitInterceptor(limiter, by_key=bool(keys))] if limiter else [])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -252,12 +291,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                           "three stages.")
     try:
         settings_from(config)
-        interceptors = interceptors_from(config)
-    except ValueError as error:        # a bad setting, or an ApiKeyError
+        stage_tls_from(config)
+        load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
+        servicer = GatewayServicer(config)
+        interceptors = interceptors_from(config, servicer.rate_limiter)
+    except ValueError as error:        # a bad setting, an ApiKeyError or a TlsConfigError
         raise SystemExit(f"gateway: {error}") from None
-    servicer = GatewayServicer(config)
     try:
         serve(config, "gateway", SERVICE_NAME, servicer, servicer.gate,
-              lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server), interceptors)
+              lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server), interceptors,
+              readiness=servicer.ready)
     finally:
         servicer.close(config.grace_seconds)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import fcntl
 import json
 import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import uuid
 from dataclasses import dataclass
@@ -329,11 +331,24 @@ class ResultStore:
         return target.stat().st_size
 
     def open(self, job_id: str) -> BinaryIO | None:
-        """The video opened for reading, or None if it is not there. An open file survives deletion."""
+        """The video opened for reading, or None if it is not there. An open file survives deletion.
+
+        Only a regular file is served: the store writes files (and hard links), never symlinks, so a
+        symlink or anything else found under a job's name was put there by someone else and is not
+        followed (O_NOFOLLOW), whatever it points to."""
         try:
-            return open(self.path(job_id), "rb")   # noqa: SIM115 - the caller closes it
+            # O_NONBLOCK: a FIFO put there must not hang the open (no effect on a regular file)
+            fd = os.open(self.path(job_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:              # a symlink
+                return None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
 
     def exists(self, job_id: str) -> bool:
         return self.path(job_id).is_file()

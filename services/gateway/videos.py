@@ -204,11 +204,12 @@ def _frames(body: CreateVideoRequest, limits: Limits) -> int:
     fps = body.fps or DEFAULT_FPS
     if not math.isfinite(seconds) or seconds <= 0:
         raise InvalidArgument(f"seconds is {body.seconds}; it must be a positive number", field="seconds")
-    frames = max(1, round(seconds * fps))
-    if frames > limits.max_frames:
-        raise InvalidArgument(f"seconds is {body.seconds}: {frames} frames at {fps} fps; at most {limits.max_frames} "
-                              f"frames are accepted ({limits.max_frames / fps:g} s at {fps} fps)", field="seconds")
-    return frames
+    exact = seconds * fps       # compared before round(), which overflows on 1e308 seconds (inf frames)
+    if exact > limits.max_frames + 0.5:
+        raise InvalidArgument(f"seconds is {body.seconds}: {exact:.0f} frames at {fps} fps; at most "
+                              f"{limits.max_frames} frames are accepted ({limits.max_frames / fps:g} s at {fps} fps)",
+                              field="seconds")
+    return max(1, round(exact))
 
 
 # --- response -------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ the one-process pipeline's.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,10 @@ class TextEncoder:
         self.model.to(device).eval().requires_grad_(False)
         self.device, self.dtype = device, dtype
         self.max_length = int(self.tokenizer.model_max_length)
+        # The fast tokenizer keeps its padding and truncation settings in shared state that every call
+        # rewrites, so two gRPC threads tokenizing at once can pad one call's batch by the other's
+        # settings (ragged rows, a ValueError). Found by the load test (tests/e2e/test_load.py).
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def hidden_size(self) -> int:
@@ -39,17 +44,19 @@ class TextEncoder:
         """How many tokens each prompt has and what truncation at ``max_length`` drops."""
         reports = []
         for prompt in prompts:
-            ids = self.tokenizer(prompt, verbose=False).input_ids
-            truncated = len(ids) > self.max_length
-            dropped = self.tokenizer.decode(ids[self.max_length - 1 : -1]) if truncated else ""
+            with self._tokenizer_lock:
+                ids = self.tokenizer(prompt, verbose=False).input_ids
+                truncated = len(ids) > self.max_length
+                dropped = self.tokenizer.decode(ids[self.max_length - 1 : -1]) if truncated else ""
             reports.append(PromptReport(len(ids), truncated, dropped))
         return reports
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """[len(prompts), 77, hidden] in the model's dtype, all prompts in one forward pass."""
-        inputs = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
-                                truncation=True, return_tensors="pt")
+        with self._tokenizer_lock:
+            inputs = self.tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                                    truncation=True, return_tensors="pt")
         mask = None
         if getattr(self.model.config, "use_attention_mask", False):
             mask = inputs.attention_mask.to(self.device)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
-from tests.conftest import free_port, start_gateway, stop_gateway
+from tests.conftest import free_port, start_gateway, stop_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -71,16 +71,21 @@ def test_bad_input_is_refused_with_a_sentence_and_the_gateway_keeps_serving(gate
 
 
 @pytest.mark.parametrize("down", ["text_encoder", "denoiser", "decoder"])
-def test_a_stage_that_is_down_gives_unavailable_naming_it(text_encoder_stage, denoiser_stage, decoder_stage, down):
+def test_a_job_waits_for_a_stage_that_is_down_until_its_deadline_naming_it(text_encoder_stage, denoiser_stage,
+                                                                           decoder_stage, down):
     addresses = {"text_encoder": text_encoder_stage.address, "denoiser": denoiser_stage.address,
                  "decoder": decoder_stage.address}
     addresses[down] = f"127.0.0.1:{free_port()}"     # nothing listens there
     gateway = start_gateway(**addresses)
     try:
+        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
-            list(generate(gateway, prompt="x", num_frames=1, height=32, width=32, num_inference_steps=1))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert f"the {down} stage at {addresses[down]} is unavailable" in info.value.details()
+            list(generate(gateway, timeout=2.0, prompt="x", num_frames=1, height=32, width=32, num_inference_steps=1))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started >= 1.9
+        stub = gateway_pb2_grpc.GatewayStub(gateway.channel())
+        job = wait_for(lambda: (j := stub.ListJobs(gateway_pb2.ListJobsRequest(), timeout=10).jobs[0]).status
+                       == gateway_pb2.JOB_STATUS_FAILED and j, 10, "the job to fail at its deadline")
+        assert job.error.code == "DEADLINE_EXCEEDED" and f"{down} stage" in job.error.message
     finally:
         stop_gateway(gateway)
 

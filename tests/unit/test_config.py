@@ -148,5 +148,6 @@ def test_describe_prints_every_field() -> None:
     names = [f.name for f in dataclasses.fields(DemoConfig)]
     assert list(pairs) == names
     for name in names:
-        assert pairs[name] == str(getattr(config, name))
+        value = str(getattr(config, name))
+        assert pairs[name] == (value or '""')       # an unset path (e.g. --tls-cert) shows as ""
     assert pairs["batch_size"] == "7" and pairs["enabled"] == "False" and pairs["label"] == "x"
