@@ -1,12 +1,12 @@
 # Two commands do everything on a fresh machine:
-#   make demo PROMPT="a red ball bouncing"   set up, start the mesh, write a video, print its path
+#   make demo PROMPT="a red circle moving right"   set up, start the mesh, write a video, print its path
 #   make test                                set up, run every test (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine's disk; a GPU host may set TORCH_SPEC to its own.
 TORCH_SPEC ?= torch==2.13.0
-PROMPT ?= a red ball bouncing on green grass
+PROMPT ?= a red circle moving right on a black background
 OUTPUT ?= out/video.mp4
 
 .PHONY: setup demo test protos clean promtool chromium

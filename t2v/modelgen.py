@@ -1,8 +1,9 @@
 """Build a model folder in the exact diffusers layout of text-to-video-ms-1.7b, with random weights.
 
 Why: no weights can be downloaded here, yet every service must load a real folder through the same
-code that loads the real snapshot. ``tiny`` is the embedded default (runs on a 2-core CPU);
-``full`` has the real 1.7B configs, so a benchmark's FLOPs are the real ones.
+code that loads the real snapshot. ``world`` is the embedded default's architecture
+(models/t2v-world holds it trained, see docs/model.md), ``tiny`` a smaller one for quick checks, ``full``
+has the real 1.7B configs, so a benchmark's FLOPs are the real ones.
 The tokenizer is always the real CLIP BPE (49408 tokens), copied from ``--tokenizer-from``.
 """
 
@@ -46,7 +47,27 @@ PRESETS: dict[str, dict] = {
             sample_size=256,
         ),
     },
-    # The embedded default: the same block types and an 8x VAE, scaled down to run on a CPU.
+    # The embedded default (models/t2v-world, trained by t2v/train on 64x64 clips): the same block types
+    # and an 8x VAE, scaled down so a 2-core CPU makes a 16-frame video in seconds. This preset gives
+    # its architecture with random weights (the trained folder also carries the VAE's scaling_factor).
+    "world": {
+        "text_encoder": dict(
+            hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2,
+            projection_dim=64, hidden_act="gelu",
+        ),
+        "unet": dict(
+            block_out_channels=(64, 128, 128),
+            down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+            layers_per_block=1, attention_head_dim=8, cross_attention_dim=64,
+            norm_num_groups=16, sample_size=8,
+        ),
+        "vae": dict(
+            block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16,
+            sample_size=64,
+        ),
+    },
+    # The smallest of the family (random weights): quick checks of the loading code.
     "tiny": {
         "text_encoder": dict(
             hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
@@ -66,7 +87,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "t2v-tiny" / "tokenizer"
+DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "t2v-world" / "tokenizer"
 
 
 def make_model(preset: str, out_dir: Path, seed: int = 0, tokenizer_from: Path = DEFAULT_TOKENIZER,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,14 @@ import grpc  # noqa: E402
 import pytest  # noqa: E402
 
 from services.common.config import DEFAULT_MODEL  # noqa: E402
+from services.gateway.server import model_default_size  # noqa: E402
 from services.common.server import GrpcServer, message_options  # noqa: E402
+
+
+# The embedded model's sizes, read from its folder, so no test hard-codes them.
+EMBEDDING_DIM: int = json.loads(
+    (Path(DEFAULT_MODEL) / "text_encoder" / "config.json").read_text())["hidden_size"]
+DEFAULT_SIZE: int = model_default_size(DEFAULT_MODEL)     # height and width when a request leaves them 0
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:

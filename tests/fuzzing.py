@@ -91,6 +91,25 @@ def outcome(call: Callable[[], Any]) -> Outcome:
         return Outcome(error.code(), error.details() or "")
 
 
+def call_drawn(drawn: Drawn, call: Callable[[Any], Any], what: str) -> Outcome | None:
+    """Make ``call(drawn.request)``; a broken request must be refused INVALID_ARGUMENT with a sentence,
+    one with extreme values may be. Returns the answered outcome to check further, or None when the
+    request was (rightly) refused."""
+    from hypothesis import event
+
+    event(f"broken: {', '.join(sorted(drawn.broken)) or ('nothing, extreme values' if drawn.extreme else 'nothing')}")
+    result = outcome(lambda: call(drawn.request))
+    invalid = {grpc.StatusCode.INVALID_ARGUMENT}
+    if drawn.broken:
+        check_refusal(result, invalid, f"{what} breaking {sorted(drawn.broken)}")
+        return None
+    if drawn.extreme and not result.ok:
+        check_refusal(result, invalid, f"{what} with extreme values")
+        return None
+    assert result.ok, f"a valid {what} was refused: {result.code.name} {result.details!r}"
+    return result
+
+
 def check_refusal(result: Outcome, allowed: set[grpc.StatusCode], what: str) -> None:
     """A refused call: one of the ``allowed`` codes (never INTERNAL / UNKNOWN / DEADLINE_EXCEEDED, i.e.
     a crash or a hang), with a sentence."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = str(REPO_ROOT / "models" / "t2v-tiny")
+DEFAULT_MODEL = str(REPO_ROOT / "models" / "t2v-world")
 ENV_PREFIX = "T2V_"
 
 C = TypeVar("C")

@@ -1,9 +1,9 @@
-"""Train the tiny text-to-video architecture on the clips of ``t2v.train.world`` and save a model folder.
+"""Train the embedded model's architecture on the clips of ``t2v.train.world`` and save a model folder.
 
-    python -m t2v.train.train --out runs/world-v1 --device cuda          # the real run (GPU)
-    python -m t2v.train.train --out /tmp/smoke --smoke                   # a few steps on the CPU, < 60 s
+    python -m t2v.train.train --out runs/world --device cuda --time-budget 390   # on the lent GPU (docs/model.md)
+    python -m t2v.train.train --out /tmp/smoke --smoke                           # the code path on a CPU, seconds
 
-Same architecture family as ``t2v.modelgen``'s ``tiny`` preset (CLIPTextModel, UNet3DConditionModel
+The architecture of ``t2v.modelgen``'s ``world`` preset by default (CLIPTextModel, UNet3DConditionModel
 with CrossAttn/Down 3D blocks, AutoencoderKL with 4 levels = 8x downsampling), built by modelgen's own
 ``_build`` and saved by its ``_finish``, so the services load the result unchanged. For 64x64 clips
 of 16 frames the latents are 4 x 16 x 8 x 8 (the engine hard-codes the 8x VAE, so the VAE keeps 4
@@ -17,7 +17,7 @@ a. AutoencoderKL on single frames: L1 + MSE reconstruction + ``--kl-weight`` x K
 b. UNet3DConditionModel on the (frozen) VAE's latents, DDPM epsilon loss with a DDPMScheduler built
    from ``modelgen.SCHEDULER_CONFIG`` (the schedule the services sample with), conditioned on the
    CLIP text encoder's last hidden state (as the text_encoder service computes it, no attention
-   mask). The text encoder is TRAINED JOINTLY: the tiny preset's CLIP has no pretrained weights, so
+   mask). The text encoder is TRAINED JOINTLY: the preset's CLIP has no pretrained weights, so
    freezing it would freeze random features; jointly trained it learns the world's small vocabulary
    (``--freeze-text`` turns this off, e.g. for a pretrained encoder). 10% of captions are replaced by
    "" (``--cfg-drop``), the unconditional prompt the services use for classifier-free guidance.
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     # phase (a): VAE
     p.add_argument("--vae-steps", type=int, default=6000, help="VAE steps (at most)")
     p.add_argument("--vae-time-budget", type=float, default=0.0, help="seconds the VAE phase may take (0 = no limit)")
-    p.add_argument("--vae-batch", type=int, default=64, help="frames per VAE step")
+    p.add_argument("--vae-batch", type=int, default=256, help="frames per VAE step")
     p.add_argument("--vae-lr", type=float, default=4e-4)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--vae-from", type=Path, default=None, help="skip phase (a): load vae/ from this model folder")
@@ -71,27 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds the UNet phase may take (0 = no limit); the learning-rate schedule follows "
                         "whichever of steps or time runs out first, so a run on a lent GPU ends on time")
-    p.add_argument("--batch", type=int, default=64, help="clips per UNet step")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--text-lr", type=float, default=1e-4)
+    p.add_argument("--batch", type=int, default=128, help="clips per UNet step")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--text-lr", type=float, default=3e-4)
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its initial weights")
     p.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of captions replaced by ''")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text weights saved (0 = off)")
-    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    # sizes (defaults: modelgen's tiny preset, sample sizes for 64x64)
+    # sizes (defaults: modelgen's "world" preset, the embedded default's architecture)
+    world_spec = modelgen.PRESETS["world"]
+    text, unet, vae = world_spec["text_encoder"], world_spec["unet"], world_spec["vae"]
     p.add_argument("--frames", type=int, default=world.FRAMES)
-    p.add_argument("--unet-channels", type=ints, default=(32, 64))
-    p.add_argument("--unet-layers", type=int, default=1)
-    p.add_argument("--attention-head-dim", type=int, default=8)
-    p.add_argument("--unet-groups", type=int, default=8)
-    p.add_argument("--text-hidden", type=int, default=32)
-    p.add_argument("--text-intermediate", type=int, default=64)
-    p.add_argument("--text-heads", type=int, default=4)
-    p.add_argument("--text-layers", type=int, default=2)
-    p.add_argument("--vae-channels", type=ints, default=(16, 16, 32, 32), help="4 levels = 8x (required)")
-    p.add_argument("--vae-layers", type=int, default=1)
-    p.add_argument("--vae-groups", type=int, default=8)
+    p.add_argument("--unet-channels", type=ints, default=unet["block_out_channels"])
+    p.add_argument("--unet-layers", type=int, default=unet["layers_per_block"])
+    p.add_argument("--attention-head-dim", type=int, default=unet["attention_head_dim"])
+    p.add_argument("--unet-groups", type=int, default=unet["norm_num_groups"])
+    p.add_argument("--text-hidden", type=int, default=text["hidden_size"])
+    p.add_argument("--text-intermediate", type=int, default=text["intermediate_size"])
+    p.add_argument("--text-heads", type=int, default=text["num_attention_heads"])
+    p.add_argument("--text-layers", type=int, default=text["num_hidden_layers"])
+    p.add_argument("--vae-channels", type=ints, default=vae["block_out_channels"], help="4 levels = 8x (required)")
+    p.add_argument("--vae-layers", type=int, default=vae["layers_per_block"])
+    p.add_argument("--vae-groups", type=int, default=vae["norm_num_groups"])
     # plumbing
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes")
     p.add_argument("--log-every", type=int, default=100)

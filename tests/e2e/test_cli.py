@@ -12,8 +12,12 @@ from pathlib import Path
 import av
 import pytest
 
+from services.common.config import DEFAULT_MODEL
+from services.gateway.server import model_default_size
 from t2v.up import health_status
 from tests.conftest import free_port
+
+SIZE = model_default_size(DEFAULT_MODEL)   # the embedded model's default height and width
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -56,7 +60,7 @@ def test_up_generate_and_ctrl_c(tmp_path):
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout.strip() == str(output.resolve())
         assert "step 6/6" in gen.stderr and "seed 3" in gen.stderr
-        assert probe(output) == (8, 128, 128, 12.0)
+        assert probe(output) == (8, SIZE, SIZE, 12.0)
 
         gateway = ["--gateway", f"127.0.0.1:{ports['gateway']}"]
         listing = subprocess.run(T2V + ["jobs", *gateway, "list"], env=ENV, capture_output=True, text=True,
@@ -91,12 +95,12 @@ def test_the_demo_command_starts_the_mesh_makes_a_video_and_stops(tmp_path):
     _, args = port_args()
     output = tmp_path / "demo.mp4"
     started = time.monotonic()
-    demo = subprocess.run(T2V + ["up", *args, "--generate", "a red ball bouncing", "-o", str(output),
+    demo = subprocess.run(T2V + ["up", *args, "--generate", "a red circle moving right on a black background", "-o", str(output),
                                  "--log-dir", str(tmp_path / "logs")],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr
     assert demo.stdout.strip() == str(output.resolve())
-    assert probe(output) == (16, 128, 128, 8.0)
+    assert probe(output) == (16, SIZE, SIZE, 8.0)
     assert "all services stopped" in demo.stderr
     print(f"demo: first video in {time.monotonic() - started:.1f} s")
 

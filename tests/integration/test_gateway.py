@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
-from tests.conftest import free_port, start_gateway, stop_gateway, wait_for
+from tests.conftest import DEFAULT_SIZE, free_port, start_gateway, stop_gateway, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_generate_streams_stages_steps_then_an_mp4(gateway_stage):
 
 def test_defaults_follow_diffusers_and_the_model(gateway_stage):
     result = list(generate(gateway_stage, prompt="a cat", num_inference_steps=1))[-1].result
-    assert (result.num_frames, result.height, result.width, result.fps) == (16, 128, 128, 8)
+    assert (result.num_frames, result.height, result.width, result.fps) == (16, DEFAULT_SIZE, DEFAULT_SIZE, 8)
     assert result.guidance_scale == 9.0
 
 

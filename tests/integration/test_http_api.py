@@ -119,7 +119,7 @@ def test_create_poll_and_download_the_mp4_with_ranges(make_gateway) -> None:
     assert len(created["id"]) == 32 and created["object"] == "video"
     assert created["status"] in ("queued", "in_progress") and isinstance(created["created_at"], int)
     assert abs(created["created_at"] - time.time()) < 60
-    assert (created["model"], created["size"], created["seconds"]) == ("t2v-tiny", "32x32", "0.25")
+    assert (created["model"], created["size"], created["seconds"]) == ("t2v-world", "32x32", "0.25")
     assert (created["seed"], created["num_frames"], created["fps"], created["priority"]) == (7, 2, 8, "high")
 
     done = http.wait(created["id"], "completed")
@@ -334,7 +334,7 @@ def test_the_form_variant_openai_sdks_send(make_gateway) -> None:
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     with urllib.request.urlopen(request, timeout=30) as response:
         video = json.loads(response.read())
-    assert (video["num_frames"], video["fps"], video["seconds"], video["model"]) == (2, 8, "0.25", "t2v-tiny")
+    assert (video["num_frames"], video["fps"], video["seconds"], video["model"]) == (2, 8, "0.25", "t2v-world")
     assert http.wait(video["id"], "completed")["seed"] == 4
 
 

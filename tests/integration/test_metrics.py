@@ -26,7 +26,7 @@ from services.denoiser import engine as eng
 from services.denoiser.metrics import DenoiserMetrics
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
                     text_encoder_pb2_grpc)
-from tests.conftest import RunningStage, free_port, start_stage
+from tests.conftest import EMBEDDING_DIM, RunningStage, free_port, start_stage
 from tests.promtool import promtool_check
 
 pytestmark = pytest.mark.slow
@@ -119,7 +119,7 @@ def test_text_encoder_counts_prompts_truncation_and_calls(text_encoder):
 
 
 def denoise_request(steps: int, seed: int = 1) -> denoiser_pb2.DenoiseRequest:
-    return denoiser_pb2.DenoiseRequest(request_id=f"m{seed}", embeddings=to_proto(torch.randn(2, 77, 32)),
+    return denoiser_pb2.DenoiseRequest(request_id=f"m{seed}", embeddings=to_proto(torch.randn(2, 77, EMBEDDING_DIM)),
                                        num_frames=2, height=32, width=32, num_inference_steps=steps,
                                        guidance_scale=9.0, seed=seed, scheduler="ddim")
 

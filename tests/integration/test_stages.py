@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.common.tensors import from_proto, to_proto
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, tensor_pb2, text_encoder_pb2,
                     text_encoder_pb2_grpc)
+from tests.conftest import EMBEDDING_DIM
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def test_text_encoder_encodes_a_batch_and_reports_truncation(text_encoder_stage)
     long_prompt = "a very long prompt " * 30
     response = stub.Encode(text_encoder_pb2.EncodeRequest(prompts=["", "a cat", long_prompt]), timeout=30)
     embeddings = from_proto(response.embeddings)
-    assert embeddings.shape == (3, 77, 32)
+    assert embeddings.shape == (3, 77, EMBEDDING_DIM)
     assert [p.truncated for p in response.prompts] == [False, False, True]
     assert response.prompts[1].num_tokens == 4          # <start> a cat <end>
     assert "long prompt" in response.prompts[2].dropped_text
@@ -48,7 +49,7 @@ def test_text_encoder_refuses_bad_input_and_keeps_serving(text_encoder_stage):
 # --- denoiser ---------------------------------------------------------------------------------
 
 def denoise_request(**overrides) -> denoiser_pb2.DenoiseRequest:
-    fields = dict(request_id="t", embeddings=to_proto(torch.randn(2, 77, 32)), num_frames=2, height=32, width=32,
+    fields = dict(request_id="t", embeddings=to_proto(torch.randn(2, 77, EMBEDDING_DIM)), num_frames=2, height=32, width=32,
                   num_inference_steps=3, guidance_scale=9.0, seed=1, scheduler="ddim")
     fields.update(overrides)
     return denoiser_pb2.DenoiseRequest(**fields)
@@ -71,11 +72,11 @@ def test_denoiser_streams_one_event_per_step_then_latents(denoiser_stage):
     ({"guidance_scale": -1.0}, "guidance_scale"),
     ({"scheduler": "euler"}, "scheduler"),
     ({"embeddings": to_proto(torch.randn(2, 77, 16))}, "embeddings have shape"),
-    ({"embeddings": to_proto(torch.randn(1, 77, 32))}, "embeddings have shape"),
-    ({"embeddings": tensor_pb2.Tensor(data=b"\0" * 16, shape=[2, 77, 32], dtype=tensor_pb2.DTYPE_FLOAT32)},
+    ({"embeddings": to_proto(torch.randn(1, 77, EMBEDDING_DIM))}, "embeddings have shape"),
+    ({"embeddings": tensor_pb2.Tensor(data=b"\0" * 16, shape=[2, 77, EMBEDDING_DIM], dtype=tensor_pb2.DTYPE_FLOAT32)},
      "bytes"),
     ({"embeddings": tensor_pb2.Tensor(data=b"\0" * 8, shape=[2], dtype=tensor_pb2.DTYPE_UNSPECIFIED)}, "dtype"),
-    ({"embeddings": to_proto(torch.full((2, 77, 32), float("nan")))}, "NaN"),
+    ({"embeddings": to_proto(torch.full((2, 77, EMBEDDING_DIM), float("nan")))}, "NaN"),
 ])
 def test_denoiser_refuses_bad_input_and_keeps_serving(denoiser_stage, overrides, words):
     stub = denoiser_pb2_grpc.DenoiserStub(denoiser_stage.channel())
@@ -87,7 +88,7 @@ def test_denoiser_refuses_bad_input_and_keeps_serving(denoiser_stage, overrides,
 
 def test_denoiser_accepts_half_precision_embeddings(denoiser_stage):
     stub = denoiser_pb2_grpc.DenoiserStub(denoiser_stage.channel())
-    request = denoise_request(embeddings=to_proto(torch.randn(2, 77, 32).half()), num_inference_steps=1)
+    request = denoise_request(embeddings=to_proto(torch.randn(2, 77, EMBEDDING_DIM).half()), num_inference_steps=1)
     assert list(stub.Denoise(request, timeout=30))[-1].HasField("latents")
 
 

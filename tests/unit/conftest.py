@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_MODEL = REPO_ROOT / "models" / "t2v-tiny"
+EMBEDDED_MODEL = REPO_ROOT / "models" / "t2v-world"
 
 
 @pytest.fixture(autouse=True)
@@ -24,5 +24,5 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    return TINY_MODEL
+def embedded_model() -> Path:
+    return EMBEDDED_MODEL

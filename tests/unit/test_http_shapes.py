@@ -100,7 +100,7 @@ def record(status: JobStatus, **fields) -> JobRecord:
 ])
 def test_six_job_statuses_map_to_openais_four(status, shown, percent) -> None:
     video = videos.video_object(JobView(record(status, stage=gateway_pb2.STAGE_DENOISER, step=4, total_steps=10)),
-                                "t2v-tiny")
+                                "t2v-world")
     assert (video.status, video.job_status, video.progress) == (shown, status, percent)
     assert (video.size, video.seconds, video.created_at, video.priority) == ("96x64", "2", 1_700_000_000, "low")
     assert video.stage == ("denoiser" if status == JobStatus.RUNNING else None)

@@ -378,7 +378,7 @@ def test_the_cpu_dev_model_is_the_one_in_the_image() -> None:
     objs = objects("overlays/cpu-dev")
     for deployment in of_kind(objs, "Deployment").values():
         model = env_of(objs, deployment)["T2V_MODEL"]
-        assert model == "/app/models/t2v-tiny" and (REPO / "models" / "t2v-tiny" / "model_index.json").is_file()
+        assert model == "/app/models/t2v-world" and (REPO / "models" / "t2v-world" / "model_index.json").is_file()
         # read-only: it lies on the image's root filesystem, mounted read-only (checked above)
 
 

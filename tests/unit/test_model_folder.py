@@ -14,9 +14,10 @@ import torch
 from services.common.model_folder import ModelFolderError, model_part, resolve_device, resolve_dtype
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY = REPO_ROOT / "models" / "t2v-tiny"
+EMBEDDED = REPO_ROOT / "models" / "t2v-world"
 COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
-VERSION_KEYS = {"_diffusers_version", "transformers_version"}
+# Keys a save adds or that training sets (the VAE's scaling_factor is measured on its latents).
+VERSION_KEYS = {"_diffusers_version", "transformers_version", "dtype", "scaling_factor"}
 
 
 def _load_script(name: str) -> ModuleType:
@@ -34,7 +35,7 @@ def _config(path: Path) -> dict:
 # -- the committed folder ---------------------------------------------------------------------------
 
 def test_model_index_has_the_text_to_video_ms_layout() -> None:
-    index = json.loads((TINY / "model_index.json").read_text())
+    index = json.loads((EMBEDDED / "model_index.json").read_text())
     assert index["_class_name"] == "TextToVideoSDPipeline"
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
     assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
@@ -42,7 +43,7 @@ def test_model_index_has_the_text_to_video_ms_layout() -> None:
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
     for part in COMPONENTS:
-        assert (TINY / part).is_dir(), f"models/t2v-tiny/{part}/ is missing"
+        assert (EMBEDDED / part).is_dir(), f"models/t2v-world/{part}/ is missing"
 
 
 @pytest.mark.parametrize("part, files", [
@@ -54,21 +55,21 @@ def test_model_index_has_the_text_to_video_ms_layout() -> None:
 ])
 def test_component_files_are_present(part: str, files: list[str]) -> None:
     for name in files:
-        assert (TINY / part / name).is_file(), f"models/t2v-tiny/{part}/{name} is missing"
+        assert (EMBEDDED / part / name).is_file(), f"models/t2v-world/{part}/{name} is missing"
 
 
 def test_component_classes_match_the_index() -> None:
-    assert json.loads((TINY / "unet" / "config.json").read_text())["_class_name"] == "UNet3DConditionModel"
-    assert json.loads((TINY / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
-    assert json.loads((TINY / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
-    assert json.loads((TINY / "text_encoder" / "config.json").read_text())["architectures"] == ["CLIPTextModel"]
+    assert json.loads((EMBEDDED / "unet" / "config.json").read_text())["_class_name"] == "UNet3DConditionModel"
+    assert json.loads((EMBEDDED / "vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    assert json.loads((EMBEDDED / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
+    assert json.loads((EMBEDDED / "text_encoder" / "config.json").read_text())["architectures"] == ["CLIPTextModel"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(TINY / "tokenizer")
+    return CLIPTokenizer.from_pretrained(EMBEDDED / "tokenizer")
 
 
 def test_tokenizer_is_the_real_clip_bpe(tokenizer) -> None:
@@ -85,11 +86,11 @@ def test_tokenizer_truncates_to_77(tokenizer) -> None:
 
 def test_committed_vocab_is_rebuilt_from_committed_merges() -> None:
     clip = _load_script("clip_bpe_to_hf")
-    lines = (TINY / "tokenizer" / "merges.txt").read_text(encoding="utf-8").splitlines()
+    lines = (EMBEDDED / "tokenizer" / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert lines[0].startswith("#version")
     merges = [tuple(line.split()) for line in lines[1:]]
     assert len(merges) == 49152 - 256 - 2
-    vocab = json.loads((TINY / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    vocab = json.loads((EMBEDDED / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
     assert vocab == clip.build_vocab(merges)
 
 
@@ -97,8 +98,8 @@ def test_committed_vocab_is_rebuilt_from_committed_merges() -> None:
 
 def test_model_part_returns_the_component_folder() -> None:
     for part in COMPONENTS:
-        assert model_part(TINY, part) == TINY / part
-    assert model_part(str(TINY), "unet") == TINY / "unet"
+        assert model_part(EMBEDDED, part) == EMBEDDED / part
+    assert model_part(str(EMBEDDED), "unet") == EMBEDDED / "unet"
 
 
 def _assert_sentence(message: str, *words: str) -> None:
@@ -130,7 +131,7 @@ def test_model_part_refuses_a_folder_without_model_index(tmp_path: Path) -> None
 
 @pytest.fixture
 def copied_index(tmp_path: Path) -> Path:
-    shutil.copy(TINY / "model_index.json", tmp_path / "model_index.json")
+    shutil.copy(EMBEDDED / "model_index.json", tmp_path / "model_index.json")
     for part in ("text_encoder", "tokenizer", "vae", "scheduler"):
         (tmp_path / part).mkdir()
     return tmp_path
@@ -186,13 +187,13 @@ def generated_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from t2v.modelgen import make_model
 
     out = tmp_path_factory.mktemp("modelgen") / "m"
-    assert make_model("tiny", out) == out
+    assert make_model("world", out) == out
     return out
 
 
 def test_make_model_writes_the_layout(generated_model: Path) -> None:
     index = json.loads((generated_model / "model_index.json").read_text())
-    assert _config(generated_model / "model_index.json") == _config(TINY / "model_index.json")
+    assert _config(generated_model / "model_index.json") == _config(EMBEDDED / "model_index.json")
     assert index["_class_name"] == "TextToVideoSDPipeline"
     for part in COMPONENTS:
         assert model_part(generated_model, part).is_dir()
@@ -204,7 +205,7 @@ def test_make_model_components_load(generated_model: Path) -> None:
 
     unet = UNet3DConditionModel.from_pretrained(generated_model / "unet")
     assert isinstance(unet, UNet3DConditionModel)
-    assert unet.config.in_channels == 4 and unet.config.sample_size == 16
+    assert unet.config.in_channels == 4 and unet.config.sample_size == 8
     text_encoder = CLIPTextModel.from_pretrained(generated_model / "text_encoder")
     assert isinstance(text_encoder, CLIPTextModel)
     assert text_encoder.config.vocab_size == 49408
@@ -212,14 +213,14 @@ def test_make_model_components_load(generated_model: Path) -> None:
 
 
 def test_make_model_matches_the_committed_configs(generated_model: Path) -> None:
-    assert _config(generated_model / "unet" / "config.json") == _config(TINY / "unet" / "config.json")
+    assert _config(generated_model / "unet" / "config.json") == _config(EMBEDDED / "unet" / "config.json")
     for path in ("vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"):
-        assert _config(generated_model / path) == _config(TINY / path), f"{path} differs from models/t2v-tiny"
+        assert _config(generated_model / path) == _config(EMBEDDED / path), f"{path} differs from models/t2v-world"
 
 
 def test_make_model_copies_the_tokenizer(generated_model: Path) -> None:
     for name in ("vocab.json", "merges.txt"):
-        assert (generated_model / "tokenizer" / name).read_bytes() == (TINY / "tokenizer" / name).read_bytes()
+        assert (generated_model / "tokenizer" / name).read_bytes() == (EMBEDDED / "tokenizer" / name).read_bytes()
 
 
 def test_make_model_refuses_an_unknown_preset(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ SHAPE = (1, 4, 3, 8, 8)  # [B, C, F, h, w]
 
 @pytest.fixture(scope="module")
 def scheduler_config() -> dict:
-    path = REPO_ROOT / "models" / "t2v-tiny" / "scheduler" / "scheduler_config.json"
+    path = REPO_ROOT / "models" / "t2v-world" / "scheduler" / "scheduler_config.json"
     return json.loads(path.read_text())
 
 
