@@ -69,6 +69,68 @@ class ReadyGate:
             raise Unavailable(f"{self._service} is still loading its model; retry in a few seconds")
 
 
+class InFlight(grpc.ServerInterceptor):
+    """Counts the calls being handled (health and reflection aside), so a drain can wait for them
+    while the server still answers.
+
+    Why: a call that reaches a gRPC server that has begun to stop is cancelled (the client sees
+    CANCELLED, which the gateway would take for a cancelled job), not refused. So a draining server
+    keeps listening, its ReadyGate refuses new work with UNAVAILABLE ("retry on another replica"),
+    and gRPC is stopped only once the calls in flight are done (or the grace is over)."""
+
+    _UNCOUNTED = ("/grpc.health.v1.", "/grpc.reflection.")
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def _enter(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def _exit(self) -> None:
+        with self._idle:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no counted call is in flight; False if ``timeout`` seconds pass first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0, timeout=max(0.0, timeout))
+
+    def _counted(self, behaviour: Callable, streams: bool) -> Callable:
+        def unary(request_or_iterator, context):
+            self._enter()
+            try:
+                return behaviour(request_or_iterator, context)
+            finally:
+                self._exit()
+
+        def stream(request_or_iterator, context):
+            self._enter()
+            try:
+                yield from behaviour(request_or_iterator, context)
+            finally:
+                self._exit()
+        return stream if streams else unary
+
+    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001 - gRPC's signature
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._UNCOUNTED):
+            return handler
+        kinds = [("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler, True)]
+        for name, make, streams in kinds:
+            behaviour = getattr(handler, name)
+            if behaviour is not None:
+                return make(self._counted(behaviour, streams), request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
+
+
 class GrpcServer:
     """One gRPC server with health and reflection; ``start`` binds and returns the real port.
 
@@ -82,10 +144,11 @@ class GrpcServer:
                  interceptors: "list[grpc.ServerInterceptor] | None" = None) -> None:
         self.config = config
         self.service_name = service_name
+        self.in_flight = InFlight()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
                                    options=message_options(config.max_message_bytes)
                                    + connection_age_options(config.max_connection_age_seconds),
-                                   interceptors=interceptors or None)
+                                   interceptors=[self.in_flight, *(interceptors or [])])
         self.tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
         add_servicer(self._server)
         self._health = health.HealthServicer()
@@ -123,8 +186,13 @@ class GrpcServer:
             self._health.set(name, status)
 
     def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, let the calls in flight finish (new ones are refused UNAVAILABLE by the servicer's
+        drained ReadyGate meanwhile) for up to ``grace`` seconds, then stop gRPC (cancelling what is left)."""
         self.set_serving(False)
-        self._server.stop(self.config.grace_seconds if grace is None else grace).wait()
+        grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
+        self.in_flight.wait_idle(grace)
+        self._server.stop(max(0.0, deadline - time.monotonic())).wait()
         if self._health_server is not None:       # last: probes see NOT_SERVING while calls drain
             self._health_server.stop(0)
 

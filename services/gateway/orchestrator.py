@@ -158,8 +158,11 @@ class Orchestrator:
         name = _STAGE_NAMES[stage]
         address = getattr(self.addresses, name)
         code, details = error.code(), error.details() or ""
-        if code == grpc.StatusCode.CANCELLED or control.cancelled.is_set():
+        if control.cancelled.is_set():
             return Cancelled("the job was cancelled")
+        if code == grpc.StatusCode.CANCELLED:         # not by us: the stage's server stopped the call
+            return Unavailable(f"the {name} stage at {address} dropped the call (it was stopping); "
+                               "check its replicas")
         if code == grpc.StatusCode.UNAVAILABLE:
             tried = f" (tried {attempts} times)" if attempts > 1 else ""
             return Unavailable(f"the {name} stage at {address} is unavailable{tried}: {details}; "
@@ -232,8 +235,9 @@ class Orchestrator:
                     answer = yield from answer
                 return answer
             except grpc.RpcError as error:
-                if (error.code() != grpc.StatusCode.UNAVAILABLE or control.cancelled.is_set()
-                        or number == STAGE_ATTEMPTS):
+                # CANCELLED that the job did not ask for: the replica's server stopped mid-call.
+                if (error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                        or control.cancelled.is_set() or number == STAGE_ATTEMPTS):
                     raise self._stage_error(stage, error, control, timeout, number) from None
                 details = error.details() or "connection lost"
             finally:
