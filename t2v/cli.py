@@ -4,7 +4,7 @@
     t2v up --generate "a prompt" -o v.mp4  start it, make one video, stop it (the demo)
     t2v serve STAGE [--help]             run one service (text_encoder, denoiser, decoder, gateway)
     t2v generate "a prompt" -o v.mp4     call a running gateway, with a progress bar
-    t2v make-model --preset tiny -o DIR  write a random-weight model folder (tiny or full 1.7B layout)
+    t2v make-model --preset tiny -o DIR  write a random-weight model folder (tiny, world or full 1.7B layout)
     t2v jobs list|show|cancel|download   follow the gateway's jobs
     t2v ops status|scale|drain           look after the mesh on Kubernetes (deploy/k8s, docs/deploy.md)
 """
@@ -163,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     make = sub.add_parser("make-model", help="write a model folder with random weights")
-    make.add_argument("--preset", choices=("tiny", "full"), default="tiny",
-                      help="tiny: the embedded default; full: the real 1.7B architecture")
+    make.add_argument("--preset", choices=("tiny", "world", "full"), default="tiny",
+                      help="tiny: the smallest; world: the embedded default's architecture (models/t2v-world "
+                           "is it trained); full: the real 1.7B architecture")
     make.add_argument("-o", "--output", type=Path, required=True, help="folder to write")
     make.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     make.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster for full)")
