@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text weights saved (0 = off)")
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet for training (fewer, fused kernels; costs a compile at start, "
+                        "counted in --time-budget); runs in the CPU smoke test, not yet timed on a GPU")
     # sizes (defaults: modelgen's "world" preset, the embedded default's architecture)
     world_spec = modelgen.PRESETS["world"]
     text, unet, vae = world_spec["text_encoder"], world_spec["unet"], world_spec["vae"]
@@ -267,7 +270,7 @@ def autocast(device: torch.device):
 def train_vae(args: argparse.Namespace, vae: torch.nn.Module, device: torch.device) -> float:
     """Phase (a); returns the last logged loss."""
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, fused=device.type == "cuda")
     schedule = Schedule(opt, min(args.warmup, args.vae_steps), args.vae_steps, args.vae_time_budget)
     clips_per_step = max(1, math.ceil(args.vae_batch / args.frames))
     data = batches(args, clips_per_step, args.seed + 1)
@@ -349,10 +352,13 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device) -
     text_encoder.train().requires_grad_(not args.freeze_text)
     if args.freeze_text:
         text_encoder.eval()
+    # The step is launch-bound at this size (docs/model.md): --compile fuses the UNet's small kernels.
+    forward = torch.compile(unet) if args.compile else unet
     groups = [{"params": list(unet.parameters()), "lr": args.lr}]
     if not args.freeze_text:
         groups.append({"params": list(text_encoder.parameters()), "lr": args.text_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    # fused: one kernel for the whole update; the unfused loop took 23 ms a step on the H100 (docs/model.md)
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2, fused=device.type == "cuda")
     schedule = Schedule(opt, min(args.warmup, args.steps), args.steps, args.time_budget)
     ema = Ema([unet] + ([] if args.freeze_text else [text_encoder]), args.ema) if args.ema > 0 else None
     data = batches(args, args.batch, args.seed + 4)
@@ -372,7 +378,7 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device) -
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise      # = DDPMScheduler.add_noise
         with autocast(device):
             states = text_encoder(ids.to(device, non_blocking=True))[0]
-            pred = unet(noisy, t, encoder_hidden_states=states).sample
+            pred = forward(noisy, t, encoder_hidden_states=states).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
