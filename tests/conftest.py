@@ -99,38 +99,66 @@ def model_dir() -> str:
     return DEFAULT_MODEL
 
 
-@pytest.fixture(scope="session")
-def text_encoder_stage() -> Iterator[RunningStage]:
+def start_text_encoder(**config: Any) -> RunningStage:
+    """A text_encoder stage on CPU float32 (``config`` overrides its TextEncoderConfig)."""
     from services.text_encoder.server import SERVICE_NAME, TextEncoderConfig, TextEncoderServicer
     from t2v.v1 import text_encoder_pb2_grpc
 
-    stage = start_stage(TextEncoderServicer(TextEncoderConfig(port=0, device="cpu", dtype="float32")),
-                        SERVICE_NAME, text_encoder_pb2_grpc.add_TextEncoderServicer_to_server)
-    yield stage
+    return start_stage(TextEncoderServicer(TextEncoderConfig(**{"port": 0, "device": "cpu", "dtype": "float32",
+                                                                 **config})),
+                       SERVICE_NAME, text_encoder_pb2_grpc.add_TextEncoderServicer_to_server)
+
+
+def start_denoiser(**config: Any) -> RunningStage:
+    """A denoiser stage on CPU float32 batching up to 4 requests (``config`` overrides its DenoiserConfig);
+    stop it with ``stop_stage``."""
+    from services.denoiser.server import SERVICE_NAME, DenoiserConfig, DenoiserServicer
+    from t2v.v1 import denoiser_pb2_grpc
+
+    return start_stage(DenoiserServicer(DenoiserConfig(**{"port": 0, "device": "cpu", "dtype": "float32",
+                                                          "max_batch": 4, **config})),
+                       SERVICE_NAME, denoiser_pb2_grpc.add_DenoiserServicer_to_server)
+
+
+def start_decoder(**config: Any) -> RunningStage:
+    """A decoder stage on CPU float32 (``config`` overrides its DecoderConfig)."""
+    from services.decoder.server import SERVICE_NAME, DecoderConfig, DecoderServicer
+    from t2v.v1 import decoder_pb2_grpc
+
+    return start_stage(DecoderServicer(DecoderConfig(**{"port": 0, "device": "cpu", "dtype": "float32", **config})),
+                       SERVICE_NAME, decoder_pb2_grpc.add_DecoderServicer_to_server)
+
+
+def stop_stage(stage: RunningStage) -> None:
+    """Stop a stage started here: its server, its /metrics endpoint if any, the denoiser's engine."""
     stage.server.stop(0)
+    metrics = getattr(stage.servicer, "metrics", None)
+    if metrics is not None:
+        metrics.stop_http()
+    close = getattr(stage.servicer, "close", None)
+    if close is not None:
+        close(1.0)
+
+
+@pytest.fixture(scope="session")
+def text_encoder_stage() -> Iterator[RunningStage]:
+    stage = start_text_encoder()
+    yield stage
+    stop_stage(stage)
 
 
 @pytest.fixture(scope="session")
 def denoiser_stage() -> Iterator[RunningStage]:
-    from services.denoiser.server import SERVICE_NAME, DenoiserConfig, DenoiserServicer
-    from t2v.v1 import denoiser_pb2_grpc
-
-    stage = start_stage(DenoiserServicer(DenoiserConfig(port=0, device="cpu", dtype="float32", max_batch=4)),
-                        SERVICE_NAME, denoiser_pb2_grpc.add_DenoiserServicer_to_server)
+    stage = start_denoiser()
     yield stage
-    stage.server.stop(0)
-    stage.servicer.close(1.0)
+    stop_stage(stage)
 
 
 @pytest.fixture(scope="session")
 def decoder_stage() -> Iterator[RunningStage]:
-    from services.decoder.server import SERVICE_NAME, DecoderConfig, DecoderServicer
-    from t2v.v1 import decoder_pb2_grpc
-
-    stage = start_stage(DecoderServicer(DecoderConfig(port=0, device="cpu", dtype="float32")),
-                        SERVICE_NAME, decoder_pb2_grpc.add_DecoderServicer_to_server)
+    stage = start_decoder()
     yield stage
-    stage.server.stop(0)
+    stop_stage(stage)
 
 
 _OWN_STATE_PREFIX = "t2v-gateway-state-"

@@ -26,7 +26,8 @@ from services.denoiser import engine as eng
 from services.denoiser.metrics import DenoiserMetrics
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
                     text_encoder_pb2_grpc)
-from tests.conftest import EMBEDDING_DIM, RunningStage, free_port, start_stage
+from tests.conftest import (EMBEDDING_DIM, RunningStage, free_port, start_decoder, start_denoiser,
+                            start_text_encoder, stop_stage)
 from tests.promtool import promtool_check
 
 pytestmark = pytest.mark.slow
@@ -52,42 +53,25 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return get(after, name, **labels) - get(before, name, **labels)
 
 
-def stop(stage: RunningStage) -> None:
-    stage.server.stop(0)
-    stage.servicer.metrics.stop_http()
-
-
 @pytest.fixture(scope="module")
 def text_encoder() -> Iterator[RunningStage]:
-    from services.text_encoder.server import SERVICE_NAME, TextEncoderConfig, TextEncoderServicer
-
-    stage = start_stage(TextEncoderServicer(TextEncoderConfig(port=0, device="cpu", dtype="float32",
-                                                              metrics_port=0)),
-                        SERVICE_NAME, text_encoder_pb2_grpc.add_TextEncoderServicer_to_server)
+    stage = start_text_encoder(metrics_port=0)
     yield stage
-    stop(stage)
+    stop_stage(stage)
 
 
 @pytest.fixture(scope="module")
 def denoiser() -> Iterator[RunningStage]:
-    from services.denoiser.server import SERVICE_NAME, DenoiserConfig, DenoiserServicer
-
-    stage = start_stage(DenoiserServicer(DenoiserConfig(port=0, device="cpu", dtype="float32", max_batch=4,
-                                                        metrics_port=0)),
-                        SERVICE_NAME, denoiser_pb2_grpc.add_DenoiserServicer_to_server)
+    stage = start_denoiser(metrics_port=0)
     yield stage
-    stop(stage)
-    stage.servicer.close(1.0)
+    stop_stage(stage)
 
 
 @pytest.fixture(scope="module")
 def decoder() -> Iterator[RunningStage]:
-    from services.decoder.server import SERVICE_NAME, DecoderConfig, DecoderServicer
-
-    stage = start_stage(DecoderServicer(DecoderConfig(port=0, device="cpu", dtype="float32", metrics_port=0)),
-                        SERVICE_NAME, decoder_pb2_grpc.add_DecoderServicer_to_server)
+    stage = start_decoder(metrics_port=0)
     yield stage
-    stop(stage)
+    stop_stage(stage)
 
 
 def test_common_metrics_on_every_stage(text_encoder, denoiser, decoder):
