@@ -27,7 +27,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -46,7 +45,7 @@ import grpc  # noqa: E402
 
 from services.common.config import DEFAULT_MODEL  # noqa: E402
 from t2v.client import gateway_channel  # noqa: E402
-from t2v.up import STAGES, Mesh, MeshPorts  # noqa: E402
+from t2v.up import STAGES, Mesh, MeshPorts, free_port  # noqa: E402
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2  # noqa: E402
 
 PRIORITIES = ("high", "normal", "low")
@@ -57,12 +56,6 @@ MAX_ATTEMPTS = 200           # a job refused this often is an error (the queue n
 
 
 # --- the mesh ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class MeshSettings:
     """How the local mesh runs: a small queue so the load overflows it; no aging, so that the order

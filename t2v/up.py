@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,13 @@ class MeshPorts:
     @classmethod
     def from_base(cls, base: int) -> "MeshPorts":
         return cls(base, base + 1, base + 2, base + 3)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks it): for meshes started by tests and benchmarks."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def health_status(address: str, timeout: float = 1.0) -> int | None:

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import pytest  # noqa: E402
 from services.common.config import DEFAULT_MODEL  # noqa: E402
 from services.gateway.server import model_default_size  # noqa: E402
 from services.common.server import GrpcServer, message_options  # noqa: E402
+from t2v.up import free_port  # noqa: E402,F401 - tests import it from here
 
 
 # The embedded model's sizes, read from its folder, so no test hard-codes them.
@@ -43,12 +43,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

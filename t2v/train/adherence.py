@@ -110,14 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.gateway:
         run(args.gateway)
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from bench.load import LocalMesh, MeshSettings
         from services.common.config import DEFAULT_MODEL
+        from t2v.up import Mesh, MeshPorts, free_port
 
-        with tempfile.TemporaryDirectory(prefix="t2v-adherence-") as work, \
-                LocalMesh(Path(work), MeshSettings(model=args.model or DEFAULT_MODEL, max_queue=256,
-                                                   torch_threads=0)) as mesh:
-            run(mesh.grpc_address)
+        with tempfile.TemporaryDirectory(prefix="t2v-adherence-") as work:
+            mesh = Mesh("127.0.0.1", MeshPorts(*(free_port() for _ in range(4))), args.model or DEFAULT_MODEL,
+                        device="cpu", dtype="float32", log_dir=Path(work) / "logs", state_dir=Path(work) / "state",
+                        metrics_offset=-1, http_offset=-1)
+            try:
+                mesh.start(echo=sys.stderr)
+                run(mesh.address("gateway"))
+            finally:
+                mesh.stop(grace=10.0)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
