@@ -157,19 +157,32 @@ def start_mesh(model: str, a, log_dir: Path) -> subprocess.Popen:
     return proc
 
 
-GPU_SECONDS = {  # metric _sum per stage that measures GPU work (each waits for its kernels)
+GPU_SECONDS = {  # metric _sum per stage that measures GPU work (CUDA events, or waiting for the kernels)
     1: "t2v_text_encoder_encode_duration_seconds_sum",
-    2: "t2v_denoiser_unet_forward_duration_seconds_sum",
+    2: "t2v_denoiser_step_duration_seconds_sum",    # whole steps: UNet forward, guidance, scheduler step
     3: "t2v_decoder_vae_decode_duration_seconds_sum",
 }
+STAGES = {1: "text_encoder", 2: "denoiser", 3: "decoder"}   # port offset -> the gateway's stage label
 
 
 BREAKDOWN = {  # service port offset -> metric sums worth reporting per video
     0: ["t2v_gateway_stage_duration_seconds_sum", "t2v_gateway_queue_wait_seconds_sum"],
     1: ["t2v_text_encoder_encode_duration_seconds_sum"],
-    2: ["t2v_denoiser_unet_forward_duration_seconds_sum"],
+    2: ["t2v_denoiser_step_duration_seconds_sum"],
     3: ["t2v_decoder_vae_decode_duration_seconds_sum", "t2v_decoder_mp4_encode_duration_seconds_sum"],
 }
+
+
+def stage_minus_gpu(per_video: dict[str, float]) -> dict[str, float]:
+    """Each stage as the gateway sees it (call, transfers, the service's CPU work) minus that stage's
+    GPU-time metric, per video: where the non-GPU share sits (for the denoiser: admission, progress
+    messages, the latents' hand-over, and any time the GPU idled between steps)."""
+    result = {}
+    for offset, stage in STAGES.items():
+        wall = per_video.get(f't2v_gateway_stage_duration_seconds_sum{{stage="{stage}"}}')
+        if wall is not None and GPU_SECONDS[offset] in per_video:
+            result[stage] = wall - per_video[GPU_SECONDS[offset]]
+    return result
 
 
 def scrape(a) -> dict[str, float]:
@@ -214,9 +227,10 @@ def bench_mesh(model: str, a, out: Path) -> dict:
         gpu_before, before = gpu_seconds(a), scrape(a)
         lat = [generate(stub, a, i) for i in range(3)]
         gpu, after = gpu_seconds(a) - gpu_before, scrape(a)
+        per_video = {k: (after[k] - before.get(k, 0.0)) / len(lat) for k in after}
         results: dict = {"latency_s": statistics.median(lat), "latencies_s": lat, "throughput": {},
                          "gpu_s_per_video": gpu / len(lat), "non_gpu_share": 1 - gpu / sum(lat),
-                         "per_video_breakdown_s": {k: (after[k] - before.get(k, 0.0)) / len(lat) for k in after}}
+                         "per_video_breakdown_s": per_video, "stage_minus_gpu_s": stage_minus_gpu(per_video)}
         for concurrency in a.concurrency:
             latencies: list[float] = []
             # Seeds unique across rounds: a repeated seed+params would be served from the result cache.
@@ -310,6 +324,8 @@ def summarise(r: dict) -> str:
                      f"{floor['latency_s'] / peer if peer else float('nan'):.2f}x |")
     lines.append(f"| GPU time per video (stage metrics) | {mesh['gpu_s_per_video']:.2f} s | |")
     lines.append(f"| non-GPU share of mesh latency | {mesh['non_gpu_share']:.1%} | |")
+    for stage, seconds in mesh.get("stage_minus_gpu_s", {}).items():
+        lines.append(f"| {stage} stage (as the gateway sees it) minus its GPU time, per video | {seconds:.3f} s | |")
     for c, t in mesh["throughput"].items():
         speedup = t["videos_per_s"] * peer if peer else float("nan")
         mfu = (flops * r["steps"] * t["videos_per_s"] / 1e12) / (r["bf16_matmul_tflops"] or float("nan"))

@@ -13,10 +13,11 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections import deque
-from typing import Any, Callable, Union
+from typing import Any, Iterator, Union
 
 import torch
 from diffusers import DDIMScheduler, UNet3DConditionModel
@@ -115,37 +116,43 @@ class EngineObserver:
     Called from the engine thread: methods must be quick and must not raise. This base does nothing.
     """
 
-    def forward(self, batch_size: int, seconds: float) -> None:
-        """One UNet forward ran for ``batch_size`` requests (one denoising step each) in ``seconds``."""
+    def step(self, batch_size: int, seconds: float) -> None:
+        """One batched denoising step ran for ``batch_size`` requests: the UNet forward, the guidance
+        and each request's scheduler step, taking ``seconds`` of GPU time (of wall time on the CPU).
+
+        The whole step, not only the forward: guidance and the scheduler step are GPU kernels too, and
+        timing the forward alone left them counted as "not GPU" time (docs/benchmarks.md)."""
 
     def request_done(self, outcome: str) -> None:
         """A request left the engine: ``finished``, ``cancelled`` or ``failed``."""
 
 
-class ForwardTimer:
-    """Times UNet forwards for the observer without making the engine wait for the GPU: on CUDA it
-    records events around each forward and reads them once they have completed (a step or two later)."""
+class StepTimer:
+    """Times batched steps for the observer without making the engine wait for the GPU: on CUDA it
+    records events around each step's kernels and reads them once they have completed (a step or two
+    later); on the CPU it reads the clock. A step that raises is not reported."""
 
     def __init__(self, observer: EngineObserver, device: torch.device) -> None:
         self.observer, self.cuda = observer, device.type == "cuda"
         self._pending: deque[tuple[int, Any, Any]] = deque()
 
-    def time(self, batch_size: int, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    @contextmanager
+    def step(self, batch_size: int) -> Iterator[None]:
+        """Wrap everything the step queues on the GPU, from its first input to its last scheduler step."""
         if not self.cuda:
             started = time.perf_counter()
-            output = forward()
-            self.observer.forward(batch_size, time.perf_counter() - started)
-            return output
+            yield
+            self.observer.step(batch_size, time.perf_counter() - started)
+            return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        output = forward()
+        yield
         end.record()
         self._pending.append((batch_size, start, end))
         while self._pending and (self._pending[0][2].query() or len(self._pending) > 8):
             size, first, last = self._pending.popleft()
             last.synchronize()
-            self.observer.forward(size, first.elapsed_time(last) / 1e3)
-        return output
+            self.observer.step(size, first.elapsed_time(last) / 1e3)
 
 
 @dataclass
@@ -169,7 +176,7 @@ class DenoiseEngine:
         self.max_batch, self.max_jobs = max_batch, max_jobs
         self.stats = EngineStats()
         self.observer = observer or EngineObserver()
-        self._timer = ForwardTimer(self.observer, device)
+        self._timer = StepTimer(self.observer, device)
         self._inbox: list[Job] = []
         self._active: list[Job] = []
         self._cond = threading.Condition()
@@ -356,32 +363,34 @@ class DenoiseEngine:
 
     @torch.inference_mode()
     def _step(self, batch: list[Job]) -> None:
-        inputs, embeddings, timesteps, rows = [], [], [], []
-        for job in batch:
-            t = job.timesteps[job.index]
-            x = torch.cat([job.latents] * 2) if job.request.uses_guidance else job.latents
-            x = job.scheduler.scale_model_input(x, t)
-            inputs.append(x)
-            embeddings.append(job.embeddings)
-            timesteps.append(t.reshape(1).expand(x.shape[0]))
-            rows.append(x.shape[0])
-        noise = self._timer.time(len(batch), lambda: self._forward(
-            torch.cat(inputs), torch.cat(timesteps), torch.cat(embeddings)))
-        self.stats.steps += 1
-        self.stats.requests_stepped += len(batch)
-        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
+        # The scheduler gets each timestep as a Python int, never as the device tensor: DDIM indexes its
+        # CPU table with it and compares it with 0, which with a CUDA tensor makes the CPU wait for the
+        # GPU every step (the GPU then idles while Python prepares the next one). The UNet gets the tensor.
+        with self._timer.step(len(batch)):
+            inputs, embeddings, timesteps, rows = [], [], [], []
+            for job in batch:
+                t = job.timestep_values[job.index]
+                x = torch.cat([job.latents] * 2) if job.request.uses_guidance else job.latents
+                inputs.append(job.scheduler.scale_model_input(x, t))
+                embeddings.append(job.embeddings)
+                timesteps.append(job.timesteps[job.index].reshape(1).expand(x.shape[0]))
+                rows.append(x.shape[0])
+            noise = self._forward(torch.cat(inputs), torch.cat(timesteps), torch.cat(embeddings))
+            self.stats.steps += 1
+            self.stats.requests_stepped += len(batch)
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
 
-        done = []
-        for job, pred in zip(batch, noise.split(rows)):
-            r = job.request
-            if r.uses_guidance:
-                pred = sampling.apply_guidance(pred, r.guidance_scale)
-            t = job.timesteps[job.index]
-            job.latents = sampling.scheduler_step(job.scheduler, pred, t, job.latents, job.kwargs)
-            job.events.put(Step(job.index + 1, len(job.timesteps), job.timestep_values[job.index]))
-            job.index += 1
-            if job.index == len(job.timesteps):
-                done.append(job)
+            done = []
+            for job, pred in zip(batch, noise.split(rows)):
+                r = job.request
+                if r.uses_guidance:
+                    pred = sampling.apply_guidance(pred, r.guidance_scale)
+                t = job.timestep_values[job.index]
+                job.latents = sampling.scheduler_step(job.scheduler, pred, t, job.latents, job.kwargs)
+                job.events.put(Step(job.index + 1, len(job.timesteps), t))
+                job.index += 1
+                if job.index == len(job.timesteps):
+                    done.append(job)
         for job in done:
             self.stats.finished += 1
             self.observer.request_done("finished")

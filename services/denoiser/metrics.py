@@ -1,4 +1,4 @@
-"""The denoiser's Prometheus metrics: steps, batch sizes, UNet forward time, request outcomes.
+"""The denoiser's Prometheus metrics: steps, batch sizes, GPU time per batched step, request outcomes.
 
 The engine knows nothing of Prometheus: it reports to an ``EngineObserver``, and
 ``DenoiserMetrics`` is the observer the server hands it.
@@ -27,8 +27,9 @@ class DenoiserMetrics(ServiceMetrics, EngineObserver):
                                      "forward for a batch of 3 counts 3)", registry=r)
         self.batch_size = Histogram("t2v_denoiser_batch_size", "Requests sharing one UNet forward",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.forward_seconds = Histogram("t2v_denoiser_unet_forward_duration_seconds", "Time of one batched "
-                                         "UNet forward, in seconds", buckets=DURATION_BUCKETS, registry=r)
+        self.step_seconds = Histogram("t2v_denoiser_step_duration_seconds", "GPU time of one batched denoising "
+                                      "step (UNet forward, guidance, scheduler step); on CUDA measured with events, "
+                                      "so Python's time is not counted", buckets=DURATION_BUCKETS, registry=r)
         self.requests = Counter("t2v_denoiser_requests", "Requests that left the engine, by outcome "
                                 "(finished, cancelled, failed)", ["outcome"], registry=r)
         self.active = Gauge("t2v_denoiser_active_requests", "Requests in the engine now (admitted or waiting "
@@ -41,11 +42,11 @@ class DenoiserMetrics(ServiceMetrics, EngineObserver):
         self.active.set_function(count)
 
     # --- EngineObserver ----------------------------------------------------------------------
-    def forward(self, batch_size: int, seconds: float) -> None:
+    def step(self, batch_size: int, seconds: float) -> None:
         self.unet_forwards.inc()
         self.request_steps.inc(batch_size)
         self.batch_size.observe(batch_size)
-        self.forward_seconds.observe(seconds)
+        self.step_seconds.observe(seconds)
 
     def request_done(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()

@@ -51,9 +51,13 @@ def apply_guidance(noise_pred: torch.Tensor, guidance_scale: float) -> torch.Ten
     return uncond + guidance_scale * (cond - uncond)
 
 
-def scheduler_step(scheduler: SchedulerMixin, noise_pred: torch.Tensor, timestep: torch.Tensor,
+def scheduler_step(scheduler: SchedulerMixin, noise_pred: torch.Tensor, timestep: int,
                    latents: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    """x_t -> x_{t-1} on [B, C, F, h, w] latents; the scheduler sees frames as a batch of images."""
+    """x_t -> x_{t-1} on [B, C, F, h, w] latents; the scheduler sees frames as a batch of images.
+
+    Pass ``timestep`` as a Python int: a CUDA tensor makes DDIM's step read it back to the CPU (it
+    indexes a CPU table with it and compares it with 0), a GPU sync on every step.
+    """
     bsz, channels, frames, height, width = latents.shape
     flat_latents = latents.permute(0, 2, 1, 3, 4).reshape(bsz * frames, channels, height, width)
     flat_noise = noise_pred.permute(0, 2, 1, 3, 4).reshape(bsz * frames, channels, height, width)

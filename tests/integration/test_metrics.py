@@ -119,8 +119,8 @@ def test_denoiser_counts_exactly_the_steps_of_a_request_run_alone(denoiser):
     assert delta(before, after, "t2v_denoiser_batch_size_count") == 4
     assert delta(before, after, "t2v_denoiser_batch_size_sum") == 4           # alone: batches of 1
     assert delta(before, after, "t2v_denoiser_batch_size_bucket", le="1.0") == 4
-    assert delta(before, after, "t2v_denoiser_unet_forward_duration_seconds_count") == 4
-    assert delta(before, after, "t2v_denoiser_unet_forward_duration_seconds_sum") > 0
+    assert delta(before, after, "t2v_denoiser_step_duration_seconds_count") == 4
+    assert delta(before, after, "t2v_denoiser_step_duration_seconds_sum") > 0
     assert delta(before, after, "t2v_denoiser_requests_total", outcome="finished") == 1
     assert delta(before, after, "t2v_grpc_requests_total", method="Denoise", code="OK") == 1
     assert get(after, "t2v_denoiser_active_requests") == 0

@@ -185,8 +185,8 @@ def test_text_encoder_metrics() -> None:
 def test_denoiser_metrics_observe_the_engine() -> None:
     m = DenoiserMetrics()
     assert isinstance(m, EngineObserver)
-    m.forward(batch_size=3, seconds=0.2)
-    m.forward(batch_size=1, seconds=0.1)
+    m.step(batch_size=3, seconds=0.2)
+    m.step(batch_size=1, seconds=0.1)
     m.request_done("finished")
     m.request_done("cancelled")
     assert value(m, "t2v_denoiser_unet_forwards_total") == 2
@@ -194,7 +194,7 @@ def test_denoiser_metrics_observe_the_engine() -> None:
     assert value(m, "t2v_denoiser_batch_size_count") == 2
     assert value(m, "t2v_denoiser_batch_size_sum") == 4
     assert value(m, "t2v_denoiser_batch_size_bucket", le="2.0") == 1
-    assert value(m, "t2v_denoiser_unet_forward_duration_seconds_sum") == pytest.approx(0.3)
+    assert value(m, "t2v_denoiser_step_duration_seconds_sum") == pytest.approx(0.3)
     assert value(m, "t2v_denoiser_requests_total", outcome="finished") == 1
     assert value(m, "t2v_denoiser_requests_total", outcome="cancelled") == 1
     assert value(m, "t2v_denoiser_requests_total", outcome="failed") == 0

@@ -1,0 +1,61 @@
+"""services.decoder.video: frames -> MP4 with x264, and the decoder's check of its x264 settings."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import av
+import numpy as np
+import pytest
+
+from services.decoder.server import DecoderConfig, DecoderServicer
+from services.decoder.video import check_x264_settings, encode_mp4
+
+FRAMES = np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+
+
+def x264_options(mp4: bytes) -> dict[str, str]:
+    """The settings x264 writes into the stream (its SEI message), e.g. {"bframes": "0", ...}."""
+    found = re.search(rb"options: ([^\x00]*)", mp4)
+    assert found, "no x264 settings in the MP4"
+    return dict(item.split("=", 1) for item in found.group(1).decode().split() if "=" in item)
+
+
+def decoded_frames(mp4: bytes) -> list[np.ndarray]:
+    with av.open(io.BytesIO(mp4)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def test_zerolatency_gives_a_playable_mp4_encoded_without_lookahead() -> None:
+    """The decoder's default tune, zerolatency: x264 encodes each frame as it arrives (no lookahead,
+    no B-frames), so the encoding overlaps the VAE's next chunk instead of piling up at the flush."""
+    mp4 = encode_mp4([FRAMES[:4], FRAMES[4:8], FRAMES[8:]], 8, 64, 64, tune=DecoderConfig().x264_tune)
+    frames = decoded_frames(mp4)
+    assert len(frames) == 16 and frames[0].shape == (64, 64, 3)
+    options = x264_options(mp4)
+    assert options["bframes"] == "0" and options.get("rc_lookahead", "0") == "0", options
+
+
+def test_an_empty_tune_is_x264s_default_with_lookahead() -> None:
+    mp4 = encode_mp4([FRAMES], 8, 64, 64, tune="")
+    assert len(decoded_frames(mp4)) == 16
+    assert int(x264_options(mp4)["rc_lookahead"]) > 0
+
+
+def test_check_x264_settings_accepts_the_defaults_and_names_a_bad_tune() -> None:
+    config = DecoderConfig()
+    check_x264_settings(config.crf, config.x264_preset, config.x264_tune)
+    with pytest.raises(ValueError, match=r"--x264-tune 'zero-latency'.*zerolatency"):
+        check_x264_settings(18, "veryfast", "zero-latency")
+    with pytest.raises(ValueError, match=r"--x264-preset 'fastest'"):
+        check_x264_settings(18, "fastest", "")
+
+
+def test_a_decoder_with_an_unknown_tune_stops_at_load_with_a_sentence() -> None:
+    """serve() turns a ValueError from load() into one line and a non-zero exit; without the check a
+    typo would fail every Decode call with an FFmpeg error instead."""
+    servicer = DecoderServicer(DecoderConfig(device="cpu", dtype="float32", x264_tune="bogus"))
+    with pytest.raises(ValueError, match="--x264-tune 'bogus'"):
+        servicer.load()
+    assert servicer.vae is None
