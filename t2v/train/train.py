@@ -23,13 +23,15 @@ b. UNet3DConditionModel on the (frozen) VAE's latents, DDPM epsilon loss with a 
    "" (``--cfg-drop``), the unconditional prompt the services use for classifier-free guidance.
 
 Data is drawn on the fly by ``world.sample`` in ``--workers`` DataLoader processes (nothing on
-disk). bf16 autocast on CUDA. ``--eval-clips N`` samples N train, held-out and paraphrased prompts at the end
+disk); the UNet phase draws its batches from a ``LatentBank`` of VAE-encoded clips on the device,
+refreshed every step. bf16 autocast on CUDA. ``--eval-clips N`` samples N train, held-out and paraphrased prompts at the end
 with the services' own sampling code (DDIM, guidance 9) and prints the checker's adherence figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-batch", type=int, default=256, help="frames per VAE step")
     p.add_argument("--vae-lr", type=float, default=4e-4)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--vae-frames-per-clip", type=int, default=4,
+                   help="frames taken from each clip in a VAE batch (fewer = more clips, more varied batches)")
+    p.add_argument("--vae-fg-weight", type=float, default=4.0,
+                   help="extra reconstruction weight on the shape's pixels (far from the frame's border colour): "
+                        "the shape covers ~5%% of a frame, and an unweighted loss rounds its corners away")
+    p.add_argument("--vae-eval-clips", type=int, default=256,
+                   help="held-out clips the checker judges after VAE reconstruction (the ceiling of the model)")
     p.add_argument("--vae-from", type=Path, default=None, help="skip phase (a): load vae/ from this model folder")
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from this model folder: load all three parts (phase (a) skipped)")
@@ -76,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-lr", type=float, default=3e-4)
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its initial weights")
     p.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of captions replaced by ''")
+    p.add_argument("--min-snr", type=float, default=5.0,
+                   help="Min-SNR-gamma loss weighting (Hang et al. 2023: min(SNR, gamma) / SNR for epsilon "
+                        "prediction; converges several times faster than the plain loss); 0 = off")
+    p.add_argument("--bank", type=int, default=65536,
+                   help="clips whose VAE latents are kept on the device and sampled for UNet batches (at least "
+                        "--batch; 65536 take ~1 GB and ~27 s to fill on an H100): a large batch costs only the UNet")
+    p.add_argument("--bank-refresh", type=int, default=256,
+                   help="fresh clips encoded into the bank per step, replacing the oldest (the data stays varied)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text weights saved (0 = off)")
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -113,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 def apply_smoke(args: argparse.Namespace) -> None:
     args.device, args.workers = "cpu", 0
     args.vae_steps, args.vae_batch, args.steps, args.batch = 3, 8, 3, 2
+    args.bank, args.bank_refresh, args.vae_eval_clips = 8, 2, 4
     args.warmup, args.log_every, args.eval_clips, args.eval_steps = 1, 1, 1, 2
     args.save_dtype = "float32"
 
@@ -160,12 +178,11 @@ class WorldClips(torch.utils.data.IterableDataset):
     """An endless stream of (frames uint8 [F, H, W, 3], token ids [77]) from the training split.
 
     Captions are tokenized here, in the worker processes, with a cache: the slow CLIP BPE takes
-    ~1 ms a caption, which in the training loop cost more than the UNet step itself. ``cfg_drop`` of
-    the captions become "" (the unconditional prompt the services use for classifier-free guidance).
+    ~1 ms a caption, which in the training loop cost more than the UNet step itself.
     """
 
-    def __init__(self, seed: int, tokenizer_from: Path, cfg_drop: float) -> None:
-        self.seed, self.tokenizer_from, self.cfg_drop = seed, tokenizer_from, cfg_drop
+    def __init__(self, seed: int, tokenizer_from: Path) -> None:
+        self.seed, self.tokenizer_from = seed, tokenizer_from
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from transformers import CLIPTokenizer
@@ -178,8 +195,6 @@ class WorldClips(torch.utils.data.IterableDataset):
         cache: dict[str, torch.Tensor] = {}
         while True:
             _, frames, caption = world.sample(rng, "train")
-            if rng.random() < self.cfg_drop:
-                caption = ""
             if caption not in cache:
                 cache[caption] = tokenize(tokenizer, [caption])[0]
             yield torch.from_numpy(frames), cache[caption]
@@ -192,7 +207,7 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def batches(args: argparse.Namespace, batch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    loader = torch.utils.data.DataLoader(WorldClips(seed, args.tokenizer_from, args.cfg_drop), batch_size=batch,
+    loader = torch.utils.data.DataLoader(WorldClips(seed, args.tokenizer_from), batch_size=batch,
                                          num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
                                          persistent_workers=args.workers > 0)
     return iter(loader)
@@ -202,6 +217,12 @@ def to_pixels(frames: torch.Tensor, device: torch.device) -> torch.Tensor:
     """[B, F, H, W, 3] uint8 -> [B*F, 3, H, W] float in [-1, 1] on ``device``."""
     x = frames.to(device, non_blocking=True).flatten(0, 1).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] VAE output in [-1, 1] -> [N, H, W, 3] uint8, as the decoder service rounds it."""
+    images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    return (images.cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
 class Schedule:
@@ -267,12 +288,25 @@ def autocast(device: torch.device):
 
 # ------------------------------------------------------------------------------------------ phase (a)
 
+def foreground_weight(x: torch.Tensor, extra: float) -> torch.Tensor:
+    """[N, 1, H, W]: 1 + ``extra`` on pixels far from their frame's border colour (the shape), else 1.
+
+    Why: the shape covers a few percent of a frame, so a plain per-pixel loss is nearly all
+    background; the first VAE, trained that way, rounded corners off (the checker read its
+    reconstructions' shape right only 47% of the time, docs/model.md)."""
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)   # [N, 3, 4W]
+    background = border.median(dim=2).values[:, :, None, None]
+    far = (x - background).abs().sum(dim=1, keepdim=True) > 0.3      # ~40 RGB levels summed over channels
+    return 1.0 + extra * far.float()
+
+
 def train_vae(args: argparse.Namespace, vae: torch.nn.Module, device: torch.device) -> float:
     """Phase (a); returns the last logged loss."""
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, fused=device.type == "cuda")
     schedule = Schedule(opt, min(args.warmup, args.vae_steps), args.vae_steps, args.vae_time_budget)
-    clips_per_step = max(1, math.ceil(args.vae_batch / args.frames))
+    per_clip = max(1, min(args.vae_frames_per_clip, args.frames))
+    clips_per_step = max(1, math.ceil(args.vae_batch / per_clip))
     data = batches(args, clips_per_step, args.seed + 1)
     meter, last = Meter("vae", "frames", device.type == "cuda"), float("nan")
     step = 0
@@ -280,13 +314,15 @@ def train_vae(args: argparse.Namespace, vae: torch.nn.Module, device: torch.devi
         lr = schedule.update(step)
         step += 1
         frames, _ = next(data)
-        x = to_pixels(frames, device)
-        x = x[torch.randperm(len(x), device=device)[: args.vae_batch]]
+        # A few random frames of many clips: frames of one clip are nearly alike.
+        pick = torch.rand(frames.shape[:2]).argsort(dim=1)[:, :per_clip]
+        x = to_pixels(frames[torch.arange(len(frames))[:, None], pick], device)
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
-        recon = recon.float()
-        loss = (recon - x).abs().mean() + torch.mean((recon - x) ** 2) + args.kl_weight * posterior.kl().mean()
+        error = recon.float() - x
+        weight = foreground_weight(x, args.vae_fg_weight)
+        loss = (weight * (error.abs() + error ** 2)).mean() + args.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
@@ -295,6 +331,28 @@ def train_vae(args: argparse.Namespace, vae: torch.nn.Module, device: torch.devi
         if step % args.log_every == 0 or schedule.done(step):
             last = meter.log(step, args.vae_steps, f" lr {lr:.2e} elapsed {time.perf_counter() - schedule.start:.0f}s")
     return last
+
+
+@torch.no_grad()
+def vae_adherence(vae: torch.nn.Module, clips: int, seed: int, device: torch.device) -> dict[str, float]:
+    """The checker's verdicts on VAE reconstructions of ``clips`` held-out clips: a ceiling for the
+    whole model, since every video the mesh makes comes out of this decoder."""
+    from t2v.train import checker
+
+    vae.eval()
+    rng = np.random.default_rng(seed)
+    judged = []
+    for start in range(0, clips, 16):
+        samples = [world.sample(rng, "heldout") for _ in range(min(16, clips - start))]
+        x = to_pixels(torch.stack([torch.from_numpy(frames) for _, frames, _ in samples]), device)
+        with autocast(device):
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        videos = to_uint8(recon).reshape(len(samples), -1, *x.shape[2:], 3)
+        judged += [(video, spec) for video, (spec, _, _) in zip(videos, samples)]
+    result = checker.accuracy(judged)
+    print("[vae] reconstructions of held-out clips: " + " ".join(f"{k} {v:.3f}" for k, v in result.items()),
+          flush=True)
+    return result
 
 
 @torch.no_grad()
@@ -317,12 +375,68 @@ def encode_text(tokenizer, text_encoder, captions: list[str], device: torch.devi
     return text_encoder(tokenize(tokenizer, captions).to(device))[0]
 
 
-def to_latents(vae, frames: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """[B, F, H, W, 3] uint8 -> [B, 4, F, H/8, W/8] scaled latents."""
-    bsz, n_frames = frames.shape[:2]
-    with torch.no_grad(), autocast(device):
-        z = vae.encode(to_pixels(frames, device)).latent_dist.sample().float() * vae.config.scaling_factor
-    return z.unflatten(0, (bsz, n_frames)).permute(0, 2, 1, 3, 4).contiguous()
+class LatentBank:
+    """VAE latent distributions of many training clips, kept on the device; UNet batches are drawn from it.
+
+    Why: at the batch sizes that keep the GPU busy (~1024 clips; smaller ones are bound by kernel
+    launches, docs/model.md), encoding every batch with the VAE and shipping ~200 MB of pixels a step
+    from the DataLoader cost as much as the UNet step. Here a clip is encoded once and drawn several
+    times; every step ``refresh`` fresh clips replace the oldest, and every draw samples the latent
+    distribution anew, so the data stays varied. Caption dropout for classifier-free guidance is
+    applied at the draw.
+    """
+
+    def __init__(self, size: int, vae: torch.nn.Module, data: Iterator, device: torch.device,
+                 empty_ids: torch.Tensor, cfg_drop: float) -> None:
+        self.size, self.vae, self.data, self.device = size, vae, data, device
+        self.empty_ids, self.cfg_drop = empty_ids.to(device), cfg_drop
+        self.mean = self.std = self.ids = None
+        self.next, self.filled = 0, 0
+        while self.filled < size:
+            self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Encode the DataLoader's next batch into the oldest slots."""
+        frames, ids = next(self.data)
+        bsz, n_frames = frames.shape[:2]
+        with autocast(self.device):
+            dist = self.vae.encode(to_pixels(frames, self.device)).latent_dist
+
+        def per_clip(t: torch.Tensor) -> torch.Tensor:      # [B*F, C, h, w] -> [B, C, F, h, w]
+            return t.unflatten(0, (bsz, n_frames)).permute(0, 2, 1, 3, 4).to(torch.bfloat16)
+
+        mean, std = per_clip(dist.mean), per_clip(dist.std)
+        if self.mean is None:
+            self.mean = torch.empty((self.size, *mean.shape[1:]), dtype=torch.bfloat16, device=self.device)
+            self.std = torch.empty_like(self.mean)
+            self.ids = torch.empty((self.size, ids.shape[1]), dtype=ids.dtype, device=self.device)
+        slots = (self.next + torch.arange(bsz, device=self.device)) % self.size
+        self.mean[slots], self.std[slots], self.ids[slots] = mean, std, ids.to(self.device)
+        self.next = (self.next + bsz) % self.size
+        self.filled = min(self.size, self.filled + bsz)
+
+    def draw(self, batch: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` random clips: scaled latents [B, C, F, h, w] (float32) and token ids [B, 77]."""
+        index = torch.randint(self.filled, (batch,), device=self.device)
+        mean, std = self.mean[index].float(), self.std[index].float()
+        latents = (mean + std * torch.randn_like(mean)) * scaling
+        drop = torch.rand(batch, device=self.device) < self.cfg_drop
+        ids = torch.where(drop[:, None], self.empty_ids[None], self.ids[index])
+        return latents, ids
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, gamma) / SNR for epsilon prediction (1 everywhere if gamma <= 0).
+
+    Why: the plain epsilon loss spends most of its gradient on the low-noise steps, which only sharpen
+    details; capping their weight lets the high-noise steps, which decide layout, colour and motion,
+    learn faster (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting", 2023).
+    """
+    if gamma <= 0:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
 
 
 class Ema:
@@ -359,9 +473,16 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device) -
         groups.append({"params": list(text_encoder.parameters()), "lr": args.text_lr})
     # fused: one kernel for the whole update; the unfused loop took 23 ms a step on the H100 (docs/model.md)
     opt = torch.optim.AdamW(groups, weight_decay=1e-2, fused=device.type == "cuda")
-    schedule = Schedule(opt, min(args.warmup, args.steps), args.steps, args.time_budget)
     ema = Ema([unet] + ([] if args.freeze_text else [text_encoder]), args.ema) if args.ema > 0 else None
-    data = batches(args, args.batch, args.seed + 4)
+    started = time.perf_counter()
+    bank = LatentBank(max(args.bank, args.batch), vae, batches(args, args.bank_refresh, args.seed + 4), device,
+                      tokenize(tokenizer, [""])[0], args.cfg_drop)
+    filling = time.perf_counter() - started
+    print(f"[unet] latent bank of {bank.size} clips encoded in {filling:.1f}s", flush=True)
+    # The bank's filling counts in --time-budget; the learning-rate cosine spans what is left.
+    budget = max(1.0, args.time_budget - filling) if args.time_budget > 0 else 0.0
+    schedule = Schedule(opt, min(args.warmup, args.steps), args.steps, budget)
+    scaling = vae.config.scaling_factor
     meter, last = Meter("unet", "clips", device.type == "cuda"), float("nan")
     params = [p for g in groups for p in g["params"]]
     step = 0
@@ -369,17 +490,18 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device) -
         lr = schedule.update(step)
         step += 1
         waited = time.perf_counter()
-        frames, ids = next(data)
+        bank.refresh()
         meter.waited += time.perf_counter() - waited
-        latents = to_latents(vae, frames, device)
+        latents, ids = bank.draw(args.batch, scaling)
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), device=device)
         a = alphas[t].view(-1, 1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise      # = DDPMScheduler.add_noise
         with autocast(device):
-            states = text_encoder(ids.to(device, non_blocking=True))[0]
+            states = text_encoder(ids)[0]
             pred = forward(noisy, t, encoder_hidden_states=states).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3, 4))
+        loss = (min_snr_weights(alphas[t], args.min_snr) * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -421,9 +543,7 @@ def generate(unet, text_encoder, vae, tokenizer, prompts: list[str], seeds: list
         latents = sampling.scheduler_step(scheduler, sampling.apply_guidance(pred, guidance), t, latents,
                                           {"eta": 0.0})
     flat = latents.permute(0, 2, 1, 3, 4).flatten(0, 1) / vae.config.scaling_factor
-    images = torch.cat([vae.decode(chunk).sample.float() for chunk in flat.split(256)])
-    images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-    out = (images.cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    out = to_uint8(torch.cat([vae.decode(chunk).sample.float() for chunk in flat.split(256)]))
     return out.reshape(n, frames, *out.shape[1:])
 
 
@@ -494,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
         scale = calibrate_scaling(args, vae, device)
         vae.register_to_config(scaling_factor=scale)
         print(f"[vae] scaling_factor {scale:.5f}", flush=True)
+        # Saved now, so a failure in phase (b) does not lose it (--vae-from DIR reuses it).
+        copy.deepcopy(vae).to("cpu", getattr(torch, args.save_dtype)).save_pretrained(args.out / "vae")
+    if args.vae_eval_clips > 0:
+        summary["vae_reconstruction"] = vae_adherence(vae, args.vae_eval_clips, args.seed + 6, device)
     summary["unet_loss"] = train_unet(args, modules["unet"], modules["text_encoder"], vae, tokenizer, device)
     if args.eval_clips > 0:
         summary["eval"] = evaluate(args, modules["unet"], modules["text_encoder"], vae, tokenizer, device)

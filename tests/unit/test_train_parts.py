@@ -1,0 +1,91 @@
+"""The pure parts of t2v.train.train: the VAE's foreground weighting, Min-SNR weights, the latent bank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from t2v.train import checker, world
+
+train = pytest.importorskip("t2v.train.train")
+CPU = torch.device("cpu")
+
+
+def clips(count: int, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.stack([torch.from_numpy(world.sample(rng)[1]) for _ in range(count)])
+
+
+def test_foreground_weight_marks_the_shape_and_nothing_else() -> None:
+    frames = clips(4)
+    weight = train.foreground_weight(train.to_pixels(frames, CPU), extra=4.0)
+    assert set(torch.unique(weight).tolist()) == {1.0, 5.0}
+    truth = np.stack([checker.foreground_masks(f.numpy(), checker.background_colour(f.numpy())) for f in frames])
+    marked = (weight[:, 0] > 1).numpy().reshape(truth.shape)
+    assert (marked == truth).mean() > 0.99
+    assert 0.01 < marked.mean() < 0.2          # a shape, not the frame
+
+
+def test_min_snr_weights_cap_only_the_low_noise_steps() -> None:
+    alphas = torch.linspace(0.999, 0.001, 1000)
+    snr = alphas / (1 - alphas)
+    weights = train.min_snr_weights(alphas, 5.0)
+    assert torch.all(weights <= 1.0) and torch.all(weights > 0)
+    assert torch.allclose(weights[snr <= 5], torch.ones_like(weights[snr <= 5]))
+    assert torch.allclose(weights[snr > 5], 5.0 / snr[snr > 5])
+    assert torch.equal(train.min_snr_weights(alphas, 0.0), torch.ones_like(alphas))
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         sample_size=world.SIZE).eval()
+
+
+def stream(batch: int, frames: int = 2):
+    """Batches of (frames, ids) as the DataLoader gives them; ids number the clips 0, 1, 2, ..."""
+    count = 0
+    while True:
+        video = clips(batch, seed=count)[:, :frames]
+        ids = torch.arange(count, count + batch)[:, None].repeat(1, 77)
+        count += batch
+        yield video, ids
+
+
+def test_latent_bank_fills_draws_and_replaces_the_oldest_clips() -> None:
+    empty = torch.full((77,), -1)
+    bank = train.LatentBank(6, tiny_vae(), stream(4), CPU, empty, cfg_drop=0.0)
+    assert bank.filled == 6 and bank.mean.shape == (6, 4, 2, world.SIZE // 8, world.SIZE // 8)
+    assert bank.ids[:, 0].tolist() == [6, 7, 2, 3, 4, 5]             # clips 6 and 7 wrapped over 0 and 1
+    bank.refresh()                                                   # the next four overwrite the four oldest
+    assert bank.ids[:, 0].tolist() == [6, 7, 8, 9, 10, 11]
+    latents, ids = bank.draw(32, scaling=0.5)
+    assert latents.shape == (32, 4, 2, world.SIZE // 8, world.SIZE // 8) and latents.dtype == torch.float32
+    assert set(ids[:, 0].tolist()) <= set(range(6, 12))
+
+
+def test_latent_bank_draws_sample_the_distribution_and_drop_captions() -> None:
+    empty = torch.full((77,), -1)
+    bank = train.LatentBank(4, tiny_vae(), stream(4), CPU, empty, cfg_drop=1.0)
+    latents, ids = bank.draw(8, scaling=1.0)
+    assert torch.all(ids == -1)                                     # every caption dropped to ""
+    again, _ = bank.draw(8, scaling=1.0)
+    assert not torch.equal(latents, again)                          # a fresh sample of the posterior each draw
+    bank.std.zero_()
+    index_free, _ = bank.draw(64, scaling=2.0)
+    means = {tuple((2.0 * m.float()).flatten()[:4].tolist()) for m in bank.mean}
+    assert {tuple(x.flatten()[:4].tolist()) for x in index_free} <= means
+
+
+def test_vae_ceiling_judges_the_embedded_vae(capsys: pytest.CaptureFixture[str]) -> None:
+    from t2v.train import vae_ceiling
+
+    assert vae_ceiling.main(["--clips", "3", "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("[vae] reconstructions of held-out clips: colour ")
+    figures = dict(zip(line.split()[5::2], map(float, line.split()[6::2])))
+    assert set(figures) == {"colour", "shape", "motion", "all"} and all(0 <= v <= 1 for v in figures.values())
