@@ -93,6 +93,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     log_dir = args.log_dir or (Path("out/logs") if args.generate else None)
     mesh = Mesh(args.host, ports, args.model, args.device, args.dtype, log_dir, state_dir=args.state_dir)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Python leaves SIGINT ignored when it starts ignored, as for a background job of a script (`t2v up &`):
+    # Ctrl-C / kill -INT must still stop the mesh.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         print(f"starting the mesh on {args.host} with model {args.model}"
               + (f" (service logs in {log_dir}/)" if log_dir else ""), file=sys.stderr)

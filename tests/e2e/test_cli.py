@@ -91,6 +91,25 @@ def test_up_generate_and_ctrl_c(tmp_path):
         assert health_status(f"127.0.0.1:{port}", timeout=0.5) is None, f"port {port} still answers after Ctrl-C"
 
 
+def test_ctrl_c_stops_up_even_when_started_with_sigint_ignored(tmp_path):
+    """A background job of a script (`t2v up &`) starts with SIGINT ignored, and Python then keeps it
+    ignored: `kill -INT` did nothing (a clean-clone CI run launched with `&` hung here). `t2v up`
+    installs its own handler."""
+    ports, args = port_args()
+    up = subprocess.Popen(T2V + ["up", "--log-dir", str(tmp_path / "logs"), *args], env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_serving(f"127.0.0.1:{ports['gateway']}", up)
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+    assert up.returncode == 0 and "stopping the mesh" in out and "all services stopped" in out, out
+
+
 def test_the_demo_command_starts_the_mesh_makes_a_video_and_stops(tmp_path):
     _, args = port_args()
     output = tmp_path / "demo.mp4"
