@@ -378,9 +378,10 @@ def encode_text(tokenizer, text_encoder, captions: list[str], device: torch.devi
 class LatentBank:
     """VAE latent distributions of many training clips, kept on the device; UNet batches are drawn from it.
 
-    Why: at the batch sizes that keep the GPU busy (~1024 clips; smaller ones are bound by kernel
-    launches, docs/model.md), encoding every batch with the VAE and shipping ~200 MB of pixels a step
-    from the DataLoader cost as much as the UNet step. Here a clip is encoded once and drawn several
+    Why: at the batch sizes that keep the GPU busy (512 clips; 128 and less are bound by kernel
+    launches, docs/model.md), encoding every batch with the VAE (~40% of the UNet's FLOPs per clip)
+    and shipping ~100 MB of pixels a step from the DataLoader would add to every step. Here a clip is
+    encoded once and drawn several
     times; every step ``refresh`` fresh clips replace the oldest, and every draw samples the latent
     distribution anew, so the data stays varied. Caption dropout for classifier-free guidance is
     applied at the draw.
