@@ -162,6 +162,22 @@ def lying_stage(servicer: Any, add: Callable[[Any, grpc.Server], None], name: st
         server.stop(0)
 
 
+def job_fails_past_lying_stage(gateway_factory, stage: str, servicer: Any, add: Callable[[Any, grpc.Server], None],
+                               name: str, refused_by: str, what: str) -> gateway_pb2_grpc.GatewayStub:
+    """One Generate through a gateway whose ``stage`` is ``servicer``: the next stage (``refused_by``)
+    must refuse the malformed tensor INVALID_ARGUMENT, and no video may be written. Returns the stub
+    while the gateway still runs, for more checks."""
+    with lying_stage(servicer, add, name) as address:
+        gateway = gateway_factory(**{stage: address})
+        stub = gateway_pb2_grpc.GatewayStub(gateway.channel())
+        result = outcome(lambda: stub.Generate(gateway_pb2.GenerateRequest(params=tiny_params()),
+                                               timeout=CALL_TIMEOUT))
+        check_refusal(result, INVALID, what)
+        assert f"{refused_by} stage refused" in result.details
+        assert videos_on_disk(gateway) == [], f"a video was written from {what}"
+        return stub
+
+
 class LyingTextEncoder(text_encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, embeddings: tensor_pb2.Tensor) -> None:
         self.embeddings = embeddings
@@ -195,17 +211,11 @@ def _embeddings_variants(dim: int) -> dict[str, tensor_pb2.Tensor]:
 def test_a_text_encoder_that_sends_bad_embeddings_fails_the_job_with_a_sentence(
         gateway_factory, denoiser_stage, variant) -> None:
     embeddings = _embeddings_variants(denoiser_stage.servicer.engine.embedding_dim)[variant]
-    with lying_stage(LyingTextEncoder(embeddings), text_encoder_pb2_grpc.add_TextEncoderServicer_to_server,
-                     "t2v.v1.TextEncoder") as address:
-        gateway = gateway_factory(text_encoder=address)
-        stub = gateway_pb2_grpc.GatewayStub(gateway.channel())
-        result = outcome(lambda: stub.Generate(gateway_pb2.GenerateRequest(params=tiny_params()),
-                                               timeout=CALL_TIMEOUT))
-        check_refusal(result, INVALID, f"embeddings {variant}")
-        assert "denoiser stage refused" in result.details
-        job = stub.ListJobs(gateway_pb2.ListJobsRequest(page_size=1), timeout=CALL_TIMEOUT).jobs[0]
-        assert job.status == gateway_pb2.JOB_STATUS_FAILED and job.error.code == "INVALID_ARGUMENT"
-        assert videos_on_disk(gateway) == []
+    stub = job_fails_past_lying_stage(gateway_factory, "text_encoder", LyingTextEncoder(embeddings),
+                                      text_encoder_pb2_grpc.add_TextEncoderServicer_to_server, "t2v.v1.TextEncoder",
+                                      "denoiser", f"embeddings {variant}")
+    job = stub.ListJobs(gateway_pb2.ListJobsRequest(page_size=1), timeout=CALL_TIMEOUT).jobs[0]
+    assert job.status == gateway_pb2.JOB_STATUS_FAILED and job.error.code == "INVALID_ARGUMENT"
 
 
 def _latents_variants(channels: int) -> dict[str, tensor_pb2.Tensor]:
@@ -219,15 +229,9 @@ def _latents_variants(channels: int) -> dict[str, tensor_pb2.Tensor]:
 def test_a_denoiser_that_sends_bad_latents_fails_the_job_and_writes_no_video(
         gateway_factory, decoder_stage, variant) -> None:
     latents = _latents_variants(decoder_stage.servicer.vae.latent_channels)[variant]
-    with lying_stage(LyingDenoiser(latents), denoiser_pb2_grpc.add_DenoiserServicer_to_server,
-                     "t2v.v1.Denoiser") as address:
-        gateway = gateway_factory(denoiser=address)
-        stub = gateway_pb2_grpc.GatewayStub(gateway.channel())
-        result = outcome(lambda: stub.Generate(gateway_pb2.GenerateRequest(params=tiny_params()),
-                                               timeout=CALL_TIMEOUT))
-        check_refusal(result, INVALID, f"latents {variant}")
-        assert "decoder stage refused" in result.details
-        assert videos_on_disk(gateway) == [], "a video was written from bad latents"
+    job_fails_past_lying_stage(gateway_factory, "denoiser", LyingDenoiser(latents),
+                               denoiser_pb2_grpc.add_DenoiserServicer_to_server, "t2v.v1.Denoiser", "decoder",
+                               f"latents {variant}")
 
 
 # --- prompts: 100 KB, Unicode, control characters -----------------------------------------------------------

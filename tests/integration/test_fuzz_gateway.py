@@ -27,7 +27,7 @@ from services.gateway.jobs import MAX_TIMEOUT_SECONDS
 from services.gateway.store import JOB_ID_PATTERN
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 from tests.conftest import RunningStage
-from tests.fuzzing import (CALL_TIMEOUT, INT32, check_refusal, fuzz_settings, hostile_texts, int32s, int64s,
+from tests.fuzzing import (CALL_TIMEOUT, INT32, Outcome, check_refusal, fuzz_settings, hostile_texts, int32s, int64s,
                            job_ids, odd_floats, outcome)
 
 pytestmark = pytest.mark.slow
@@ -165,33 +165,35 @@ def test_submit_job_refuses_bad_params_and_queues_good_ones(gateway, data: st.Da
 
 
 # --- GetJob, CancelJob, GetVideo, ListJobs --------------------------------------------------------------
-@given(data=st.data())
-@fuzz_settings(300)
-def test_get_job_takes_only_real_ids(gateway, known_jobs, data: st.DataObject) -> None:
+def call_with_drawn_id(gateway, known_jobs, data: st.DataObject, method: str, request: type
+                       ) -> tuple[str, Outcome] | None:
+    """Call ``method`` with a drawn job id; None when it was refused as it must be (else its answer)."""
     job_id = data.draw(job_ids([known_jobs["completed"], known_jobs["cancelled"]]))
     expected = expected_for_id(job_id, known_jobs)
     event(f"expected: {expected.name}")
-    stub = gateway_pb2_grpc.GatewayStub(gateway.channel())
-    result = outcome(lambda: stub.GetJob(gateway_pb2.GetJobRequest(job_id=job_id), timeout=CALL_TIMEOUT))
+    call = getattr(gateway_pb2_grpc.GatewayStub(gateway.channel()), method)
+    result = outcome(lambda: call(request(job_id=job_id), timeout=CALL_TIMEOUT))
     if expected != grpc.StatusCode.OK:
-        check_refusal(result, {expected}, f"GetJob({job_id!r})")
-        return
+        check_refusal(result, {expected}, f"{method}({job_id!r})")
+        return None
     assert result.ok and result.answer.job_id == job_id
-    state_dir_is_clean(gateway)
+    return job_id, result
+
+
+@given(data=st.data())
+@fuzz_settings(300)
+def test_get_job_takes_only_real_ids(gateway, known_jobs, data: st.DataObject) -> None:
+    if call_with_drawn_id(gateway, known_jobs, data, "GetJob", gateway_pb2.GetJobRequest) is not None:
+        state_dir_is_clean(gateway)
 
 
 @given(data=st.data())
 @fuzz_settings(200)
 def test_cancel_job_takes_only_real_ids(gateway, known_jobs, data: st.DataObject) -> None:
-    job_id = data.draw(job_ids([known_jobs["completed"], known_jobs["cancelled"]]))
-    expected = expected_for_id(job_id, known_jobs)
-    event(f"expected: {expected.name}")
-    stub = gateway_pb2_grpc.GatewayStub(gateway.channel())
-    result = outcome(lambda: stub.CancelJob(gateway_pb2.CancelJobRequest(job_id=job_id), timeout=CALL_TIMEOUT))
-    if expected != grpc.StatusCode.OK:
-        check_refusal(result, {expected}, f"CancelJob({job_id!r})")
+    answered = call_with_drawn_id(gateway, known_jobs, data, "CancelJob", gateway_pb2.CancelJobRequest)
+    if answered is None:
         return
-    assert result.ok and result.answer.job_id == job_id
+    job_id, result = answered
     ended = {known_jobs["completed"]: gateway_pb2.JOB_STATUS_COMPLETED,
              known_jobs["cancelled"]: gateway_pb2.JOB_STATUS_CANCELLED}
     assert result.answer.status == ended[job_id], "cancelling an ended job changed it"
