@@ -18,8 +18,8 @@ from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, serve
 from services.common.tensors import check_finite, from_proto, to_proto
 from services.decoder.metrics import DecoderMetrics
-from services.decoder.vae import DecodeTiming, VaeDecoder
-from services.decoder.video import check_x264_settings, encode_mp4, to_uint8
+from services.decoder.vae import DecodeTiming, VaeDecoder, to_uint8
+from services.decoder.video import check_x264_settings, encode_mp4
 from t2v.v1 import decoder_pb2, decoder_pb2_grpc
 
 SERVICE_NAME = "t2v.v1.Decoder"

@@ -12,10 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
 from services.common.model_folder import model_part
+
+
+def to_frames(images: torch.Tensor) -> torch.Tensor:
+    """The VAE's [N, 3, H, W] output in [-1, 1] -> [N, H, W, 3] float32 frames in [0, 1]."""
+    return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[F, H, W, 3] floats in [0, 1] (on the CPU) -> uint8, rounded: the pixels the MP4 is made of."""
+    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 @dataclass
@@ -40,8 +51,7 @@ class VaeDecoder:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _frames(self, chunk: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(chunk).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        return to_frames(self.vae.decode(chunk).sample)
 
     @torch.inference_mode()
     def iter_decode(self, latents: torch.Tensor, timing: DecodeTiming | None = None) -> Iterator[torch.Tensor]:

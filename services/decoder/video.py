@@ -9,12 +9,6 @@ from typing import Iterable
 
 import av
 import numpy as np
-import torch
-
-
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """[F, H, W, 3] floats in [0, 1] -> uint8, rounded."""
-    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def encode_mp4(chunks: Iterable[np.ndarray], fps: int, width: int, height: int, crf: int = 18,

@@ -220,9 +220,10 @@ def to_pixels(frames: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] VAE output in [-1, 1] -> [N, H, W, 3] uint8, as the decoder service rounds it."""
-    images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-    return (images.cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    """[N, 3, H, W] VAE output in [-1, 1] -> [N, H, W, 3] uint8: the decoder service's own conversion."""
+    from services.decoder.vae import to_frames, to_uint8 as frames_to_uint8
+
+    return frames_to_uint8(to_frames(images).cpu())
 
 
 class Schedule:
