@@ -63,7 +63,7 @@ PRESETS: dict[str, dict] = {
             norm_num_groups=16, sample_size=8,
         ),
         "vae": dict(
-            block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16,
+            block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16,
             sample_size=64,
         ),
     },

@@ -35,8 +35,9 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ import torch
 
 from t2v import modelgen
 from t2v.train import world
+from t2v.train.distributed import Group, SharedClock
 
 TOKENIZER_FROM = modelgen.DEFAULT_TOKENIZER
 
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-snr", type=float, default=5.0,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023: min(SNR, gamma) / SNR for epsilon "
                         "prediction; converges several times faster than the plain loss); 0 = off")
+    p.add_argument("--snr-floor", type=float, default=1.0,
+                   help="least weight of a timestep, as a loss on the clean latents (the epsilon loss gives "
+                        "the high-noise steps, which decide the motion, ~SNR = 0.005; 1 = v-prediction's "
+                        "weighting there); 0 = off (runs 1-6)")
     p.add_argument("--bank", type=int, default=65536,
                    help="clips whose VAE latents are kept on the device and sampled for UNet batches (at least "
                         "--batch; 65536 take ~1 GB and ~27 s to fill on an H100): a large batch costs only the UNet")
@@ -95,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fresh clips encoded into the bank per step, replacing the oldest (the data stays varied)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text weights saved (0 = off)")
     p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--checkpoint-every", type=float, default=0.0,
+                   help="seconds between checkpoints of the UNet phase into --out (EMA weights, a loadable "
+                        "model folder; 0 = only at the end): a lent GPU taken back mid-run loses less")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet for training (fewer, fused kernels; costs a compile at start, "
@@ -230,17 +239,20 @@ class Schedule:
     """Linear warm-up, then cosine decay over whichever runs out first: ``steps`` or ``budget`` seconds.
 
     Why time: a lent GPU gives minutes, not steps; throughput is only known once running, so the
-    decay follows the clock and the run still ends at a low learning rate.
+    decay follows the clock and the run still ends at a low learning rate. The clock is rank 0's
+    in a multi-GPU run (``distributed.SharedClock``), so all processes step alike.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup: int, steps: int, budget: float) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: int, steps: int, budget: float,
+                 clock: Callable[[int], float] | None = None) -> None:
         self.optimizer, self.warmup, self.steps, self.budget = optimizer, warmup, steps, budget
         self.base = [group["lr"] for group in optimizer.param_groups]
         self.start = time.perf_counter()
+        self.clock = clock or (lambda step: time.perf_counter() - self.start)
 
     def progress(self, step: int) -> float:
         by_steps = step / max(1, self.steps)
-        by_time = (time.perf_counter() - self.start) / self.budget if self.budget > 0 else 0.0
+        by_time = self.clock(step) / self.budget if self.budget > 0 else 0.0
         return min(1.0, max(by_steps, by_time))
 
     def done(self, step: int) -> bool:
@@ -257,10 +269,11 @@ class Schedule:
 
 
 class Meter:
-    """Loss average and samples/s between two log lines."""
+    """Loss average and samples/s (of all processes) between two log lines; only rank 0 prints."""
 
-    def __init__(self, name: str, unit: str, sync: bool) -> None:
+    def __init__(self, name: str, unit: str, sync: bool, group: Group | None = None) -> None:
         self.name, self.unit, self.sync = name, unit, sync
+        self.group = group or Group()
         self.reset()
 
     def reset(self) -> None:
@@ -277,8 +290,10 @@ class Meter:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self.start
         loss = self.loss / max(1, self.n)
-        print(f"[{self.name}] step {step}/{total} loss {loss:.5f} {self.samples / elapsed:.1f} {self.unit}/s "
-              f"data-wait {100 * self.waited / elapsed:.0f}%{extra}", flush=True)
+        if self.group.main:
+            rate = self.samples * self.group.world / elapsed
+            print(f"[{self.name}] step {step}/{total} loss {loss:.5f} {rate:.1f} {self.unit}/s "
+                  f"data-wait {100 * self.waited / elapsed:.0f}%{extra}", flush=True)
         self.reset()
         return loss
 
@@ -301,15 +316,29 @@ def foreground_weight(x: torch.Tensor, extra: float) -> torch.Tensor:
     return 1.0 + extra * far.float()
 
 
-def train_vae(args: argparse.Namespace, vae: torch.nn.Module, device: torch.device) -> float:
+class VaeRoundTrip(torch.nn.Module):
+    """Encode, sample, decode: one forward, so DistributedDataParallel can wrap the VAE's training step."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl()
+
+
+def train_vae(args: argparse.Namespace, vae: torch.nn.Module, device: torch.device, group: Group) -> float:
     """Phase (a); returns the last logged loss."""
     vae.train().requires_grad_(True)
+    round_trip = group.wrap(VaeRoundTrip(vae))
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, fused=device.type == "cuda")
-    schedule = Schedule(opt, min(args.warmup, args.vae_steps), args.vae_steps, args.vae_time_budget)
+    clock = SharedClock(group)
+    schedule = Schedule(opt, min(args.warmup, args.vae_steps), args.vae_steps, args.vae_time_budget, clock)
     per_clip = max(1, min(args.vae_frames_per_clip, args.frames))
     clips_per_step = max(1, math.ceil(args.vae_batch / per_clip))
-    data = batches(args, clips_per_step, args.seed + 1)
-    meter, last = Meter("vae", "frames", device.type == "cuda"), float("nan")
+    data = batches(args, clips_per_step, args.seed + 1 + 1000 * group.rank)
+    meter, last = Meter("vae", "frames", device.type == "cuda", group), float("nan")
     step = 0
     while not schedule.done(step):
         lr = schedule.update(step)
@@ -319,11 +348,10 @@ def train_vae(args: argparse.Namespace, vae: torch.nn.Module, device: torch.devi
         pick = torch.rand(frames.shape[:2]).argsort(dim=1)[:, :per_clip]
         x = to_pixels(frames[torch.arange(len(frames))[:, None], pick], device)
         with autocast(device):
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample()).sample
+            recon, kl = round_trip(x)
         error = recon.float() - x
         weight = foreground_weight(x, args.vae_fg_weight)
-        loss = (weight * (error.abs() + error ** 2)).mean() + args.kl_weight * posterior.kl().mean()
+        loss = (weight * (error.abs() + error ** 2)).mean() + args.kl_weight * kl.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
@@ -331,6 +359,7 @@ def train_vae(args: argparse.Namespace, vae: torch.nn.Module, device: torch.devi
         meter.add(loss, len(x))
         if step % args.log_every == 0 or schedule.done(step):
             last = meter.log(step, args.vae_steps, f" lr {lr:.2e} elapsed {time.perf_counter() - schedule.start:.0f}s")
+    group.check_in_step([vae])
     return last
 
 
@@ -357,8 +386,9 @@ def vae_adherence(vae: torch.nn.Module, clips: int, seed: int, device: torch.dev
 
 
 @torch.no_grad()
-def calibrate_scaling(args: argparse.Namespace, vae: torch.nn.Module, device: torch.device) -> float:
-    """scaling_factor = 1 / std of the latents, so the UNet sees roughly unit-variance inputs."""
+def calibrate_scaling(args: argparse.Namespace, vae: torch.nn.Module, device: torch.device, group: Group) -> float:
+    """scaling_factor = 1 / std of the latents, so the UNet sees roughly unit-variance inputs (rank 0's
+    figure on every process)."""
     vae.eval()
     data = batches(args, max(2, min(16, args.batch)), args.seed + 2)
     latents = []
@@ -366,7 +396,7 @@ def calibrate_scaling(args: argparse.Namespace, vae: torch.nn.Module, device: to
         frames, _ = next(data)
         latents.append(vae.encode(to_pixels(frames, device)).latent_dist.sample().float())
     std = float(torch.cat(latents).std())
-    return 1.0 / max(std, 1e-6)
+    return group.broadcast(1.0 / max(std, 1e-6))
 
 
 # ------------------------------------------------------------------------------------------ phase (b)
@@ -428,17 +458,33 @@ class LatentBank:
         return latents, ids
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, gamma) / SNR for epsilon prediction (1 everywhere if gamma <= 0).
+def snr_loss_weights(alphas_cumprod: torch.Tensor, gamma: float, floor: float) -> torch.Tensor:
+    """Per-sample weights on the epsilon loss so that each timestep weighs clamp(SNR, floor, gamma) as a
+    loss on the clean latents it implies (the epsilon loss itself weighs SNR there).
 
-    Why: the plain epsilon loss spends most of its gradient on the low-noise steps, which only sharpen
-    details; capping their weight lets the high-noise steps, which decide layout, colour and motion,
-    learn faster (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting", 2023).
+    Why the cap (``gamma``, Min-SNR, Hang et al. 2023): the low-noise steps only sharpen details, and
+    uncapped they take most of the gradient. Why the floor: the high-noise steps decide the layout
+    (where the shape is in each frame, hence its motion), and there the epsilon loss weighs the
+    clean latents by SNR, ~0.005 at the last step, so the prompt barely steers them; a floor of 1 gives
+    them the weight v-prediction's loss would (SNR + 1). Runs 5-6 without it (floor 0) drew shapes
+    that moved, but in directions unrelated to the prompt (docs/model.md). ``gamma``/``floor`` <= 0: off.
     """
-    if gamma <= 0:
-        return torch.ones_like(alphas_cumprod)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    return snr.clamp(max=gamma) / snr
+    weight = snr.clamp(max=gamma) if gamma > 0 else snr
+    if floor > 0:
+        weight = weight.clamp(min=floor)
+    return weight / snr
+
+
+class Denoiser(torch.nn.Module):
+    """Text encoder + UNet as one forward, so DistributedDataParallel averages both one's gradients."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy, t, encoder_hidden_states=self.text_encoder(ids)[0]).sample
 
 
 class Ema:
@@ -453,14 +499,45 @@ class Ema:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
 
     @torch.no_grad()
-    def copy_to_model(self) -> None:
-        for p, s in zip(self.params, self.shadow):
+    def copy_to(self, modules: list[torch.nn.Module]) -> None:
+        """The averaged weights into ``modules``: the trained ones, or copies of them in the same order."""
+        targets = [p for m in modules for p in m.parameters() if p.requires_grad]
+        if len(targets) != len(self.shadow):
+            raise ValueError("copy_to needs the modules the average was made of, in the same order")
+        for p, s in zip(targets, self.shadow):
             p.copy_(s)
 
 
-def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device) -> float:
+class Checkpoints:
+    """The model as it stands (EMA weights), saved as a whole model folder every ``every`` seconds.
+
+    Why: a lent GPU can be taken back mid-run; the last checkpoint is then a loadable model
+    (``--init-from``) rather than nothing. Written beside the folder and swapped in, so a reader
+    copying the folder meanwhile finds the previous checkpoint or this one, never half of one.
+    """
+
+    def __init__(self, args: argparse.Namespace, modules: dict[str, torch.nn.Module], ema: Ema | None,
+                 group: Group) -> None:
+        self.args, self.modules, self.ema, self.group = args, modules, ema, group
+        self.every, self.last = args.checkpoint_every, time.perf_counter()
+
+    def maybe_save(self, step: int, summary: dict) -> None:
+        if not self.group.main or self.every <= 0 or time.perf_counter() - self.last < self.every:
+            return
+        copies = {name: copy.deepcopy(module) for name, module in self.modules.items()}
+        if self.ema is not None:
+            self.ema.copy_to([copies["unet"], copies["text_encoder"]])
+        save_atomically(self.args.out, copies, self.args.tokenizer_from, self.args.save_dtype,
+                        {**summary, "unet_steps": step, "checkpoint": True})
+        self.last = time.perf_counter()
+        print(f"[unet] checkpoint of step {step} saved in {self.args.out}", flush=True)
+
+
+def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device, group: Group | None = None,
+               summary: dict | None = None) -> float:
     from diffusers import DDPMScheduler
 
+    group = group or Group()
     noise_scheduler = DDPMScheduler.from_config(modelgen.SCHEDULER_CONFIG)
     alphas = noise_scheduler.alphas_cumprod.to(device)
     vae.eval().requires_grad_(False)
@@ -468,25 +545,29 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device) -
     text_encoder.train().requires_grad_(not args.freeze_text)
     if args.freeze_text:
         text_encoder.eval()
+    denoiser = group.wrap(Denoiser(unet, text_encoder))
     # The step is launch-bound at this size (docs/model.md): --compile fuses the UNet's small kernels.
-    forward = torch.compile(unet) if args.compile else unet
+    forward = torch.compile(denoiser) if args.compile else denoiser
     groups = [{"params": list(unet.parameters()), "lr": args.lr}]
     if not args.freeze_text:
         groups.append({"params": list(text_encoder.parameters()), "lr": args.text_lr})
     # fused: one kernel for the whole update; the unfused loop took 23 ms a step on the H100 (docs/model.md)
     opt = torch.optim.AdamW(groups, weight_decay=1e-2, fused=device.type == "cuda")
     ema = Ema([unet] + ([] if args.freeze_text else [text_encoder]), args.ema) if args.ema > 0 else None
+    checkpoints = Checkpoints(args, {"unet": unet, "text_encoder": text_encoder, "vae": vae}, ema, group)
     started = time.perf_counter()
-    bank = LatentBank(max(args.bank, args.batch), vae, batches(args, args.bank_refresh, args.seed + 4), device,
-                      tokenize(tokenizer, [""])[0], args.cfg_drop)
+    bank = LatentBank(max(args.bank, args.batch), vae, batches(args, args.bank_refresh, args.seed + 4 + 1000 * group.rank),
+                      device, tokenize(tokenizer, [""])[0], args.cfg_drop)
     filling = time.perf_counter() - started
-    print(f"[unet] latent bank of {bank.size} clips encoded in {filling:.1f}s", flush=True)
+    if group.main:
+        print(f"[unet] latent bank of {bank.size} clips encoded in {filling:.1f}s", flush=True)
     # The bank's filling counts in --time-budget; the learning-rate cosine spans what is left.
-    budget = max(1.0, args.time_budget - filling) if args.time_budget > 0 else 0.0
-    schedule = Schedule(opt, min(args.warmup, args.steps), args.steps, budget)
+    budget = group.broadcast(max(1.0, args.time_budget - filling) if args.time_budget > 0 else 0.0)
+    schedule = Schedule(opt, min(args.warmup, args.steps), args.steps, budget, SharedClock(group))
     scaling = vae.config.scaling_factor
-    meter, last = Meter("unet", "clips", device.type == "cuda"), float("nan")
+    meter, last = Meter("unet", "clips", device.type == "cuda", group), float("nan")
     params = [p for g in groups for p in g["params"]]
+    torch.manual_seed(args.seed + 7 + group.rank)       # each process its own noise and timesteps
     step = 0
     while not schedule.done(step):
         lr = schedule.update(step)
@@ -500,10 +581,9 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device) -
         a = alphas[t].view(-1, 1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise      # = DDPMScheduler.add_noise
         with autocast(device):
-            states = text_encoder(ids)[0]
-            pred = forward(noisy, t, encoder_hidden_states=states).sample
+            pred = forward(noisy, t, ids)
         per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3, 4))
-        loss = (min_snr_weights(alphas[t], args.min_snr) * per_sample).mean()
+        loss = (snr_loss_weights(alphas[t], args.min_snr, args.snr_floor) * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -513,9 +593,11 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device) -
         meter.add(loss, len(latents))
         if step % args.log_every == 0 or schedule.done(step):
             last = meter.log(step, args.steps, f" lr {lr:.2e} elapsed {time.perf_counter() - schedule.start:.0f}s")
+        checkpoints.maybe_save(step, {**(summary or {}), "unet_loss": last})
     args.steps_done = step
+    group.check_in_step([unet, text_encoder])
     if ema is not None:
-        ema.copy_to_model()
+        ema.copy_to([unet] + ([] if args.freeze_text else [text_encoder]))
     return last
 
 
@@ -587,7 +669,27 @@ def save(out: Path, modules: dict[str, torch.nn.Module], tokenizer_from: Path, d
     out.mkdir(parents=True, exist_ok=True)
     for folder in ("text_encoder", "unet", "vae"):
         modules[folder].to("cpu", getattr(torch, dtype)).save_pretrained(out / folder)
+        # A part loaded with --init-from records where it came from (a run folder on the GPU host): drop it.
+        config = out / folder / "config.json"
+        fields = json.loads(config.read_text())
+        if fields.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     return modelgen._finish(out, tokenizer_from)
+
+
+def save_atomically(out: Path, modules: dict[str, torch.nn.Module], tokenizer_from: Path, dtype: str,
+                    summary: dict) -> Path:
+    """``save`` plus training.json into a folder beside ``out``, then swapped in for ``out``."""
+    fresh, old = out.with_name(out.name + ".new"), out.with_name(out.name + ".old")
+    for stale in (fresh, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    save(fresh, modules, tokenizer_from, dtype)
+    (fresh / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if out.exists():
+        out.rename(old)
+    fresh.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -596,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
         apply_smoke(args)
     from transformers import CLIPTokenizer
 
-    device = torch.device(args.device)
+    group = Group()
+    device = group.start(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -607,27 +710,35 @@ def main(argv: list[str] | None = None) -> int:
         m.to(device)
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_from)
     counts = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in modules.items()}
-    print("parameters (M): " + ", ".join(f"{k} {v:.2f}" for k, v in counts.items()), flush=True)
+    if group.main:
+        print("parameters (M): " + ", ".join(f"{k} {v:.2f}" for k, v in counts.items())
+              + f"; processes {group.world}", flush=True)
 
-    summary: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    summary: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                     "processes": group.world}
     vae = modules["vae"]
     if args.vae_from is None and args.init_from is None:
-        summary["vae_loss"] = train_vae(args, vae, device)
-        scale = calibrate_scaling(args, vae, device)
+        summary["vae_loss"] = train_vae(args, vae, device, group)
+        scale = calibrate_scaling(args, vae, device, group)
         vae.register_to_config(scaling_factor=scale)
-        print(f"[vae] scaling_factor {scale:.5f}", flush=True)
-        # Saved now, so a failure in phase (b) does not lose it (--vae-from DIR reuses it).
-        copy.deepcopy(vae).to("cpu", getattr(torch, args.save_dtype)).save_pretrained(args.out / "vae")
-    if args.vae_eval_clips > 0:
+        if group.main:
+            print(f"[vae] scaling_factor {scale:.5f}", flush=True)
+            # Saved now, so a failure in phase (b) does not lose it (--vae-from DIR reuses it).
+            copy.deepcopy(vae).to("cpu", getattr(torch, args.save_dtype)).save_pretrained(args.out / "vae")
+    if args.vae_eval_clips > 0 and group.main:
         summary["vae_reconstruction"] = vae_adherence(vae, args.vae_eval_clips, args.seed + 6, device)
-    summary["unet_loss"] = train_unet(args, modules["unet"], modules["text_encoder"], vae, tokenizer, device)
-    if args.eval_clips > 0:
-        summary["eval"] = evaluate(args, modules["unet"], modules["text_encoder"], vae, tokenizer, device)
+    group.barrier()
+    summary["unet_loss"] = train_unet(args, modules["unet"], modules["text_encoder"], vae, tokenizer, device,
+                                      group, summary)
     summary["unet_steps"] = getattr(args, "steps_done", 0)
-    out = save(args.out, modules, args.tokenizer_from, args.save_dtype)
-    summary["wall_s"] = time.perf_counter() - started
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"saved {out} in {summary['wall_s']:.1f} s", flush=True)
+    if group.main:
+        if args.eval_clips > 0:
+            summary["eval"] = evaluate(args, modules["unet"], modules["text_encoder"], vae, tokenizer, device)
+        summary["wall_s"] = time.perf_counter() - started
+        out = save_atomically(args.out, modules, args.tokenizer_from, args.save_dtype, summary)
+        print(f"saved {out} in {summary['wall_s']:.1f} s", flush=True)
+    group.barrier()
+    group.close()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -123,3 +124,19 @@ def test_smoke_training_writes_a_loadable_model_folder(tmp_path: Path) -> None:
         latents = torch.randn(1, 4, 2, 8, 8)
         assert unet(latents, 10, encoder_hidden_states=states).sample.shape == latents.shape
         assert vae.decode(latents[:, :, 0]).sample.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_two_process_training_through_torchrun_keeps_one_model(tmp_path: Path) -> None:
+    """The data-parallel path (t2v.train.distributed) on two CPU processes with gloo: both ranks step
+    in lockstep to the end (a parted step count hangs, parted weights fail the check at the end)."""
+    out = tmp_path / "model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "t2v.train.train", "--smoke", "--checkpoint-every", "0.001", "--out", str(out)],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "processes 2" in run.stdout and "[unet] checkpoint of step 1" in run.stdout
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["processes"] == 2 and summary["unet_steps"] == 3 and "checkpoint" not in summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -1,6 +1,9 @@
-"""The pure parts of t2v.train.train: the VAE's foreground weighting, Min-SNR weights, the latent bank."""
+"""The pure parts of t2v.train.train: the VAE's foreground weighting, SNR loss weights, EMA, atomic saves,
+the latent bank."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -27,14 +30,49 @@ def test_foreground_weight_marks_the_shape_and_nothing_else() -> None:
     assert 0.01 < marked.mean() < 0.2          # a shape, not the frame
 
 
-def test_min_snr_weights_cap_only_the_low_noise_steps() -> None:
-    alphas = torch.linspace(0.999, 0.001, 1000)
+def test_snr_loss_weights_cap_the_low_noise_steps_and_lift_the_high_noise_ones() -> None:
+    alphas = torch.linspace(0.999, 0.001, 1000, dtype=torch.float64)
     snr = alphas / (1 - alphas)
-    weights = train.min_snr_weights(alphas, 5.0)
-    assert torch.all(weights <= 1.0) and torch.all(weights > 0)
-    assert torch.allclose(weights[snr <= 5], torch.ones_like(weights[snr <= 5]))
-    assert torch.allclose(weights[snr > 5], 5.0 / snr[snr > 5])
-    assert torch.equal(train.min_snr_weights(alphas, 0.0), torch.ones_like(alphas))
+    weights = train.snr_loss_weights(alphas, gamma=5.0, floor=1.0)
+    # As a loss on the clean latents (the epsilon loss times SNR), every step weighs clamp(SNR, 1, 5).
+    assert torch.allclose(weights * snr, snr.clamp(1.0, 5.0))
+    assert torch.allclose(weights[snr > 5], 5.0 / snr[snr > 5])            # Min-SNR's cap
+    assert torch.allclose(weights[snr < 1], 1.0 / snr[snr < 1])            # the floor: 1/SNR, up to ~1000 here
+    assert torch.all(weights[(snr >= 1) & (snr <= 5)] == 1.0)
+    only_cap = train.snr_loss_weights(alphas, gamma=5.0, floor=0.0)        # runs 1-6
+    assert torch.all(only_cap <= 1.0) and torch.allclose(only_cap[snr <= 5], torch.ones_like(snr[snr <= 5]))
+    assert torch.allclose(train.snr_loss_weights(alphas, 0.0, 0.0), torch.ones_like(alphas))
+
+
+def test_ema_copies_the_average_into_copies_of_the_modules_in_order() -> None:
+    import copy
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(3, 1)
+    ema = train.Ema([a, b], decay=0.5)
+    with torch.no_grad():
+        for p in list(a.parameters()) + list(b.parameters()):
+            p.add_(1.0)
+    ema.update(step=10**6)                                   # decay 0.5: halfway to the new weights
+    ca, cb = copy.deepcopy(a), copy.deepcopy(b)
+    ema.copy_to([ca, cb])
+    assert torch.allclose(ca.weight, a.weight - 0.5) and torch.allclose(cb.bias, b.bias - 0.5)
+    with pytest.raises(ValueError):
+        ema.copy_to([cb, ca][:1])
+
+
+def test_save_atomically_swaps_a_whole_model_folder_in(tmp_path) -> None:
+    from t2v import modelgen
+
+    modules: dict[str, torch.nn.Module] = {}
+    modelgen._build(modelgen.PRESETS["tiny"], lambda module, folder: modules.__setitem__(folder, module))
+    out = tmp_path / "run"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "stale.txt").write_text("from the last checkpoint")
+    train.save_atomically(out, modules, modelgen.DEFAULT_TOKENIZER, "float16", {"unet_steps": 7})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]            # no .new / .old left
+    assert not (out / "unet" / "stale.txt").exists()
+    assert json.loads((out / "training.json").read_text()) == {"unet_steps": 7}
+    assert (out / "unet" / "config.json").is_file() and (out / "model_index.json").is_file()
 
 
 def tiny_vae():
