@@ -28,6 +28,17 @@ SCHEDULER_CONFIG = {
     "trained_betas": None,
 }
 
+# The same betas rescaled so the last step keeps no signal, with v-prediction and trailing timesteps
+# (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2024): on 8x8 latents
+# the snapshot's last step leaves the layout readable, so a model trained on it reads the layout out
+# of the starting noise instead of the prompt (docs/model.md). DDIM and DPM-Solver read these keys.
+ZERO_TERMINAL_SNR_CONFIG = {
+    **SCHEDULER_CONFIG,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+}
+
 PRESETS: dict[str, dict] = {
     # The real text-to-video-ms-1.7b: UNet3D 1411M, CLIP text 340M, VAE 84M parameters.
     "full": {
@@ -133,10 +144,12 @@ def _build(spec: dict, save: Callable[[Any, str], None]) -> None:
     ), "vae")
 
 
-def _finish(out_dir: Path, tokenizer_from: Path) -> Path:
-    # Written as the real snapshot has it (its PNDM-era keys included), not through DDIMScheduler.
+def _finish(out_dir: Path, tokenizer_from: Path, scheduler_config: dict | None = None) -> Path:
+    # Written as the real snapshot has it (its PNDM-era keys included), not through DDIMScheduler;
+    # a model trained on another schedule (t2v.train --zero-terminal-snr) passes its own keys.
     (out_dir / "scheduler").mkdir(exist_ok=True)
-    scheduler = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.15.0.dev0", **SCHEDULER_CONFIG}
+    scheduler = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.15.0.dev0",
+                 **(SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)}
     (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
 
     tokenizer_dir = out_dir / "tokenizer"

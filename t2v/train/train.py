@@ -15,7 +15,8 @@ a. AutoencoderKL on single frames: L1 + MSE reconstruction + ``--kl-weight`` x K
    ``scaling_factor`` is set to 1/std of the latents (as Stable Diffusion's 0.18215 was found), since
    the decoder service divides by it.
 b. UNet3DConditionModel on the (frozen) VAE's latents, DDPM epsilon loss with a DDPMScheduler built
-   from ``modelgen.SCHEDULER_CONFIG`` (the schedule the services sample with), conditioned on the
+   from ``modelgen.SCHEDULER_CONFIG`` (or v-prediction on ``ZERO_TERMINAL_SNR_CONFIG`` with
+   ``--zero-terminal-snr``; the folder keeps the schedule and the services sample with it), conditioned on the
    CLIP text encoder's last hidden state (as the text_encoder service computes it, no attention
    mask). The text encoder is TRAINED JOINTLY: the preset's CLIP has no pretrained weights, so
    freezing it would freeze random features; jointly trained it learns the world's small vocabulary
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--batch; 65536 take ~1 GB and ~27 s to fill on an H100): a large batch costs only the UNet")
     p.add_argument("--bank-refresh", type=int, default=256,
                    help="fresh clips encoded into the bank per step, replacing the oldest (the data stays varied)")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="train (and save the model with) modelgen.ZERO_TERMINAL_SNR_CONFIG: the betas rescaled "
+                        "so the last step keeps no signal, v-prediction, trailing timesteps (docs/model.md: "
+                        "why the shipped model's motion direction follows the seed); default: the schedule "
+                        "of --init-from's folder, else the real snapshot's")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text weights saved (0 = off)")
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--checkpoint-every", type=float, default=0.0,
@@ -458,7 +464,18 @@ class LatentBank:
         return latents, ids
 
 
-def snr_loss_weights(alphas_cumprod: torch.Tensor, gamma: float, floor: float) -> torch.Tensor:
+def schedule_config(args: argparse.Namespace) -> dict:
+    """The noise schedule to train on and to save in the folder (the services sample with it)."""
+    if args.zero_terminal_snr:
+        return dict(modelgen.ZERO_TERMINAL_SNR_CONFIG)
+    if args.init_from is not None:
+        saved = json.loads((Path(args.init_from) / "scheduler" / "scheduler_config.json").read_text())
+        return {k: v for k, v in saved.items() if not k.startswith("_")}
+    return dict(modelgen.SCHEDULER_CONFIG)
+
+
+def snr_loss_weights(alphas_cumprod: torch.Tensor, gamma: float, floor: float,
+                     prediction: str = "epsilon") -> torch.Tensor:
     """Per-sample weights on the epsilon loss so that each timestep weighs clamp(SNR, floor, gamma) as a
     loss on the clean latents it implies (the epsilon loss itself weighs SNR there).
 
@@ -468,11 +485,18 @@ def snr_loss_weights(alphas_cumprod: torch.Tensor, gamma: float, floor: float) -
     clean latents by SNR, ~0.005 at the last step, so the prompt barely steers them; a floor of 1 gives
     them the weight v-prediction's loss would (SNR + 1). Runs 5-6 without it (floor 0) drew shapes
     that moved, but in directions unrelated to the prompt (docs/model.md). ``gamma``/``floor`` <= 0: off.
+
+    For ``prediction="v_prediction"`` the same clean-latent weights are returned for the v loss, which
+    weighs the clean latents by SNR + 1 itself (finite at zero terminal SNR, where epsilon's is 0).
     """
     snr = alphas_cumprod / (1 - alphas_cumprod)
     weight = snr.clamp(max=gamma) if gamma > 0 else snr
     if floor > 0:
         weight = weight.clamp(min=floor)
+    if prediction == "v_prediction":
+        return weight / (snr + 1)
+    if prediction != "epsilon":
+        raise ValueError(f"unsupported prediction_type {prediction!r}")
     return weight / snr
 
 
@@ -528,7 +552,7 @@ class Checkpoints:
         if self.ema is not None:
             self.ema.copy_to([copies["unet"], copies["text_encoder"]])
         save_atomically(self.args.out, copies, self.args.tokenizer_from, self.args.save_dtype,
-                        {**summary, "unet_steps": step, "checkpoint": True})
+                        {**summary, "unet_steps": step, "checkpoint": True}, schedule_config(self.args))
         self.last = time.perf_counter()
         print(f"[unet] checkpoint of step {step} saved in {self.args.out}", flush=True)
 
@@ -538,8 +562,9 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device, g
     from diffusers import DDPMScheduler
 
     group = group or Group()
-    noise_scheduler = DDPMScheduler.from_config(modelgen.SCHEDULER_CONFIG)
+    noise_scheduler = DDPMScheduler.from_config(schedule_config(args))
     alphas = noise_scheduler.alphas_cumprod.to(device)
+    prediction = noise_scheduler.config.prediction_type
     vae.eval().requires_grad_(False)
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(not args.freeze_text)
@@ -582,8 +607,9 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device, g
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise      # = DDPMScheduler.add_noise
         with autocast(device):
             pred = forward(noisy, t, ids)
-        per_sample = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3, 4))
-        loss = (snr_loss_weights(alphas[t], args.min_snr, args.snr_floor) * per_sample).mean()
+        target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents   # v
+        per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3, 4))
+        loss = (snr_loss_weights(alphas[t], args.min_snr, args.snr_floor, prediction) * per_sample).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -605,13 +631,14 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device, g
 
 @torch.no_grad()
 def generate(unet, text_encoder, vae, tokenizer, prompts: list[str], seeds: list[int], steps: int,
-             guidance: float, frames: int, device: torch.device) -> np.ndarray:
+             guidance: float, frames: int, device: torch.device, schedule: dict | None = None) -> np.ndarray:
     """Videos with the denoiser service's own math (services.denoiser.sampling), one per prompt, each
     from its own seeded noise: uint8 [N, F, H, W, 3]."""
     from services.denoiser import sampling
 
     unet.eval(), text_encoder.eval(), vae.eval()
-    scheduler = sampling.make_scheduler("ddim", {"_class_name": "DDIMScheduler", **modelgen.SCHEDULER_CONFIG})
+    scheduler = sampling.make_scheduler("ddim", {"_class_name": "DDIMScheduler",
+                                                 **(schedule or modelgen.SCHEDULER_CONFIG)})
     scheduler.set_timesteps(steps, device=device)
     n = len(prompts)
     states = encode_text(tokenizer, text_encoder, [""] * n + list(prompts), device).float()
@@ -656,7 +683,7 @@ def evaluate(args, unet, text_encoder, vae, tokenizer, device: torch.device) -> 
             chunk = pairs[start:start + args.eval_batch]
             videos = generate(unet, text_encoder, vae, tokenizer, [c for _, c in chunk],
                               list(range(start, start + len(chunk))), args.eval_steps, args.eval_guidance,
-                              args.frames, device)
+                              args.frames, device, schedule_config(args))
             clips += [(video, spec) for video, (spec, _) in zip(videos, chunk)]
         results[name] = checker.accuracy(clips)
         print(f"[eval] {name}: " + " ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
@@ -665,7 +692,8 @@ def evaluate(args, unet, text_encoder, vae, tokenizer, device: torch.device) -> 
 
 # ------------------------------------------------------------------------------------------ main
 
-def save(out: Path, modules: dict[str, torch.nn.Module], tokenizer_from: Path, dtype: str = "float32") -> Path:
+def save(out: Path, modules: dict[str, torch.nn.Module], tokenizer_from: Path, dtype: str = "float32",
+         schedule: dict | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for folder in ("text_encoder", "unet", "vae"):
         modules[folder].to("cpu", getattr(torch, dtype)).save_pretrained(out / folder)
@@ -674,16 +702,16 @@ def save(out: Path, modules: dict[str, torch.nn.Module], tokenizer_from: Path, d
         fields = json.loads(config.read_text())
         if fields.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
-    return modelgen._finish(out, tokenizer_from)
+    return modelgen._finish(out, tokenizer_from, schedule)
 
 
 def save_atomically(out: Path, modules: dict[str, torch.nn.Module], tokenizer_from: Path, dtype: str,
-                    summary: dict) -> Path:
+                    summary: dict, schedule: dict | None = None) -> Path:
     """``save`` plus training.json into a folder beside ``out``, then swapped in for ``out``."""
     fresh, old = out.with_name(out.name + ".new"), out.with_name(out.name + ".old")
     for stale in (fresh, old):
         shutil.rmtree(stale, ignore_errors=True)
-    save(fresh, modules, tokenizer_from, dtype)
+    save(fresh, modules, tokenizer_from, dtype, schedule)
     (fresh / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     if out.exists():
         out.rename(old)
@@ -735,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_clips > 0:
             summary["eval"] = evaluate(args, modules["unet"], modules["text_encoder"], vae, tokenizer, device)
         summary["wall_s"] = time.perf_counter() - started
-        out = save_atomically(args.out, modules, args.tokenizer_from, args.save_dtype, summary)
+        out = save_atomically(args.out, modules, args.tokenizer_from, args.save_dtype, summary, schedule_config(args))
         print(f"saved {out} in {summary['wall_s']:.1f} s", flush=True)
     group.barrier()
     group.close()

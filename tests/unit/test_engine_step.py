@@ -42,9 +42,10 @@ def request(seed: int, steps: int = 3, guidance_scale: float = 7.0, scheduler: s
                        num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, scheduler=scheduler)
 
 
-def run(jobs: list[eng.Request], observer: eng.EngineObserver | None = None) -> list[eng.Event]:
+def run(jobs: list[eng.Request], observer: eng.EngineObserver | None = None,
+        config: dict | None = None) -> list[eng.Event]:
     """Submit every request before the engine starts (so they share batches), return the last events."""
-    config = json.loads(SCHEDULER_CONFIG.read_text())
+    config = config or json.loads(SCHEDULER_CONFIG.read_text())
     engine = eng.DenoiseEngine(unet(), config, torch.device("cpu"), torch.float32, max_batch=4,
                                observer=observer)
     submitted = [engine.submit(r) for r in jobs]
@@ -159,3 +160,22 @@ def test_a_step_on_cuda_never_makes_the_cpu_wait_for_the_gpu(name: str) -> None:
     engine._step(engine._pick_batch())
     assert engine.stats.finished == 2
     assert observer.steps and all(size == 2 and seconds > 0 for size, seconds in observer.steps), observer.steps
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_a_model_saved_with_a_zero_terminal_snr_schedule_samples_from_its_first_step(
+        monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The schedule ``t2v.train --zero-terminal-snr`` saves into a model folder (v-prediction, betas
+    rescaled to no signal at t = 999, trailing timesteps) runs in the engine as it is: sampling starts
+    at t = 999 itself, where epsilon-prediction would divide by zero, and the latents stay finite."""
+    from t2v.modelgen import ZERO_TERMINAL_SNR_CONFIG
+
+    config = {"_class_name": "DDIMScheduler", **ZERO_TERMINAL_SNR_CONFIG}
+    scheduler = make_scheduler(name, config)
+    assert scheduler.config.prediction_type == "v_prediction"
+    cls = type(scheduler)
+    seen: list[int] = []
+    wrap(monkeypatch, cls, "step", lambda output, timestep, *a, **k: seen.append(timestep))
+    last = run([request(1, steps=4, scheduler=name)], config=config)
+    assert isinstance(last[0], eng.Finished) and torch.isfinite(last[0].latents).all(), last
+    assert seen[0] == 999 and len(seen) == 4

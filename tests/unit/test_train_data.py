@@ -140,3 +140,21 @@ def test_two_process_training_through_torchrun_keeps_one_model(tmp_path: Path) -
     summary = json.loads((out / "training.json").read_text())
     assert summary["processes"] == 2 and summary["unet_steps"] == 3 and "checkpoint" not in summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.slow
+def test_zero_terminal_snr_training_saves_its_schedule_and_continuing_keeps_it(tmp_path: Path) -> None:
+    """--zero-terminal-snr trains on v-prediction targets and writes that schedule into the folder (the
+    services sample with the folder's schedule); --init-from that folder keeps it."""
+    from t2v.modelgen import ZERO_TERMINAL_SNR_CONFIG
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    first, second = tmp_path / "first", tmp_path / "second"
+    for args in (["--zero-terminal-snr", "--out", str(first)], ["--init-from", str(first), "--out", str(second)]):
+        run = subprocess.run([sys.executable, "-m", "t2v.train.train", "--smoke", *args], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0, run.stdout + run.stderr
+    for folder in (first, second):
+        saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        assert {k: saved[k] for k in ZERO_TERMINAL_SNR_CONFIG} == ZERO_TERMINAL_SNR_CONFIG
+        assert saved["_class_name"] == "DDIMScheduler"

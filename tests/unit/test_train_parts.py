@@ -42,6 +42,14 @@ def test_snr_loss_weights_cap_the_low_noise_steps_and_lift_the_high_noise_ones()
     only_cap = train.snr_loss_weights(alphas, gamma=5.0, floor=0.0)        # runs 1-6
     assert torch.all(only_cap <= 1.0) and torch.allclose(only_cap[snr <= 5], torch.ones_like(snr[snr <= 5]))
     assert torch.allclose(train.snr_loss_weights(alphas, 0.0, 0.0), torch.ones_like(alphas))
+    # v-prediction: the same clean-latent weights for the v loss (which weighs them SNR + 1), finite at SNR 0.
+    zero_snr = torch.cat([alphas[:-1], torch.zeros(1, dtype=alphas.dtype)])
+    snr0 = zero_snr / (1 - zero_snr)
+    v_weights = train.snr_loss_weights(zero_snr, gamma=5.0, floor=1.0, prediction="v_prediction")
+    assert torch.isfinite(v_weights).all() and v_weights[-1] == 1.0
+    assert torch.allclose(v_weights * (snr0 + 1), snr0.clamp(1.0, 5.0))
+    with pytest.raises(ValueError):
+        train.snr_loss_weights(alphas, 5.0, 1.0, prediction="sample")
 
 
 def test_ema_copies_the_average_into_copies_of_the_modules_in_order() -> None:
