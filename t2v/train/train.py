@@ -631,9 +631,10 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device, g
 
 @torch.no_grad()
 def generate(unet, text_encoder, vae, tokenizer, prompts: list[str], seeds: list[int], steps: int,
-             guidance: float, frames: int, device: torch.device, schedule: dict | None = None) -> np.ndarray:
+             guidance: float, frames: int, device: torch.device, schedule: dict | None = None,
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """Videos with the denoiser service's own math (services.denoiser.sampling), one per prompt, each
-    from its own seeded noise: uint8 [N, F, H, W, 3]."""
+    from its own seeded noise (passed through ``transform`` first, if given): uint8 [N, F, H, W, 3]."""
     from services.denoiser import sampling
 
     unet.eval(), text_encoder.eval(), vae.eval()
@@ -646,6 +647,8 @@ def generate(unet, text_encoder, vae, tokenizer, prompts: list[str], seeds: list
     starts = [sampling.initial_latents((1, unet.config.in_channels, frames, size, size), seed, device,
                                        torch.float32, scheduler.init_noise_sigma) for seed in seeds]
     latents = torch.cat([latent for latent, _ in starts])
+    if transform is not None:
+        latents = transform(latents)
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         with autocast(device):

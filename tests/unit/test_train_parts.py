@@ -135,3 +135,21 @@ def test_vae_ceiling_judges_the_embedded_vae(capsys: pytest.CaptureFixture[str])
     assert line.startswith("[vae] reconstructions of held-out clips: colour ")
     figures = dict(zip(line.split()[5::2], map(float, line.split()[6::2])))
     assert set(figures) == {"colour", "shape", "motion", "all"} and all(0 <= v <= 1 for v in figures.values())
+
+
+def test_direction_probe_reverses_the_noise_in_time_and_judges_every_video(capsys: pytest.CaptureFixture[str]) -> None:
+    from t2v.train import direction_probe
+
+    x = torch.randn(2, 4, 16, 8, 8)                     # [N, C, F, h, w], as the sampler starts
+    reversed_ = direction_probe.TRANSFORMS["time-reversed"](x)
+    assert torch.equal(reversed_[:, :, 0], x[:, :, -1]) and torch.equal(reversed_[:, :, -1], x[:, :, 0])
+    assert torch.equal(direction_probe.TRANSFORMS["upside-down"](x)[..., 0, :], x[..., -1, :])
+    assert torch.equal(direction_probe.TRANSFORMS["mirrored"](x)[..., 0], x[..., -1])
+
+    assert direction_probe.main(["--colours", "red", "--steps", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[:4]] == ["as", "time-reversed", "upside-down", "mirrored"]
+    for line in lines[:4]:
+        verdicts = line.split(": ")[1].split()
+        assert len(verdicts) == 4 and set(verdicts) <= set(world.MOTIONS) | {"still", "none"}
+    assert lines[-1].startswith("reversing the noise in time changed the direction in ") and lines[-1].endswith(" of 4 videos")
