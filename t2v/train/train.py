@@ -500,6 +500,16 @@ def snr_loss_weights(alphas_cumprod: torch.Tensor, gamma: float, floor: float,
     return weight / snr
 
 
+def training_target(prediction: str, latents: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output for ``noisy = sqrt(a) latents + sqrt(1 - a) noise``: the noise
+    (epsilon) or v = sqrt(a) noise - sqrt(1 - a) latents (= DDPMScheduler.get_velocity)."""
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v_prediction":
+        return alphas.sqrt() * noise - (1 - alphas).sqrt() * latents
+    raise ValueError(f"unsupported prediction_type {prediction!r}")
+
+
 class Denoiser(torch.nn.Module):
     """Text encoder + UNet as one forward, so DistributedDataParallel averages both one's gradients."""
 
@@ -607,7 +617,7 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device, g
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise      # = DDPMScheduler.add_noise
         with autocast(device):
             pred = forward(noisy, t, ids)
-        target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents   # v
+        target = training_target(prediction, latents, noise, a)
         per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3, 4))
         loss = (snr_loss_weights(alphas[t], args.min_snr, args.snr_floor, prediction) * per_sample).mean()
         opt.zero_grad(set_to_none=True)

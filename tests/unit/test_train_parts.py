@@ -52,6 +52,24 @@ def test_snr_loss_weights_cap_the_low_noise_steps_and_lift_the_high_noise_ones()
         train.snr_loss_weights(alphas, 5.0, 1.0, prediction="sample")
 
 
+def test_training_targets_are_diffusers_epsilon_and_velocity() -> None:
+    from diffusers import DDPMScheduler
+
+    from t2v.modelgen import ZERO_TERMINAL_SNR_CONFIG
+
+    scheduler = DDPMScheduler.from_config(ZERO_TERMINAL_SNR_CONFIG)
+    assert scheduler.alphas_cumprod[-1] == 0                     # no signal left at the last step
+    latents, noise = torch.randn(3, 4, 2, 8, 8), torch.randn(3, 4, 2, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    assert torch.equal(train.training_target("epsilon", latents, noise, a), noise)
+    v = train.training_target("v_prediction", latents, noise, a)
+    assert torch.allclose(v, scheduler.get_velocity(latents, noise, t), atol=1e-6)
+    assert torch.allclose(v[2], -latents[2])                    # at zero SNR, v is minus the clean latents
+    with pytest.raises(ValueError):
+        train.training_target("sample", latents, noise, a)
+
+
 def test_ema_copies_the_average_into_copies_of_the_modules_in_order() -> None:
     import copy
 
