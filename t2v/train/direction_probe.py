@@ -12,14 +12,13 @@ reversed in time (docs/model.md: why its motion goal is not met).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from services.common.config import DEFAULT_MODEL
 from t2v.train import checker
-from t2v.train.train import generate
+from t2v.train.train import folder_schedule, generate, load_part
 
 # latents are [N, C, F, h, w]
 TRANSFORMS = {
@@ -33,15 +32,11 @@ DIRECTIONS = ("up", "down", "left", "right")
 
 def probe(model: Path, colours: list[str], steps: int, guidance: float) -> dict[str, list[str]]:
     """The checker's motion verdict for every prompt, under every transform of its starting noise."""
-    from diffusers import AutoencoderKL, UNet3DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    unet = UNet3DConditionModel.from_pretrained(model / "unet", dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(model / "vae", dtype=torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder", dtype=torch.float32)
+    unet, vae, text_encoder = (load_part(model, part) for part in ("unet", "vae", "text_encoder"))
     tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
-    schedule = {k: v for k, v in json.loads((model / "scheduler" / "scheduler_config.json").read_text()).items()
-                if not k.startswith("_")}
+    schedule = folder_schedule(model)
     prompts = [f"a {colour} square moving {d} on a black background" for colour in colours for d in DIRECTIONS]
     seen = {"prompt": prompts}
     for name, transform in TRANSFORMS.items():

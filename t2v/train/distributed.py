@@ -70,10 +70,11 @@ class Group:
         """Fail loudly if the processes' weights have parted (they must stay identical)."""
         if not self.parallel:
             return
-        total = sum(float(p.detach().double().sum()) for m in modules for p in m.parameters())
-        spread = torch.tensor([total, -total], dtype=torch.float64, device=self.device)
+        # One sum on the device, read back once (not one host sync per parameter).
+        total = torch.stack([p.detach().double().sum() for m in modules for p in m.parameters()]).sum()
+        spread = torch.stack([total, -total]).to(self.device)
         torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
-        if float(spread[0] + spread[1]) > 1e-6 * max(1.0, abs(total)):
+        if float(spread[0] + spread[1]) > 1e-6 * max(1.0, abs(float(total))):
             raise RuntimeError(f"rank {self.rank}: weights differ between processes (max - min of the "
                                f"weight sums: {float(spread[0] + spread[1]):.3g})")
 

@@ -176,17 +176,27 @@ def build_models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     modules: dict[str, torch.nn.Module] = {}
     modelgen._build(model_spec(args), lambda module, folder: modules.__setitem__(folder, module))
     if args.init_from is not None:
-        from diffusers import UNet3DConditionModel
-        from transformers import CLIPTextModel
-
-        root = Path(args.init_from)
-        modules["text_encoder"] = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch.float32)
-        modules["unet"] = UNet3DConditionModel.from_pretrained(root / "unet", dtype=torch.float32)
+        for part in ("text_encoder", "unet"):
+            modules[part] = load_part(args.init_from, part)
     vae_from = args.vae_from or args.init_from
     if vae_from is not None:
-        from diffusers import AutoencoderKL
-        modules["vae"] = AutoencoderKL.from_pretrained(Path(vae_from) / "vae", dtype=torch.float32)
+        modules["vae"] = load_part(vae_from, "vae")
     return modules
+
+
+def load_part(folder: Path | str, part: str) -> torch.nn.Module:
+    """One trained part of a model folder ("text_encoder", "unet" or "vae"), in float32."""
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextModel
+
+    classes = {"text_encoder": CLIPTextModel, "unet": UNet3DConditionModel, "vae": AutoencoderKL}
+    return classes[part].from_pretrained(Path(folder) / part, dtype=torch.float32)
+
+
+def folder_schedule(folder: Path | str) -> dict:
+    """The noise schedule a model folder was trained on and is sampled with (its scheduler config)."""
+    saved = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+    return {k: v for k, v in saved.items() if not k.startswith("_")}
 
 
 class WorldClips(torch.utils.data.IterableDataset):
@@ -469,8 +479,7 @@ def schedule_config(args: argparse.Namespace) -> dict:
     if args.zero_terminal_snr:
         return dict(modelgen.ZERO_TERMINAL_SNR_CONFIG)
     if args.init_from is not None:
-        saved = json.loads((Path(args.init_from) / "scheduler" / "scheduler_config.json").read_text())
-        return {k: v for k, v in saved.items() if not k.startswith("_")}
+        return folder_schedule(args.init_from)
     return dict(modelgen.SCHEDULER_CONFIG)
 
 
@@ -551,18 +560,19 @@ class Checkpoints:
     """
 
     def __init__(self, args: argparse.Namespace, modules: dict[str, torch.nn.Module], ema: Ema | None,
-                 group: Group) -> None:
-        self.args, self.modules, self.ema, self.group = args, modules, ema, group
+                 group: Group, summary: dict) -> None:
+        self.args, self.modules, self.ema, self.group, self.summary = args, modules, ema, group, summary
         self.every, self.last = args.checkpoint_every, time.perf_counter()
 
-    def maybe_save(self, step: int, summary: dict) -> None:
+    def maybe_save(self, step: int, loss: float) -> None:
         if not self.group.main or self.every <= 0 or time.perf_counter() - self.last < self.every:
             return
         copies = {name: copy.deepcopy(module) for name, module in self.modules.items()}
         if self.ema is not None:
             self.ema.copy_to([copies["unet"], copies["text_encoder"]])
         save_atomically(self.args.out, copies, self.args.tokenizer_from, self.args.save_dtype,
-                        {**summary, "unet_steps": step, "checkpoint": True}, schedule_config(self.args))
+                        {**self.summary, "unet_loss": loss, "unet_steps": step, "checkpoint": True},
+                        schedule_config(self.args))
         self.last = time.perf_counter()
         print(f"[unet] checkpoint of step {step} saved in {self.args.out}", flush=True)
 
@@ -589,7 +599,8 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device, g
     # fused: one kernel for the whole update; the unfused loop took 23 ms a step on the H100 (docs/model.md)
     opt = torch.optim.AdamW(groups, weight_decay=1e-2, fused=device.type == "cuda")
     ema = Ema([unet] + ([] if args.freeze_text else [text_encoder]), args.ema) if args.ema > 0 else None
-    checkpoints = Checkpoints(args, {"unet": unet, "text_encoder": text_encoder, "vae": vae}, ema, group)
+    checkpoints = Checkpoints(args, {"unet": unet, "text_encoder": text_encoder, "vae": vae}, ema, group,
+                              summary or {})
     started = time.perf_counter()
     bank = LatentBank(max(args.bank, args.batch), vae, batches(args, args.bank_refresh, args.seed + 4 + 1000 * group.rank),
                       device, tokenize(tokenizer, [""])[0], args.cfg_drop)
@@ -629,7 +640,7 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device, g
         meter.add(loss, len(latents))
         if step % args.log_every == 0 or schedule.done(step):
             last = meter.log(step, args.steps, f" lr {lr:.2e} elapsed {time.perf_counter() - schedule.start:.0f}s")
-        checkpoints.maybe_save(step, {**(summary or {}), "unet_loss": last})
+        checkpoints.maybe_save(step, last)
     args.steps_done = step
     group.check_in_step([unet, text_encoder])
     if ema is not None:
@@ -688,7 +699,7 @@ def evaluate(args, unet, text_encoder, vae, tokenizer, device: torch.device) -> 
     """Checker adherence on ``--eval-clips`` train-split, held-out and paraphrased prompts."""
     from t2v.train import checker
 
-    results = {}
+    results, schedule = {}, schedule_config(args)
     for name, split, paraphrase in EVAL_SETS:
         pairs = eval_prompts(split, paraphrase, args.eval_clips, args.seed + 5)
         clips = []
@@ -696,7 +707,7 @@ def evaluate(args, unet, text_encoder, vae, tokenizer, device: torch.device) -> 
             chunk = pairs[start:start + args.eval_batch]
             videos = generate(unet, text_encoder, vae, tokenizer, [c for _, c in chunk],
                               list(range(start, start + len(chunk))), args.eval_steps, args.eval_guidance,
-                              args.frames, device, schedule_config(args))
+                              args.frames, device, schedule)
             clips += [(video, spec) for video, (spec, _) in zip(videos, chunk)]
         results[name] = checker.accuracy(clips)
         print(f"[eval] {name}: " + " ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from services.common.config import DEFAULT_MODEL
-from t2v.train.train import vae_adherence
+from t2v.train.train import load_part, vae_adherence
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    from diffusers import AutoencoderKL
-
     device = torch.device(args.device)
-    vae = AutoencoderKL.from_pretrained(args.model / "vae", dtype=torch.float32).to(device)
+    vae = load_part(args.model, "vae").to(device)
     vae_adherence(vae, args.clips, args.seed, device)
     return 0
 
