@@ -60,8 +60,10 @@ PRESETS: dict[str, dict] = {
     },
     # The embedded default (models/t2v-world, trained by t2v/train on 64x64 clips): the same block types
     # and an 8x VAE, scaled down so a 2-core CPU makes a 16-frame video in seconds. This preset gives
-    # its architecture with random weights (the trained folder also carries the VAE's scaling_factor).
+    # its architecture with random weights (the trained folder also carries the VAE's scaling_factor)
+    # and the zero-terminal-SNR schedule it was trained on (run 9, docs/model.md).
     "world": {
+        "scheduler": ZERO_TERMINAL_SNR_CONFIG,
         "text_encoder": dict(
             hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2,
             projection_dim=64, hidden_act="gelu",
@@ -123,7 +125,7 @@ def make_model(preset: str, out_dir: Path, seed: int = 0, tokenizer_from: Path =
 
     with torch.device(device):
         _build(spec, save)
-    return _finish(out_dir, tokenizer_from)
+    return _finish(out_dir, tokenizer_from, spec.get("scheduler"))
 
 
 def _build(spec: dict, save: Callable[[Any, str], None]) -> None:
