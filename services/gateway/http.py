@@ -231,7 +231,7 @@ async def _read_body(request: Request) -> Any:
             raise InvalidArgument(f"the request body is over {MAX_BODY_BYTES >> 20} MiB; a request is a few "
                                   "fields of JSON")
     if not raw.strip():
-        raise InvalidArgument("the request body is empty; send JSON such as {\"prompt\": \"a red ball bouncing\"}")
+        raise InvalidArgument("the request body is empty; send JSON such as {\"prompt\": \"a red ball moving right\"}")
     try:
         body = json.loads(raw)
         json.dumps(body, ensure_ascii=False).encode()   # "\ud800" is valid JSON but not text: no job, no row
@@ -240,10 +240,10 @@ async def _read_body(request: Request) -> Any:
                               "send valid Unicode (UTF-8)") from None
     except RecursionError:
         raise InvalidArgument("the request body is nested too deeply; a request is one flat JSON object, e.g. "
-                              "{\"prompt\": \"a red ball bouncing\"}") from None
+                              "{\"prompt\": \"a red ball moving right\"}") from None
     except ValueError as error:
         raise InvalidArgument(f"the request body is not valid JSON ({error}); send e.g. "
-                              "{\"prompt\": \"a red ball bouncing\"}") from None
+                              "{\"prompt\": \"a red ball moving right\"}") from None
     return body
 
 

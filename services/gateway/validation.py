@@ -58,7 +58,7 @@ def validate(params: generation_pb2.GenerationParams, limits: Limits) -> Params:
     """Return the resolved params or raise InvalidArgument naming the field and the allowed range."""
     prompt = params.prompt
     if not prompt.strip():
-        raise InvalidArgument("prompt is empty; describe the video you want, e.g. \"a red ball bouncing\"",
+        raise InvalidArgument("prompt is empty; describe the video you want, e.g. \"a red ball moving right\"",
                               field="prompt")
     _check_text("prompt", prompt, limits)
     _check_text("negative_prompt", params.negative_prompt, limits)

@@ -60,7 +60,7 @@ class CreateVideoRequest(BaseModel):
     the defaults of diffusers' TextToVideoSDPipeline."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"prompt": "a red ball bouncing on green grass", "size": "128x128", "num_frames": 8,
+        {"prompt": "a red ball moving right on a black background", "size": "128x128", "num_frames": 8,
          "num_inference_steps": 25, "seed": 42, "priority": "normal"}]})
 
     prompt: str = Field(description="What the video shows. The text encoder reads the first 77 tokens.",
@@ -118,7 +118,7 @@ def parse_request(body: Any) -> CreateVideoRequest:
     rewritten: a user should read what to send, not a validator's vocabulary)."""
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object with at least a prompt, e.g. "
-                              "{\"prompt\": \"a red ball bouncing\"}")
+                              "{\"prompt\": \"a red ball moving right\"}")
     for name, sentence in _UNSUPPORTED.items():
         if name in body:
             raise InvalidArgument(sentence, field=name)
@@ -133,7 +133,7 @@ def parse_request(body: Any) -> CreateVideoRequest:
 def _sentence(field: str, error: Any) -> str:
     kind, given = error["type"], error.get("input")
     if kind == "missing":
-        return f"{field} is missing; it is required (e.g. \"prompt\": \"a red ball bouncing\")"
+        return f"{field} is missing; it is required (e.g. \"prompt\": \"a red ball moving right\")"
     if kind == "extra_forbidden":
         known = ", ".join(CreateVideoRequest.model_fields)
         return f"{field} is not a field of this API; the fields are: {known}"

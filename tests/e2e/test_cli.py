@@ -81,7 +81,7 @@ def test_up_generate_and_ctrl_c(tmp_path):
                                     "-o", str(tmp_path / "x.mp4")], env=ENV, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1
         assert bad.stderr.strip() == 'error: INVALID_ARGUMENT: prompt is empty; describe the video you want, ' \
-                                     'e.g. "a red ball bouncing"'
+                                     'e.g. "a red ball moving right"'
     finally:
         up.send_signal(signal.SIGINT)
         out, _ = up.communicate(timeout=60)

@@ -104,7 +104,7 @@ def test_generate_shows_progress_and_plays_the_video(make_gateway, page, tmp_pat
     page.goto(make_gateway().http_url + "/")
     page.wait_for_selector("#health-dot.ok", timeout=15_000)
     page.evaluate(RECORDER)
-    fill_and_generate(page, "a red ball bouncing on green grass", frames=2, steps=6)
+    fill_and_generate(page, "a red ball moving right on a black background", frames=2, steps=6)
 
     page.wait_for_function("document.getElementById('video').readyState >= 2", timeout=60_000)
     page.wait_for_function("document.getElementById('status-text').textContent === 'Done'", timeout=10_000)
