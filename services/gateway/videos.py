@@ -60,7 +60,7 @@ class CreateVideoRequest(BaseModel):
     the defaults of diffusers' TextToVideoSDPipeline."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"prompt": "a red ball moving right on a black background", "size": "128x128", "num_frames": 8,
+        {"prompt": "a red ball moving right on a black background", "size": "64x64", "num_frames": 8,
          "num_inference_steps": 25, "seed": 42, "priority": "normal"}]})
 
     prompt: str = Field(description="What the video shows. The text encoder reads the first 77 tokens.",
