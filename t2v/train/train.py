@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fresh clips encoded into the bank per step, replacing the oldest (the data stays varied)")
     p.add_argument("--zero-terminal-snr", action="store_true",
                    help="train (and save the model with) modelgen.ZERO_TERMINAL_SNR_CONFIG: the betas rescaled "
-                        "so the last step keeps no signal, v-prediction, trailing timesteps (docs/model.md: "
-                        "why the shipped model's motion direction follows the seed); default: the schedule "
+                        "so the last step keeps no signal, v-prediction, trailing timesteps (the shipped "
+                        "model's; without it the direction of motion follows the seed, docs/model.md); "
+                        "default: the schedule "
                         "of --init-from's folder, else the real snapshot's")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text weights saved (0 = off)")
     p.add_argument("--warmup", type=int, default=300)
@@ -652,15 +653,15 @@ def train_unet(args, unet, text_encoder, vae, tokenizer, device: torch.device, g
 
 @torch.no_grad()
 def generate(unet, text_encoder, vae, tokenizer, prompts: list[str], seeds: list[int], steps: int,
-             guidance: float, frames: int, device: torch.device, schedule: dict | None = None,
+             guidance: float, frames: int, device: torch.device, schedule: dict,
              transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
-    """Videos with the denoiser service's own math (services.denoiser.sampling), one per prompt, each
-    from its own seeded noise (passed through ``transform`` first, if given): uint8 [N, F, H, W, 3]."""
+    """Videos with the denoiser service's own math (services.denoiser.sampling) on the model's noise
+    ``schedule``, one per prompt, each from its own seeded noise (passed through ``transform`` first,
+    if given): uint8 [N, F, H, W, 3]."""
     from services.denoiser import sampling
 
     unet.eval(), text_encoder.eval(), vae.eval()
-    scheduler = sampling.make_scheduler("ddim", {"_class_name": "DDIMScheduler",
-                                                 **(schedule or modelgen.SCHEDULER_CONFIG)})
+    scheduler = sampling.make_scheduler("ddim", {"_class_name": "DDIMScheduler", **schedule})
     scheduler.set_timesteps(steps, device=device)
     n = len(prompts)
     states = encode_text(tokenizer, text_encoder, [""] * n + list(prompts), device).float()
