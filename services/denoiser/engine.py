@@ -5,6 +5,10 @@ Why: the UNet is the product's cost. Every iteration takes the active requests o
 each row at its own timestep), then a scheduler step per request. Requests join and leave between
 steps; a cancelled request leaves at the next step. Noise comes from each request's own seeded
 generator, so a video does not depend on what it was batched with. Knows nothing of gRPC.
+
+A request may ask for a Checkpoint every N steps and may start from one (``Request.resume``): its
+latents and its scheduler's history, enough to continue bit for bit on another engine. A resumed
+request is an ordinary member of its shape's batches, at its own timestep.
 """
 
 from __future__ import annotations
@@ -38,6 +42,19 @@ class EngineStopped(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A request's state after ``step`` steps: an event the engine emits, and a resume point.
+
+    As an event its tensors are the engine's own (on its device; it never writes into them again), so
+    taking one costs the engine no copy and no wait for the GPU: whoever reads it moves them to the CPU
+    in its own thread."""
+
+    step: int                  # steps done, 1 .. num_inference_steps - 1
+    latents: torch.Tensor      # [1, C, F, h, w] in the engine's compute dtype
+    history: sampling.History = sampling.History()
+
+
+@dataclass(frozen=True)
 class Request:
     request_id: str
     embeddings: torch.Tensor          # [2, 77, D] (uncond, cond) or [1, 77, D] without guidance
@@ -48,6 +65,8 @@ class Request:
     guidance_scale: float
     seed: int
     scheduler: str = sampling.DEFAULT_SCHEDULER
+    checkpoint_every: int = 0            # 0 = never; N = a Checkpoint after steps N, 2N, ... but the last
+    resume: Checkpoint | None = None     # None = start from the seed's noise
 
     @property
     def uses_guidance(self) -> bool:
@@ -77,7 +96,7 @@ class Cancelled:
     steps_run: int
 
 
-Event = Union[Step, Finished, Failed, Cancelled]
+Event = Union[Step, Checkpoint, Finished, Failed, Cancelled]
 
 
 @dataclass(eq=False)
@@ -103,6 +122,12 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def wants_checkpoint(self) -> bool:
+        """Whether a Checkpoint follows the step just done: every ``checkpoint_every``-th step of the
+        whole run, never the last (the latents come then anyway)."""
+        every = self.request.checkpoint_every
+        return every > 0 and self.index % every == 0 and self.index < len(self.timestep_values)
 
     @property
     def shape_key(self) -> tuple[int, int, int]:
@@ -317,9 +342,12 @@ class DenoiseEngine:
             job.scheduler.set_timesteps(r.num_inference_steps, device=self.device)
             job.timesteps = job.scheduler.timesteps
             job.timestep_values = [int(t) for t in job.timesteps.tolist()]   # read once: no GPU sync per step
-            shape = (1, self.latent_channels, r.num_frames, r.height // 8, r.width // 8)
-            job.latents, job.generator = sampling.initial_latents(
-                shape, r.seed, self.device, self.dtype, job.scheduler.init_noise_sigma)
+            if r.resume is None:
+                shape = (1, self.latent_channels, r.num_frames, r.height // 8, r.width // 8)
+                job.latents, job.generator = sampling.initial_latents(
+                    shape, r.seed, self.device, self.dtype, job.scheduler.init_noise_sigma)
+            else:
+                self._resume(job, r.resume)
             job.kwargs = sampling.step_kwargs(job.scheduler, job.generator)
             job.embeddings = r.embeddings.to(self.device, self.dtype)
         except Exception as exc:  # noqa: BLE001
@@ -328,6 +356,20 @@ class DenoiseEngine:
             return
         with self._cond:
             self._active.append(job)
+
+    def _resume(self, job: Job, checkpoint: Checkpoint) -> None:
+        """Start ``job`` where ``checkpoint`` left off: its latents, its scheduler's history, its step.
+
+        The generator is seeded as a fresh run's but draws nothing: the schedulers here draw no noise
+        in their steps (sampling.py says why), so its state after the initial noise does not matter."""
+        r, total = job.request, len(job.timestep_values)
+        if not 1 <= checkpoint.step < total:
+            raise ValueError(f"the checkpoint is at step {checkpoint.step}; a run of {total} steps "
+                             f"resumes from step 1 to {total - 1}")
+        job.latents = checkpoint.latents.to(self.device, self.dtype)
+        job.generator = torch.Generator("cpu").manual_seed(r.seed)
+        sampling.restore_history(job.scheduler, checkpoint.step, checkpoint.history, self.device)
+        job.index = checkpoint.step
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -389,6 +431,8 @@ class DenoiseEngine:
                 job.latents = sampling.scheduler_step(job.scheduler, pred, t, job.latents, job.kwargs)
                 job.events.put(Step(job.index + 1, len(job.timesteps), t))
                 job.index += 1
+                if job.wants_checkpoint():
+                    job.events.put(Checkpoint(job.index, job.latents, sampling.save_history(job.scheduler)))
                 if job.index == len(job.timesteps):
                     done.append(job)
         for job in done:

@@ -17,11 +17,12 @@ from services.common.errors import (Cancelled, InvalidArgument, ResourceExhauste
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, serve
-from services.common.tensors import check_finite, from_proto, to_proto
+from services.common.tensors import check_finite, dtype_name, from_proto, to_proto
 from services.denoiser import engine as eng
+from services.denoiser import sampling
 from services.denoiser.metrics import DenoiserMetrics
 from services.denoiser.sampling import SCHEDULERS
-from t2v.v1 import denoiser_pb2, denoiser_pb2_grpc, generation_pb2
+from t2v.v1 import denoiser_pb2, denoiser_pb2_grpc, generation_pb2, tensor_pb2
 
 SERVICE_NAME = "t2v.v1.Denoiser"
 log = logging.getLogger("denoiser")
@@ -53,9 +54,12 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, embedding_dim: int
+def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, engine: eng.DenoiseEngine
                   ) -> eng.Request:
-    """Turn a DenoiseRequest into an engine Request, or raise InvalidArgument saying what to fix."""
+    """Turn a DenoiseRequest into an engine Request, or raise InvalidArgument saying what to fix.
+
+    ``engine`` says what the model accepts (embedding width, latent channels, compute dtype, schedule)."""
+    embedding_dim = engine.embedding_dim
     if not 1 <= request.num_frames <= config.max_frames:
         raise InvalidArgument(f"num_frames is {request.num_frames}; it must be between 1 and {config.max_frames}")
     for name in ("height", "width"):
@@ -79,10 +83,75 @@ def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, 
                               f"[{rows}, {TEXT_TOKENS}, {embedding_dim}] ({order} for guidance_scale "
                               f"{request.guidance_scale})")
     check_finite(embeddings, "embeddings")
+    if request.checkpoint_every < 0:
+        raise InvalidArgument(f"checkpoint_every is {request.checkpoint_every}; it must be 0 (no checkpoints) "
+                              "or a positive number of steps")
+    resume = check_resume(request, engine) if request.HasField("resume") else None
     return eng.Request(request_id=request.request_id, embeddings=embeddings, num_frames=request.num_frames,
                        height=request.height, width=request.width,
                        num_inference_steps=request.num_inference_steps,
-                       guidance_scale=request.guidance_scale, seed=request.seed, scheduler=request.scheduler)
+                       guidance_scale=request.guidance_scale, seed=request.seed, scheduler=request.scheduler,
+                       checkpoint_every=request.checkpoint_every, resume=resume)
+
+
+_RESTART = "or start over without resume"
+
+
+def check_resume(request: denoiser_pb2.DenoiseRequest, engine: eng.DenoiseEngine) -> eng.Checkpoint:
+    """Decode ``request.resume`` into an engine Checkpoint, or raise InvalidArgument saying what to fix.
+
+    Why so strict: a checkpoint that does not fit the request (another scheduler, schedule, shape or
+    dtype) would not fail, it would quietly make a different video; the caller must know."""
+    checkpoint, steps = request.resume, request.num_inference_steps
+    if checkpoint.scheduler != request.scheduler:
+        raise InvalidArgument(f"resume was taken with scheduler {checkpoint.scheduler!r} and this request asks for "
+                              f"{request.scheduler!r}; resume with scheduler {checkpoint.scheduler!r}, {_RESTART}")
+    if checkpoint.num_inference_steps != steps:
+        raise InvalidArgument(f"resume was taken on a schedule of {checkpoint.num_inference_steps} steps and this "
+                              f"request asks for {steps}; resume with num_inference_steps "
+                              f"{checkpoint.num_inference_steps}, {_RESTART}")
+    if not 1 <= checkpoint.step <= steps - 1:
+        raise InvalidArgument(f"resume.step is {checkpoint.step}; it must be between 1 and {steps - 1} "
+                              f"(num_inference_steps - 1); leave resume unset to start from step 0")
+    shape = [1, engine.latent_channels, request.num_frames, request.height // 8, request.width // 8]
+    latents = _checkpoint_tensor(checkpoint.latents, "resume.latents", shape, engine.dtype)
+    expected = sampling.history_length(request.scheduler, engine.scheduler_config, checkpoint.step)
+    if len(checkpoint.model_outputs) != expected or checkpoint.lower_order_nums != expected:
+        raise InvalidArgument(f"resume carries {len(checkpoint.model_outputs)} model outputs and lower_order_nums "
+                              f"{checkpoint.lower_order_nums}; {request.scheduler} after {checkpoint.step} steps "
+                              f"keeps {expected} of each; send the checkpoint as the denoiser sent it, {_RESTART}")
+    outputs = tuple(_checkpoint_tensor(output, f"resume.model_outputs[{i}]", shape, engine.dtype)
+                    for i, output in enumerate(checkpoint.model_outputs))
+    return eng.Checkpoint(checkpoint.step, latents, sampling.History(outputs, checkpoint.lower_order_nums))
+
+
+def _checkpoint_tensor(message: tensor_pb2.Tensor, name: str, shape: list[int], dtype: torch.dtype
+                       ) -> torch.Tensor:
+    """One tensor of a checkpoint: decodable, of the request's latent shape, in this engine's dtype, finite.
+
+    The dtype must be the engine's own: converting would round (or widen) the values, and the resumed
+    run would no longer equal an uninterrupted one."""
+    tensor = from_proto(message, name)
+    if list(tensor.shape) != shape:
+        raise InvalidArgument(f"{name} has shape {list(tensor.shape)}; num_frames, height and width of this "
+                              f"request make it {shape}; resume with the request that took the checkpoint, "
+                              f"{_RESTART}")
+    if tensor.dtype != dtype:
+        raise InvalidArgument(f"{name} is {dtype_name(tensor.dtype)}; this denoiser computes in "
+                              f"{dtype_name(dtype)}; resume on a denoiser that runs {dtype_name(tensor.dtype)}, "
+                              f"{_RESTART}")
+    check_finite(tensor, name)
+    return tensor
+
+
+def checkpoint_to_proto(checkpoint: eng.Checkpoint, request: eng.Request) -> denoiser_pb2.DenoiseCheckpoint:
+    """The engine's checkpoint as a message; moves its tensors to the CPU here, in the gRPC thread, so
+    the engine never waits for the copy."""
+    return denoiser_pb2.DenoiseCheckpoint(
+        step=checkpoint.step, latents=to_proto(checkpoint.latents), scheduler=request.scheduler,
+        num_inference_steps=request.num_inference_steps,
+        model_outputs=[to_proto(output) for output in checkpoint.history.model_outputs],
+        lower_order_nums=checkpoint.history.lower_order_nums)
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
@@ -115,7 +184,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 ) -> Iterator[denoiser_pb2.DenoiseEvent]:
         self.gate.check()
         assert self.engine is not None
-        checked = check_request(request, self.config, self.engine.embedding_dim)
+        checked = check_request(request, self.config, self.engine)
         try:
             job = self.engine.submit(checked)
         except eng.EngineFull as exc:
@@ -124,12 +193,16 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             raise Unavailable(str(exc)) from None
         context.add_callback(job.cancel)
         log.info(kv("accepted", job_id=checked.request_id, frames=checked.num_frames, height=checked.height,
-                    width=checked.width, steps=checked.num_inference_steps, scheduler=checked.scheduler))
+                    width=checked.width, steps=checked.num_inference_steps, scheduler=checked.scheduler,
+                    checkpoint_every=checked.checkpoint_every,
+                    resume_step=checked.resume.step if checked.resume else 0))
         while True:
             event = job.events.get()
             if isinstance(event, eng.Step):
                 yield denoiser_pb2.DenoiseEvent(progress=generation_pb2.StepProgress(
                     step=event.step, total_steps=event.total, timestep=event.timestep))
+            elif isinstance(event, eng.Checkpoint):
+                yield denoiser_pb2.DenoiseEvent(checkpoint=checkpoint_to_proto(event, checked))
             elif isinstance(event, eng.Finished):
                 log.info(kv("finished", job_id=checked.request_id, steps_run=event.steps_run))
                 if not torch.isfinite(event.latents).all():     # else the decoder would refuse them, less clearly
