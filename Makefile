@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red circle moving right on a black background
 OUTPUT ?= out/video.mp4
 
-.PHONY: setup demo test protos clean promtool chromium
+.PHONY: setup demo test protos clean promtool chromium postgresql
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/t2v up --generate "$(PROMPT)" -o $(OUTPUT)
 
-test: setup promtool chromium
+test: setup promtool chromium postgresql
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # The metrics tests check every service's /metrics with promtool (Debian/Ubuntu package prometheus).
@@ -39,6 +39,16 @@ chromium:
 	@command -v chromium >/dev/null || ! command -v apt-get >/dev/null || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
 	   apt-get install -y -qq chromium >/dev/null)
+
+# The job-store tests run a throwaway PostgreSQL cluster (tests/postgres.py: initdb, postgres), found on
+# PATH or in Debian's /usr/lib/postgresql/<version>/bin. Installed quietly when missing, as promtool is;
+# elsewhere those tests fail and say how to get it.
+PG_FOUND := command -v initdb >/dev/null && command -v pg_ctl >/dev/null || \
+  ls /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1
+postgresql:
+	@$(PG_FOUND) || ! command -v apt-get >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	   apt-get install -y -qq postgresql >/dev/null)
 
 protos: setup
 	$(PY) scripts/gen_protos.py

@@ -27,7 +27,7 @@ SERVE_MODULES = {
     "text_encoder": "services.text_encoder.server",
     "denoiser": "services.denoiser.server",
     "decoder": "services.decoder.server",
-    "gateway": "services.gateway.server",
+    "gateway": "services.gateway.app",
 }
 
 
@@ -91,7 +91,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ports = MeshPorts(args.gateway_port or ports.gateway, args.text_encoder_port or ports.text_encoder,
                       args.denoiser_port or ports.denoiser, args.decoder_port or ports.decoder)
     log_dir = args.log_dir or (Path("out/logs") if args.generate else None)
-    mesh = Mesh(args.host, ports, args.model, args.device, args.dtype, log_dir, state_dir=args.state_dir)
+    mesh = Mesh(args.host, ports, args.model, args.device, args.dtype, log_dir, state_dir=args.state_dir,
+                job_store=args.job_store)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     # Python leaves SIGINT ignored when it starts ignored, as for a background job of a script (`t2v up &`):
     # Ctrl-C / kill -INT must still stop the mesh.
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", type=Path, default=None,
                     help="the gateway's job database and videos (default: LOG_DIR/state with --log-dir, "
                          "else out/state)")
+    up.add_argument("--job-store", default=os.environ.get("T2V_JOB_STORE", ""),
+                    help="where the gateway keeps its jobs: sqlite:///PATH (default: the state dir's jobs.sqlite3) "
+                         "or postgresql://USER@HOST:PORT/DB, shared with other gateways (env T2V_JOB_STORE)")
     up.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every service")
     up.add_argument("--generate", metavar="PROMPT", default=None,
                     help="make one video for PROMPT, then stop the mesh (prints the MP4's path)")

@@ -71,6 +71,7 @@ class Mesh:
     metrics_offset: int = METRICS_PORT_OFFSET   # -1: no /metrics endpoints
     http_offset: int = HTTP_PORT_OFFSET         # -1: no HTTP API and web page on the gateway
     state_dir: Path | None = None               # the gateway's jobs and videos; see gateway_state_dir
+    job_store: str = ""                         # the gateway's --job-store ("" = SQLite in the state dir)
     env: dict[str, str] | None = None           # extra environment variables for every service
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -104,6 +105,8 @@ class Mesh:
         if stage == "gateway":
             args += [f"--{s.replace('_', '-')}={self.address(s)}" for s in STAGES[:3]]
             args += [f"--state-dir={self.gateway_state_dir}"]
+            if self.job_store:
+                args += [f"--job-store={self.job_store}"]
             if self.http_offset >= 0:
                 args += [f"--http-port={self.ports.gateway + self.http_offset}"]
         else:

@@ -22,7 +22,7 @@ import grpc  # noqa: E402
 import pytest  # noqa: E402
 
 from services.common.config import DEFAULT_MODEL  # noqa: E402
-from services.gateway.server import model_default_size  # noqa: E402
+from services.gateway.app import model_default_size  # noqa: E402
 from services.common.server import GrpcServer, message_options  # noqa: E402
 from t2v.up import free_port  # noqa: E402,F401 - tests import it from here
 
@@ -162,15 +162,17 @@ def start_gateway(text_encoder: str, denoiser: str, decoder: str, observer: Any 
                   **overrides: Any) -> RunningStage:
     """A gateway in front of the given stages; its jobs live in a fresh temporary state dir unless
     ``state_dir`` is given. Stop it with ``stop_gateway``."""
-    from services.gateway.server import SERVICE_NAME, GatewayConfig, GatewayServicer, interceptors_from
+    from services.gateway.app import Gateway, GatewayConfig, interceptors_from
+    from services.gateway.server import SERVICE_NAME
     from t2v.v1 import gateway_pb2_grpc
 
     if "state_dir" not in overrides:
         overrides["state_dir"] = tempfile.mkdtemp(prefix=_OWN_STATE_PREFIX)
     config = GatewayConfig(port=0, text_encoder=text_encoder, denoiser=denoiser, decoder=decoder, **overrides)
-    servicer = GatewayServicer(config, observer)
-    return start_stage(servicer, SERVICE_NAME, gateway_pb2_grpc.add_GatewayServicer_to_server,
-                       interceptors=interceptors_from(config, servicer.rate_limiter))
+    gateway = Gateway(config, observer)
+    return start_stage(gateway, SERVICE_NAME,
+                       lambda gw, server: gateway_pb2_grpc.add_GatewayServicer_to_server(gw.servicer, server),
+                       interceptors=interceptors_from(config, gateway.rate_limiter))
 
 
 def stop_gateway(stage: RunningStage) -> None:
@@ -288,3 +290,6 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
     yield start
     for process in started:
         process.kill()
+
+
+from tests.postgres import postgres_server, postgres_dsn  # noqa: E402,F401

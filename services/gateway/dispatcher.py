@@ -1,11 +1,10 @@
-"""Runs queued jobs: ``slots`` worker threads, each taking the queue's next job and running it through
-the orchestrator, one job at a time.
+"""Runs jobs: ``slots`` worker threads, each pulling the next piece of work from a ``WorkSource`` and
+running it, one at a time.
 
-Why a fixed number of workers: ``slots`` is how many jobs the denoiser pool takes at once; more would
-only wait inside the denoiser, where the gateway can no longer reorder them by priority. A worker is
-handed a job the moment it is free (``assign``, called on submit and whenever a job ends), so a job
-that finds a free slot never shows as queued. The job bookkeeping (store, watchers, deadlines) is
-``jobs.JobService``'s; this module only moves jobs through slots.
+Why pull, through a protocol defined here: the queue's order and the cap on running jobs live in the
+job store (shared by every gateway of a PostgreSQL store), so the dispatcher cannot be handed jobs by
+whoever accepted them; a free worker asks for one. The dispatcher is mechanism only (threads, holding,
+draining) and imports nothing of the job system: ``jobs.JobService`` implements ``WorkSource``.
 """
 
 from __future__ import annotations
@@ -14,38 +13,47 @@ import collections
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import Callable, Protocol
 
-from services.common.errors import ServiceError
 from services.common.logs import kv
-from services.gateway import orchestrator as orch
-from services.gateway.validation import Params
-
-if TYPE_CHECKING:
-    from services.gateway.jobs import JobService, LiveJob
 
 log = logging.getLogger("gateway.dispatcher")
 
 
-class Runner(Protocol):
-    """What runs one job: ``orchestrator.Orchestrator`` (tests pass fakes)."""
+class Work(Protocol):
+    """A claimed job, ready to run on the worker that claimed it."""
 
-    def run(self, job_id: str, params: Params, control: orch.RunControl | None = None,
-            deadline: float | None = None) -> Iterator[orch.JobEvent]: ...
+    job_id: str
+
+    def run(self) -> None: ...
+
+
+class WorkSource(Protocol):
+    """Where workers get jobs."""
+
+    def claim(self) -> Work | None:
+        """The next job for this gateway, or None (nothing waits, or the cap on running jobs is reached)."""
 
 
 class Dispatcher:
-    """Worker threads fed from the service's queue. ``assign`` must be called with ``lock`` held."""
+    """``slots`` workers pulling from ``source``. The job system calls ``wake`` when new work may be there (a
+    job queued here or on another gateway, a slot freed anywhere) and ``offer`` right after accepting a job,
+    so a job that finds a free slot is claimed before its submitter answers (it never shows as queued).
+    ``poll_seconds`` bounds an idle worker's sleep: a lease that runs out on another gateway sends no notice."""
 
-    def __init__(self, service: "JobService", runner: Runner, slots: int, lock: threading.RLock) -> None:
-        self.service = service
-        self.runner = runner
+    def __init__(self, source: WorkSource, slots: int, poll_seconds: float = 1.0,
+                 on_busy: Callable[[int], None] | None = None) -> None:
+        if slots < 1:
+            raise ValueError(f"slots is {slots}; at least one job must be able to run")
+        self.source = source
         self.slots = slots
-        self._lock = lock
-        self._cond = threading.Condition(lock)
-        self._ready: collections.deque[LiveJob] = collections.deque()
-        self._busy = 0                    # slots holding a job (handed over or running)
-        self._draining = False            # take nothing more from the queue
+        self.poll_seconds = poll_seconds
+        self._on_busy = on_busy or (lambda count: None)
+        self._cond = threading.Condition()
+        self._ready: collections.deque[Work] = collections.deque()
+        self._busy = 0                    # slots holding a job (claimed, handed over or running)
+        self._generation = 0              # bumped by wake()
+        self._held = False                # take no more work (start-up wait, draining)
         self._stopping = False            # workers exit
         self._threads: list[threading.Thread] = []
 
@@ -59,30 +67,41 @@ class Dispatcher:
             thread.start()
             self._threads.append(thread)
 
-    def assign(self) -> None:
-        """Hand queued jobs to free slots, best first. Lock held."""
-        while self._busy < self.slots and not self._draining:
-            live = self.service.take_next()
-            if live is None:
-                return
-            self._busy += 1
-            self._ready.append(live)
+    def wake(self) -> None:
+        with self._cond:
+            self._generation += 1
             self._cond.notify_all()
-            self.service.observer.jobs_running(self._busy)
+
+    def offer(self) -> None:
+        """Claim a job now, in the caller's thread, if a slot is free; a worker runs it."""
+        with self._cond:
+            if self._held or self._stopping or self._busy >= self.slots:
+                return
+            self._reserve()
+        work = self._claim()
+        with self._cond:
+            if work is None:
+                self._unreserve()
+            else:
+                self._ready.append(work)
+            self._cond.notify_all()
 
     def hold(self) -> None:
-        """Take no more jobs from the queue (until ``resume``). Lock held."""
-        self._draining = True
+        """Take no more jobs (until ``resume``)."""
+        with self._cond:
+            self._held = True
 
     def resume(self) -> None:
-        """Take jobs from the queue again; call ``assign`` next. Lock held."""
-        self._draining = False
+        with self._cond:
+            self._held = False
+            self._generation += 1
+            self._cond.notify_all()
 
     def drain(self, grace: float) -> None:
         """Take no more jobs; wait up to ``grace`` seconds for the running ones to end."""
         deadline = time.monotonic() + grace
         with self._cond:
-            self._draining = True
+            self._held = True
             while self._busy and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
 
@@ -95,42 +114,54 @@ class Dispatcher:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _work(self) -> None:
+    # --- internals (``_reserve`` / ``_unreserve`` with the condition held) ----------------------------
+    def _reserve(self) -> None:
+        self._busy += 1
+        self._on_busy(self._busy)
+
+    def _unreserve(self) -> None:
+        self._busy = max(0, self._busy - 1)
+        self._on_busy(self._busy)
+
+    def _claim(self) -> Work | None:
+        try:
+            return self.source.claim()
+        except Exception:  # noqa: BLE001 - the store is down: try again after a pause
+            log.exception(kv("claim_failed"))
+            return None
+
+    def _next(self) -> Work | None:
+        """Block until this worker holds a job (None: stop)."""
         while True:
             with self._cond:
-                while not self._ready and not self._stopping:
+                while True:
+                    if self._stopping:
+                        return None
+                    if self._ready:
+                        return self._ready.popleft()
+                    if not self._held and self._busy < self.slots:
+                        self._reserve()
+                        generation = self._generation
+                        break
                     self._cond.wait()
-                if self._stopping:
-                    return          # jobs still in _ready keep RUNNING rows: the next gateway re-runs them
-                live = self._ready.popleft()
+            work = self._claim()
+            if work is not None:
+                return work
+            with self._cond:
+                self._unreserve()
+                if self._generation == generation and not self._ready and not self._stopping:
+                    self._cond.wait(self.poll_seconds)
+
+    def _work(self) -> None:
+        while True:
+            work = self._next()
+            if work is None:
+                return
             try:
-                self._run(live)
+                work.run()
             except Exception:  # noqa: BLE001 - a bug in one job must not kill the slot
-                log.exception(kv("dispatch_failed", job_id=live.job_id))
+                log.exception(kv("dispatch_failed", job_id=work.job_id))
             finally:
                 with self._cond:
-                    self._busy -= 1
+                    self._unreserve()
                     self._cond.notify_all()
-                    self.service.observer.jobs_running(self._busy)
-                    self.assign()
-
-    def _run(self, live: "LiveJob") -> None:
-        result = None
-        try:
-            for event in self.runner.run(live.job_id, live.record.params, live.control, live.deadline):
-                if isinstance(event, orch.Result):
-                    result = event
-                else:
-                    self.service.publish(live, event)
-        except ServiceError as error:
-            self.service.failed(live, error)
-            return
-        except Exception as error:  # noqa: BLE001 - reported to the user as INTERNAL, logged here
-            log.exception(kv("job_crashed", job_id=live.job_id))
-            self.service.failed(live, ServiceError(
-                f"internal error ({type(error).__name__}); the gateway log has the details"))
-            return
-        if result is None:
-            self.service.failed(live, ServiceError("the job ended without a video"))
-        else:
-            self.service.completed(live, result)

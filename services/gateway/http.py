@@ -3,8 +3,10 @@ process itself on ``--http-port``.
 
 Why in the gateway process: the routes call the same ``JobService`` as the gRPC servicer, in memory, so
 both front doors share one queue, cache, deadline and restart story, and there is nothing more to
-deploy. Why FastAPI: ``/openapi.json`` comes from the bodies in ``videos.py``; uvicorn runs it on a
-background thread with its own event loop, beside the gRPC server's thread pool.
+deploy. This module is the gRPC servicer's sibling, not inside it: ``app.Gateway`` builds both over one
+job system. Why FastAPI: ``/openapi.json`` comes from the bodies in ``videos.py``; uvicorn runs it on a
+background thread with its own event loop, beside the gRPC server's thread pool. The routes are module
+functions on ``router``; each finds the gateway's ``Backend`` on ``request.app.state``.
 
     GET    /                          the web page (static/index.html), open without a key
     GET    /healthz                   200 when the job system runs and the stages are SERVING, else 503
@@ -34,7 +36,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional
 
 import grpc
 import uvicorn
-from fastapi import FastAPI, Path, Query, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -47,12 +49,10 @@ from services.common.errors import Cancelled, FailedPrecondition, InvalidArgumen
 from services.common.logs import kv
 from services.common.tls import ServerTls
 from services.gateway import videos
-from services.gateway.jobs import Finished, Interrupted, JobService, JobView, Video as OpenVideo, Watch
-from services.gateway.queue import QueueFull
+from services.gateway.domain import JOB_ID_PATTERN, Finished, Interrupted, JobStatus, JobView, Limits, QueueFull
+from services.gateway.jobs import JobService, Video as OpenVideo, Watch
 from services.gateway.ratelimit import RateLimited, RateLimiter, identity
 from services.gateway.ranges import RangeNotSatisfiable, parse_range
-from services.gateway.store import JOB_ID_PATTERN, JobStatus
-from services.gateway.validation import Limits
 
 log = logging.getLogger("gateway.http")
 
@@ -85,6 +85,14 @@ class Backend:
     stages_ready: Callable[[], bool]      # every stage answers SERVING
     api_keys: frozenset[str] = frozenset()
     rate_limiter: RateLimiter | None = None   # shared with the gRPC side: one budget per key
+
+    @property
+    def model_name(self) -> str:
+        return videos.model_name(self.model)
+
+
+def _backend(request: Request) -> Backend:
+    return request.app.state.backend
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -311,169 +319,178 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: _ERRORS[status] for status in statuses}
 
 
-# --- the app ----------------------------------------------------------------------------------------------
-def create_app(backend: Backend) -> FastAPI:
-    """The HTTP API over ``backend``'s job system, with the web page at ``/``."""
-    model = videos.model_name(backend.model)
-    app = FastAPI(title="t2v-mesh", version="1", docs_url=None, redoc_url=None,
-                  description="Text-to-video jobs over HTTP, in the shape of OpenAI's Videos API. "
-                              "Errors: `{\"error\": {message, type, param, code}}`.")
-    page = PAGE.read_text(encoding="utf-8")
-    bearer = HTTPBearer(auto_error=False, description="Only when the gateway has API keys; the check itself "
-                                                      "covers every path but / and /healthz.")
-    v1 = [Security(bearer)]     # documents the scheme on /v1 routes; _Front does the check
+# --- errors as answers ---------------------------------------------------------------------------------
+async def _on_service_error(request: Request, error: ServiceError) -> JSONResponse:
+    if HTTP_STATUS.get(error.code, 500) >= 500:
+        log.info(kv("http_refused", path=request.url.path, code=error.code.name, reason=error.message))
+    return service_error_response(error)
 
-    @app.exception_handler(ServiceError)
-    async def on_service_error(request: Request, error: ServiceError) -> JSONResponse:
-        if HTTP_STATUS.get(error.code, 500) >= 500:
-            log.info(kv("http_refused", path=request.url.path, code=error.code.name, reason=error.message))
+
+async def _on_bad_range(request: Request, error: RangeNotSatisfiable) -> JSONResponse:
+    return error_response(416, str(error), "out_of_range", "Range",
+                          headers={"Content-Range": f"bytes */{error.size}", "Accept-Ranges": "bytes"})
+
+
+async def _on_bad_parameter(request: Request, error: RequestValidationError) -> JSONResponse:
+    message, field = _query_sentence(error.errors()[0])
+    return error_response(400, message, "invalid_argument", field)
+
+
+async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    where = f"{request.method} {request.url.path}"
+    messages = {404: f"there is no {where} here; the API is under /v1/videos (see /openapi.json)",
+                405: f"{where} is not allowed; /openapi.json lists the methods of each path"}
+    code = {404: "not_found", 405: "unimplemented"}.get(error.status_code, "invalid_argument")
+    return error_response(error.status_code, messages.get(error.status_code, str(error.detail)), code,
+                          headers=getattr(error, "headers", None))
+
+
+async def _on_crash(request: Request, error: Exception) -> JSONResponse:
+    log.exception(kv("http_failed", method=request.method, path=request.url.path))
+    return error_response(500, f"internal error ({type(error).__name__}); the server log has the details",
+                          "internal")
+
+
+# --- the routes -------------------------------------------------------------------------------------------
+_bearer = HTTPBearer(auto_error=False, description="Only when the gateway has API keys; the check itself "
+                                                   "covers every path but / and /healthz.")
+_V1 = [Security(_bearer)]     # documents the scheme on /v1 routes; _Front does the check
+_PAGE_TEXT = PAGE.read_text(encoding="utf-8")
+_VIDEO_ID = Path(description="The video's id (32 lowercase hex characters).",
+                 json_schema_extra={"pattern": JOB_ID_PATTERN.pattern})
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def web_page() -> HTMLResponse:
+    return HTMLResponse(_PAGE_TEXT, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/healthz", summary="Ready to take jobs?",
+            responses={200: {"content": {"application/json": {"example": {"status": "serving"}}}},
+                       503: {"model": videos.ErrorResponse, "description": "Not ready, with the reason."}})
+def healthz(backend: Backend = Depends(_backend)) -> JSONResponse:
+    """200 when the job system runs, its store answers and every stage answers SERVING; 503 with the
+    reason otherwise. Open without an API key, for probes."""
+    try:
+        jobs = backend.jobs()
+    except ServiceError as error:
         return service_error_response(error)
+    if not jobs.healthy():
+        return error_response(503, "the job store does not answer; new jobs are refused until it is back (the "
+                              "gateway reconnects by itself)", "unavailable")
+    if not backend.stages_ready():
+        return error_response(503, "a stage (text_encoder, denoiser or decoder) is not SERVING; jobs wait "
+                              "until every stage is up: check the stages' logs", "unavailable")
+    return JSONResponse({"status": "serving"})
 
-    @app.exception_handler(RangeNotSatisfiable)
-    async def on_bad_range(request: Request, error: RangeNotSatisfiable) -> JSONResponse:
-        return error_response(416, str(error), "out_of_range", "Range",
-                              headers={"Content-Range": f"bytes */{error.size}", "Accept-Ranges": "bytes"})
 
-    @app.exception_handler(RequestValidationError)
-    async def on_bad_parameter(request: Request, error: RequestValidationError) -> JSONResponse:
-        message, field = _query_sentence(error.errors()[0])
-        return error_response(400, message, "invalid_argument", field)
+@router.post("/v1/videos", response_model=videos.Video, dependencies=_V1, summary="Create a video",
+             responses=_errors(400, 401, 429, 503),
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 media: {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}}
+                 for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")}}})
+async def create_video(request: Request, backend: Backend = Depends(_backend)) -> videos.Video:
+    """Queue a job; the answer comes at once (status queued, or in_progress when a slot was free, or
+    completed for a cache hit). Follow it with GET /v1/videos/{id} or /events."""
+    body = await _read_body(request)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        where = f"{request.method} {request.url.path}"
-        messages = {404: f"there is no {where} here; the API is under /v1/videos (see /openapi.json)",
-                    405: f"{where} is not allowed; /openapi.json lists the methods of each path"}
-        code = {404: "not_found", 405: "unimplemented"}.get(error.status_code, "invalid_argument")
-        return error_response(error.status_code, messages.get(error.status_code, str(error.detail)), code,
-                              headers=getattr(error, "headers", None))
+    def submit() -> videos.Video:
+        jobs = backend.jobs()
+        job_request = videos.to_job_request(videos.parse_request(body), backend.limits)
+        return videos.video_object(jobs.submit(job_request), backend.model_name)
+    return await run_in_threadpool(submit)
 
-    @app.exception_handler(Exception)
-    async def on_crash(request: Request, error: Exception) -> JSONResponse:
-        log.exception(kv("http_failed", method=request.method, path=request.url.path))
-        return error_response(500, f"internal error ({type(error).__name__}); the server log has the details",
-                              "internal")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def web_page() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
-
-    @app.get("/healthz", summary="Ready to take jobs?",
-             responses={200: {"content": {"application/json": {"example": {"status": "serving"}}}},
-                        503: {"model": videos.ErrorResponse, "description": "Not ready, with the reason."}})
-    def healthz() -> JSONResponse:
-        """200 when the job system runs and every stage answers SERVING; 503 with the reason otherwise.
-        Open without an API key, for probes."""
+@router.get("/v1/videos", response_model=videos.VideoList, dependencies=_V1, summary="List videos",
+            responses=_errors(400, 401, 404, 503))
+def list_videos(limit: int = Query(20, ge=1, le=100, description="Videos per page."),
+                after: Optional[str] = Query(None, description="The `last_id` of the previous page."),
+                order: Literal["desc"] = Query("desc", description="Newest first (the only order)."),
+                backend: Backend = Depends(_backend)) -> videos.VideoList:
+    jobs = backend.jobs()
+    token = ""
+    if after:
         try:
-            backend.jobs()
+            token = str(_get(jobs, after, expired_ok=True).record.seq)
         except ServiceError as error:
-            return service_error_response(error)
-        if not backend.stages_ready():
-            return error_response(503, "a stage (text_encoder, denoiser or decoder) is not SERVING; jobs wait "
-                                  "until every stage is up: check the stages' logs", "unavailable")
-        return JSONResponse({"status": "serving"})
-
-    @app.post("/v1/videos", response_model=videos.Video, dependencies=v1, summary="Create a video",
-              responses=_errors(400, 401, 429, 503),
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  media: {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}}
-                  for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")}}})
-    async def create_video(request: Request) -> videos.Video:
-        """Queue a job; the answer comes at once (status queued, or in_progress when a slot was free, or
-        completed for a cache hit). Follow it with GET /v1/videos/{id} or /events."""
-        body = await _read_body(request)
-
-        def submit() -> videos.Video:
-            jobs = backend.jobs()
-            job_request = videos.to_job_request(videos.parse_request(body), backend.limits)
-            return videos.video_object(jobs.submit(job_request), model)
-        return await run_in_threadpool(submit)
-
-    @app.get("/v1/videos", response_model=videos.VideoList, dependencies=v1, summary="List videos",
-             responses=_errors(400, 401, 404, 503))
-    def list_videos(limit: int = Query(20, ge=1, le=100, description="Videos per page."),
-                    after: Optional[str] = Query(None, description="The `last_id` of the previous page."),
-                    order: Literal["desc"] = Query("desc", description="Newest first (the only order).")
-                    ) -> videos.VideoList:
-        jobs = backend.jobs()
-        token = ""
-        if after:
-            try:
-                token = str(_get(jobs, after, expired_ok=True).record.seq)
-            except ServiceError as error:
-                error.field = "after"
-                raise
-        views, next_token = jobs.list(None, limit, token)
-        data = [videos.video_object(view, model) for view in views]
-        return videos.VideoList(data=data, first_id=data[0].id if data else None,
-                                last_id=data[-1].id if data else None, has_more=bool(next_token))
-
-    video_id_param = Path(description="The video's id (32 lowercase hex characters).",
-                          json_schema_extra={"pattern": JOB_ID_PATTERN.pattern})
-
-    @app.get("/v1/videos/{video_id}", response_model=videos.Video, dependencies=v1, summary="Get a video",
-             responses=_errors(400, 401, 404, 503))
-    def get_video(video_id: str = video_id_param) -> videos.Video:
-        return videos.video_object(_get(backend.jobs(), video_id), model)
-
-    @app.delete("/v1/videos/{video_id}", response_model=videos.Video, dependencies=v1,
-                summary="Cancel a video", responses=_errors(400, 401, 404, 503))
-    def cancel_video(video_id: str = video_id_param) -> videos.Video:
-        """Removes a queued job or stops a running one (status failed, error.code cancelled). A finished
-        job is returned unchanged: videos are deleted when they expire."""
-        jobs = backend.jobs()
-        _get(jobs, video_id)
-        return videos.video_object(jobs.cancel(video_id, "cancelled by DELETE /v1/videos/{id}"), model)
-
-    @app.get("/v1/videos/{video_id}/content", response_class=Mp4Response, dependencies=v1,
-             summary="Download the MP4",
-             responses={200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
-                              "description": "The whole MP4 (H.264, yuv420p). `Accept-Ranges: bytes`."},
-                        206: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
-                              "description": "The bytes of a `Range: bytes=a-b` request, with `Content-Range`."},
-                        409: {"model": videos.ErrorResponse, "description": "Not completed (yet)."},
-                        416: {"model": videos.ErrorResponse, "description": "The range starts past the end."},
-                        **_errors(400, 401, 404, 503)})
-    def video_content(request: Request, video_id: str = video_id_param,
-                      variant: Literal["video"] = Query("video", description="Only `video` is stored.")
-                      ) -> Response:
-        jobs = backend.jobs()
-        view = _get(jobs, video_id)
-        if view.status != JobStatus.COMPLETED:
-            raise _not_ready(view)
-        video = jobs.open_video(video_id)       # NotFound if it expired a moment ago: it says so
-        try:
-            part = parse_range(request.headers.get("range"), video.size)
-        except RangeNotSatisfiable:
-            video.close()
+            error.field = "after"
             raise
-        headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'inline; filename="{video_id}.mp4"',
-                   "Cache-Control": "private, max-age=3600", "ETag": f'"{video_id}"'}
-        if part is None:
-            headers["Content-Length"] = str(video.size)
-            return Mp4Response(_file_part(video, 0, video.size), headers=headers, media_type=video.mime_type)
-        headers.update({"Content-Length": str(part.length), "Content-Range": part.content_range(video.size)})
-        return Mp4Response(_file_part(video, part.start, part.length), status_code=206, headers=headers,
-                           media_type=video.mime_type)
+    views, next_token = jobs.list(None, limit, token)
+    data = [videos.video_object(view, backend.model_name) for view in views]
+    return videos.VideoList(data=data, first_id=data[0].id if data else None,
+                            last_id=data[-1].id if data else None, has_more=bool(next_token))
 
-    @app.get("/v1/videos/{video_id}/events", response_class=EventStreamResponse, dependencies=v1,
-             summary="Follow a video's progress",
-             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                              "description": "Server-sent events: `queued`, `stage`, `progress`, `warning`, "
-                                             "then `completed` or `failed` (the video object) or `error`; "
-                                             "then the stream closes."},
-                        **_errors(400, 401, 404, 503)})
-    def video_events(video_id: str = video_id_param) -> Response:
-        jobs = backend.jobs()
-        _get(jobs, video_id)
-        watch = jobs.watch(video_id)          # here, in the thread pool: it takes the job system's lock
-        return EventStreamResponse(_event_stream(watch, model),
-                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+@router.get("/v1/videos/{video_id}", response_model=videos.Video, dependencies=_V1, summary="Get a video",
+            responses=_errors(400, 401, 404, 503))
+def get_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)) -> videos.Video:
+    return videos.video_object(_get(backend.jobs(), video_id), backend.model_name)
+
+
+@router.delete("/v1/videos/{video_id}", response_model=videos.Video, dependencies=_V1,
+               summary="Cancel a video", responses=_errors(400, 401, 404, 503))
+def cancel_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)) -> videos.Video:
+    """Removes a queued job or stops a running one (status failed, error.code cancelled), wherever it
+    runs. A finished job is returned unchanged: videos are deleted when they expire."""
+    jobs = backend.jobs()
+    _get(jobs, video_id)
+    return videos.video_object(jobs.cancel(video_id, "cancelled by DELETE /v1/videos/{id}"), backend.model_name)
+
+
+@router.get("/v1/videos/{video_id}/content", response_class=Mp4Response, dependencies=_V1,
+            summary="Download the MP4",
+            responses={200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "The whole MP4 (H.264, yuv420p). `Accept-Ranges: bytes`."},
+                       206: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "The bytes of a `Range: bytes=a-b` request, with `Content-Range`."},
+                       409: {"model": videos.ErrorResponse, "description": "Not completed (yet)."},
+                       416: {"model": videos.ErrorResponse, "description": "The range starts past the end."},
+                       **_errors(400, 401, 404, 503)})
+def video_content(request: Request, video_id: str = _VIDEO_ID,
+                  variant: Literal["video"] = Query("video", description="Only `video` is stored."),
+                  backend: Backend = Depends(_backend)) -> Response:
+    jobs = backend.jobs()
+    view = _get(jobs, video_id)
+    if view.status != JobStatus.COMPLETED:
+        raise _not_ready(view)
+    video = jobs.open_video(video_id)       # NotFound if it expired a moment ago: it says so
+    try:
+        part = parse_range(request.headers.get("range"), video.size)
+    except RangeNotSatisfiable:
+        video.close()
+        raise
+    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'inline; filename="{video_id}.mp4"',
+               "Cache-Control": "private, max-age=3600", "ETag": f'"{video_id}"'}
+    if part is None:
+        headers["Content-Length"] = str(video.size)
+        return Mp4Response(_file_part(video, 0, video.size), headers=headers, media_type=video.mime_type)
+    headers.update({"Content-Length": str(part.length), "Content-Range": part.content_range(video.size)})
+    return Mp4Response(_file_part(video, part.start, part.length), status_code=206, headers=headers,
+                       media_type=video.mime_type)
+
+
+@router.get("/v1/videos/{video_id}/events", response_class=EventStreamResponse, dependencies=_V1,
+            summary="Follow a video's progress",
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "Server-sent events: `queued`, `stage`, `progress`, `warning`, "
+                                            "then `completed` or `failed` (the video object) or `error`; "
+                                            "then the stream closes."},
+                       **_errors(400, 401, 404, 503)})
+def video_events(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)) -> Response:
+    jobs = backend.jobs()
+    _get(jobs, video_id)
+    watch = jobs.watch(video_id)          # here, in the thread pool: it may ask the job store
+    return EventStreamResponse(_event_stream(watch, backend.model_name),
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- the app ----------------------------------------------------------------------------------------------
+def _openapi(app: FastAPI, limits: Limits) -> Callable[[], dict[str, Any]]:
+    """FastAPI's schema, plus the request body (read by hand, for the form variants) and the bounds
+    that come from this gateway's settings. Errors are JSON on every path: FastAPI would document
+    those of /content and /events in the route's own media type (video/mp4, text/event-stream)."""
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema, plus the request body (read by hand, for the form variants) and the bounds
-        that come from this gateway's settings. Errors are JSON on every path: FastAPI would document
-        those of /content and /events in the route's own media type (video/mp4, text/event-stream)."""
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
@@ -482,13 +499,27 @@ def create_app(backend: Backend) -> FastAPI:
                     if status.startswith(("4", "5")) and len(answer.get("content", {})) == 1:
                         answer["content"] = {"application/json": answer["content"].popitem()[1]}
             body = videos.CreateVideoRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            for name, bounds in videos.schema_limits(backend.limits).items():
+            for name, bounds in videos.schema_limits(limits).items():
                 body["properties"][name].update(bounds)
             schema.setdefault("components", {}).setdefault("schemas", {})["CreateVideoRequest"] = body
             app.openapi_schema = schema
         return app.openapi_schema
+    return openapi
 
-    app.openapi = openapi  # type: ignore[method-assign]
+
+def create_app(backend: Backend) -> FastAPI:
+    """The HTTP API over ``backend``'s job system, with the web page at ``/``."""
+    app = FastAPI(title="t2v-mesh", version="1", docs_url=None, redoc_url=None,
+                  description="Text-to-video jobs over HTTP, in the shape of OpenAI's Videos API. "
+                              "Errors: `{\"error\": {message, type, param, code}}`.")
+    app.state.backend = backend
+    app.add_exception_handler(ServiceError, _on_service_error)
+    app.add_exception_handler(RangeNotSatisfiable, _on_bad_range)
+    app.add_exception_handler(RequestValidationError, _on_bad_parameter)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_crash)
+    app.include_router(router)
+    app.openapi = _openapi(app, backend.limits)  # type: ignore[method-assign]
     app.add_middleware(_Front, keys=backend.api_keys, limiter=backend.rate_limiter)
     return app
 

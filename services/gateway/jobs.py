@@ -1,21 +1,23 @@
-"""The job system as one in-process service: submit, get, list, cancel, watch a job, open its video.
+"""The job system: submit, get, list, cancel, watch a job, open its video; and run the jobs this
+gateway claims.
 
-Why one class with plain-Python methods: the gRPC servicer (``server.py``) and the HTTP bridge only
-translate to and from it, so both front doors behave the same and the rules live in one place:
+Why one class with plain-Python methods: the gRPC servicer (``server.py``) and the HTTP bridge
+(``http.py``) only translate to and from it, so both front doors behave the same. The job store holds
+the whole truth (``store/``): a job's status, its place in the queue, who runs it under what lease,
+its progress and its last checkpoint. This class keeps in memory only what this gateway is doing:
 
-- every accepted job is a row in SQLite before anything runs (``store.JobStore``), so a restart loses
-  none: QUEUED rows are queued again in their order, RUNNING rows are run again;
-- a request with an explicit seed whose every parameter (and model) matches a stored, unexpired result
-  completes at once from the result store (``cached``); without an explicit seed nothing is cached;
-- queued jobs wait in ``queue.JobQueue`` (priority, aging, bounded); ``dispatcher.Dispatcher`` runs
-  them on ``slots`` worker threads through the orchestrator;
-- a deadline covers queue time and run time: when it passes the job fails with DEADLINE_EXCEEDED and
-  gives back its queue entry, its slot and its denoiser call;
-- watchers (Generate streams) get every event of a job: its queue position while it waits, then its
-  stages, steps and warnings (replayed from the start if they subscribe late), then its end.
+- the runs it holds (``_runs``): a RunControl to stop each, its events so far (replayed to a late
+  watcher), and the lease it renews every third of ``lease_seconds`` (a run whose lease is lost, to a
+  cancel or a takeover elsewhere, is stopped);
+- the watchers it serves (Generate streams, SSE): fed by its own runs, and by the store's notices for
+  jobs that run on another gateway of a shared store;
+- a housekeeper: deadlines (a job past its deadline fails, queued or running, wherever it runs) and
+  the retention cleanup (one gateway at a time).
 
-Thread-safety: one lock guards the in-memory state; the store has its own. Hooks for metrics go
-through ``observer.JobObserver``.
+Rules it keeps: every accepted job is a row before anything runs, so nothing is lost on a restart; a
+request with an explicit seed whose every parameter (and model) matches a stored, unexpired result
+completes at once from the result store; any error on any path of a run ends the job (FAILED with a
+sentence) and frees its slot, except a stop of this gateway, which leaves the job to the next one.
 """
 
 from __future__ import annotations
@@ -27,27 +29,27 @@ import logging
 import math
 import os
 import queue as stdqueue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Union
+from typing import BinaryIO, Callable, Iterator, Protocol
 
-from services.common.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError,
-                                    Unavailable)
+from services.common.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+                                    ServiceError, Unavailable)
 from services.common.logs import kv
-from services.gateway import orchestrator as orch
-from services.gateway.dispatcher import Dispatcher, Runner
+from services.gateway.dispatcher import Dispatcher
+from services.gateway.domain import (ACTIVE, Checkpoint, Finished, Interrupted, JobRecord, JobRequest, JobStatus,
+                                     JobUpdate, JobView, Params, Priority, Progress, Queued, QueueFull, Result, RunControl,
+                                     RunEvent, Stage, StageStarted, Warning, check_job_id, new_job_id)
 from services.gateway.observer import JobObserver, SafeObserver
-from services.gateway.queue import JobQueue, Priority, QueueFull
-from services.gateway.store import JobRecord, JobStatus, JobStore, ResultStore, check_job_id, new_job_id
-from services.gateway.validation import Params
+from services.gateway.queue import DepartureRate, QueuePolicy
+from services.gateway.store import (Claimed, JobStore, Notice, ResultStore, ResultStoreFull, StoreQueueFull,
+                                    StoreUnavailable)
 
 log = logging.getLogger("gateway.jobs")
 
-DB_NAME = "jobs.sqlite3"
-RESULTS_DIR = "results"
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 # A job's longest timeout: ten years (as Generate ignores a longer gRPC deadline). Beyond it the deadline in
@@ -58,75 +60,32 @@ VIDEO_CHUNK_BYTES = 1 << 20
 # clock fires a little before ours), so the job is recorded as DEADLINE_EXCEEDED, not CANCELLED.
 DEADLINE_SLACK_SECONDS = 0.5
 STAGE_PROBE_SECONDS = 0.5          # how often a restarted gateway asks whether the stages are up
-_ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+STORE_RETRY_SECONDS = 0.5          # between tries of a write that must land (a job's end) while the store is down
 
 
 @dataclass(frozen=True)
 class JobSettings:
     """How the job system behaves; the gateway fills it from its config."""
 
-    slots: int = 4                          # jobs run at once (what the denoiser pool can take)
+    slots: int = 4                          # jobs run at once across every gateway of the store
     max_queue: int = 256                    # jobs waiting at most; more get QueueFull
     aging_seconds: float = 60.0             # a waiting job rises one priority level per this
     result_ttl_seconds: float = 24 * 3600.0
     cleanup_interval_seconds: float = 60.0
     model: str = ""                         # the model folder: part of the result-cache key
-    progress_write_seconds: float = 0.5     # at most one progress write to SQLite per job per this
+    progress_write_seconds: float = 0.5     # at most one progress write to the store per job per this
     recovery_wait_seconds: float = 120.0    # after a restart, wait this long at most for the stages to be
                                             # SERVING before running the recovered jobs
+    lease_seconds: float = 10.0             # a running job's lease; its gateway renews it every third
+    checkpoint_every: int = 10              # denoising steps between checkpoints (0 = none)
+    poll_seconds: float = 1.0               # an idle worker looks for leases run out this often
 
 
-@dataclass(frozen=True)
-class JobRequest:
-    """What a caller asks for, validated (see ``validation.validate``)."""
+class Runner(Protocol):
+    """What runs one job: ``orchestrator.Orchestrator`` (tests pass fakes)."""
 
-    params: Params
-    priority: Priority = Priority.NORMAL
-    seed_given: bool = False                # the user named the seed: only then may the cache answer
-    timeout_seconds: float | None = None    # queue + run time allowed from now; None = no limit
-
-
-@dataclass(frozen=True)
-class JobView:
-    """A job as a caller sees it now: its row, with live progress and queue place merged in."""
-
-    record: JobRecord
-    queue_position: int = 0                 # 1 = next; 0 when not queued
-    queue_length: int = 0                   # jobs waiting in all, when queued
-
-    @property
-    def job_id(self) -> str:
-        return self.record.job_id
-
-    @property
-    def status(self) -> JobStatus:
-        return self.record.status
-
-
-# --- what a watcher receives, besides the orchestrator's StageStarted / Progress / Warning -----------
-@dataclass(frozen=True)
-class Queued:
-    """The job waits; sent when it starts waiting and whenever its place changes."""
-
-    position: int
-    length: int
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The job ended (COMPLETED, FAILED, CANCELLED, or EXPIRED for an old one); the last update."""
-
-    job: JobView
-
-
-@dataclass(frozen=True)
-class Interrupted:
-    """The gateway is stopping before the job ended; it runs again when the gateway restarts."""
-
-    message: str
-
-
-JobUpdate = Union[Queued, orch.StageStarted, orch.Progress, orch.Warning, Finished, Interrupted]
+    def run(self, job_id: str, params: Params, control: RunControl | None = None, deadline: float | None = None,
+            resume: bytes | None = None, checkpoint_every: int = 0) -> Iterator[RunEvent]: ...
 
 
 class Watch:
@@ -136,6 +95,7 @@ class Watch:
         self.job_id = job_id
         self._service = service
         self._updates: stdqueue.SimpleQueue[JobUpdate] = stdqueue.SimpleQueue()
+        self.last_position = 0
 
     def put(self, update: JobUpdate) -> None:
         self._updates.put(update)
@@ -204,28 +164,37 @@ class Video:
 
 
 @dataclass(eq=False)
-class LiveJob:
-    """What the service keeps in memory for a job that is QUEUED or RUNNING."""
+class LocalRun:
+    """A job this gateway runs now, under its lease."""
 
     record: JobRecord
     deadline: float | None                      # on the service clock; None = no deadline
-    queued_at: float
-    control: orch.RunControl = field(default_factory=orch.RunControl)
-    status: JobStatus = JobStatus.QUEUED
-    started_at: float | None = None
-    stage: int = 0
+    resume: bytes | None = None
+    control: RunControl = field(default_factory=RunControl)
+    started_at: float = 0.0
+    stage: Stage = Stage.NONE
     step: int = 0
     total_steps: int = 0
     warnings: list[str] = field(default_factory=list)
     history: list[JobUpdate] = field(default_factory=list)   # this run's events, replayed to late watchers
-    watchers: list[Watch] = field(default_factory=list)
-    last_position: int = 0
     last_progress_write: float = 0.0
-    interrupted: bool = False                   # the gateway is stopping: leave the row for a restart
+    interrupted: bool = False                   # this gateway is stopping: leave the job to the next one
+    ended: bool = False                         # its end is written (by this run or by anyone else)
 
     @property
     def job_id(self) -> str:
         return self.record.job_id
+
+
+class _ClaimedWork:
+    """What the dispatcher runs: one claimed job."""
+
+    def __init__(self, service: "JobService", run: LocalRun) -> None:
+        self.job_id = run.job_id
+        self._service, self._run = service, run
+
+    def run(self) -> None:
+        self._service._execute(self._run)
 
 
 def cache_key(model: str, params: Params) -> str:
@@ -238,65 +207,117 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+# --- updates as notices between gateways -------------------------------------------------------------------
+def update_data(update: JobUpdate) -> dict[str, object] | None:
+    """A run's update as a notice's data (None: not sent between gateways)."""
+    if isinstance(update, StageStarted):
+        return {"stage": int(update.stage)}
+    if isinstance(update, Progress):
+        return {"step": update.step, "total": update.total, "timestep": update.timestep}
+    if isinstance(update, Warning):
+        return {"warning": update.text}
+    return None
+
+
+def update_of(data: dict[str, object]) -> JobUpdate | None:
+    """The update a notice's data carries (None for what this gateway does not know)."""
+    try:
+        if "stage" in data:
+            return StageStarted(Stage.of(int(data["stage"])))  # type: ignore[arg-type]
+        if "step" in data:
+            return Progress(int(data["step"]), int(data["total"]), int(data.get("timestep", 0)))  # type: ignore[arg-type]
+        if "warning" in data:
+            return Warning(str(data["warning"]))
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def gateway_identity() -> str:
+    """This gateway among the store's: host, process and a random part (a restarted pod is a new owner)."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{new_job_id()[:6]}"
+
+
 class JobService:
     """The job system. ``start()`` it, then submit / get / list / cancel / watch / open_video; ``stop()``."""
 
     def __init__(self, store: JobStore, results: ResultStore, runner: Runner, settings: JobSettings,
                  observer: JobObserver | None = None, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
-                 stages_ready: Callable[[], bool] | None = None) -> None:
+                 stages_ready: Callable[[], bool] | None = None, owner: str | None = None) -> None:
         if settings.slots < 1:
             raise ValueError(f"slots is {settings.slots}; at least one job must be able to run")
         self.store = store
         self.results = results
+        self.runner = runner
         self.settings = settings
+        self.owner = owner or gateway_identity()
         self.observer = SafeObserver(observer)
+        self.policy = QueuePolicy(settings.aging_seconds)
         self._clock = clock
         self._wall = wall_clock
+        self._departures = DepartureRate(clock)
         self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)     # the housekeeping thread sleeps on it
-        self.queue = JobQueue(settings.max_queue, settings.aging_seconds, clock=clock)
-        self._live: dict[str, LiveJob] = {}
+        self._wake = threading.Condition(self._lock)     # the housekeeper sleeps on it
+        self._runs: dict[str, LocalRun] = {}
+        self._watchers: dict[str, list[Watch]] = {}
         self._accepting = False
         self._stopping = False
-        self._last_depth = -1
+        self._last_depth: tuple[int, tuple[tuple[str, int], ...]] | None = None
         self._next_cleanup = 0.0
-        self._housekeeper: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._stages_ready = stages_ready
         self._stopped = threading.Event()
-        self.dispatcher = Dispatcher(self, runner, settings.slots, self._lock)
-
-    @classmethod
-    def open(cls, state_dir: str | Path, runner: Runner, settings: JobSettings,
-             observer: JobObserver | None = None, stages_ready: Callable[[], bool] | None = None) -> "JobService":
-        """A service whose jobs and videos live in ``state_dir`` (created if missing)."""
-        root = Path(state_dir).expanduser()
-        root.mkdir(parents=True, exist_ok=True)
-        return cls(JobStore(root / DB_NAME), ResultStore(root / RESULTS_DIR), runner, settings, observer,
-                   stages_ready=stages_ready)
+        self.dispatcher = Dispatcher(self, settings.slots, settings.poll_seconds, self.observer.jobs_running)
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> "JobService":
-        """Recover what a previous gateway left (queued and running jobs), then start dispatching.
+        """Listen to the other gateways, sweep orphan videos, then start running jobs.
 
-        Recovered jobs wait until the stages report SERVING (``stages_ready``; at most
-        ``recovery_wait_seconds``): after ``t2v up`` restarts the mesh, the gateway is up in a blink
-        while the stages still load their models, and the recovered jobs must not fail for that.
-        """
+        Jobs left behind by a gateway that went away (RUNNING, lease run out) wait until the stages
+        report SERVING (``stages_ready``; at most ``recovery_wait_seconds``): after ``t2v up`` restarts
+        the mesh, the gateway is up in a blink while the stages still load their models, and the
+        recovered jobs must not fail for that."""
+        self.store.listen(self._on_notice)
+        self.results.sweep(self._keeps_video)
+        for record in self.store.overdue(self._now_ms()):      # the deadline passed while no gateway ran
+            self._fail_deadline(record, "while no gateway was running it")
+        recovered = self._recover()
         with self._lock:
-            recovered = self._recover()
             self._accepting = True
             self._next_cleanup = self._clock() + self.settings.cleanup_interval_seconds
-            if recovered and self._stages_ready is not None:
-                self.dispatcher.hold()
-                threading.Thread(target=self._await_stages, name="jobs-await-stages", daemon=True).start()
-        self._sweep_orphan_files()
+        if recovered and self._stages_ready is not None:
+            self.dispatcher.hold()
+            self._thread(self._await_stages, "jobs-await-stages")
         self.dispatcher.start()
-        self._housekeeper = threading.Thread(target=self._housekeeping, name="jobs-housekeeping", daemon=True)
-        self._housekeeper.start()
-        with self._lock:
-            self.dispatcher.assign()
+        self._thread(self._housekeeping, "jobs-housekeeping")
+        self._thread(self._heartbeat, "jobs-lease")
+        self._queue_changed()
         return self
+
+    def _thread(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _recover(self) -> int:
+        """How many jobs a gateway that went away left behind (to wait for the stages before running them).
+        An embedded store's jobs are all this gateway's: they count as entering its queue again."""
+        left = self.store.recoverable(self._now_ms())
+        if not self.store.shared:
+            waiting = self.store.list(JobStatus.QUEUED, self.settings.max_queue + 1_000_000)
+            running = [r for r in self.store.list(JobStatus.RUNNING, 1_000_000) if r.lease_expires_ms <= self._now_ms()]
+            for record in sorted(waiting + running, key=lambda r: r.seq):
+                self.observer.job_queued(record)
+            left += len(waiting)
+        if left:
+            log.info(kv("jobs_recovered", jobs=left))
+        return left
+
+    def _keeps_video(self, job_id: str) -> bool:
+        """A stored video with no COMPLETED row is an orphan, unless its job runs (and is storing it now)."""
+        record = self.store.get(job_id)
+        return record is not None and record.status in (JobStatus.COMPLETED, JobStatus.RUNNING)
 
     def _await_stages(self) -> None:
         assert self._stages_ready is not None
@@ -316,21 +337,20 @@ class JobService:
         with self._lock:
             if self._accepting and not self._stopping:
                 self.dispatcher.resume()
-                self.dispatcher.assign()
 
     def stop_accepting(self) -> None:
         """Refuse new jobs and start no queued one from now on (the server is draining): running jobs
-        carry on, queued ones wait for the next gateway on this state dir."""
+        carry on, queued ones wait for the next gateway."""
         with self._lock:
             self._accepting = False
-            self.dispatcher.hold()
+        self.dispatcher.hold()
 
     def stop(self, grace: float = 0.0) -> None:
-        """Stop accepting; let running jobs finish for up to ``grace`` seconds; interrupt the rest.
+        """Stop accepting; let running jobs finish for up to ``grace`` seconds; hand the rest back.
 
-        Interrupted and queued jobs keep their rows (RUNNING / QUEUED): the next gateway on the same
-        state dir runs them. Watchers get ``Interrupted``.
-        """
+        Jobs still running are released: their lease ends now, so the next gateway (another replica at
+        once, or this one after a restart) resumes each from its last checkpoint. Watchers get
+        ``Interrupted``."""
         with self._lock:
             if self._stopped.is_set():
                 return
@@ -339,39 +359,42 @@ class JobService:
         self.dispatcher.drain(grace)
         with self._lock:
             self._stopping = True
-            for live in list(self._live.values()):
-                if live.status == JobStatus.RUNNING:
-                    live.interrupted = True
-                    live.control.cancel()
-                message = (f"the gateway stopped before job {live.job_id} finished; it runs again when the "
-                           "gateway restarts: follow it with GetJob")
-                for watch in live.watchers:
-                    watch.put(Interrupted(message))
-                live.watchers.clear()
+            for run in list(self._runs.values()):
+                run.interrupted = True
+                run.control.cancel()
+            message = ("the gateway stopped before job {job_id} finished; the job goes on (on another gateway of the "
+                       "same job store, or here after a restart): follow it with GetJob")
+            for job_id, watchers in self._watchers.items():
+                for watch in watchers:
+                    watch.put(Interrupted(message.format(job_id=job_id)))
+            self._watchers.clear()
             self._wake.notify_all()
+        self._signal_work()
         self.dispatcher.join(timeout=max(grace, 10.0))
-        if self._housekeeper is not None:
-            self._housekeeper.join(timeout=5.0)
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+        self.results.close()
         self.store.close()
-        log.info(kv("jobs_stopped", left_queued=len(self.queue)))
+        log.info(kv("jobs_stopped"))
 
     # --- the API ------------------------------------------------------------------------------------
     def submit(self, request: JobRequest) -> JobView:
         """Accept a job (or answer it from the cache); raise QueueFull when the queue is full."""
-        return self._submit(request, None)[0]
+        return self._submit(request, False)[0]
 
     def submit_and_watch(self, request: JobRequest) -> Watch:
         """``submit`` and subscribe before the job can start, so no update is missed (Generate)."""
-        return self._submit(request, True)[1]  # type: ignore[return-value]
+        watch = self._submit(request, True)[1]
+        assert watch is not None
+        return watch
 
     def get(self, job_id: str) -> JobView:
-        """The job now; NotFound if this gateway never had it, InvalidArgument if the id is malformed."""
+        """The job now; NotFound if no gateway of this store had it, InvalidArgument if the id is malformed."""
         check_job_id(job_id)
-        with self._lock:
-            record = self.store.get(job_id)
-            if record is None:
-                raise NotFound(f"job {job_id} does not exist on this gateway; ListJobs shows the jobs it knows")
-            return self._view(record)
+        record = self._store_call(lambda: self.store.get(job_id))
+        if record is None:
+            raise NotFound(f"job {job_id} does not exist on this gateway; ListJobs shows the jobs it knows")
+        return self._view(record)
 
     def list(self, status: JobStatus | None = None, page_size: int = 0, page_token: str = ""
              ) -> tuple[list[JobView], str]:
@@ -386,131 +409,153 @@ class JobService:
                 raise InvalidArgument(f"page_token {page_token[:40]!r} is not one this gateway gave; pass the "
                                       "next_page_token of the previous answer, or nothing for the first page")
             before = int(page_token)
-        with self._lock:
-            records = self.store.list(status, limit + 1, before)
-            views = [self._view(r) for r in records[:limit]]
+        records = self._store_call(lambda: self.store.list(status, limit + 1, before))
+        places = self._places() if any(r.status == JobStatus.QUEUED for r in records[:limit]) else {}
+        views = [self._view(r, places) for r in records[:limit]]
         token = str(records[limit - 1].seq) if len(records) > limit else ""
         return views, token
 
     def cancel(self, job_id: str, reason: str = "cancelled by CancelJob") -> JobView:
-        """Remove a queued job or stop a running one; a job that already ended is returned unchanged."""
-        check_job_id(job_id)
-        with self._lock:
-            live = self._live.get(job_id)
-            if live is not None:
-                self._finish(live, JobStatus.CANCELLED, "CANCELLED", f"the job was {reason}")
-            return self.get(job_id)
+        """Remove a queued job or stop a running one, wherever it runs; a job that ended is returned unchanged."""
+        self.get(job_id)
+        self._end(job_id, JobStatus.CANCELLED, "CANCELLED", f"the job was {reason}")
+        return self.get(job_id)
 
     def abandon(self, job_id: str) -> None:
         """The client waiting for the job went away: cancel it, or fail it if its deadline has come."""
-        with self._lock:
-            live = self._live.get(job_id)
-            if live is None:
-                return
-            if live.deadline is not None and self._clock() >= live.deadline - DEADLINE_SLACK_SECONDS:
-                self._fail_deadline(live)
-            else:
-                self._finish(live, JobStatus.CANCELLED, "CANCELLED",
-                             "the job was cancelled: the client waiting for it went away")
+        record = self.store.get(job_id)
+        if record is None or record.status.is_terminal:
+            return
+        if record.deadline_ms and self._now_ms() >= record.deadline_ms - DEADLINE_SLACK_SECONDS * 1000:
+            self._fail_deadline(record)
+        else:
+            self._end(job_id, JobStatus.CANCELLED, "CANCELLED",
+                      "the job was cancelled: the client waiting for it went away")
 
     def watch(self, job_id: str) -> Watch:
         """Subscribe to a job's updates: where it stands now first, then what happens next."""
         check_job_id(job_id)
-        with self._lock:
-            live = self._live.get(job_id)
-            watch = Watch(self, job_id)
-            if live is not None:
-                self._subscribe(live, watch)
+        watch = Watch(self, job_id)
+        with self._lock:                 # a run here: its history and its next events, nothing twice
+            self._watchers.setdefault(job_id, []).append(watch)
+            run = self._runs.get(job_id)
+            if run is not None and not run.ended:
+                for update in run.history:
+                    watch.put(update)
                 return watch
-            view = self.get(job_id)
-            if view.status.is_terminal:
-                watch.put(Finished(view))
-            else:
-                watch.put(Interrupted(f"job {job_id} is not running on this gateway (it is stopping); it runs "
-                                      "again when the gateway restarts"))
-            return watch
+        try:
+            record = self._store_call(lambda: self.store.get(job_id))
+            if record is None:
+                raise NotFound(f"job {job_id} does not exist on this gateway; ListJobs shows the jobs it knows")
+        except BaseException:
+            watch.close()
+            raise
+        self._replay(watch, record)
+        return watch
 
     def open_video(self, job_id: str) -> Video:
         """The video of a COMPLETED job; NotFound (saying so) once it expired, FailedPrecondition before."""
         view = self.get(job_id)
-        handle = self.results.open(job_id) if view.status == JobStatus.COMPLETED else None
-        if handle is None and view.status == JobStatus.COMPLETED:
+        opened = self.results.open(job_id) if view.status == JobStatus.COMPLETED else None
+        if opened is None and view.status == JobStatus.COMPLETED:
             view = self.get(job_id)        # the cleanup may have just expired it
             if view.status == JobStatus.COMPLETED:
                 raise NotFound(f"the video of job {job_id} is missing from the result store; submit the job again")
         if view.status == JobStatus.EXPIRED:
             raise NotFound(f"the video of job {job_id} expired at {_iso(view.record.expires_ms)} and was deleted: "
                            f"videos are kept {self._ttl_text()} after the job completes; submit the job again")
-        if view.status in _ACTIVE:
+        if view.status in ACTIVE:
             raise FailedPrecondition(f"job {job_id} is {view.status.name}; its video can be fetched once GetJob "
                                      "says COMPLETED")
-        if view.status != JobStatus.COMPLETED or handle is None:
+        if view.status != JobStatus.COMPLETED or opened is None:
             raise FailedPrecondition(f"job {job_id} ended {view.status.name} and has no video"
                                      + (f": {view.record.error_message}" if view.record.error_message else ""))
-        return Video(job_id, handle, os.fstat(handle.fileno()).st_size, view.record.mime_type or "video/mp4")
+        handle, size = opened
+        return Video(job_id, handle, size, view.record.mime_type or "video/mp4")
 
     def cleanup_expired(self) -> int:
-        """Delete the videos whose retention time has passed (status -> EXPIRED); return how many."""
+        """Delete the videos whose retention time has passed (status -> EXPIRED); return how many. One
+        gateway of a shared store at a time."""
         expired = 0
-        for job_id in self.store.due_to_expire(self._now_ms()):
-            if self.store.update_status(job_id, JobStatus.EXPIRED, expected=[JobStatus.COMPLETED]):
-                self.results.delete(job_id)
-                expired += 1
-                log.info(kv("result_expired", job_id=job_id))
+        with self.store.exclusive("cleanup") as mine:
+            if not mine:
+                return 0
+            for job_id in self.store.due_to_expire(self._now_ms()):
+                if self.store.transition(job_id, JobStatus.EXPIRED, [JobStatus.COMPLETED]):
+                    self.results.delete(job_id)
+                    expired += 1
+                    log.info(kv("result_expired", job_id=job_id))
         if expired:
             self.observer.results_expired(expired)
         return expired
 
     def running_count(self) -> int:
+        """Jobs this gateway runs now."""
         with self._lock:
-            return sum(1 for live in self._live.values() if live.status == JobStatus.RUNNING)
+            return len(self._runs)
+
+    def queue_length(self) -> int:
+        return self.store.count(JobStatus.QUEUED)
+
+    def healthy(self) -> bool:
+        """The job store answers (new work can be accepted)."""
+        try:
+            return self.store.healthy()
+        except Exception:  # noqa: BLE001 - a probe must not raise
+            return False
 
     # --- submit -------------------------------------------------------------------------------------
-    def _submit(self, request: JobRequest, subscribe: bool | None) -> tuple[JobView, Watch | None]:
+    def _submit(self, request: JobRequest, subscribe: bool) -> tuple[JobView, Watch | None]:
         timeout = request.timeout_seconds
         if timeout is not None and (not math.isfinite(timeout) or not 0 <= timeout <= MAX_TIMEOUT_SECONDS):
             raise InvalidArgument(f"timeout_seconds is {timeout}; it must be a number of seconds between 0 and "
                                   f"{MAX_TIMEOUT_SECONDS} (ten years; 0 = no limit)", field="timeout_seconds")
-        with self._lock:
-            if not self._accepting:
-                raise Unavailable("the gateway is shutting down; retry in a moment")
-            now, now_ms = self._clock(), self._now_ms()
-            key = cache_key(self.settings.model, request.params) if request.seed_given else None
-            if key is not None:
-                hit = self._answer_from_cache(key, request, now_ms)
-                if hit is not None:
-                    watch = None
-                    if subscribe:
-                        watch = Watch(self, hit.job_id)
-                        watch.put(Finished(hit))
-                    return hit, watch
-            if len(self.queue) >= self.queue.max_size:
-                raise QueueFull(len(self.queue), self.queue.retry_after_seconds())
-            record = self.store.create(JobRecord(
-                job_id=new_job_id(), status=JobStatus.QUEUED, priority=request.priority, params=request.params,
-                seed_given=request.seed_given, cache_key=key, created_ms=now_ms,
-                deadline_ms=now_ms + math.ceil(timeout * 1000) if timeout else 0))
-            live = LiveJob(record, now + timeout if timeout else None, now)
-            self._live[record.job_id] = live
-            self.queue.push(record.job_id, request.priority)
-            p = request.params
-            log.info(kv("job_accepted", job_id=record.job_id, priority=request.priority.name.lower(),
-                        frames=p.num_frames, height=p.height, width=p.width, steps=p.num_inference_steps,
-                        seed=p.seed, timeout=timeout or 0))
-            if key is not None:
-                self.observer.cache_miss(record)
-            self.observer.job_queued(record)
-            self.dispatcher.assign()
-            watch = None
-            if subscribe:
-                # After assign: a job that found a free slot is RUNNING already and shows no queue
-                # place; its worker cannot publish before we release the lock, so nothing is missed.
-                watch = Watch(self, record.job_id)
-                self._subscribe(live, watch)
-            self._queue_changed()
-            if live.deadline is not None:
+        if not self._accepting:
+            raise Unavailable("the gateway is shutting down; retry in a moment")
+        now_ms = self._now_ms()
+        key = cache_key(self.settings.model, request.params) if request.seed_given else None
+        if key is not None:
+            hit = self._store_call(lambda: self._answer_from_cache(key, request, now_ms))
+            if hit is not None:
+                watch = Watch(self, hit.job_id) if subscribe else None
+                if watch is not None:
+                    watch.put(Finished(hit))
+                return hit, watch
+        record = JobRecord(job_id=new_job_id(), status=JobStatus.QUEUED, priority=request.priority,
+                           params=request.params, seed_given=request.seed_given, cache_key=key, created_ms=now_ms,
+                           deadline_ms=now_ms + math.ceil(timeout * 1000) if timeout else 0)
+        watch = None
+        if subscribe:            # before the row exists: a worker may claim it the moment it does
+            watch = Watch(self, record.job_id)
+            with self._lock:
+                self._watchers.setdefault(record.job_id, []).append(watch)
+        try:
+            record = self._store_call(lambda: self.store.submit(record, self.settings.max_queue))
+        except StoreQueueFull as full:
+            if watch is not None:
+                watch.close()
+            raise QueueFull(full.length, self._departures.retry_after_seconds()) from None
+        except BaseException:
+            if watch is not None:
+                watch.close()
+            raise
+        p = request.params
+        log.info(kv("job_accepted", job_id=record.job_id, priority=request.priority.label,
+                    frames=p.num_frames, height=p.height, width=p.width, steps=p.num_inference_steps,
+                    seed=p.seed, timeout=timeout or 0))
+        if key is not None:
+            self.observer.cache_miss(record)
+        self.observer.job_queued(record)
+        self.dispatcher.offer()          # a free slot takes it now: it never shows as queued
+        if watch is not None:            # subscribed before the row existed: it missed nothing of a run
+            self._replay(watch, record, run_so_far=False)
+        self._notify(Notice("work", record.job_id))
+        self._queue_changed()
+        if record.deadline_ms:
+            with self._lock:
                 self._wake.notify_all()
-            return self._view(self.store.get(record.job_id) or record), watch
+        current = self.store.get(record.job_id) or record
+        return self._view(current), watch
 
     def _answer_from_cache(self, key: str, request: JobRequest, now_ms: int) -> JobView | None:
         source = self.store.find_cached(key, now_ms)
@@ -520,8 +565,8 @@ class JobService:
         try:
             size = self.results.copy(source.job_id, job_id)
         except OSError:
-            return None               # its file vanished (cleanup racing us): run the job instead
-        record = self.store.create(JobRecord(
+            return None               # its video vanished (cleanup racing us) or no room: run the job instead
+        record = self.store.insert(JobRecord(
             job_id=job_id, status=JobStatus.COMPLETED, priority=request.priority, params=request.params,
             seed_given=True, cache_key=key, created_ms=now_ms, started_ms=now_ms, finished_ms=now_ms,
             expires_ms=now_ms + self._ttl_ms(), stage=source.stage, step=source.step,
@@ -531,217 +576,361 @@ class JobService:
         self.observer.cache_hit(record)
         return JobView(record)
 
-    # --- state changes (lock held) -------------------------------------------------------------------
-    def _subscribe(self, live: LiveJob, watch: Watch) -> None:
-        live.watchers.append(watch)
-        if live.status == JobStatus.QUEUED:
-            live.last_position = self.queue.position(live.job_id)
-            watch.put(Queued(live.last_position, len(self.queue)))
-        else:
-            for update in live.history:
-                watch.put(update)
+    # --- watchers -----------------------------------------------------------------------------------
+    def _replay(self, watch: Watch, record: JobRecord, run_so_far: bool = True) -> None:
+        """Tell a new watcher where the job stands: its end, its queue place, or its run so far (for a run on
+        another gateway, what its row says)."""
+        if record.status.is_terminal:
+            self._deliver_end(record.job_id, record)
+            return
+        if record.status == JobStatus.QUEUED:
+            places = self._places()
+            if record.job_id in places:
+                watch.last_position = places[record.job_id]
+                watch.put(Queued(watch.last_position, len(places)))
+            return
+        with self._lock:
+            if not run_so_far or record.job_id in self._runs:
+                return
+        if record.stage != Stage.NONE:          # it runs on another gateway: what its row says
+            watch.put(StageStarted(record.stage))
+        if record.total_steps:
+            watch.put(Progress(record.step, record.total_steps, 0))
 
     def _unsubscribe(self, watch: Watch) -> None:
         with self._lock:
-            live = self._live.get(watch.job_id)
-            if live is not None and watch in live.watchers:
-                live.watchers.remove(watch)
+            watchers = self._watchers.get(watch.job_id)
+            if watchers is not None and watch in watchers:
+                watchers.remove(watch)
+                if not watchers:
+                    del self._watchers[watch.job_id]
 
-    # --- what the dispatcher calls: take_next (lock held), publish, completed, failed ------------------
-    def publish(self, live: LiveJob, event: orch.JobEvent) -> None:
-        """A running job's event (from the dispatcher): remember it, store it, tell the watchers."""
+    def _deliver(self, job_id: str, update: JobUpdate) -> None:
         with self._lock:
-            self._publish(live, event)
+            for watch in self._watchers.get(job_id, ()):
+                watch.put(update)
 
-    def _publish(self, live: LiveJob, event: orch.JobEvent) -> None:
-        if live.status != JobStatus.RUNNING:
+    def _deliver_end(self, job_id: str, record: JobRecord | None = None) -> None:
+        """The job ended (here or elsewhere): its watchers get Finished; a run of it here stops."""
+        record = record or self.store.get(job_id)
+        if record is None:
             return
-        now = self._clock()
-        write = False
-        if isinstance(event, orch.StageStarted):
-            live.stage, write = event.stage, True
-        elif isinstance(event, orch.Progress):
-            live.step, live.total_steps = event.step, event.total
-            write = (event.step == event.total
-                     or now - live.last_progress_write >= self.settings.progress_write_seconds)
-        elif isinstance(event, orch.Warning):
-            live.warnings.append(event.text)
-            self.store.add_warning(live.job_id, event.text)
-        if write:
-            live.last_progress_write = now
-            self.store.update_progress(live.job_id, live.stage, live.step, live.total_steps)
-        live.history.append(event)
-        for watch in live.watchers:
-            watch.put(event)
-
-    def _mark_started(self, live: LiveJob) -> bool:
-        """QUEUED -> RUNNING; False if the row is no longer queued (then the job is dropped here)."""
-        now_ms = self._now_ms()
-        if not self.store.start(live.job_id, now_ms):
-            self._live.pop(live.job_id, None)
-            return False
-        live.status, live.started_at = JobStatus.RUNNING, self._clock()
-        live.stage = live.step = live.total_steps = 0
-        live.history.clear()
-        live.record = dataclasses.replace(live.record, status=JobStatus.RUNNING, started_ms=now_ms,
-                                          runs=live.record.runs + 1)
-        waited = live.started_at - live.queued_at
-        log.info(kv("job_started", job_id=live.job_id, queued_seconds=round(waited, 3), run=live.record.runs))
-        self.observer.job_started(live.record, waited)
-        return True
-
-    def completed(self, live: LiveJob, result: orch.Result) -> None:
-        """The dispatcher got the video: store it and mark the job COMPLETED (unless it ended meanwhile)."""
+        view = self._view(record)
         with self._lock:
-            if live.status != JobStatus.RUNNING:
-                return
-        size = self.results.save(live.job_id, result.video)     # file I/O outside the lock
-        with self._lock:
-            done = self._finish(live, JobStatus.COMPLETED, video_size=size, mime_type=result.mime_type,
-                                expires_ms=self._now_ms() + self._ttl_ms())
-        if not done:
-            self.results.delete(live.job_id)
+            for watch in self._watchers.pop(job_id, []):
+                watch.put(Finished(view))
+            run = self._runs.get(job_id)
+            if run is not None and not run.ended:
+                run.ended = True
+                run.control.cancel()      # the denoiser drops the request at its next step
 
-    def failed(self, live: LiveJob, error: ServiceError) -> None:
-        """The run raised: record why (CANCELLED for a cancel, else FAILED with the error's code)."""
-        with self._lock:
-            if live.status != JobStatus.RUNNING or live.interrupted:
-                return
-            if not self._accepting and isinstance(error, Unavailable):
-                # The gateway is stopping and a stage went away: most likely the same shutdown (``t2v up``
-                # stops every service at once). Keep the job for the next gateway rather than fail it.
-                live.interrupted = True
-                return
-            status = JobStatus.CANCELLED if isinstance(error, Cancelled) else JobStatus.FAILED
-            self._finish(live, status, error.code.name, error.message)
-
-    def _finish(self, live: LiveJob, status: JobStatus, error_code: str = "", error_message: str = "",
-                **fields: object) -> bool:
-        """Move a live job to a final status, once: the store's compare-and-set decides who wins."""
-        was = live.status
-        ok = self.store.update_status(
-            live.job_id, status, expected=_ACTIVE, finished_ms=self._now_ms(), error_code=error_code,
-            error_message=error_message, stage=live.stage, step=live.step, total_steps=live.total_steps,
-            **fields)
-        if not ok:
-            return False
-        live.status = status
-        self._live.pop(live.job_id, None)
-        if was == JobStatus.QUEUED:
-            self.queue.remove(live.job_id)
-            self._queue_changed()
-        elif status != JobStatus.COMPLETED:
-            live.control.cancel()           # frees the slot: the denoiser drops the request at its next step
-        record = self.store.get(live.job_id) or live.record
-        seconds = self._clock() - live.started_at if live.started_at is not None else 0.0
-        log.info(kv("job_finished", job_id=live.job_id, status=status.value, code=error_code or "OK",
-                    seconds=round(seconds, 3)))
-        view = JobView(record)
-        for watch in live.watchers:
-            watch.put(Finished(view))
-        live.watchers.clear()
-        live.history.clear()
-        self.observer.job_finished(record, status, seconds)
-        return True
-
-    def _fail_deadline(self, live: LiveJob) -> None:
-        waited = self._clock() - live.queued_at
-        if live.status == JobStatus.QUEUED:
-            where = f"while it was still queued (position {self.queue.position(live.job_id)} of {len(self.queue)})"
-            advice = "retry later, with a longer deadline or a higher priority"
-        else:
-            stage = orch.stage_name(live.stage)     # a job waits in a stage that has no replica up
-            in_stage = f"{stage} stage, " if stage else ""
-            where = f"while it was running ({in_stage}step {live.step} of {live.total_steps})"
-            advice = ("ask for fewer frames or steps, or allow a longer deadline; if it did not move, check that "
-                      f"the {stage or 'stages'} {'stage is' if stage else 'are'} up (the gateway's /healthz)")
-        self._finish(live, JobStatus.FAILED, "DEADLINE_EXCEEDED",
-                     f"the job's deadline passed after {waited:.1f} s {where}; {advice}")
+    def _places(self) -> dict[str, int]:
+        """Every queued job's place (1 = next), in the policy's order."""
+        order = self.policy.order(self.store.waiting(), self._now_ms())
+        return {job.job_id: index for index, job in enumerate(order, start=1)}
 
     def _queue_changed(self) -> None:
-        """Tell every waiting watcher its new place, and the observer the new depth."""
-        length = len(self.queue)
-        if length != self._last_depth:
-            self._last_depth = length
-            self.observer.queue_depth(length, self.queue.depths())
-        if not any(live.watchers for live in self._live.values() if live.status == JobStatus.QUEUED):
+        """Tell every waiting watcher here its new place, and the observer the new depth."""
+        try:
+            waiting = self.store.waiting()
+        except Exception:  # noqa: BLE001 - the store is down: places are told again once it is back
             return
-        for job_id, position in self.queue.positions().items():
-            live = self._live.get(job_id)
-            if live is not None and live.watchers and position != live.last_position:
-                live.last_position = position
-                for watch in live.watchers:
-                    watch.put(Queued(position, length))
+        depths = {priority.label: 0 for priority in Priority}
+        for job in waiting:
+            depths[job.priority.label] += 1
+        depth = (len(waiting), tuple(sorted(depths.items())))
+        if depth != self._last_depth:
+            self._last_depth = depth
+            self.observer.queue_depth(len(waiting), depths)
+        with self._lock:
+            if not any(self._watchers.get(job.job_id) for job in waiting):
+                return
+            order = self.policy.order(waiting, self._now_ms())
+            for position, job in enumerate(order, start=1):
+                for watch in self._watchers.get(job.job_id, ()):
+                    if watch.last_position != position:
+                        watch.last_position = position
+                        watch.put(Queued(position, len(order)))
 
-    def take_next(self) -> LiveJob | None:
-        """The dispatcher's pick: the queue's next job, marked RUNNING; None when nothing waits."""
-        while len(self.queue):
-            job_id = self.queue.pop()
-            live = self._live.get(job_id) if job_id else None
-            if live is not None and self._mark_started(live):
-                self._queue_changed()
-                return live
+    # --- between gateways ------------------------------------------------------------------------------
+    def _notify(self, notice: Notice) -> None:
+        if not self.store.shared:
+            return
+        try:
+            self.store.notify(dataclasses.replace(notice, origin=self.owner))
+        except Exception:  # noqa: BLE001 - the others find out by their own polling
+            log.warning(kv("notify_failed", kind=notice.kind, job_id=notice.job_id))
+
+    def _on_notice(self, notice: Notice) -> None:
+        """What another gateway of the store said."""
+        if notice.origin == self.owner:
+            return
+        if notice.kind in ("work", "queue"):
+            self._signal_work()
+            self._queue_changed()
+        elif notice.kind == "event":
+            update = update_of(dict(notice.data))
+            if update is not None:
+                self._deliver(notice.job_id, update)
+        elif notice.kind in ("finished", "cancel"):
+            self._deliver_end(notice.job_id)
+            self._signal_work()
+            self._queue_changed()
+        if notice.kind == "queue" or notice.kind == "work":
+            with self._lock:
+                self._wake.notify_all()      # a new deadline may be nearer
+
+    # --- the dispatcher's side: WorkSource -----------------------------------------------------------------
+    def _signal_work(self) -> None:
+        self.dispatcher.wake()
+
+    def claim(self) -> _ClaimedWork | None:
+        if not self._accepting or self._stopping:
+            return None
+        claimed: Claimed | None = self.store.claim(self.owner, self._now_ms(), self._lease_ms(),
+                                                   self.settings.slots, self.policy)
+        if claimed is None:
+            return None
+        record = claimed.record
+        now = self._clock()
+        deadline = now + (record.deadline_ms - self._now_ms()) / 1000 if record.deadline_ms else None
+        run = LocalRun(record, deadline, claimed.checkpoint, started_at=now,
+                       stage=record.stage if claimed.taken_over else Stage.NONE)
+        with self._lock:
+            self._runs[record.job_id] = run
+        waited = max(0.0, (self._now_ms() - record.created_ms) / 1000)
+        self._departures.departed(still_waiting=True)
+        log.info(kv("job_started", job_id=record.job_id, queued_seconds=round(waited, 3), run=record.runs,
+                    resumed_from_step=record.checkpoint_step if claimed.checkpoint else 0,
+                    taken_over=claimed.taken_over))
+        self.observer.job_started(record, waited)
+        self._notify(Notice("queue", record.job_id))
         self._queue_changed()
-        return None
+        return _ClaimedWork(self, run)
+
+    # --- running a claimed job ------------------------------------------------------------------------------
+    def _execute(self, run: LocalRun) -> None:
+        """Run one claimed job to its end. Any exception ends the job, except a stop of this gateway."""
+        try:
+            result = self._run_stages(run)
+            if result is not None:
+                self._complete(run, result)
+        except ServiceError as error:
+            self._failed(run, error)
+        except Exception as error:  # noqa: BLE001 - reported to the user as INTERNAL, logged here
+            log.exception(kv("job_crashed", job_id=run.job_id))
+            self._failed(run, ServiceError(f"internal error ({type(error).__name__}); the gateway log has the "
+                                           "details"))
+        finally:
+            with self._lock:
+                self._runs.pop(run.job_id, None)
+            self._notify(Notice("work"))
+            self._signal_work()
+
+    def _run_stages(self, run: LocalRun) -> Result | None:
+        result = None
+        events = self.runner.run(run.job_id, run.record.params, run.control, run.deadline, resume=run.resume,
+                                 checkpoint_every=self.settings.checkpoint_every)
+        for event in events:
+            if isinstance(event, Result):
+                result = event
+            elif isinstance(event, Checkpoint):
+                self._checkpoint(run, event)
+            else:
+                self._publish(run, event)
+        if result is None:
+            raise ServiceError("the job ended without a video")
+        return result
+
+    def _checkpoint(self, run: LocalRun, checkpoint: Checkpoint) -> None:
+        try:
+            self.store.save_checkpoint(run.job_id, self.owner, checkpoint.step, checkpoint.data)
+        except Exception:  # noqa: BLE001 - a checkpoint lost costs steps on a takeover, never the job
+            log.warning(kv("checkpoint_failed", job_id=run.job_id, step=checkpoint.step))
+
+    def _publish(self, run: LocalRun, event: RunEvent) -> None:
+        """A running job's event: remember it, store it (throttled), tell the watchers here and elsewhere."""
+        now = self._clock()
+        write = False
+        if isinstance(event, StageStarted):
+            run.stage, write = event.stage, True
+        elif isinstance(event, Progress):
+            run.step, run.total_steps = event.step, event.total
+            write = event.step == event.total or now - run.last_progress_write >= self.settings.progress_write_seconds
+        elif isinstance(event, Warning):
+            run.warnings.append(event.text)
+            self._best_effort(lambda: self.store.add_warning(run.job_id, event.text), "warning")
+        if write:
+            run.last_progress_write = now
+            self._best_effort(lambda: self.store.progress(run.job_id, self.owner, run.stage, run.step,
+                                                          run.total_steps), "progress")
+        with self._lock:
+            if run.ended:
+                return
+            run.history.append(event)      # type: ignore[arg-type]
+            self._deliver(run.job_id, event)   # type: ignore[arg-type]
+        data = update_data(event)          # type: ignore[arg-type]
+        if data is not None and (write or isinstance(event, Warning)):
+            self._notify(Notice("event", run.job_id, data))
+
+    def _best_effort(self, write: Callable[[], object], what: str) -> None:
+        """A write a run can do without (progress, a warning): a full or absent store must not fail the job."""
+        try:
+            write()
+        except Exception as error:  # noqa: BLE001
+            log.warning(kv("store_write_failed", what=what, reason=str(error)[:200]))
+
+    def _complete(self, run: LocalRun, result: Result) -> None:
+        """Store the video, then mark the job COMPLETED (unless it ended meanwhile)."""
+        if run.ended:
+            return
+        try:
+            size = self._until_stored(lambda: self.results.save(run.job_id, result.video))
+            if size is None:
+                return                   # this gateway stops: the job is released to the next one
+        except (ResultStoreFull, OSError) as error:
+            full = isinstance(error, ResultStoreFull)
+            log.error(kv("result_save_failed", job_id=run.job_id, reason=str(error)[:200]))
+            failure = ResourceExhausted if full else ServiceError
+            raise failure(f"the result store is full: the video of job {run.job_id} could not be kept; free space "
+                          "on the gateway's result store and submit the job again" if full else
+                          f"the video of job {run.job_id} could not be stored ({error}); submit the job again") from None
+        done = self._write_end(run.job_id, JobStatus.COMPLETED, owner=self.owner, video_size=size,
+                               mime_type=result.mime_type, expires_ms=self._now_ms() + self._ttl_ms(),
+                               stage=run.stage, step=run.step, total_steps=run.total_steps)
+        if not done:
+            self.results.delete(run.job_id)
+
+    def _until_stored(self, save: Callable[[], int]) -> int | None:
+        """``save()``, tried again while the store is down (PostgreSQL restarting); None if this gateway stops."""
+        while True:
+            try:
+                return save()
+            except StoreUnavailable:
+                if self._stopped.is_set():
+                    return None
+                self._stopped.wait(STORE_RETRY_SECONDS)
+
+    def _failed(self, run: LocalRun, error: ServiceError) -> None:
+        """The run raised: record why (CANCELLED for a cancel, else FAILED with the error's code), unless
+        the job ended already or this gateway is stopping (then the next gateway takes it over)."""
+        if run.ended:
+            return
+        if run.interrupted or (not self._accepting and isinstance(error, (Unavailable, Cancelled))):
+            # The gateway is stopping (and a stage may have gone away in the same shutdown: ``t2v up``
+            # stops every service at once): hand the job back rather than fail it.
+            self._best_effort(lambda: self.store.release(self.owner, run.job_id), "release")
+            log.info(kv("job_released", job_id=run.job_id, step=run.step))
+            return
+        status = JobStatus.CANCELLED if isinstance(error, Cancelled) else JobStatus.FAILED
+        self._write_end(run.job_id, status, owner=self.owner, error_code=error.code.name,
+                        error_message=error.message, stage=run.stage, step=run.step, total_steps=run.total_steps)
+
+    # --- ending a job --------------------------------------------------------------------------------------
+    def _end(self, job_id: str, status: JobStatus, error_code: str, error_message: str) -> bool:
+        """End a job that may be queued or running anywhere (a cancel, a deadline, a client gone)."""
+        return self._write_end(job_id, status, error_code=error_code, error_message=error_message)
+
+    def _write_end(self, job_id: str, status: JobStatus, owner: str | None = None, **fields: object) -> bool:
+        """Move a job to a final status, once: the store's compare-and-set decides who wins. A job's end is
+        written even while the store is down (tried again until it is back or this gateway stops)."""
+        before = self.store.get(job_id)
+        if before is None or before.status.is_terminal:
+            return False
+        fields.setdefault("finished_ms", self._now_ms())
+        while True:
+            try:
+                ok = self.store.transition(job_id, status, ACTIVE, owner=owner, **fields)
+                break
+            except StoreUnavailable:
+                if self._stopped.is_set():
+                    return False
+                self._stopped.wait(STORE_RETRY_SECONDS)
+        if not ok:
+            return False
+        record = self.store.get(job_id)
+        assert record is not None
+        seconds = (record.finished_ms - record.started_ms) / 1000 if record.started_ms else 0.0
+        log.info(kv("job_finished", job_id=job_id, status=status.value, code=record.error_code or "OK",
+                    seconds=round(seconds, 3)))
+        self.observer.job_finished(record, status, seconds)
+        self._deliver_end(job_id, record)
+        self._notify(Notice("finished", job_id))
+        if before.status == JobStatus.QUEUED:
+            self._queue_changed()
+        self._signal_work()
+        return True
+
+    def _fail_deadline(self, record: JobRecord, while_: str = "") -> None:
+        waited = max(0.0, (self._now_ms() - record.created_ms) / 1000)
+        if while_:
+            where, advice = while_, "submit it again, with a longer deadline if the gateways may be down that long"
+        elif record.status == JobStatus.QUEUED:
+            places = self._places()
+            where = (f"while it was still queued (position {places.get(record.job_id, 0)} of {len(places)})")
+            advice = "retry later, with a longer deadline or a higher priority"
+        else:
+            with self._lock:
+                run = self._runs.get(record.job_id)
+            stage, step, total = (run.stage, run.step, run.total_steps) if run else (
+                record.stage, record.step, record.total_steps)
+            name = stage.label                 # a job waits in a stage that has no replica up
+            in_stage = f"{name} stage, " if name else ""
+            where = f"while it was running ({in_stage}step {step} of {total})"
+            advice = ("ask for fewer frames or steps, or allow a longer deadline; if it did not move, check that "
+                      f"the {name or 'stages'} {'stage is' if name else 'are'} up (the gateway's /healthz)")
+        self._end(record.job_id, JobStatus.FAILED, "DEADLINE_EXCEEDED",
+                  f"the job's deadline passed after {waited:.1f} s {where}; {advice}")
 
     # --- views ----------------------------------------------------------------------------------------
-    def _view(self, record: JobRecord) -> JobView:
-        live = self._live.get(record.job_id)
-        if live is not None and live.status == JobStatus.RUNNING:
-            record = dataclasses.replace(record, status=JobStatus.RUNNING, stage=live.stage, step=live.step,
-                                         total_steps=live.total_steps, warnings=tuple(live.warnings))
-        elif live is not None and live.status == JobStatus.QUEUED:
-            return JobView(record, self.queue.position(record.job_id), len(self.queue))
+    def _view(self, record: JobRecord, places: dict[str, int] | None = None) -> JobView:
+        with self._lock:
+            run = self._runs.get(record.job_id)
+        if run is not None and record.status == JobStatus.RUNNING:
+            record = dataclasses.replace(record, stage=run.stage, step=run.step, total_steps=run.total_steps,
+                                         warnings=tuple(run.warnings) or record.warnings)
+        elif record.status == JobStatus.QUEUED:
+            places = places if places is not None else self._places()
+            return JobView(record, places.get(record.job_id, 0), len(places) if record.job_id in places else 0)
         if record.status == JobStatus.COMPLETED and record.expires_ms and record.expires_ms <= self._now_ms():
             record = dataclasses.replace(record, status=JobStatus.EXPIRED)   # the cleanup will catch up
         return JobView(record)
 
     # --- background work ------------------------------------------------------------------------------
-    def _recover(self) -> int:
-        """Queue again what a stopped gateway left: RUNNING rows are reset to QUEUED, in their order."""
-        rerun = self.store.requeue_running()
-        now, now_ms = self._clock(), self._now_ms()
-        requeued = 0
-        for record in self.store.queued():
-            if record.deadline_ms and record.deadline_ms <= now_ms:
-                self.store.update_status(record.job_id, JobStatus.FAILED, expected=[JobStatus.QUEUED],
-                                         finished_ms=now_ms, error_code="DEADLINE_EXCEEDED",
-                                         error_message="the job's deadline passed while the gateway was down")
+    def _heartbeat(self) -> None:
+        """Renew this gateway's leases; stop the runs whose lease is lost (cancelled or taken over)."""
+        interval = max(0.05, self.settings.lease_seconds / 3)
+        while not self._stopped.wait(interval):
+            with self._lock:
+                ids = [job_id for job_id, run in self._runs.items() if not run.ended]
+            if not ids:
                 continue
-            waited = max(0.0, (now_ms - record.created_ms) / 1000)
-            deadline = now + (record.deadline_ms - now_ms) / 1000 if record.deadline_ms else None
-            self._live[record.job_id] = LiveJob(record, deadline, now - waited)
-            self.queue.push(record.job_id, record.priority, waited_seconds=waited, force=True)
-            self.observer.job_queued(record)
-            requeued += 1
-        if requeued or rerun:
-            log.info(kv("jobs_recovered", queued=requeued, rerun=len(rerun)))
-        self._queue_changed()
-        return requeued
-
-    def _sweep_orphan_files(self) -> None:
-        """Delete video files with no COMPLETED row (a crash between writing the file and the row)."""
-        for path in self.results.folder.glob("*.mp4"):
-            job_id = path.stem
             try:
-                record = self.store.get(check_job_id(job_id))
-            except InvalidArgument:
-                continue                     # not ours: leave it alone
-            if record is None or record.status != JobStatus.COMPLETED:
-                path.unlink(missing_ok=True)
+                held = self.store.heartbeat(self.owner, ids, self._now_ms(), self._lease_ms())
+            except Exception as error:  # noqa: BLE001 - the store is down: the runs go on, renewed later
+                log.warning(kv("lease_renewal_failed", jobs=len(ids), reason=str(error)[:200]))
+                continue
+            for job_id in set(ids) - held:
+                log.info(kv("lease_lost", job_id=job_id))
+                self._deliver_end(job_id)
 
     def _housekeeping(self) -> None:
-        """One thread: fail jobs whose deadline passed (queued or running), clean expired videos."""
+        """Fail jobs whose deadline passed (queued or running, on any gateway), clean expired videos."""
         while True:
+            try:
+                for record in self.store.overdue(self._now_ms()):
+                    self._fail_deadline(record)
+                next_deadline = self.store.next_deadline_ms()
+            except Exception as error:  # noqa: BLE001 - the store is down: look again soon
+                log.warning(kv("housekeeping_failed", reason=str(error)[:200]))
+                next_deadline = self._now_ms() + 1000
             with self._lock:
                 if self._stopping:
                     return
                 now = self._clock()
-                for live in list(self._live.values()):
-                    if live.deadline is not None and live.deadline <= now:
-                        self._fail_deadline(live)
-                wake_at = min([self._next_cleanup] + [live.deadline for live in self._live.values()
-                                                      if live.deadline is not None])
+                wake_at = self._next_cleanup
+                if next_deadline is not None:
+                    wake_at = min(wake_at, now + max(0.0, (next_deadline - self._now_ms()) / 1000))
                 if wake_at > now:
                     self._wake.wait(wake_at - now)
                 if self._stopping:
@@ -756,11 +945,22 @@ class JobService:
                     log.exception(kv("cleanup_failed"))
 
     # --- small helpers -------------------------------------------------------------------------------
+    def _store_call(self, call: Callable[[], object]) -> object:
+        """A store call on behalf of a client: a store that is down is UNAVAILABLE, in a sentence."""
+        try:
+            return call()
+        except StoreUnavailable as error:
+            raise Unavailable(f"the job store is unavailable ({error}); the gateway reconnects by itself: "
+                              "retry in a few seconds") from None
+
     def _now_ms(self) -> int:
         return int(self._wall() * 1000)
 
     def _ttl_ms(self) -> int:
         return int(self.settings.result_ttl_seconds * 1000)
+
+    def _lease_ms(self) -> int:
+        return int(self.settings.lease_seconds * 1000)
 
     def _ttl_text(self) -> str:
         hours = self.settings.result_ttl_seconds / 3600

@@ -9,17 +9,29 @@ from __future__ import annotations
 import grpc
 
 from services.common.errors import InvalidArgument, ServiceError
-from services.gateway import orchestrator as orch
-from services.gateway.jobs import Finished, JobUpdate, JobView, Queued
-from services.gateway.queue import Priority
-from services.gateway.store import JobRecord, JobStatus
-from services.gateway.validation import Params
+from services.gateway.domain import (Finished, JobRecord, JobStatus, JobUpdate, JobView, Params, ParamsInput, Priority,
+                                     Progress, Queued, Stage, StageStarted, Warning)
 from t2v.v1 import gateway_pb2, generation_pb2
 
 _PRIORITY_FROM_PROTO = {gateway_pb2.PRIORITY_UNSPECIFIED: Priority.NORMAL, gateway_pb2.PRIORITY_LOW: Priority.LOW,
                         gateway_pb2.PRIORITY_NORMAL: Priority.NORMAL, gateway_pb2.PRIORITY_HIGH: Priority.HIGH}
 _PRIORITY_TO_PROTO = {Priority.LOW: gateway_pb2.PRIORITY_LOW, Priority.NORMAL: gateway_pb2.PRIORITY_NORMAL,
                       Priority.HIGH: gateway_pb2.PRIORITY_HIGH}
+_STAGE_TO_PROTO = {Stage.NONE: gateway_pb2.STAGE_UNSPECIFIED, Stage.TEXT_ENCODER: gateway_pb2.STAGE_TEXT_ENCODER,
+                   Stage.DENOISER: gateway_pb2.STAGE_DENOISER, Stage.DECODER: gateway_pb2.STAGE_DECODER}
+
+
+def params_input(params: generation_pb2.GenerationParams) -> ParamsInput:
+    """What a gRPC client sent, for ``validation.validate`` (unset optional fields stay None)."""
+    return ParamsInput(
+        prompt=params.prompt, negative_prompt=params.negative_prompt, num_frames=params.num_frames,
+        height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale if params.HasField("guidance_scale") else None,
+        seed=params.seed if params.HasField("seed") else None, fps=params.fps, scheduler=params.scheduler)
+
+
+def stage_to_proto(stage: Stage) -> int:
+    return _STAGE_TO_PROTO[stage]
 
 
 def priority_from_proto(value: int) -> Priority:
@@ -60,7 +72,7 @@ def job_message(view: JobView) -> gateway_pb2.Job:
     job = gateway_pb2.Job(
         job_id=r.job_id, status=status_to_proto(r.status), priority=priority_to_proto(r.priority),
         params=params_message(r.params), progress=generation_pb2.StepProgress(step=r.step, total_steps=r.total_steps),
-        stage=r.stage if r.status == JobStatus.RUNNING else gateway_pb2.STAGE_UNSPECIFIED,
+        stage=stage_to_proto(r.stage) if r.status == JobStatus.RUNNING else gateway_pb2.STAGE_UNSPECIFIED,
         queue_position=view.queue_position, queue_length=view.queue_length,
         created_unix_ms=r.created_ms, started_unix_ms=r.started_ms, finished_unix_ms=r.finished_ms,
         cached=r.cached, video_size=r.video_size, mime_type=r.mime_type, expires_unix_ms=r.expires_ms,
@@ -83,12 +95,12 @@ def event_message(job_id: str, update: JobUpdate) -> gateway_pb2.GenerateEvent |
     if isinstance(update, Queued):
         return gateway_pb2.GenerateEvent(job_id=job_id, queue=gateway_pb2.QueuePosition(
             position=update.position, queue_length=update.length))
-    if isinstance(update, orch.StageStarted):
-        return gateway_pb2.GenerateEvent(job_id=job_id, stage=gateway_pb2.StageStarted(stage=update.stage))
-    if isinstance(update, orch.Progress):
+    if isinstance(update, StageStarted):
+        return gateway_pb2.GenerateEvent(job_id=job_id, stage=gateway_pb2.StageStarted(stage=stage_to_proto(update.stage)))
+    if isinstance(update, Progress):
         return gateway_pb2.GenerateEvent(job_id=job_id, progress=generation_pb2.StepProgress(
             step=update.step, total_steps=update.total, timestep=update.timestep))
-    if isinstance(update, orch.Warning):
+    if isinstance(update, Warning):
         return gateway_pb2.GenerateEvent(job_id=job_id, warnings=[update.text])
     return None
 

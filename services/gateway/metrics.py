@@ -2,14 +2,14 @@
 
 ``GatewayMetrics`` is a ``ServiceMetrics`` (ready state, gRPC calls by method and code) plus the job
 metrics below, and it is an ``observer.JobObserver``: the job system's hooks feed it. Nothing is
-wired yet; the wiring, in ``services/gateway/server.py``'s ``GatewayServicer``:
+wired here; the wiring, in ``services/gateway/app.py``'s ``Gateway``:
 
     # __init__: serve() then serves self.metrics on --metrics-port and grpc_errors counts the calls
     self.metrics = GatewayMetrics()
     self.observer = observer or self.metrics
     # load(): the runner wrapped, so the orchestrator's events give stage durations and steps
-    self.jobs = JobService.open(self.config.state_dir, self.metrics.observing(self.orchestrator),
-                                settings_from(self.config), self.observer).start()
+    self.jobs = JobService(store, results, self.metrics.observing(self.orchestrator), settings,
+                           self.observer).start()
 
 The observer hooks give the queue, job, cache and slot metrics; ``observing(orchestrator)`` gives
 each stage's duration and the denoising steps (``observe(events)`` does the same for any loop over
@@ -32,9 +32,8 @@ from typing import Any, Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import DURATION_BUCKETS, ServiceMetrics
-from services.gateway import orchestrator as orch
+from services.gateway.domain import JobRecord, JobStatus, Progress, Result, RunEvent, StageStarted
 from services.gateway.observer import JobObserver
-from services.gateway.store import JobRecord, JobStatus
 from t2v.v1 import gateway_pb2
 
 OUTCOMES = ("completed", "failed", "cancelled", "expired", "deadline_exceeded")
@@ -193,7 +192,7 @@ class GatewayMetrics(ServiceMetrics, JobObserver):
     def steps(self, n: int = 1) -> None:
         self._steps.inc(n)
 
-    def observe(self, events: Iterable[orch.JobEvent]) -> Iterator[orch.JobEvent]:
+    def observe(self, events: Iterable[RunEvent]) -> Iterator[RunEvent]:
         """Pass the orchestrator's events through unchanged, recording each stage's duration (from its
         StageStarted to the next StageStarted or the Result) and one denoising step per Progress.
 
@@ -206,13 +205,13 @@ class GatewayMetrics(ServiceMetrics, JobObserver):
         try:
             for event in events:
                 now = time.monotonic()
-                if isinstance(event, orch.StageStarted):
+                if isinstance(event, StageStarted):
                     if stage is not None:
                         self.stage_seconds(stage, now - since)
                     stage, since = event.stage, now
-                elif isinstance(event, orch.Progress):
+                elif isinstance(event, Progress):
                     self.steps()
-                elif isinstance(event, orch.Result) and stage is not None:
+                elif isinstance(event, Result) and stage is not None:
                     self.stage_seconds(stage, now - since)
                     stage = None
                 yield event
@@ -232,7 +231,7 @@ class ObservedRunner:
     def __init__(self, inner: Any, metrics: GatewayMetrics) -> None:
         self.inner, self.metrics = inner, metrics
 
-    def run(self, *args: Any, **kwargs: Any) -> Iterator[orch.JobEvent]:
+    def run(self, *args: Any, **kwargs: Any) -> Iterator[RunEvent]:
         return self.metrics.observe(self.inner.run(*args, **kwargs))
 
     def __getattr__(self, name: str) -> Any:      # close() and the rest: the orchestrator's own

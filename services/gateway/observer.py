@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from services.common.logs import kv
-from services.gateway.store import JobRecord, JobStatus
+from services.gateway.domain import JobRecord, JobStatus
 
 log = logging.getLogger("gateway.observer")
 

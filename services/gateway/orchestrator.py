@@ -1,7 +1,9 @@
 """Calls the three stages in order for one job, over gRPC, and reports what happens as it goes.
 
-Why a generator of plain events: the gateway's Generate streams them to a client today; a queue
-and job store (SubmitJob / GetJob) can consume the same events without touching this module.
+Why a generator of plain events (``domain.RunEvent``): the job service consumes them (stores progress,
+checkpoints, tells watchers) without knowing gRPC, and this module knows nothing of jobs or stores.
+A run may start from a denoiser checkpoint (``resume``: the opaque bytes of a ``DenoiseCheckpoint``),
+which is how a job taken over from a gateway that died goes on where it was.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterator, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,9 +24,10 @@ from services.common.errors import (Cancelled, DeadlineExceeded, InvalidArgument
 from services.common.logs import kv
 from services.common.server import message_options
 from services.common.tls import ClientTls, channel as tls_channel
-from services.gateway.validation import Params
-from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, gateway_pb2,
-                    text_encoder_pb2, text_encoder_pb2_grpc)
+from services.gateway.domain import (Checkpoint, Params, Progress, Result, RunControl, RunEvent, Stage,
+                                     StageStarted, Warning)
+from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
+                    text_encoder_pb2_grpc)
 
 log = logging.getLogger("gateway.orchestrator")
 
@@ -47,70 +50,10 @@ _MAX_RECONNECT_BACKOFF_MS = 2000
 
 
 @dataclass(frozen=True)
-class StageStarted:
-    stage: int            # gateway_pb2.Stage value
-
-
-@dataclass(frozen=True)
-class Progress:
-    step: int
-    total: int
-    timestep: int
-
-
-@dataclass(frozen=True)
-class Warning:  # noqa: A001 - a job warning, not the builtin
-    text: str
-
-
-@dataclass(frozen=True)
-class Result:
-    video: bytes
-    mime_type: str
-    num_frames: int
-    height: int
-    width: int
-    frames: object | None = None   # float frames from the decoder, only when asked for (parity checks)
-
-
-JobEvent = Union[StageStarted, Progress, Warning, Result]
-
-
-@dataclass
-class RunControl:
-    """Lets another thread cancel a running job: the call in flight is cancelled at once."""
-
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    _call: grpc.Future | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.cancelled.set()
-            if self._call is not None:
-                self._call.cancel()
-
-    def track(self, call: grpc.Future | None) -> None:
-        with self._lock:
-            self._call = call
-            if call is not None and self.cancelled.is_set():
-                call.cancel()
-
-
-@dataclass(frozen=True)
 class StageAddresses:
     text_encoder: str
     denoiser: str
     decoder: str
-
-
-_STAGE_NAMES = {gateway_pb2.STAGE_TEXT_ENCODER: "text_encoder", gateway_pb2.STAGE_DENOISER: "denoiser",
-                gateway_pb2.STAGE_DECODER: "decoder"}
-
-
-def stage_name(stage: int) -> str:
-    """``text_encoder``, ``denoiser`` or ``decoder`` for a ``gateway_pb2.Stage`` value ("" for none)."""
-    return _STAGE_NAMES.get(stage, "")
 
 
 class Orchestrator:
@@ -153,9 +96,9 @@ class Orchestrator:
             raise DeadlineExceeded("the request's deadline passed before the job finished")
         return min(self.stage_timeout, remaining)
 
-    def _stage_error(self, stage: int, error: grpc.RpcError, control: RunControl, timeout: float,
+    def _stage_error(self, stage: Stage, error: grpc.RpcError, control: RunControl, timeout: float,
                      attempts: int) -> ServiceError:
-        name = _STAGE_NAMES[stage]
+        name = stage.label
         address = getattr(self.addresses, name)
         code, details = error.code(), error.details() or ""
         if control.cancelled.is_set():
@@ -185,46 +128,57 @@ class Orchestrator:
         return ServiceError(f"the {name} stage failed ({code.name}): {details}")
 
     def run(self, job_id: str, params: Params, control: RunControl | None = None,
-            deadline: float | None = None, return_frames: bool = False) -> Iterator[JobEvent]:
-        """Encode, denoise, decode; yield events; the last one is the Result. Raises ServiceError."""
+            deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0,
+            return_frames: bool = False) -> Iterator[RunEvent]:
+        """Encode, denoise, decode; yield events; the last one is the Result. Raises ServiceError.
+
+        With ``checkpoint_every`` N > 0 the denoiser's state comes back every N steps as a Checkpoint; with
+        ``resume`` (a Checkpoint's data) denoising goes on from that step. A denoiser replica that dies
+        mid-call is retried from the last checkpoint too, not from step 1."""
         control = control or RunControl()
-        yield StageStarted(gateway_pb2.STAGE_TEXT_ENCODER)
+        yield StageStarted(Stage.TEXT_ENCODER)
         prompts = [params.negative_prompt, params.prompt] if params.uses_guidance else [params.prompt]
         encode = text_encoder_pb2.EncodeRequest(prompts=prompts, request_id=job_id)
-        encoded = yield from self._call(job_id, gateway_pb2.STAGE_TEXT_ENCODER, control, deadline,
+        encoded = yield from self._call(job_id, Stage.TEXT_ENCODER, control, deadline,
                                         lambda timeout: self._unary(self.text_encoder.Encode, encode, timeout, control))
         for which, info in zip(["negative_prompt", "prompt"][-len(prompts):], encoded.prompts):
             if info.truncated:
                 yield Warning(f"{which} has {info.num_tokens} tokens; the model reads 77, so this was "
                               f"dropped: {info.dropped_text!r}")
 
-        yield StageStarted(gateway_pb2.STAGE_DENOISER)
+        yield StageStarted(Stage.DENOISER)
         denoise = denoiser_pb2.DenoiseRequest(
             request_id=job_id, embeddings=encoded.embeddings, num_frames=params.num_frames,
             height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale, seed=params.seed, scheduler=params.scheduler)
-        latents = yield from self._call(job_id, gateway_pb2.STAGE_DENOISER, control, deadline,
-                                        lambda timeout: self._denoise(denoise, timeout, control))
+            guidance_scale=params.guidance_scale, seed=params.seed, scheduler=params.scheduler,
+            checkpoint_every=max(0, checkpoint_every))
+        if resume:
+            denoise.resume.ParseFromString(resume)
+        latents = yield from self._call(job_id, Stage.DENOISER, control, deadline,
+                                        lambda timeout: self._denoise(denoise, timeout, control),
+                                        lambda: (f"; denoising resumes after step {denoise.resume.step}"
+                                                 if denoise.HasField("resume") else "; denoising restarts from step 1"))
 
-        yield StageStarted(gateway_pb2.STAGE_DECODER)
+        yield StageStarted(Stage.DECODER)
         decode = decoder_pb2.DecodeRequest(request_id=job_id, latents=latents, fps=params.fps,
                                            return_frames=return_frames)
-        decoded = yield from self._call(job_id, gateway_pb2.STAGE_DECODER, control, deadline,
+        decoded = yield from self._call(job_id, Stage.DECODER, control, deadline,
                                         lambda timeout: self._unary(self.decoder.Decode, decode, timeout, control))
         log.info(kv("job_done", job_id=job_id, mp4_bytes=len(decoded.video)))
         yield Result(video=decoded.video, mime_type=decoded.mime_type, num_frames=decoded.num_frames,
                      height=decoded.height, width=decoded.width,
                      frames=decoded.frames if return_frames else None)
 
-    def _call(self, job_id: str, stage: int, control: RunControl, deadline: float | None,
-              attempt: Callable[[float], Any]) -> Generator[JobEvent, None, Any]:
+    def _call(self, job_id: str, stage: Stage, control: RunControl, deadline: float | None,
+              attempt: Callable[[float], Any], retry_note: Callable[[], str] | None = None
+              ) -> Generator[RunEvent, None, Any]:
         """One stage call (``attempt(timeout)``: the answer, or a generator of events that returns it),
         tried again when it fails UNAVAILABLE: its replica went away mid-call (killed, or draining past its
         grace), which gRPC's own retry policy does not cover once the call has started. At most
         ``STAGE_ATTEMPTS`` tries, each announced with a Warning and a new StageStarted: the stage starts
         over (for the denoiser, progress restarts from step 1). Every other error is final: trying again
         would not change INVALID_ARGUMENT, and a DEADLINE_EXCEEDED has used up the time."""
-        name = _STAGE_NAMES[stage]
+        name = stage.label
         for number in range(1, STAGE_ATTEMPTS + 1):
             if control.cancelled.is_set():
                 raise Cancelled("the job was cancelled")
@@ -245,7 +199,7 @@ class Orchestrator:
             log.warning(kv("stage_retry", job_id=job_id, stage=name, attempt=number + 1, reason=details))
             yield Warning(f"the {name} stage failed during the call ({details}); trying again, attempt "
                           f"{number + 1} of {STAGE_ATTEMPTS}"
-                          + ("; denoising restarts from step 1" if stage == gateway_pb2.STAGE_DENOISER else ""))
+                          + (retry_note() if retry_note is not None else ""))
             control.cancelled.wait(RETRY_BACKOFF_SECONDS * 2 ** (number - 1))
             yield StageStarted(stage)
         raise AssertionError("unreachable: the last attempt returns or raises")
@@ -262,16 +216,21 @@ class Orchestrator:
             raise Cancelled("the job was cancelled") from None
 
     def _denoise(self, request: denoiser_pb2.DenoiseRequest, timeout: float, control: RunControl
-                 ) -> Generator[JobEvent, None, Any]:
-        """The Denoise stream: yields a Progress per step, returns the latents."""
+                 ) -> Generator[RunEvent, None, Any]:
+        """The Denoise stream: yields a Progress per step and a Checkpoint when one comes, returns the
+        latents. The last checkpoint becomes the request's ``resume``, so a retry goes on from there."""
         call = self.denoiser.Denoise(request, timeout=timeout, wait_for_ready=True)
         control.track(call)
         latents = None
         for event in call:
-            if event.HasField("progress"):
+            kind = event.WhichOneof("event")
+            if kind == "progress":
                 p = event.progress
                 yield Progress(p.step, p.total_steps, p.timestep)
-            else:
+            elif kind == "checkpoint":
+                request.resume.CopyFrom(event.checkpoint)
+                yield Checkpoint(event.checkpoint.step, event.checkpoint.SerializeToString())
+            elif kind == "latents":
                 latents = event.latents
         if latents is None:
             raise ServiceError("the denoiser stage ended its stream without latents")

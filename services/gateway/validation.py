@@ -1,49 +1,22 @@
-"""Checking a user's GenerationParams and filling in the defaults. Pure logic, no gRPC.
+"""Checking a user's generation parameters and filling in the defaults. Pure logic, no gRPC.
 
 Why here and first: a bad request must be refused with a sentence the user can act on before it
-costs a queue slot or a GPU second; every rule lives in this one function, which tests cover.
+costs a queue slot or a GPU second; every rule lives in this one function, which tests cover. Both
+front doors reach it the same way: gRPC (``messages.params_input``) and HTTP (``videos.to_job_request``)
+turn what they received into a ``domain.ParamsInput``, and ``validate`` resolves it.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
 
-from services.common.errors import InvalidArgument
 from services.common.contract import (DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER,
                                       DEFAULT_STEPS, SCHEDULERS, VAE_SCALE_FACTOR)
-from t2v.v1 import generation_pb2
+from services.common.errors import InvalidArgument
+from services.gateway.domain import Limits, Params, ParamsInput
 
-
-@dataclass(frozen=True)
-class Limits:
-    max_frames: int = 64
-    max_size: int = 1024
-    max_steps: int = 200
-    max_fps: int = 60
-    max_prompt_chars: int = 10_000
-    default_size: int = 256          # the model's unet sample_size * 8
-
-
-@dataclass(frozen=True)
-class Params:
-    """A validated request with every default filled in."""
-
-    prompt: str
-    negative_prompt: str
-    num_frames: int
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int
-    fps: int
-    scheduler: str
-
-    @property
-    def uses_guidance(self) -> bool:
-        return self.guidance_scale > 1.0
+__all__ = ["Limits", "Params", "ParamsInput", "validate"]
 
 
 def _check_text(name: str, text: str, limits: Limits) -> None:
@@ -54,7 +27,7 @@ def _check_text(name: str, text: str, limits: Limits) -> None:
         raise InvalidArgument(f"{name} contains a NUL character; send plain text", field=name)
 
 
-def validate(params: generation_pb2.GenerationParams, limits: Limits) -> Params:
+def validate(params: ParamsInput, limits: Limits) -> Params:
     """Return the resolved params or raise InvalidArgument naming the field and the allowed range."""
     prompt = params.prompt
     if not prompt.strip():
@@ -78,7 +51,7 @@ def validate(params: generation_pb2.GenerationParams, limits: Limits) -> Params:
     if not 1 <= steps <= limits.max_steps:
         raise InvalidArgument(f"num_inference_steps is {steps}; it must be between 1 and {limits.max_steps}",
                               field="num_inference_steps")
-    guidance = params.guidance_scale if params.HasField("guidance_scale") else DEFAULT_GUIDANCE
+    guidance = params.guidance_scale if params.guidance_scale is not None else DEFAULT_GUIDANCE
     if not math.isfinite(guidance) or guidance < 0:
         raise InvalidArgument(f"guidance_scale is {guidance}; it must be a number >= 0 (9.0 is the default, "
                               "<= 1 turns guidance off)", field="guidance_scale")
@@ -89,7 +62,7 @@ def validate(params: generation_pb2.GenerationParams, limits: Limits) -> Params:
     if scheduler not in SCHEDULERS:
         raise InvalidArgument(f"scheduler {params.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}",
                               field="scheduler")
-    if params.HasField("seed"):
+    if params.seed is not None:
         if params.seed < 0:
             raise InvalidArgument(f"seed is {params.seed}; it must be >= 0", field="seed")
         seed = params.seed

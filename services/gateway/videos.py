@@ -30,12 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.contract import DEFAULT_FPS, SCHEDULERS
 from services.common.errors import InvalidArgument
-from services.gateway import orchestrator as orch
-from services.gateway.jobs import Finished, Interrupted, JobRequest, JobUpdate, JobView, Queued
-from services.gateway.queue import Priority
-from services.gateway.store import JobStatus
-from services.gateway.validation import Limits, validate
-from t2v.v1 import gateway_pb2, generation_pb2
+from services.gateway.domain import (Finished, Interrupted, JobRequest, JobStatus, JobUpdate, JobView, Limits,
+                                     ParamsInput, Priority, Progress as StepProgress, Queued, Stage, StageStarted,
+                                     Warning)
+from services.gateway.validation import validate
 
 VideoStatus = Literal["queued", "in_progress", "completed", "failed"]
 PriorityName = Literal["low", "normal", "high"]
@@ -43,8 +41,6 @@ StageName = Literal["text_encoder", "denoiser", "decoder"]
 
 _STATUS = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "in_progress", JobStatus.COMPLETED: "completed",
            JobStatus.FAILED: "failed", JobStatus.CANCELLED: "failed", JobStatus.EXPIRED: "completed"}
-_STAGES: dict[int, StageName] = {gateway_pb2.STAGE_TEXT_ENCODER: "text_encoder",
-                                 gateway_pb2.STAGE_DENOISER: "denoiser", gateway_pb2.STAGE_DECODER: "decoder"}
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 # Fields of an OpenAI request this gateway cannot honour, with the sentence that says why.
 _UNSUPPORTED = {"input_reference": "input_reference is not supported: this model makes videos from text only; "
@@ -157,23 +153,20 @@ def to_job_request(body: CreateVideoRequest, limits: Limits) -> JobRequest:
         value = getattr(body, name)          # 0 means "the default" over gRPC; here a number must be one
         if value is not None and not 1 <= value <= most:
             raise InvalidArgument(f"{name} is {value}; it must be between 1 and {most}", field=name)
-    params = generation_pb2.GenerationParams(prompt=body.prompt, negative_prompt=body.negative_prompt or "",
-                                             num_inference_steps=body.num_inference_steps or 0,
-                                             fps=body.fps or 0, scheduler=body.scheduler or "")
+    width = height = 0
     if body.size is not None:
         match = _SIZE.fullmatch(body.size)
         assert match is not None                 # the model's pattern checked it
-        params.width, params.height = int(match[1]), int(match[2])
-        if not params.width or not params.height:
+        width, height = int(match[1]), int(match[2])
+        if not width or not height:
             raise InvalidArgument(f"size is {body.size!r}; width and height must be positive multiples of 8, "
                                   "e.g. \"256x256\"", field="size")
-    params.num_frames = _frames(body, limits)
-    if body.guidance_scale is not None:
-        params.guidance_scale = body.guidance_scale
-    if body.seed is not None:
-        if not 0 <= body.seed < 2**63:
-            raise InvalidArgument(f"seed is {body.seed}; it must be between 0 and 2**63 - 1", field="seed")
-        params.seed = body.seed
+    if body.seed is not None and not 0 <= body.seed < 2**63:
+        raise InvalidArgument(f"seed is {body.seed}; it must be between 0 and 2**63 - 1", field="seed")
+    params = ParamsInput(prompt=body.prompt, negative_prompt=body.negative_prompt or "",
+                         num_frames=_frames(body, limits), height=height, width=width,
+                         num_inference_steps=body.num_inference_steps or 0, guidance_scale=body.guidance_scale,
+                         seed=body.seed, fps=body.fps or 0, scheduler=body.scheduler or "")
     try:
         resolved = validate(params, limits)
     except InvalidArgument as error:
@@ -285,14 +278,14 @@ def _seconds(ms: int) -> Optional[int]:
     return ms // 1000 if ms else None
 
 
-def progress_percent(job_status: JobStatus, stage: int, step: int, total_steps: int) -> int:
+def progress_percent(job_status: JobStatus, stage: Stage, step: int, total_steps: int) -> int:
     """0 while queued or encoding, the share of steps while denoising (at most 99), 99 while decoding,
     100 once completed; a job that ended otherwise keeps what it had reached."""
     if job_status in (JobStatus.COMPLETED, JobStatus.EXPIRED):
         return 100
     if job_status == JobStatus.QUEUED:
         return 0
-    if stage == gateway_pb2.STAGE_DECODER:
+    if stage == Stage.DECODER:
         return 99
     return min(99, 100 * step // total_steps) if total_steps else 0
 
@@ -305,9 +298,9 @@ def video_object(view: JobView, model: str) -> Video:
         completed_at=_seconds(r.finished_ms), expires_at=_seconds(r.expires_ms), status=_STATUS[r.status],
         progress=progress_percent(r.status, r.stage, r.step, r.total_steps), model=model,
         size=f"{p.width}x{p.height}", seconds=f"{p.num_frames / p.fps:g}", prompt=p.prompt, error=error,
-        job_status=r.status, priority=r.priority.name.lower(),
+        job_status=r.status, priority=r.priority.label,
         queue_position=view.queue_position or None, queue_length=view.queue_length or None,
-        stage=_STAGES.get(r.stage) if r.status == JobStatus.RUNNING else None,
+        stage=(r.stage.label or None) if r.status == JobStatus.RUNNING else None,
         step=r.step, total_steps=r.total_steps, started_at=_seconds(r.started_ms),
         seed=p.seed, num_frames=p.num_frames, fps=p.fps, width=p.width, height=p.height,
         num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, scheduler=p.scheduler,
@@ -331,7 +324,7 @@ class Progress:
     """What a watcher has seen so far of a running job, to put a percentage on each event."""
 
     def __init__(self) -> None:
-        self.stage = 0
+        self.stage = Stage.NONE
         self.step = 0
         self.total = 0
 
@@ -350,15 +343,15 @@ def event_of(job_id: str, update: JobUpdate, seen: Progress, model: str) -> tupl
     if isinstance(update, Queued):
         return "queued", {"id": job_id, "status": "queued", "progress": 0, "queue_position": update.position,
                           "queue_length": update.length}
-    if isinstance(update, orch.StageStarted):
+    if isinstance(update, StageStarted):
         seen.stage = update.stage
         return "stage", {"id": job_id, "status": "in_progress", "progress": seen.percent(),
-                         "stage": _STAGES.get(update.stage)}
-    if isinstance(update, orch.Progress):
+                         "stage": update.stage.label or None}
+    if isinstance(update, StepProgress):
         seen.step, seen.total = update.step, update.total
         return "progress", {"id": job_id, "status": "in_progress", "progress": seen.percent(),
                             "stage": "denoiser", "step": update.step, "total_steps": update.total}
-    if isinstance(update, orch.Warning):
+    if isinstance(update, Warning):
         return "warning", {"id": job_id, "status": "in_progress", "progress": seen.percent(),
                            "message": update.text}
     if isinstance(update, Finished):

@@ -13,7 +13,7 @@ import av
 import pytest
 
 from services.common.config import DEFAULT_MODEL
-from services.gateway.server import model_default_size
+from services.gateway.app import model_default_size
 from t2v.up import health_status
 from tests.conftest import free_port
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from services.common.contract import SCHEDULERS
 from services.gateway.jobs import MAX_TIMEOUT_SECONDS
-from services.gateway.store import JOB_ID_PATTERN
+from services.gateway.domain import JOB_ID_PATTERN
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 from tests.conftest import RunningStage
 from tests.fuzzing import (CALL_TIMEOUT, INT32, Outcome, check_refusal, fuzz_settings, hostile_texts, int32s, int64s,

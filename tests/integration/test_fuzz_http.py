@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
                                                status_code_conformance)
 
 from services.gateway.http import Backend, create_app
-from services.gateway.server import GatewayConfig, limits_from
+from services.gateway.app import GatewayConfig, limits_from
 from tests.conftest import RunningStage
 from tests.fuzzing import assert_sentence
 

@@ -343,10 +343,10 @@ def test_a_client_that_leaves_an_event_stream_unsubscribes(make_gateway) -> None
     http = Http(gateway.http_url)
     long = http.create(steps=LONG)
     http.wait_running(long["id"])
-    live = gateway.servicer.jobs._live[long["id"]]
+    jobs = gateway.servicer.jobs
     events = http.events(long["id"])
     assert next(events)[0] in ("stage", "progress")
-    assert len(live.watchers) == 1
+    assert len(jobs._watchers.get(long["id"], [])) == 1
     events.close()                                        # closes the connection
-    wait_for(lambda: not live.watchers, 10, "the stream's watch to be closed")
+    wait_for(lambda: not jobs._watchers.get(long["id"]), 10, "the stream's watch to be closed")
     http.call("DELETE", f"/v1/videos/{long['id']}")

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.gateway.observer import JobObserver
-from services.gateway.store import JobRecord, JobStatus
+from services.gateway.domain import JobRecord, JobStatus
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 from tests.conftest import RunningStage, stop_gateway, wait_for
 
@@ -309,7 +309,7 @@ def test_a_deadline_covers_queue_time(make_gateway) -> None:
     job = client.wait(submitted.job_id, S.JOB_STATUS_FAILED)
     assert job.error.code == "DEADLINE_EXCEEDED" and "still queued" in job.error.message
     assert job.started_unix_ms == 0 and 900 <= job.finished_unix_ms - job.created_unix_ms < 5000
-    assert list(client.list(status=S.JOB_STATUS_QUEUED).jobs) == [] and len(gateway.servicer.jobs.queue) == 0
+    assert list(client.list(status=S.JOB_STATUS_QUEUED).jobs) == [] and gateway.servicer.jobs.queue_length() == 0
     assert client.get(long.job_id).status == S.JOB_STATUS_RUNNING        # the running job was not disturbed
     client.cancel(long.job_id)
 

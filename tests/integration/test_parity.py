@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from services.common.tensors import from_proto
-from services.gateway.orchestrator import Orchestrator, Result, StageAddresses
-from services.gateway.validation import Params
+from services.gateway.domain import Params, Result
+from services.gateway.orchestrator import Orchestrator, StageAddresses
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,8 @@ import pytest
 from services.common.config import parse_config
 from services.common.errors import InvalidArgument
 from services.gateway import messages
-from services.gateway.jobs import Finished, JobView, Queued
-from services.gateway.queue import Priority
-from services.gateway.server import GatewayConfig, settings_from
-from services.gateway.store import JobRecord, JobStatus, new_job_id
-from services.gateway.validation import Params
+from services.gateway.domain import Finished, JobRecord, JobStatus, JobView, Params, Priority, Queued, Stage, new_job_id
+from services.gateway.app import GatewayConfig, settings_from
 from t2v.up import Mesh, MeshPorts
 from t2v.v1 import gateway_pb2
 
@@ -68,7 +65,7 @@ def test_priorities_and_statuses_map_both_ways() -> None:
 
 def test_a_job_message_carries_the_resolved_params_and_the_error() -> None:
     record = JobRecord(job_id=new_job_id(), status=JobStatus.FAILED, priority=Priority.HIGH, params=PARAMS,
-                       created_ms=1, started_ms=2, finished_ms=3, step=1, total_steps=3, stage=2,
+                       created_ms=1, started_ms=2, finished_ms=3, step=1, total_steps=3, stage=Stage.DENOISER,
                        error_code="DEADLINE_EXCEEDED", error_message="too slow", warnings=("w",))
     job = messages.job_message(JobView(record))
     assert job.status == gateway_pb2.JOB_STATUS_FAILED and job.priority == gateway_pb2.PRIORITY_HIGH

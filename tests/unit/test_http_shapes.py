@@ -7,13 +7,11 @@ import grpc
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.gateway import orchestrator as orch
+from services.gateway import domain
 from services.gateway.http import HTTP_STATUS, error_response, service_error_response
-from services.gateway.jobs import Finished, Interrupted, JobView, Queued
-from services.gateway.queue import Priority, QueueFull
+from services.gateway.domain import (Finished, Interrupted, JobRecord, JobStatus, JobView, Limits, Params, Priority,
+                                     QueueFull, Queued)
 from services.gateway.ranges import ByteRange, RangeNotSatisfiable, parse_range
-from services.gateway.store import JobRecord, JobStatus
-from services.gateway.validation import Limits, Params
 from services.gateway import videos
 from t2v.up import Mesh, MeshPorts
 from t2v.v1 import gateway_pb2
@@ -99,7 +97,7 @@ def record(status: JobStatus, **fields) -> JobRecord:
     (JobStatus.FAILED, "failed", 40), (JobStatus.CANCELLED, "failed", 40), (JobStatus.EXPIRED, "completed", 100),
 ])
 def test_six_job_statuses_map_to_openais_four(status, shown, percent) -> None:
-    video = videos.video_object(JobView(record(status, stage=gateway_pb2.STAGE_DENOISER, step=4, total_steps=10)),
+    video = videos.video_object(JobView(record(status, stage=domain.Stage.DENOISER, step=4, total_steps=10)),
                                 "t2v-world")
     assert (video.status, video.job_status, video.progress) == (shown, status, percent)
     assert (video.size, video.seconds, video.created_at, video.priority) == ("96x64", "2", 1_700_000_000, "low")
@@ -117,9 +115,9 @@ def test_a_failed_video_carries_its_error_and_a_queued_one_its_place() -> None:
 def test_events_of_a_run() -> None:
     seen = videos.Progress()
     names = []
-    for update in [Queued(2, 3), orch.StageStarted(gateway_pb2.STAGE_TEXT_ENCODER),
-                   orch.StageStarted(gateway_pb2.STAGE_DENOISER), orch.Progress(5, 10, 500), orch.Warning("cut"),
-                   orch.StageStarted(gateway_pb2.STAGE_DECODER), Finished(JobView(record(JobStatus.COMPLETED)))]:
+    for update in [Queued(2, 3), domain.StageStarted(domain.Stage.TEXT_ENCODER),
+                   domain.StageStarted(domain.Stage.DENOISER), domain.Progress(5, 10, 500), domain.Warning("cut"),
+                   domain.StageStarted(domain.Stage.DECODER), Finished(JobView(record(JobStatus.COMPLETED)))]:
         name, data = videos.event_of("a" * 32, update, seen, "m")
         names.append((name, data.get("progress")))
     assert names == [("queued", 0), ("stage", 0), ("stage", 0), ("progress", 50), ("warning", 50), ("stage", 99),

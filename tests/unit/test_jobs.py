@@ -14,14 +14,13 @@ import grpc
 import pytest
 
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.gateway import orchestrator as orch
+from services.gateway import domain
 from services.gateway.jobs import (Finished, Interrupted, JobRequest, JobService, JobSettings, Queued,
                                    cache_key)
 from services.gateway.observer import JobObserver
-from services.gateway.queue import Priority, QueueFull
-from services.gateway.store import (JobRecord, JobStatus, JobStore, ResultStore, StateDirBusy, check_job_id,
-                                    new_job_id)
-from services.gateway.validation import Params
+from services.gateway.domain import Params, Priority, QueueFull
+from services.gateway.domain import JobRecord, JobStatus, check_job_id, new_job_id
+from services.gateway.store.sqlite import FileResultStore as ResultStore, SqliteJobStore as JobStore
 from t2v.v1 import gateway_pb2
 
 LOW, NORMAL, HIGH = Priority.LOW, Priority.NORMAL, Priority.HIGH
@@ -57,22 +56,23 @@ class FakeRunner:
     def release(self) -> None:
         self._go.set()
 
-    def run(self, job_id: str, params: Params, control: orch.RunControl | None = None,
-            deadline: float | None = None) -> Iterator[orch.JobEvent]:
-        control = control or orch.RunControl()
+    def run(self, job_id: str, params: Params, control: domain.RunControl | None = None,
+            deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0
+            ) -> Iterator[domain.RunEvent]:
+        control = control or domain.RunControl()
         self.started.append(job_id)
-        yield orch.StageStarted(gateway_pb2.STAGE_TEXT_ENCODER)
-        yield orch.StageStarted(gateway_pb2.STAGE_DENOISER)
+        yield domain.StageStarted(domain.Stage.TEXT_ENCODER)
+        yield domain.StageStarted(domain.Stage.DENOISER)
         while not self._go.wait(0.002):
             if control.cancelled.is_set():
                 raise Cancelled("the job was cancelled")
         for step in range(1, params.num_inference_steps + 1):
             if control.cancelled.is_set():
                 raise Cancelled("the job was cancelled")
-            yield orch.Progress(step, params.num_inference_steps, 1000 - step)
-        yield orch.StageStarted(gateway_pb2.STAGE_DECODER)
+            yield domain.Progress(step, params.num_inference_steps, 1000 - step)
+        yield domain.StageStarted(domain.Stage.DECODER)
         self.finished.append(job_id)
-        yield orch.Result(video=b"MP4:" + job_id.encode(), mime_type="video/mp4", num_frames=params.num_frames,
+        yield domain.Result(video=b"MP4:" + job_id.encode(), mime_type="video/mp4", num_frames=params.num_frames,
                           height=params.height, width=params.width)
 
 
@@ -156,99 +156,12 @@ def test_result_store_saves_atomically_copies_opens_and_deletes(tmp_path: Path) 
     first, second = new_job_id(), new_job_id()
     assert results.save(first, b"video bytes") == 11
     assert results.copy(first, second) == 11
-    with results.open(second) as handle:
+    with results.open(second)[0] as handle:
         assert handle.read() == b"video bytes"
     assert results.delete(first) and not results.exists(first)
     assert results.exists(second)           # a copy, not a reference: deleting the source keeps it
     assert results.open(first) is None and results.delete(first) is False
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{second}.mp4"]
-
-
-# --- the job store ----------------------------------------------------------------------------------------
-def record(**fields: object) -> JobRecord:
-    values: dict[str, object] = {"job_id": new_job_id(), "status": JobStatus.QUEUED, "priority": NORMAL,
-                                 "params": params(), **fields}
-    return JobRecord(**values)  # type: ignore[arg-type]
-
-
-def test_store_round_trips_a_job_and_uses_wal(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    made = store.create(record(priority=HIGH, seed_given=True, cache_key="k", created_ms=5, warnings=("w",)))
-    assert made.seq == 1
-    assert store.get(made.job_id) == made
-    assert store.get(new_job_id()) is None
-    store.close()
-    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert JobStore(tmp_path / "jobs.sqlite3").get(made.job_id) == made     # it survives a reopen
-
-
-def test_one_job_database_serves_one_gateway_at_a_time(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    with pytest.raises(StateDirBusy, match="in use by another gateway"):
-        JobStore(tmp_path / "jobs.sqlite3")
-    store.close()
-    JobStore(tmp_path / "jobs.sqlite3").close()
-
-
-def test_update_status_is_a_compare_and_set(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    job = store.create(record()).job_id
-    assert store.start(job, 10) is True
-    assert store.start(job, 11) is False                      # already running
-    assert store.update_status(job, JobStatus.COMPLETED, [JobStatus.RUNNING], finished_ms=20, video_size=3)
-    assert not store.update_status(job, JobStatus.CANCELLED, [JobStatus.QUEUED, JobStatus.RUNNING])
-    got = store.get(job)
-    assert got is not None
-    assert (got.status, got.started_ms, got.finished_ms, got.video_size, got.runs) == (JobStatus.COMPLETED, 10, 20, 3, 1)
-    with pytest.raises(ValueError, match="cannot set"):
-        store.update_status(job, JobStatus.FAILED, params="x")
-
-
-def test_store_progress_and_warnings(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    job = store.create(record()).job_id
-    store.update_progress(job, 2, 5, 9)                       # not running: ignored
-    store.start(job, 1)
-    store.update_progress(job, 2, 5, 9)
-    store.add_warning(job, "one")
-    store.add_warning(job, "two")
-    got = store.get(job)
-    assert got is not None and (got.stage, got.step, got.total_steps, got.warnings) == (2, 5, 9, ("one", "two"))
-
-
-def test_store_lists_newest_first_with_filter_and_pages(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    made = [store.create(record(status=JobStatus.COMPLETED if i % 2 else JobStatus.QUEUED)) for i in range(5)]
-    ids = [m.job_id for m in made]
-    assert [r.job_id for r in store.list()] == ids[::-1]
-    assert [r.job_id for r in store.list(JobStatus.COMPLETED)] == [ids[3], ids[1]]
-    page = store.list(limit=2)
-    assert [r.job_id for r in page] == [ids[4], ids[3]]
-    assert [r.job_id for r in store.list(limit=2, before_seq=page[-1].seq)] == [ids[2], ids[1]]
-    assert store.count(JobStatus.QUEUED) == 3
-
-
-def test_store_requeues_running_jobs_in_their_order(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    a, b, c = (store.create(record()).job_id for _ in range(3))
-    store.start(a, 1)
-    store.update_progress(a, 2, 7, 10)
-    assert store.requeue_running() == [a]
-    assert [r.job_id for r in store.queued()] == [a, b, c]
-    got = store.get(a)
-    assert got is not None and (got.status, got.step) == (JobStatus.QUEUED, 0)
-
-
-def test_store_cache_lookup_and_expiry(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    done = store.create(record(status=JobStatus.COMPLETED, cache_key="k", expires_ms=1000)).job_id
-    store.create(record(status=JobStatus.FAILED, cache_key="k", expires_ms=5000))
-    hit = store.find_cached("k", now_ms=999)
-    assert hit is not None and hit.job_id == done
-    assert store.find_cached("k", now_ms=1000) is None           # expired
-    assert store.find_cached("other", now_ms=0) is None
-    assert store.due_to_expire(999) == [] and store.due_to_expire(1000) == [done]
 
 
 # --- the job service ---------------------------------------------------------------------------------------
@@ -285,7 +198,7 @@ def test_a_late_watcher_gets_the_run_so_far_replayed(make_service) -> None:
     runner = FakeRunner(hold=True)
     service = make_service(runner)
     job = service.submit(JobRequest(params(steps=2))).job_id
-    wait_for(lambda: service.get(job).record.stage == gateway_pb2.STAGE_DENOISER, what="denoiser stage")
+    wait_for(lambda: service.get(job).record.stage == domain.Stage.DENOISER, what="denoiser stage")
     watch = service.watch(job)
     runner.release()
     kinds = [type(u).__name__ for u in watch]
@@ -344,7 +257,7 @@ def test_cancel_a_queued_job_a_running_job_and_a_finished_one(make_service) -> N
 
     cancelled = service.cancel(queued)
     assert cancelled.status == JobStatus.CANCELLED and cancelled.record.error_code == "CANCELLED"
-    assert queued not in service.queue and service.get(after).queue_position == 1
+    assert queued not in [w.job_id for w in service.store.waiting()] and service.get(after).queue_position == 1
 
     assert service.cancel(running).status == JobStatus.CANCELLED
     wait_for(lambda: after in runner.started, what="the freed slot to take the next job")
@@ -363,7 +276,7 @@ def test_a_deadline_fails_a_queued_job_and_frees_its_place(make_service) -> None
     wait_status(service, late, JobStatus.FAILED)
     job = service.get(late).record
     assert job.error_code == "DEADLINE_EXCEEDED" and "still queued" in job.error_message
-    assert len(service.queue) == 0 and late not in runner.started
+    assert service.queue_length() == 0 and late not in runner.started
 
 
 def test_a_deadline_stops_a_running_job(make_service) -> None:

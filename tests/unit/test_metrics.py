@@ -17,11 +17,10 @@ from services.decoder.metrics import DecoderMetrics
 from services.denoiser.engine import EngineObserver
 from services.denoiser.metrics import DenoiserMetrics
 from services.gateway import metrics as gateway_metrics
-from services.gateway import orchestrator as orch
+from services.gateway import domain
 from services.gateway.metrics import GatewayMetrics, priority_label, stage_label
 from services.gateway.observer import JobObserver
-from services.gateway.queue import Priority
-from services.gateway.store import JobRecord, JobStatus
+from services.gateway.domain import JobRecord, JobStatus, Priority
 from services.text_encoder.metrics import TextEncoderMetrics
 from t2v.up import Mesh, MeshPorts
 from t2v.v1 import gateway_pb2
@@ -307,10 +306,10 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch, *times: float) -> None:
 
 
 def test_gateway_observe_times_each_stage_from_the_orchestrators_events(monkeypatch: pytest.MonkeyPatch) -> None:
-    events = [orch.StageStarted(gateway_pb2.STAGE_TEXT_ENCODER), orch.Warning("truncated"),
-              orch.StageStarted(gateway_pb2.STAGE_DENOISER), orch.Progress(1, 3, 900), orch.Progress(2, 3, 600),
-              orch.Progress(3, 3, 300), orch.StageStarted(gateway_pb2.STAGE_DECODER),
-              orch.Result(b"mp4", "video/mp4", 8, 64, 64)]
+    events = [domain.StageStarted(domain.Stage.TEXT_ENCODER), domain.Warning("truncated"),
+              domain.StageStarted(domain.Stage.DENOISER), domain.Progress(1, 3, 900), domain.Progress(2, 3, 600),
+              domain.Progress(3, 3, 300), domain.StageStarted(domain.Stage.DECODER),
+              domain.Result(b"mp4", "video/mp4", 8, 64, 64)]
     fake_clock(monkeypatch, 10.0, 10.5, 11.0, 11.1, 11.2, 11.3, 14.0, 14.5)
     m = GatewayMetrics()
     assert list(m.observe(iter(events))) == events            # passed through unchanged
@@ -325,8 +324,8 @@ def test_gateway_observing_wraps_a_runner(monkeypatch: pytest.MonkeyPatch) -> No
         closed = False
 
         def run(self, job_id, params, control=None, deadline=None):
-            yield orch.StageStarted(gateway_pb2.STAGE_DECODER)
-            yield orch.Result(b"mp4", "video/mp4", 1, 8, 8)
+            yield domain.StageStarted(domain.Stage.DECODER)
+            yield domain.Result(b"mp4", "video/mp4", 1, 8, 8)
 
         def close(self):
             self.closed = True
@@ -335,7 +334,7 @@ def test_gateway_observing_wraps_a_runner(monkeypatch: pytest.MonkeyPatch) -> No
     m = GatewayMetrics()
     inner = FakeOrchestrator()
     runner = m.observing(inner)
-    assert [type(e) for e in runner.run("j", None, deadline=None)] == [orch.StageStarted, orch.Result]
+    assert [type(e) for e in runner.run("j", None, deadline=None)] == [domain.StageStarted, domain.Result]
     assert value(m, "t2v_gateway_stage_duration_seconds_sum", stage="decoder") == 2.0
     runner.close()
     assert inner.closed
@@ -344,10 +343,10 @@ def test_gateway_observing_wraps_a_runner(monkeypatch: pytest.MonkeyPatch) -> No
 def test_gateway_observe_closes_the_run_when_its_consumer_stops() -> None:
     stopped = []
 
-    def run() -> Iterator[orch.JobEvent]:
+    def run() -> Iterator[domain.RunEvent]:
         try:
-            yield orch.StageStarted(gateway_pb2.STAGE_TEXT_ENCODER)
-            yield orch.StageStarted(gateway_pb2.STAGE_DENOISER)
+            yield domain.StageStarted(domain.Stage.TEXT_ENCODER)
+            yield domain.StageStarted(domain.Stage.DENOISER)
         finally:
             stopped.append(True)
 
@@ -358,10 +357,10 @@ def test_gateway_observe_closes_the_run_when_its_consumer_stops() -> None:
 
 
 def test_gateway_observe_records_no_time_for_the_stage_that_failed(monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing() -> Iterator[orch.JobEvent]:
-        yield orch.StageStarted(gateway_pb2.STAGE_TEXT_ENCODER)
-        yield orch.StageStarted(gateway_pb2.STAGE_DENOISER)
-        yield orch.Progress(1, 5, 999)
+    def failing() -> Iterator[domain.RunEvent]:
+        yield domain.StageStarted(domain.Stage.TEXT_ENCODER)
+        yield domain.StageStarted(domain.Stage.DENOISER)
+        yield domain.Progress(1, 5, 999)
         raise Unavailable("the denoiser stage is unavailable")
 
     fake_clock(monkeypatch, 1.0, 1.25, 2.0)

@@ -1,13 +1,17 @@
-"""services.gateway.queue: priority levels, FIFO within a level, aging, bounds, positions. A fake clock."""
+"""services.gateway.queue: priority levels, FIFO within a level, aging, retry-after; and the same order
+in SQL as in Python (every job store claims in ``QueuePolicy.order_sql``'s order). A fake clock."""
 
 from __future__ import annotations
 
-import grpc
+import itertools
+import sqlite3
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.gateway.queue import JobQueue, Priority, QueueFull
+from services.gateway.domain import Priority
+from services.gateway.queue import DepartureRate, QueuePolicy, Waiting
 
 LOW, NORMAL, HIGH = Priority.LOW, Priority.NORMAL, Priority.HIGH
 
@@ -23,101 +27,100 @@ class Clock:
         self.now += seconds
 
 
-def drain(queue: JobQueue) -> list[str]:
-    order = []
-    while (job := queue.pop()) is not None:
-        order.append(job)
-    return order
+class Line:
+    """Jobs waiting under a policy, as a store holds them: push adds a row, pop takes the policy's first."""
 
+    def __init__(self, aging: float = 60.0) -> None:
+        self.clock = Clock()
+        self.policy = QueuePolicy(aging)
+        self.waiting: list[Waiting] = []
+        self._seq = itertools.count(1)
 
-def make(max_size: int = 100, aging: float = 60.0) -> tuple[JobQueue, Clock]:
-    clock = Clock()
-    return JobQueue(max_size=max_size, aging_seconds=aging, clock=clock), clock
+    def now_ms(self) -> int:
+        return int(self.clock.now * 1000)
+
+    def push(self, name: str, level: Priority = NORMAL, waited_seconds: float = 0.0) -> None:
+        self.waiting.append(Waiting(name, level, self.now_ms() - int(waited_seconds * 1000), next(self._seq)))
+
+    def order(self) -> list[str]:
+        return [job.job_id for job in self.policy.order(self.waiting, self.now_ms())]
+
+    def pop(self) -> str | None:
+        order = self.order()
+        if not order:
+            return None
+        self.waiting = [job for job in self.waiting if job.job_id != order[0]]
+        return order[0]
+
+    def drain(self) -> list[str]:
+        return list(iter(self.pop, None))
+
+    def effective(self, name: str) -> int:
+        job = next(job for job in self.waiting if job.job_id == name)
+        return self.policy.effective(job.priority, self.now_ms() - job.created_ms)
 
 
 def test_an_empty_queue_pops_nothing() -> None:
-    queue, _ = make()
-    assert queue.pop() is None and len(queue) == 0 and queue.order() == []
+    line = Line()
+    assert line.pop() is None and line.order() == []
 
 
 def test_fifo_within_a_level() -> None:
-    queue, clock = make()
+    line = Line()
     for name in "abcde":
-        queue.push(name, NORMAL)
-        clock.advance(1)
-    assert drain(queue) == list("abcde")
+        line.push(name, NORMAL)
+        line.clock.advance(1)
+    assert line.drain() == list("abcde")
 
 
 def test_higher_levels_first_then_fifo() -> None:
-    queue, clock = make()
+    line = Line()
     for name, level in [("low1", LOW), ("n1", NORMAL), ("high1", HIGH), ("n2", NORMAL), ("low2", LOW),
                         ("high2", HIGH)]:
-        queue.push(name, level)
-        clock.advance(0.5)
-    assert drain(queue) == ["high1", "high2", "n1", "n2", "low1", "low2"]
+        line.push(name, level)
+        line.clock.advance(0.5)
+    assert line.drain() == ["high1", "high2", "n1", "n2", "low1", "low2"]
 
 
-def test_same_instant_keeps_push_order() -> None:
-    queue, _ = make()
+def test_same_instant_keeps_insertion_order() -> None:
+    line = Line()
     for name in ["x", "y", "z"]:
-        queue.push(name, LOW)
-    assert drain(queue) == ["x", "y", "z"]
-
-
-def test_push_returns_the_position_and_position_follows_the_order() -> None:
-    queue, clock = make()
-    assert queue.push("n1", NORMAL) == 1
-    assert queue.push("low", LOW) == 2
-    assert queue.push("high", HIGH) == 1
-    assert [queue.position(j) for j in ("high", "n1", "low")] == [1, 2, 3]
-    assert queue.position("nope") == 0
-    assert queue.positions() == {"high": 1, "n1": 2, "low": 3}
-
-
-def test_remove_takes_a_job_out_and_moves_the_others_up() -> None:
-    queue, _ = make()
-    for name in "abc":
-        queue.push(name, NORMAL)
-    assert queue.remove("b") is True
-    assert queue.remove("b") is False
-    assert "b" not in queue and len(queue) == 2
-    assert queue.position("c") == 2
-    assert drain(queue) == ["a", "c"]
+        line.push(name, LOW)
+    assert line.drain() == ["x", "y", "z"]
 
 
 def test_aging_raises_a_waiting_job_one_level_per_period() -> None:
-    queue, clock = make(aging=60)
-    queue.push("old-low", LOW)
-    assert queue.effective_priority("old-low") == LOW
-    clock.advance(59.9)
-    assert queue.effective_priority("old-low") == LOW
-    clock.advance(0.2)
-    assert queue.effective_priority("old-low") == NORMAL
-    clock.advance(60)
-    assert queue.effective_priority("old-low") == HIGH
-    clock.advance(600)
-    assert queue.effective_priority("old-low") == HIGH       # never above high
+    line = Line(aging=60)
+    line.push("old-low", LOW)
+    assert line.effective("old-low") == LOW
+    line.clock.advance(59.9)
+    assert line.effective("old-low") == LOW
+    line.clock.advance(0.2)
+    assert line.effective("old-low") == NORMAL
+    line.clock.advance(60)
+    assert line.effective("old-low") == HIGH
+    line.clock.advance(600)
+    assert line.effective("old-low") == HIGH       # never above high
 
 
 def test_an_aged_low_job_overtakes_newer_normal_jobs() -> None:
-    queue, clock = make(aging=60)
-    queue.push("low", LOW)
-    clock.advance(30)
-    queue.push("normal-early", NORMAL)     # waited longer than aging? no: normal from the start
-    clock.advance(31)                      # low has waited 61 s: it is normal now, and older
-    queue.push("normal-late", NORMAL)
-    assert queue.order() == ["low", "normal-early", "normal-late"]
-    assert queue.pop() == "low"
+    line = Line(aging=60)
+    line.push("low", LOW)
+    line.clock.advance(30)
+    line.push("normal-early", NORMAL)
+    line.clock.advance(31)                 # low has waited 61 s: it is normal now, and older
+    line.push("normal-late", NORMAL)
+    assert line.order() == ["low", "normal-early", "normal-late"]
 
 
 def test_low_cannot_starve_under_a_stream_of_high_jobs() -> None:
-    queue, clock = make(aging=60)
-    queue.push("low", LOW)
+    line = Line(aging=60)
+    line.push("low", LOW)
     popped = []
     for i in range(1000):                  # a new high job every 10 s; one job runs every 10 s
-        queue.push(f"high{i}", HIGH)
-        clock.advance(10)
-        popped.append(queue.pop())
+        line.push(f"high{i}", HIGH)
+        line.clock.advance(10)
+        popped.append(line.pop())
         if "low" in popped:
             break
     assert "low" in popped
@@ -125,87 +128,54 @@ def test_low_cannot_starve_under_a_stream_of_high_jobs() -> None:
 
 
 def test_aging_off_keeps_strict_priority() -> None:
-    queue, clock = make(aging=0)
-    queue.push("low", LOW)
-    clock.advance(10_000)
-    queue.push("normal", NORMAL)
-    assert drain(queue) == ["normal", "low"]
+    line = Line(aging=0)
+    line.push("low", LOW)
+    line.clock.advance(10_000)
+    line.push("normal", NORMAL)
+    assert line.drain() == ["normal", "low"]
 
 
-def test_waited_seconds_back_dates_a_requeued_job() -> None:
-    queue, _ = make(aging=60)
-    queue.push("fresh-normal", NORMAL)
-    queue.push("requeued-low", LOW, waited_seconds=61)    # it had waited before a restart
-    assert queue.effective_priority("requeued-low") == NORMAL
-    assert queue.order() == ["requeued-low", "fresh-normal"]
+def test_a_job_keeps_its_age_when_it_waits_again() -> None:
+    """A job's wait counts from its acceptance (a job handed back by a gateway that stopped keeps its place)."""
+    line = Line(aging=60)
+    line.push("fresh-normal", NORMAL)
+    line.push("requeued-low", LOW, waited_seconds=61)
+    assert line.effective("requeued-low") == NORMAL
+    assert line.order() == ["requeued-low", "fresh-normal"]
 
 
-def test_a_full_queue_refuses_with_a_retry_after() -> None:
-    queue, _ = make(max_size=2)
-    queue.push("a")
-    queue.push("b")
-    with pytest.raises(QueueFull) as info:
-        queue.push("c")
-    error = info.value
-    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error.retry_after_seconds >= 1
-    assert "queue is full" in error.message and f"{error.retry_after_seconds} s" in error.message
-    assert "c" not in queue and len(queue) == 2
-
-
-def test_force_pushes_past_the_bound() -> None:
-    queue, _ = make(max_size=1)
-    queue.push("a")
-    queue.push("b", force=True)
-    assert len(queue) == 2
-
-
-def test_a_job_cannot_be_queued_twice() -> None:
-    queue, _ = make()
-    queue.push("a")
-    with pytest.raises(ValueError, match="already queued"):
-        queue.push("a")
+def test_negative_aging_is_refused() -> None:
+    with pytest.raises(ValueError, match="aging_seconds"):
+        QueuePolicy(-1)
 
 
 def test_retry_after_follows_how_fast_jobs_leave() -> None:
-    queue, clock = make(max_size=100)
-    for i in range(10):
-        queue.push(f"j{i}")
+    clock = Clock()
+    rate = DepartureRate(clock)
+    rate.departed(still_waiting=True)
     for _ in range(5):
         clock.advance(20)          # one job leaves every 20 s while jobs wait
-        queue.pop()
-    assert queue.retry_after_seconds() == 20
+        rate.departed(still_waiting=True)
+    assert rate.retry_after_seconds() == 20
     clock.advance(12)              # 12 s of the next 20 have passed
-    assert queue.retry_after_seconds() == 8
+    assert rate.retry_after_seconds() == 8
     clock.advance(100)             # overdue: still a few seconds, never 0
-    assert queue.retry_after_seconds() == 5
+    assert rate.retry_after_seconds() == 5
 
 
 def test_retry_after_ignores_idle_gaps() -> None:
-    queue, clock = make()
-    queue.push("a")
-    queue.pop()                    # the queue is empty now: the next gap is idle time
+    clock = Clock()
+    rate = DepartureRate(clock)
+    rate.departed(still_waiting=False)  # the queue is empty now: the next gap is idle time
     clock.advance(3600)
-    queue.push("b")
-    queue.push("c")
-    queue.pop()
+    rate.departed(still_waiting=True)
     clock.advance(4)
-    queue.pop()
-    assert queue.retry_after_seconds() <= 4
+    rate.departed(still_waiting=True)
+    assert rate.retry_after_seconds() <= 4
 
 
 def test_retry_after_without_history_is_the_default() -> None:
-    clock = Clock()
-    queue = JobQueue(max_size=1, clock=clock, default_retry_after=12)
-    assert queue.retry_after_seconds() == 12
-
-
-def test_depths_by_priority() -> None:
-    queue, _ = make()
-    queue.push("a", LOW)
-    queue.push("b", HIGH)
-    queue.push("c", HIGH)
-    assert queue.depths() == {"low": 1, "normal": 0, "high": 2}
+    assert DepartureRate(Clock(), default_seconds=12).retry_after_seconds() == 12
 
 
 def test_priority_parse() -> None:
@@ -214,28 +184,43 @@ def test_priority_parse() -> None:
         Priority.parse("urgent")
 
 
-def test_max_size_must_be_positive() -> None:
-    with pytest.raises(ValueError):
-        JobQueue(max_size=0)
+jobs_strategy = st.lists(st.tuples(st.sampled_from(list(Priority)), st.floats(0, 100)), min_size=1, max_size=30)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(list(Priority)), st.floats(0, 100)), min_size=1, max_size=30),
-       st.floats(0, 500))
-def test_pop_order_is_effective_level_then_age(jobs: list[tuple[Priority, float]], wait: float) -> None:
-    """Whatever was pushed when, pops come highest effective level first, oldest first within one."""
-    queue, clock = make(aging=60)
+@given(jobs_strategy, st.floats(0, 500))
+def test_order_is_effective_level_then_age(jobs: list[tuple[Priority, float]], wait: float) -> None:
+    """Whatever was pushed when, the order is highest effective level first, oldest first within one."""
+    line = Line(aging=60)
     pushed = {}
     for index, (level, gap) in enumerate(jobs):
-        clock.advance(gap)
-        queue.push(f"j{index}", level)
-        pushed[f"j{index}"] = (level, clock.now, index)
-    clock.advance(wait)
-    order = queue.order()
+        line.clock.advance(gap)
+        line.push(f"j{index}", level)
+        pushed[f"j{index}"] = (level, line.now_ms(), index)
+    line.clock.advance(wait)
+    order = line.order()
+    now = line.now_ms()
 
-    def key(job: str) -> tuple[int, float, int]:
+    def key(job: str) -> tuple[int, int, int]:
         level, at, index = pushed[job]
-        return (-min(2, int(level) + int((clock.now - at) // 60)), at, index)
+        return (-min(2, int(level) + (now - at) // 60_000), at, index)
 
     assert order == sorted(pushed, key=key)
-    assert drain(queue) == order          # the clock stands still: pops follow the same order
+    assert line.drain() == order          # the clock stands still: pops follow the same order
+
+
+@settings(max_examples=150, deadline=None)
+@given(jobs_strategy, st.floats(0, 500), st.sampled_from([0.0, 0.5, 60.0]))
+def test_the_sql_order_is_the_python_order(jobs: list[tuple[Priority, float]], wait: float, aging: float) -> None:
+    """``order_sql`` (what the stores claim by) sorts rows exactly as ``order`` sorts them."""
+    line = Line(aging=aging)
+    for index, (level, gap) in enumerate(jobs):
+        line.clock.advance(gap)
+        line.push(f"j{index}", level)
+    line.clock.advance(wait)
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE jobs (job_id TEXT, priority TEXT, created_ms INTEGER, seq INTEGER)")
+    db.executemany("INSERT INTO jobs VALUES (?, ?, ?, ?)",
+                   [(job.job_id, job.priority.label, job.created_ms, job.seq) for job in line.waiting])
+    rows = db.execute(f"SELECT job_id FROM jobs {line.policy.order_sql(':now')}", {"now": line.now_ms()}).fetchall()
+    assert [row[0] for row in rows] == line.order()

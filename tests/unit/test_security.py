@@ -15,7 +15,8 @@ from services.common.errors import InvalidArgument
 from services.common.server import GrpcServer
 from services.common.tls import TlsConfigError, load_client_tls, load_server_tls
 from services.gateway.ratelimit import MAX_BUCKETS, RateLimited, RateLimiter, peer_host
-from services.gateway.store import ResultStore, new_job_id
+from services.gateway.domain import new_job_id
+from services.gateway.store.sqlite import FileResultStore as ResultStore
 from tests.pki import Pki, make_pki
 
 
@@ -160,10 +161,10 @@ def test_only_regular_files_the_store_wrote_are_opened(tmp_path: Path) -> None:
     store.path(linked).symlink_to(secret)                 # planted: a symlink to a file outside
     os.mkfifo(store.path(fifo))                           # planted: would block a plain open()
     store.path(folder).mkdir()
-    with store.open(mine) as handle:                      # type: ignore[union-attr]
+    with store.open(mine)[0] as handle:                   # type: ignore[index]
         assert handle.read() == b"mp4 bytes"
     assert store.open(linked) is None and store.open(fifo) is None and store.open(folder) is None
     copy = new_job_id()
     store.copy(mine, copy)                                # the cache's hard link is still a regular file
-    with store.open(copy) as handle:                      # type: ignore[union-attr]
+    with store.open(copy)[0] as handle:                   # type: ignore[index]
         assert handle.read() == b"mp4 bytes"

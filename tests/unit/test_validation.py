@@ -10,10 +10,18 @@ from hypothesis import strategies as st
 
 from services.common.contract import SCHEDULERS, VAE_SCALE_FACTOR
 from services.common.errors import InvalidArgument
-from services.gateway.validation import Limits, Params, validate
+from services.gateway.domain import ParamsInput
+from services.gateway.messages import params_input
+from services.gateway.validation import Limits, Params, validate as validate_input
 from t2v.v1 import generation_pb2
 
 LIMITS = Limits()
+
+
+def validate(params: generation_pb2.GenerationParams | ParamsInput, limits: Limits) -> Params:
+    """What the gRPC front door does: its message as a ParamsInput, then the one validation path."""
+    return validate_input(params_input(params) if isinstance(params, generation_pb2.GenerationParams) else params,
+                          limits)
 
 
 def make(**fields) -> generation_pb2.GenerationParams:
