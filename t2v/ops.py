@@ -73,7 +73,7 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
                                            "(KEDA or an HPA) the count moves back; the command says how to pin it.")
     scale.add_argument("stage", choices=sorted(DEPLOYMENTS) + ["text-encoder"], metavar="STAGE",
                        help="text_encoder, denoiser, decoder or gateway")
-    scale.add_argument("replicas", type=int, metavar="N", help="replicas wanted (the gateway: 0 or 1)")
+    scale.add_argument("replicas", type=int, metavar="N", help="replicas wanted (gateways share one PostgreSQL job store: any number)")
 
     drain = actions.add_parser("drain", help="move a stage's pods off their nodes, gracefully",
                                description="Cordon the nodes that run the stage's pods, then evict the pods one "
@@ -337,9 +337,6 @@ def cmd_scale(cluster: Cluster, args: argparse.Namespace) -> int:
     name = deployment_name(args.stage)
     if args.replicas < 0:
         raise OpsError(f"N is {args.replicas}; a replica count is 0 or more")
-    if name == "gateway" and args.replicas > 1:
-        raise OpsError("the gateway runs as one replica (0 stops it, 1 starts it): its jobs live in SQLite on one "
-                       "volume, and more gateways would need a server database")
     before = cluster.deployment(name).spec.replicas
     cluster.call(f"scale deployment {name}", cluster.apps.patch_namespaced_deployment_scale, name,
                  cluster.namespace, {"spec": {"replicas": args.replicas}})
@@ -373,7 +370,7 @@ def cmd_drain(cluster: Cluster, args: argparse.Namespace) -> int:
     nodes = sorted({p.spec.node_name for p in pods if p.spec.node_name})
     names = [p.metadata.name for p in pods]
     print(f"draining {name}: {len(pods)} pod(s) on node(s) {', '.join(nodes) or '(none yet)'}")
-    if len(pods) == 1 and name != "gateway":
+    if len(pods) == 1:
         print(f"note: {name} has one pod, so it serves nothing until its replacement is ready (minutes on a GPU "
               f"node); to avoid that, first run: t2v ops scale {args.stage} 2, and wait until READY shows 2",
               file=sys.stderr)

@@ -68,7 +68,7 @@ def test_status_shows_each_stage_and_the_gateways_queue(cluster, kubeconfig, cap
     assert list(rows) == ["text-encoder", "denoiser", "decoder", "gateway"]
     assert rows["denoiser"] == ["denoiser", "3", "2", "1..4", "denoiser"]        # desired, ready, keda, pool
     assert rows["text-encoder"][4] == "text-encoder" and rows["decoder"][4] == "decoder"
-    assert rows["gateway"] == ["gateway", "1", "1", "-", "(any", "node)"]
+    assert rows["gateway"] == ["gateway", "3", "3", "-", "(any", "node)"]
     assert "gateway queue: 12 waiting (high 2, normal 10, low 0), 8 in flight" in out
     assert "via the API server" in out
     proxied = [r for r in cluster.requests if "/proxy/" in r.path]
@@ -130,11 +130,12 @@ def test_scale_sets_the_replicas_and_says_the_autoscaler_will_move_them(cluster,
     assert code == 0 and out.strip() == "text-encoder: 1 -> 2 replicas"
 
 
-def test_scale_refuses_a_second_gateway(cluster, kubeconfig, capsys) -> None:
-    code, out, err = ops(capsys, "--kubeconfig", kubeconfig, "scale", "gateway", "2")
-    assert code == 1 and out == ""
-    assert err.startswith("error: the gateway runs as one replica") and err.count("\n") == 1
-    assert not [r for r in cluster.requests if r.method == "PATCH"]
+def test_scale_sets_any_number_of_gateways(cluster, kubeconfig, capsys) -> None:
+    """Gateways share one PostgreSQL job store, so they scale like the stages (once one SQLite gateway)."""
+    code, out, err = ops(capsys, "--kubeconfig", kubeconfig, "scale", "gateway", "5")
+    assert code == 0, err
+    assert out.startswith("gateway: 3 -> 5 replicas")
+    assert [r.method for r in cluster.requests if r.method == "PATCH"] == ["PATCH"]
 
 
 def test_drain_cordons_the_nodes_then_evicts_pod_by_pod_as_the_pdb_allows(cluster, kubeconfig, capsys) -> None:

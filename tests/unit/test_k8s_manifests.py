@@ -2,7 +2,8 @@
 Kubernetes OpenAPI schemas (built-in kinds, via kubernetes-validate) and the CRD schemas shipped in
 deploy/k8s/schemas (ServiceMonitor, ScaledObject, via jsonschema), and keeps the invariants the
 deployment relies on (probes, limits, PDBs, non-root, only the gateway exposed and admitted to the
-stages, no :latest, the model read-only, autoscaling consistent with the gateway's slots).
+stages, no :latest, the model read-only, autoscaling consistent with the gateway's slots, the gateway as
+stateless replicas on a shared PostgreSQL named by a Secret, the dev database only where it belongs).
 
 Rendering: the real kustomize (``kubectl kustomize``) when one is on PATH, else the small fallback
 renderer in tests/k8s_render.py, which implements only the kustomize features deploy/k8s uses; when
@@ -15,6 +16,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -37,6 +39,12 @@ COMPONENT = "app.kubernetes.io/component"
 CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
                ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json"}
 MODEL_MOUNT = "/models"
+GATEWAY_REPLICAS = 3
+JOB_STORE_SECRET = "t2v-job-store"          # key "url": T2V_JOB_STORE, the gateway's PostgreSQL
+DEV_DATABASE = "components/postgres-dev"    # a PostgreSQL for laptops; only overlays/cpu-dev includes it
+DEV_OVERLAYS = ("overlays/cpu-dev",)
+DEV_DATABASE_SECRETS = {"postgres-dev", JOB_STORE_SECRET}
+POSTGRES_PORT = 5432
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -96,9 +104,9 @@ def quantity(value: str | int | float) -> float:
 
 
 def pods_of(objs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
-    """Component name -> the labels of its pods."""
+    """Component name -> the labels of its pods (Deployments and StatefulSets: the dev database too)."""
     return {d["spec"]["template"]["metadata"]["labels"][COMPONENT]: d["spec"]["template"]["metadata"]["labels"]
-            for d in of_kind(objs, "Deployment").values()}
+            for kind in ("Deployment", "StatefulSet") for d in of_kind(objs, kind).values()}
 
 
 # --- rendering and schemas ---------------------------------------------------------------------------
@@ -199,7 +207,8 @@ def test_every_service_has_a_deployment_a_service_and_a_pdb(path: str) -> None:
     objs = objects(path)
     deployments, services, budgets = of_kind(objs, "Deployment"), of_kind(objs, "Service"), \
         of_kind(objs, "PodDisruptionBudget")
-    assert set(deployments) == set(SERVICES) and set(services) == set(SERVICES)
+    dev_database = {"postgres-dev"} if path in DEV_OVERLAYS else set()
+    assert set(deployments) == set(SERVICES) and set(services) == set(SERVICES) | dev_database
     for name in SERVICES:
         labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert selects(deployments[name]["spec"]["selector"], labels)
@@ -424,19 +433,179 @@ def test_settings_come_from_config_maps_and_the_api_keys_from_a_secret(path: str
     volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == "t2v-api-keys" and not volume["secret"].get("optional")
     assert str(keys_file.relative_to(mount["mountPath"])) in {i["path"] for i in volume["secret"]["items"]}
-    assert not [o for o in objs if o["kind"] == "Secret"], "the API keys are the operator's, never in the repo"
+    # The API keys are the operator's, never in the repository; the one Secret-bearing thing here is
+    # the dev database's throwaway password and URL, in the dev overlay only.
+    secrets = set(of_kind(objs, "Secret"))
+    assert "t2v-api-keys" not in secrets
+    assert secrets == (DEV_DATABASE_SECRETS if path in DEV_OVERLAYS else set()), f"{path}: Secrets {secrets}"
+
+
+# --- the gateway: stateless replicas on a shared PostgreSQL ----------------------------------------
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_the_gateway_is_three_replicas_rolled_one_at_a_time(path: str) -> None:
+    gateway = of_kind(objects(path), "Deployment")["gateway"]
+    assert gateway["spec"]["replicas"] == GATEWAY_REPLICAS
+    assert gateway["spec"]["strategy"] == {"type": "RollingUpdate",
+                                           "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}, \
+        "a rollout starts a new replica before it stops an old one: the API never loses a replica"
 
 
 @pytest.mark.parametrize("path", OVERLAYS)
-def test_the_gateway_is_one_replica_with_its_state_on_a_volume(path: str) -> None:
+def test_the_gateway_keeps_no_state_on_its_pods(path: str) -> None:
     objs = objects(path)
     gateway = of_kind(objs, "Deployment")["gateway"]
-    assert gateway["spec"]["replicas"] == 1 and gateway["spec"]["strategy"] == {"type": "Recreate"}
     spec = gateway["spec"]["template"]["spec"]
-    state = Path(env_of(objs, gateway)["T2V_STATE_DIR"])
-    mount = next(m for m in spec["containers"][0]["volumeMounts"] if state.is_relative_to(m["mountPath"]))
-    claim = next(v for v in spec["volumes"] if v["name"] == mount["name"])["persistentVolumeClaim"]["claimName"]
-    assert of_kind(objs, "PersistentVolumeClaim")[claim]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for name, volume in volumes.items():
+        claim = volume.get("persistentVolumeClaim")
+        if claim is not None:      # the gpu overlays' model volume, read-only; never a state volume
+            assert claim == {"claimName": "t2v-models", "readOnly": True}, f"{path}: gateway volume {name}: {claim}"
+        else:
+            assert set(volume) - {"name"} <= {"emptyDir", "secret"}, f"{path}: gateway volume {name}: {volume}"
+    writable = [m for c in containers(spec) for m in c.get("volumeMounts", []) if not m.get("readOnly")]
+    assert all("emptyDir" in volumes[m["name"]] for m in writable), f"{path}: {writable}"
+    claims = of_kind(objs, "PersistentVolumeClaim")
+    assert not [n for n, c in claims.items() if c["metadata"]["labels"].get(COMPONENT) == "gateway"]
+    assert "t2v-gateway-state" not in claims
+    assert "T2V_STATE_DIR" not in env_of(objs, gateway), "a state folder on a pod would be lost with the pod"
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_the_gateway_reads_its_job_store_url_from_a_required_secret(path: str) -> None:
+    objs = objects(path)
+    gateway = of_kind(objs, "Deployment")["gateway"]
+    (variable,) = [v for v in gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+                   if v["name"] == "T2V_JOB_STORE"]
+    assert variable == {"name": "T2V_JOB_STORE",
+                        "valueFrom": {"secretKeyRef": {"name": JOB_STORE_SECRET, "key": "url"}}}, \
+        "not optional: a missing Secret must stop the pod, never leave each replica with its own SQLite"
+    for config_map in of_kind(objs, "ConfigMap").values():
+        assert not {"T2V_JOB_STORE", "T2V_STATE_DIR"} & set(config_map["data"]), config_map["metadata"]["name"]
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_the_gateway_replicas_spread_over_nodes_without_requiring_it(path: str) -> None:
+    objs = objects(path)
+    gateway = of_kind(objs, "Deployment")["gateway"]
+    spec = gateway["spec"]["template"]["spec"]
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
+    spread = {c["topologyKey"]: c for c in spec.get("topologySpreadConstraints", [])}
+    by_node = spread["kubernetes.io/hostname"]
+    assert by_node["maxSkew"] == 1 and selects(by_node["labelSelector"], labels)
+    assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in spread.values()), \
+        "preferred, not required: a one-node dev cluster must still run every replica"
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in spec.get("affinity", {}).get("podAntiAffinity", {})
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_the_gateway_budget_keeps_two_replicas_serving(path: str) -> None:
+    objs = objects(path)
+    gateway = of_kind(objs, "Deployment")["gateway"]
+    (budget,) = [b for b in of_kind(objs, "PodDisruptionBudget").values()
+                 if selects(b["spec"]["selector"], gateway["spec"]["template"]["metadata"]["labels"])]
+    replicas = gateway["spec"]["replicas"]
+    serving = budget["spec"]["minAvailable"] if "minAvailable" in budget["spec"] \
+        else replicas - budget["spec"]["maxUnavailable"]
+    assert serving >= 2, f"{path}: a drain may leave {serving} gateway replica(s)"
+    assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+@pytest.mark.parametrize("path", OVERLAYS)
+def test_the_gateway_may_reach_its_database(path: str) -> None:
+    objs = objects(path)
+    gateway = pods_of(objs)["gateway"]
+    egress = [rule for p in of_kind(objs, "NetworkPolicy").values()
+              if selects(p["spec"]["podSelector"], gateway) for rule in p["spec"].get("egress", [])]
+    assert any(any(p["port"] == POSTGRES_PORT and p.get("protocol", "TCP") == "TCP" for p in rule.get("ports", []))
+               for rule in egress), f"{path}: the gateway may not open a connection to port {POSTGRES_PORT}"
+
+
+# --- the dev database (components/postgres-dev, in overlays/cpu-dev only) --------------------------
+
+def test_the_dev_database_is_one_pinned_postgres_on_its_own_volume() -> None:
+    objs = objects("overlays/cpu-dev")
+    (database,) = of_kind(objs, "StatefulSet").values()
+    spec = database["spec"]
+    assert spec["replicas"] == 1
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert re.fullmatch(r"postgres:1[3-9]\.[0-9]+(-[a-z0-9]+)?", container["image"]), \
+        f"the official image, pinned to a minor version: {container['image']}"
+    assert pod["securityContext"]["runAsUser"] == 999 and pod["securityContext"]["runAsGroup"] == 999
+    assert pod["securityContext"]["fsGroup"] == 999, "the volume must be writable by the postgres user"
+    (template,) = spec["volumeClaimTemplates"]
+    assert template["spec"]["accessModes"] == ["ReadWriteOnce"] and quantity(
+        template["spec"]["resources"]["requests"]["storage"]) >= 2**30
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    env = {v["name"]: v for v in container["env"]}
+    data_mount = next(path for path, name in mounts.items() if name == template["metadata"]["name"])
+    assert Path(env["PGDATA"]["value"]).parent == Path(data_mount), "PGDATA a folder inside the volume"
+    for writable in ("/var/run/postgresql", "/tmp"):     # the root filesystem is read-only
+        assert "emptyDir" in volumes[mounts[writable]], f"{writable} needs an emptyDir"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[0] == "pg_isready" and "--host=127.0.0.1" in command, f"{probe}: {command}"
+    password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert password["name"] in of_kind(objs, "Secret")
+    # its Service, which is also the StatefulSet's serviceName
+    service = of_kind(objs, "Service")[spec["serviceName"]]
+    assert selects({"matchLabels": service["spec"]["selector"]}, spec["template"]["metadata"]["labels"])
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == POSTGRES_PORT and port["targetPort"] == "postgres"
+    assert {"name": "postgres", "containerPort": POSTGRES_PORT, "protocol": "TCP"} in container["ports"]
+
+
+def test_the_dev_job_store_secret_points_at_the_dev_database() -> None:
+    objs = objects("overlays/cpu-dev")
+    (database,) = of_kind(objs, "StatefulSet").values()
+    env = {v["name"]: v for v in database["spec"]["template"]["spec"]["containers"][0]["env"]}
+    secrets = of_kind(objs, "Secret")
+    url = urlsplit(secrets[JOB_STORE_SECRET]["stringData"]["url"])
+    password_ref = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert url.scheme == "postgresql"
+    assert (url.hostname, url.port) == (database["spec"]["serviceName"], POSTGRES_PORT)
+    assert url.username == env["POSTGRES_USER"]["value"] and url.path == "/" + env["POSTGRES_DB"]["value"]
+    assert url.password == secrets[password_ref["name"]]["stringData"][password_ref["key"]]
+
+
+def test_only_the_gateway_reaches_the_dev_database() -> None:
+    objs = objects("overlays/cpu-dev")
+    pods = pods_of(objs)
+    database = pods["job-store"]
+    peers = _admitted(objs, database, POSTGRES_PORT)
+    assert peers, "nothing reaches PostgreSQL, not even the gateway"
+    for peer in peers:
+        assert set(peer) == {"podSelector"}, f"PostgreSQL admits {peer} (not a pod of this namespace)"
+        assert {name for name, labels in pods.items() if selects(peer["podSelector"], labels)} == {"gateway"}
+    for port in (9464, 8080, 50050, 5433):
+        assert _admitted(objs, database, port) == [], f"PostgreSQL's pod admits connections to port {port}"
+    isolating = [p for p in of_kind(objs, "NetworkPolicy").values()
+                 if selects(p["spec"]["podSelector"], database) and "Egress" in p["spec"]["policyTypes"]]
+    assert isolating and not any(p["spec"].get("egress") for p in isolating), "PostgreSQL connects nowhere"
+
+
+@pytest.mark.parametrize("path", GPU_OVERLAYS)
+def test_the_production_overlays_run_no_dev_database(path: str) -> None:
+    included = yaml.safe_load((K8S / path / "kustomization.yaml").read_text())
+    assert not any(Path(entry).name == Path(DEV_DATABASE).name
+                   for entry in included.get("components", []) + included.get("resources", []))
+    objs = objects(path)
+    assert not of_kind(objs, "StatefulSet") and not of_kind(objs, "Secret")
+    assert not [o for o in objs if o["metadata"].get("labels", {}).get(COMPONENT) == "job-store"]
+    # the operator's Secret is still what the gateway reads
+    gateway = of_kind(objs, "Deployment")["gateway"]
+    source = env_of(objs, gateway)["T2V_JOB_STORE"].removeprefix("<from ").removesuffix(">")
+    assert json.loads(source) == {"secretKeyRef": {"name": JOB_STORE_SECRET, "key": "url"}}
+
+
+def test_the_dev_database_is_a_component() -> None:
+    component = yaml.safe_load((K8S / DEV_DATABASE / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    for overlay in DEV_OVERLAYS:
+        included = yaml.safe_load((K8S / overlay / "kustomization.yaml").read_text())
+        assert "../../" + DEV_DATABASE in included["components"]
 
 
 @pytest.mark.parametrize("path", OVERLAYS)
@@ -466,6 +635,8 @@ def _demand_thresholds(objs: list[dict[str, Any]]) -> dict[str, tuple[float, int
             assert set(re.findall(r'namespace="([^"]+)"', query)) == {o["metadata"]["namespace"]}, \
                 "the query must read this namespace's gateway"
             assert "t2v_gateway_queue_depth" in query and "t2v_gateway_jobs_in_flight" in query
+            # every gateway replica reports the whole shared queue: max over replicas, never sum
+            assert "max by (priority) (t2v_gateway_queue_depth" in query and "sum(t2v_gateway_jobs_in_flight" in query
             found[o["spec"]["scaleTargetRef"]["name"]] = (
                 float(trigger["metadata"]["threshold"]), o["spec"]["minReplicaCount"], o["spec"]["maxReplicaCount"],
                 o["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"])
@@ -483,7 +654,7 @@ def test_each_stage_scales_on_the_gateways_queue_with_slow_gpu_behaviour(path: s
     objs = objects(path)
     deployments = of_kind(objs, "Deployment")
     scaling = _demand_thresholds(objs)
-    assert set(scaling) == set(STAGES), "every stage scales, the gateway does not (one replica)"
+    assert set(scaling) == set(STAGES), "every stage scales, the gateway does not (a fixed 3 replicas)"
     for stage, (per_replica, low, high, behavior) in scaling.items():
         assert 1 <= low <= high and deployments[stage]["spec"]["replicas"] >= low
         assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
@@ -510,6 +681,8 @@ def test_keda_and_hpa_alternatives_agree() -> None:
     (rule,) = values["rules"]["external"]
     assert rule["name"]["as"] == "t2v_gateway_demand"
     assert "t2v_gateway_queue_depth" in rule["metricsQuery"] and "t2v_gateway_jobs_in_flight" in rule["metricsQuery"]
+    assert "max by (namespace, priority) (t2v_gateway_queue_depth" in rule["metricsQuery"], \
+        "the replicas share one queue and each reports all of it: max over replicas"
 
 
 def test_the_metrics_the_autoscalers_read_are_the_gateways() -> None:
