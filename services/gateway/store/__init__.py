@@ -10,48 +10,16 @@ Nothing outside this package knows which engine runs.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from services.gateway.store.base import (Claimed, JobStore, Notice, ResultStore, ResultStoreFull, StoreQueueFull,
                                          StoreUnavailable)
+from services.gateway.store.urls import check_url, describe_url
 from services.gateway.store.sqlite import DB_NAME, RESULTS_DIR, FileResultStore, SqliteJobStore, StateDirBusy
 
 __all__ = ["Claimed", "JobStore", "Notice", "ResultStore", "ResultStoreFull", "StoreQueueFull", "StoreUnavailable",
            "StateDirBusy", "open_stores", "describe_url", "check_url"]
-
-_SCHEMES = ("sqlite", "postgresql", "postgres")
-
-
-def check_url(url: str, name: str = "--job-store") -> str:
-    """The URL's scheme, or ValueError with a sentence that shows a URL that works."""
-    if not url:
-        return "sqlite"
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "sqlite":
-        if not url.startswith("sqlite:///"):
-            raise ValueError(f"{name} {url!r} is not a SQLite URL; write sqlite:///PATH (three slashes, then the "
-                             "file, e.g. sqlite:///var/lib/t2v/jobs.sqlite3)")
-        return "sqlite"
-    if scheme in ("postgresql", "postgres"):
-        if not urlsplit(url).hostname and "host=" not in url:
-            raise ValueError(f"{name} {describe_url(url)!r} names no host; write postgresql://USER@HOST:PORT/DB")
-        return "postgresql"
-    if scheme == "file" and name == "--result-store":
-        return "file"
-    raise ValueError(f"{name} {describe_url(url)!r} is not supported; use sqlite:///PATH (one gateway) or "
-                     "postgresql://USER@HOST:PORT/DB (any number of gateways)"
-                     + ("; or file:///PATH for the videos" if name == "--result-store" else ""))
-
-
-def describe_url(url: str) -> str:
-    """The URL with its password hidden, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password:
-        url = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]+)", r"\1***", url)
-
 
 def open_stores(job_store_url: str, state_dir: str | Path, result_store_url: str = "",
                 lease_seconds: float = 10.0) -> tuple[JobStore, ResultStore]:

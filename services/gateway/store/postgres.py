@@ -37,7 +37,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from services.gateway.domain import JobRecord, JobStatus, Priority, Stage, check_job_id
 from services.gateway.queue import QueuePolicy, Waiting
-from services.gateway.store import describe_url
+from services.gateway.store.urls import describe_url
 from services.gateway.store.base import (COLUMNS, Claimed, Notice, ResultStoreFull, StoreQueueFull, StoreUnavailable,
                                          check_fields, encode, from_row, to_row)
 

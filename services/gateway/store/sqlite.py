@@ -24,11 +24,10 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
-from services.gateway.domain import JobRecord, JobStatus, Stage, check_job_id
+from services.gateway.domain import JobRecord, JobStatus, Priority, Stage, check_job_id
 from services.gateway.queue import QueuePolicy, Waiting
 from services.gateway.store.base import (Claimed, Notice, ResultStoreFull, StoreQueueFull, check_fields, encode,
                                          from_row, to_row)
-from services.gateway.domain import Priority
 
 DB_NAME = "jobs.sqlite3"
 RESULTS_DIR = "results"
