@@ -191,11 +191,20 @@ class PostgresServer:
             self._reap()
             return
         assert self._process is not None
+        # The backends call setsid(), so they leave the postmaster's process group: find them by parent
+        # before the postmaster goes (a backend left alive would still answer its client).
+        children = _children(self._process.pid)
         try:
-            os.killpg(self._process.pid, signal.SIGKILL)     # its own process group: the backends too
+            os.killpg(self._process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._process.wait()
+        _wait_gone(children)
         self._wait_for_backends()
         self._reap()
 
@@ -354,6 +363,40 @@ class PostgresServer:
         if self._log_handle is not None and self._process is None:
             self._log_handle.close()
             self._log_handle = None
+
+
+def _stat_fields(pid: str) -> list[str]:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()     # after "pid (comm)": state, ppid, pgrp, ...
+
+
+def _children(parent: int) -> list[int]:
+    """The pids whose parent is ``parent`` now."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat_fields(entry)[1]) == parent:
+                    found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Until none of ``pids`` runs (a zombie counts as gone: it holds no memory and answers nobody)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                if _stat_fields(str(pid))[0] != "Z":
+                    alive.append(pid)
+            except (OSError, IndexError):
+                continue
+        if not alive:
+            return
+        time.sleep(0.02)
 
 
 def _live_members(group: int) -> list[int]:

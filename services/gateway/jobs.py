@@ -258,6 +258,7 @@ class JobService:
         self._wall = wall_clock
         self._departures = DepartureRate(clock)
         self._lock = threading.RLock()
+        self._stamp = threading.Lock()                   # created_ms and started_ms, taken in store order
         self._wake = threading.Condition(self._lock)     # the housekeeper sleeps on it
         self._runs: dict[str, LocalRun] = {}
         self._watchers: dict[str, list[Watch]] = {}
@@ -521,16 +522,22 @@ class JobService:
                 if watch is not None:
                     watch.put(Finished(hit))
                 return hit, watch
-        record = JobRecord(job_id=new_job_id(), status=JobStatus.QUEUED, priority=request.priority,
-                           params=request.params, seed_given=request.seed_given, cache_key=key, created_ms=now_ms,
-                           deadline_ms=now_ms + math.ceil(timeout * 1000) if timeout else 0)
+        job_id = new_job_id()
         watch = None
         if subscribe:            # before the row exists: a worker may claim it the moment it does
-            watch = Watch(self, record.job_id)
+            watch = Watch(self, job_id)
             with self._lock:
-                self._watchers.setdefault(record.job_id, []).append(watch)
+                self._watchers.setdefault(job_id, []).append(watch)
+
+        def insert() -> JobRecord:
+            with self._stamp:
+                now = self._now_ms()
+                return self.store.submit(JobRecord(
+                    job_id=job_id, status=JobStatus.QUEUED, priority=request.priority, params=request.params,
+                    seed_given=request.seed_given, cache_key=key, created_ms=now,
+                    deadline_ms=now + math.ceil(timeout * 1000) if timeout else 0), self.settings.max_queue)
         try:
-            record = self._store_call(lambda: self.store.submit(record, self.settings.max_queue))
+            record = self._store_call(insert)
         except StoreQueueFull as full:
             if watch is not None:
                 watch.close()
@@ -687,8 +694,9 @@ class JobService:
     def claim(self) -> _ClaimedWork | None:
         if not self._accepting or self._stopping:
             return None
-        claimed: Claimed | None = self.store.claim(self.owner, self._now_ms(), self._lease_ms(),
-                                                   self.settings.slots, self.policy)
+        with self._stamp:          # acceptance and start stamped in one order: a job never starts before it came
+            claimed: Claimed | None = self.store.claim(self.owner, self._now_ms(), self._lease_ms(),
+                                                       self.settings.slots, self.policy)
         if claimed is None:
             return None
         record = claimed.record

@@ -173,7 +173,7 @@ class SqliteJobStore:
             if row is None:
                 return None
             db.execute("UPDATE jobs SET status = ?, owner = ?, lease_expires_ms = ?, runs = runs + 1, "
-                       "started_ms = CASE WHEN started_ms = 0 THEN ? ELSE started_ms END WHERE job_id = ?",
+                       "started_ms = CASE WHEN started_ms = 0 THEN MAX(?, created_ms) ELSE started_ms END WHERE job_id = ?",
                        (JobStatus.RUNNING.value, owner, now_ms + lease_ms, now_ms, row["job_id"]))
             claimed = db.execute("SELECT * FROM jobs WHERE job_id = ?", (row["job_id"],)).fetchone()
         return Claimed(from_row(claimed), claimed["checkpoint"] if claimed["checkpoint_step"] else None, taken_over)
@@ -283,6 +283,10 @@ class SqliteJobStore:
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[bool]:
         yield True                       # the file lock makes this gateway the only one
+
+    def rate_buckets(self) -> None:
+        """One gateway per SQLite store: its rate limits stay in its memory."""
+        return None
 
 
 def _full(exc: OSError) -> bool:
