@@ -60,6 +60,7 @@ VIDEO_CHUNK_BYTES = 1 << 20
 # clock fires a little before ours), so the job is recorded as DEADLINE_EXCEEDED, not CANCELLED.
 DEADLINE_SLACK_SECONDS = 0.5
 STAGE_PROBE_SECONDS = 0.5          # how often a restarted gateway asks whether the stages are up
+_EVERY = 2**31 - 1                 # a list limit that is no limit
 STORE_RETRY_SECONDS = 0.5          # between tries of a write that must land (a job's end) while the store is down
 
 
@@ -306,8 +307,8 @@ class JobService:
         An embedded store's jobs are all this gateway's: they count as entering its queue again."""
         left = self.store.recoverable(self._now_ms())
         if not self.store.shared:
-            waiting = self.store.list(JobStatus.QUEUED, self.settings.max_queue + 1_000_000)
-            running = [r for r in self.store.list(JobStatus.RUNNING, 1_000_000) if r.lease_expires_ms <= self._now_ms()]
+            waiting = self.store.list(JobStatus.QUEUED, _EVERY)
+            running = [r for r in self.store.list(JobStatus.RUNNING, _EVERY) if r.lease_expires_ms <= self._now_ms()]
             for record in sorted(waiting + running, key=lambda r: r.seq):
                 self.observer.job_queued(record)
             left += len(waiting)
@@ -424,7 +425,11 @@ class JobService:
 
     def abandon(self, job_id: str) -> None:
         """The client waiting for the job went away: cancel it, or fail it if its deadline has come."""
-        record = self.store.get(job_id)
+        try:
+            record = self.store.get(job_id)
+        except StoreUnavailable:
+            log.warning(kv("abandon_failed", job_id=job_id, reason="the job store is unavailable"))
+            return                         # it runs on; its deadline (if any) still ends it
         if record is None or record.status.is_terminal:
             return
         if record.deadline_ms and self._now_ms() >= record.deadline_ms - DEADLINE_SLACK_SECONDS * 1000:
@@ -618,14 +623,16 @@ class JobService:
                 watch.put(update)
 
     def _deliver_end(self, job_id: str, record: JobRecord | None = None) -> None:
-        """The job ended (here or elsewhere): its watchers get Finished; a run of it here stops."""
+        """The job ended (here or elsewhere), or its run here lost its lease: a run of it here stops, and
+        if it ended, its watchers get Finished (a job taken over runs on: they keep following it)."""
         record = record or self.store.get(job_id)
         if record is None:
             return
         view = self._view(record)
         with self._lock:
-            for watch in self._watchers.pop(job_id, []):
-                watch.put(Finished(view))
+            if record.status.is_terminal:
+                for watch in self._watchers.pop(job_id, []):
+                    watch.put(Finished(view))
             run = self._runs.get(job_id)
             if run is not None and not run.ended:
                 run.ended = True
@@ -672,20 +679,18 @@ class JobService:
         """What another gateway of the store said."""
         if notice.origin == self.owner:
             return
-        if notice.kind in ("work", "queue"):
-            self._signal_work()
-            self._queue_changed()
-        elif notice.kind == "event":
+        if notice.kind == "event":
             update = update_of(dict(notice.data))
             if update is not None:
                 self._deliver(notice.job_id, update)
-        elif notice.kind in ("finished", "cancel"):
+            return
+        if notice.kind in ("finished", "cancel"):
             self._deliver_end(notice.job_id)
-            self._signal_work()
-            self._queue_changed()
-        if notice.kind == "queue" or notice.kind == "work":
+        else:                                # "work", "queue": a new job, maybe with a nearer deadline
             with self._lock:
-                self._wake.notify_all()      # a new deadline may be nearer
+                self._wake.notify_all()
+        self._signal_work()
+        self._queue_changed()
 
     # --- the dispatcher's side: WorkSource -----------------------------------------------------------------
     def _signal_work(self) -> None:

@@ -492,3 +492,18 @@ def test_an_observer_that_raises_does_not_break_jobs(make_service) -> None:
     service = make_service(observer=Broken())
     job = service.submit(JobRequest(params())).job_id
     wait_status(service, job, JobStatus.COMPLETED)
+
+
+def test_a_run_that_loses_its_lease_stops_and_its_watchers_keep_following(make_service) -> None:
+    """Another gateway took the job over (its lease ran out while this one was cut off from the store):
+    the run here stops at once, and a watcher here is not told the job ended, for it goes on there."""
+    runner = FakeRunner(hold=True)
+    service = make_service(runner, lease_seconds=0.3)
+    job = service.submit(JobRequest(params())).job_id
+    wait_for(lambda: job in runner.started, what="the job to start")
+    watch = service.watch(job)
+    service.store._change("UPDATE jobs SET owner = 'another-gateway' WHERE job_id = ?", (job,))
+    wait_for(lambda: service.running_count() == 0, what="the run here to stop")
+    assert status_of(service, job) == JobStatus.RUNNING and runner.finished == []
+    seen = list(iter(lambda: watch.next(0.2), None))
+    assert not any(isinstance(update, Finished) for update in seen), seen
