@@ -155,6 +155,9 @@ class Gateway:
                                      self.config.lease_seconds)
         log.info("event=job_store url=%s shared=%s", describe_url(self.config.job_store or "sqlite (state dir)"),
                  store.shared)
+        shared_buckets = store.rate_buckets()
+        if self.rate_limiter is not None and shared_buckets is not None:
+            self.rate_limiter.use(shared_buckets)   # type: ignore[arg-type] - one budget per key on every gateway
         self.jobs = JobService(store, results, self.metrics.observing(self.orchestrator), self.settings,
                                self.observer, stages_ready=self.orchestrator.ready).start()
         self.http = start_http(Backend(self._service, self.limits, self.config.model, self.orchestrator.ready,

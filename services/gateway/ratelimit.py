@@ -11,6 +11,11 @@ Every call that needs a key counts once (health checks, ``GET /`` and ``GET /hea
 call refused for a missing or wrong key counts nothing (the check comes after the key check).
 Refusals are ``RESOURCE_EXHAUSTED`` with a ``retry-after`` trailer (gRPC) or 429 with ``Retry-After``
 (HTTP). Keys are never logged nor used as metric labels: the refusal counter's only label is ``api``.
+
+Where the buckets live (``Buckets``): in this process (``MemoryBuckets``, the default), or, when the job
+store is shared by several gateways, in its database (the store's ``rate_buckets()``; PostgreSQL's keeps
+one row per client), so a key's budget holds across every gateway instead of being N times it. This module
+defines the protocol and the store implements it: the limiter knows nothing of the store.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import grpc
 
@@ -44,13 +49,60 @@ class RateLimited(Exception):
                          f"{burst} at once); retry in about {retry_after_seconds} s")
 
 
+class Buckets(Protocol):
+    """Token buckets by client identity: where a limiter keeps them (this process, or a shared database)."""
+
+    def take(self, identity: str, now: float, rate_per_second: float, burst: float) -> float:
+        """Refill ``identity``'s bucket (``burst`` tokens at most, ``rate_per_second``) and spend one token:
+        0.0 when one was spent, else the seconds until one will be there. ``now`` is the limiter's clock
+        (seconds); buckets shared between processes use one clock of their own instead (a process's
+        monotonic clock means nothing to another)."""
+
+
+class MemoryBuckets:
+    """The buckets in this process's memory: at most MAX_BUCKETS, refilled ones dropped first. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, identity: str, now: float, rate_per_second: float, burst: float) -> float:
+        with self._lock:
+            bucket = self._buckets.get(identity)
+            if bucket is None:
+                if len(self._buckets) >= MAX_BUCKETS:
+                    self._prune(now, rate_per_second, burst)
+                bucket = self._buckets[identity] = _Bucket(burst, now)
+            bucket.tokens = min(burst, bucket.tokens + (now - bucket.updated) * rate_per_second)
+            bucket.updated = now
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return 0.0
+            return (1.0 - bucket.tokens) / rate_per_second
+
+    def _prune(self, now: float, rate_per_second: float, burst: float) -> None:
+        """Forget buckets that have refilled (they equal a new one); if none has, the least recent half."""
+        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.updated) * rate_per_second >= burst]
+        for key in full:
+            del self._buckets[key]
+        if len(self._buckets) >= MAX_BUCKETS:
+            by_age = sorted(self._buckets, key=lambda k: self._buckets[k].updated)
+            for key in by_age[: len(by_age) // 2]:
+                del self._buckets[key]
+
+
 class RateLimiter:
     """Token buckets by client identity: ``burst`` tokens each, refilled at ``per_minute`` a minute.
 
-    ``on_refused(api)`` is called once per refusal (the gateway counts them in its metrics)."""
+    ``on_refused(api)`` is called once per refusal (the gateway counts them in its metrics). The buckets
+    are ``buckets`` (default: in this process); ``use`` switches to others, e.g. the shared job store's
+    once it is open (the gRPC interceptors need the limiter before that)."""
 
     def __init__(self, per_minute: float, burst: int = 0, clock: Callable[[], float] = time.monotonic,
-                 on_refused: Callable[[str], None] | None = None) -> None:
+                 on_refused: Callable[[str], None] | None = None, buckets: Buckets | None = None) -> None:
         if not per_minute > 0:
             raise ValueError(f"--rate-limit-per-minute is {per_minute}; it must be above 0 (or 0 for no limit)")
         if burst < 0:
@@ -60,37 +112,20 @@ class RateLimiter:
         self._rate = per_minute / 60.0                     # tokens a second
         self._clock = clock
         self._on_refused = on_refused
-        self._buckets: dict[str, _Bucket] = {}
-        self._lock = threading.Lock()
+        self.buckets: Buckets = buckets if buckets is not None else MemoryBuckets()
+
+    def use(self, buckets: Buckets) -> None:
+        """Keep the buckets in ``buckets`` from now on (what this process counted so far is not carried over)."""
+        self.buckets = buckets
 
     def take(self, identity: str, api: str) -> None:
         """Spend one token of ``identity``'s bucket, or raise RateLimited (``api``: grpc or http)."""
-        now = self._clock()
-        with self._lock:
-            bucket = self._buckets.get(identity)
-            if bucket is None:
-                if len(self._buckets) >= MAX_BUCKETS:
-                    self._prune(now)
-                bucket = self._buckets[identity] = _Bucket(float(self.burst), now)
-            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self._rate)
-            bucket.updated = now
-            if bucket.tokens >= 1.0:
-                bucket.tokens -= 1.0
-                return
-            wait = (1.0 - bucket.tokens) / self._rate
+        wait = self.buckets.take(identity, self._clock(), self._rate, float(self.burst))
+        if wait <= 0.0:
+            return
         if self._on_refused is not None:
             self._on_refused(api)
         raise RateLimited(max(1, math.ceil(wait)), self.per_minute, self.burst, identity.startswith("key:"))
-
-    def _prune(self, now: float) -> None:
-        """Forget buckets that have refilled (they equal a new one); if none has, the least recent half."""
-        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.updated) * self._rate >= self.burst]
-        for key in full:
-            del self._buckets[key]
-        if len(self._buckets) >= MAX_BUCKETS:
-            by_age = sorted(self._buckets, key=lambda k: self._buckets[k].updated)
-            for key in by_age[: len(by_age) // 2]:
-                del self._buckets[key]
 
 
 def identity(key: str | None, peer_host: str) -> str:

@@ -14,7 +14,7 @@ from services.common.config import ServerConfig
 from services.common.errors import InvalidArgument
 from services.common.server import GrpcServer
 from services.common.tls import TlsConfigError, load_client_tls, load_server_tls
-from services.gateway.ratelimit import MAX_BUCKETS, RateLimited, RateLimiter, peer_host
+from services.gateway.ratelimit import MAX_BUCKETS, MemoryBuckets, RateLimited, RateLimiter, peer_host
 from services.gateway.domain import new_job_id
 from services.gateway.store.sqlite import FileResultStore as ResultStore
 from tests.pki import Pki, make_pki
@@ -117,7 +117,51 @@ def test_token_bucket_settings_and_memory_bound(monkeypatch: pytest.MonkeyPatch)
         limiter.take(f"addr:{n}", "http")
         with pytest.raises(RateLimited):
             limiter.take(f"addr:{n}", "http")
-    assert len(limiter._buckets) <= 4 and MAX_BUCKETS >= 1000
+    assert isinstance(limiter.buckets, MemoryBuckets)
+    assert len(limiter.buckets) <= 4 and MAX_BUCKETS >= 1000
+
+
+def test_memory_buckets_on_their_own() -> None:
+    buckets = MemoryBuckets()                           # 2 tokens at most, one every 4 s
+    assert [buckets.take("key:a", 10.0, 0.25, 2.0) for _ in range(2)] == [0.0, 0.0]
+    assert buckets.take("key:a", 10.0, 0.25, 2.0) == pytest.approx(4.0)
+    assert buckets.take("key:a", 13.0, 0.25, 2.0) == pytest.approx(1.0)    # 3/4 of a token back
+    assert buckets.take("key:a", 14.0, 0.25, 2.0) == 0.0
+    assert buckets.take("key:b", 14.0, 0.25, 2.0) == 0.0 and len(buckets) == 2
+
+
+class ListBuckets:
+    """Buckets elsewhere (as a shared store's): records what the limiter asks, answers ``waits`` in turn."""
+
+    def __init__(self, *waits: float) -> None:
+        self.waits, self.calls = list(waits), []
+
+    def take(self, identity: str, now: float, rate_per_second: float, burst: float) -> float:
+        self.calls.append((identity, now, rate_per_second, burst))
+        return self.waits.pop(0)
+
+
+def test_the_limiter_can_switch_to_buckets_kept_elsewhere() -> None:
+    clock, refused = Clock(), []
+    limiter = RateLimiter(per_minute=30, burst=3, clock=clock, on_refused=refused.append)
+    limiter.take("key:a", "grpc")                       # counted in this process until ``use``
+    shared = ListBuckets(0.0, 2.4)
+    limiter.use(shared)
+    limiter.take("key:a", "grpc")
+    with pytest.raises(RateLimited) as caught:
+        limiter.take("key:a", "http")
+    assert caught.value.retry_after_seconds == 3 and refused == ["http"]
+    assert shared.calls == [("key:a", 1000.0, 0.5, 3.0)] * 2
+    assert RateLimiter(per_minute=6, buckets=shared).buckets is shared
+
+
+def test_the_rate_limiter_knows_nothing_of_the_store() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, services.gateway.ratelimit; "
+            "sys.exit(any(m.startswith('services.gateway.store') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0
 
 
 @pytest.mark.parametrize("peer, host", [("ipv4:127.0.0.1:5555", "127.0.0.1"), ("ipv6:[::1]:5555", "[::1]"),

@@ -138,6 +138,10 @@ class JobStore(Protocol):
     def exclusive(self, name: str) -> ContextManager[bool]:
         """A lock across gateways for work one of them should do at a time (True = yours now)."""
 
+    def rate_buckets(self) -> object | None:
+        """Shared buckets for per-key rate limits (a ``ratelimit.Buckets``), or None to keep them in this
+        process."""
+
 
 class ResultStore(Protocol):
     """Where finished videos live, by job id."""

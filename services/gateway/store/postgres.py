@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -88,6 +89,14 @@ _TABLES = {
         idx    INTEGER NOT NULL,
         data   BYTEA   NOT NULL,
         PRIMARY KEY (job_id, idx)
+    )""",
+    # The per-key rate limits of every gateway (PostgresRateBuckets): one token bucket per client, by the
+    # sha256 of its identity (never the API key itself): ``tokens`` at the time ``updated_ms`` (below 0 after
+    # a refusal: see _TAKE). No index on updated_ms: every request rewrites it.
+    "rate_buckets": """CREATE TABLE IF NOT EXISTS rate_buckets (
+        identity   TEXT             PRIMARY KEY,
+        tokens     DOUBLE PRECISION NOT NULL,
+        updated_ms BIGINT           NOT NULL
     )""",
 }
 _ADDED_COLUMNS = {
@@ -405,7 +414,7 @@ class PostgresJobStore:
                 return None
             claimed = connection.execute(
                 "UPDATE jobs SET status = %(running)s, owner = %(owner)s, lease_expires_ms = %(lease)s, "
-                "runs = runs + 1, started_ms = CASE WHEN started_ms = 0 THEN %(now)s ELSE started_ms END "
+                "runs = runs + 1, started_ms = CASE WHEN started_ms = 0 THEN GREATEST(%(now)s, created_ms) ELSE started_ms END "
                 f"WHERE job_id = %(job_id)s RETURNING {_SELECT}, checkpoint",
                 {"running": _RUNNING, "owner": _text(owner), "lease": now_ms + lease_ms, "now": now_ms,
                  "job_id": row["job_id"]}).fetchone()
@@ -603,6 +612,10 @@ class PostgresJobStore:
                 connection.close()      # a lock we could not release must not go back into the pool
             self._pool.putconn(connection)
 
+    def rate_buckets(self) -> "PostgresRateBuckets":
+        """The per-key rate limits' buckets in this database, so a key's budget holds across every gateway."""
+        return PostgresRateBuckets(self)
+
 
 class _ChunkReader(io.RawIOBase):
     """A stored video read one chunk row at a time (at most one chunk held in memory)."""
@@ -756,3 +769,108 @@ class PostgresResultStore:
                 self.delete(job_id)
                 swept += 1
         return swept
+
+
+# The database's clock in unix ms (the same all through a statement): one clock for every gateway (a process's
+# monotonic clock means nothing to another, and their wall clocks may disagree).
+_NOW_MS = "(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
+# A bucket refilled to now: LEAST(burst, tokens + elapsed * rate), never going back in time.
+_REFILLED = "LEAST(%(burst)s, b.tokens + GREATEST(0, EXCLUDED.updated_ms - b.updated_ms) * %(per_ms)s)"
+_LATEST = "GREATEST(b.updated_ms, EXCLUDED.updated_ms)"
+# One atomic statement. A new client's bucket starts full and pays one token at once. A known one is refilled
+# to now and pays one token if it has one; the row is locked for the update, so gateways taking at the same
+# moment wait for each other and never both spend the last token. A refusal spends nothing, and writes the
+# same bucket (the same refill line) at the point ``shift_ms`` earlier, where it holds ``shift_tokens`` (at
+# least one) fewer: below zero. So the returned row alone tells a take (tokens >= 0) from a refusal
+# (tokens < 0) and gives the exact wait, however many gateways take at once.
+_TAKE = f"""
+INSERT INTO rate_buckets AS b (identity, tokens, updated_ms) VALUES (%(identity)s, %(burst)s - 1, {_NOW_MS})
+ON CONFLICT (identity) DO UPDATE SET
+    tokens = CASE WHEN {_REFILLED} >= 1 THEN {_REFILLED} - 1 ELSE {_REFILLED} - %(shift_tokens)s END,
+    updated_ms = CASE WHEN {_REFILLED} >= 1 THEN {_LATEST} ELSE {_LATEST} - %(shift_ms)s END
+RETURNING tokens, ((1 - tokens) / %(per_ms)s - ({_NOW_MS} - updated_ms)) / 1000.0 AS wait_seconds
+"""
+# Rows of buckets that have refilled completely equal no row: dropped (a scan, once a minute).
+_PRUNE = f"DELETE FROM rate_buckets WHERE updated_ms < {_NOW_MS} - %(full_ms)s"
+# What a take treats as "the database cannot be reached now": it lets the request through.
+_UNREACHABLE = (PoolTimeout, PoolClosed, psycopg.OperationalError, StoreUnavailable)
+
+
+class PostgresRateBuckets:
+    """Token buckets for the per-key rate limits (``ratelimit.Buckets``) in the job store's database, on its
+    pool, so every gateway of the store counts against the same budget. Thread-safe.
+
+    Fails open: while the database cannot be reached a request is let through unchecked (it then gets the
+    job store's own UNAVAILABLE, a clear sentence), with a warning at most every ``warn_seconds``; for
+    ``retry_seconds`` after such a failure the database is not asked, so a request is not slowed twice."""
+
+    PRUNE_SECONDS = 60.0                # rows that have refilled are deleted at most this often, per gateway
+
+    def __init__(self, store: PostgresJobStore, timeout: float = 1.0, retry_seconds: float = 1.0,
+                 warn_seconds: float = 10.0) -> None:
+        self._store = store
+        self._timeout = timeout             # the longest a take waits for a pooled connection
+        self._retry_seconds = retry_seconds
+        self._warn_seconds = warn_seconds
+        self._lock = threading.Lock()
+        self._pruned = time.monotonic()     # the first prune comes a minute after the start
+        self._skip_until = 0.0
+        self._warned = -float("inf")
+
+    def take(self, identity: str, now: float, rate_per_second: float, burst: float) -> float:
+        """See ``ratelimit.Buckets``; ``now`` is unused (the database's clock counts)."""
+        del now
+        local = time.monotonic()
+        if local < self._skip_until:
+            return 0.0
+        args = {"identity": hashlib.sha256(identity.encode()).hexdigest(), "burst": float(burst),
+                **self._shift(rate_per_second)}
+        try:
+            with self._store._pool.connection(timeout=self._timeout) as connection:
+                row = connection.execute(_TAKE, args).fetchone()
+            if local - self._pruned >= self.PRUNE_SECONDS:
+                self._prune(local, rate_per_second, burst)
+        except _UNREACHABLE as error:
+            self._fail_open(local, error)
+            return 0.0
+        if row["tokens"] >= 0:
+            return 0.0
+        return max(float(row["wait_seconds"]), 0.001)      # refused: never 0.0, which means a token was taken
+
+    @staticmethod
+    def _shift(rate_per_second: float) -> dict[str, float]:
+        """The rate in tokens a millisecond, and how far back a refusal writes its bucket: ``shift_ms``, a
+        whole number of milliseconds worth ``shift_tokens`` >= 1 token (computed once here, so SQL's float
+        arithmetic gives the same number)."""
+        per_ms = rate_per_second / 1000.0
+        shift_ms = math.ceil(1.0 / per_ms)
+        if shift_ms * per_ms < 1.0:
+            shift_ms += 1
+        return {"per_ms": per_ms, "shift_ms": shift_ms, "shift_tokens": shift_ms * per_ms}
+
+    def _prune(self, local: float, rate_per_second: float, burst: float) -> None:
+        """Delete the rows of buckets that have refilled (at most every PRUNE_SECONDS; the take it follows
+        stands whatever happens here)."""
+        with self._lock:
+            if local - self._pruned < self.PRUNE_SECONDS:
+                return                      # another thread prunes
+            self._pruned = local
+        shift = self._shift(rate_per_second)          # a refused bucket may hold -shift_tokens: full after
+        full_ms = math.ceil((burst + shift["shift_tokens"]) / shift["per_ms"]) + 1
+        try:
+            with self._store._pool.connection(timeout=self._timeout) as connection:
+                deleted = connection.execute(_PRUNE, {"full_ms": full_ms}).rowcount
+        except _UNREACHABLE as error:
+            log.debug("event=rate_buckets_prune_failed reason=%r", _reason(error)[:200])
+            return
+        log.debug("event=rate_buckets_pruned rows=%s", deleted)
+
+    def _fail_open(self, local: float, error: BaseException) -> None:
+        with self._lock:
+            self._skip_until = local + self._retry_seconds
+            if local - self._warned < self._warn_seconds:
+                return
+            self._warned = local
+        log.warning("event=rate_limit_unchecked url=%s reason=%r (the job store cannot be reached: requests pass "
+                    "without a rate limit until it answers)", self._store.where, _reason(error)[:200])
+
