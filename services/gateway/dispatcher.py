@@ -56,6 +56,7 @@ class Dispatcher:
         self._held = False                # take no more work (start-up wait, draining)
         self._stopping = False            # workers exit
         self._threads: list[threading.Thread] = []
+        self._quiet_until = 0.0           # claim failures are logged again after this
 
     @property
     def busy(self) -> int:
@@ -126,8 +127,11 @@ class Dispatcher:
     def _claim(self) -> Work | None:
         try:
             return self.source.claim()
-        except Exception:  # noqa: BLE001 - the store is down: try again after a pause
-            log.exception(kv("claim_failed"))
+        except Exception as error:  # noqa: BLE001 - the store is down: try again after a pause
+            now = time.monotonic()
+            if now >= self._quiet_until:          # one line per 10 s, not one per idle worker per poll
+                self._quiet_until = now + 10.0
+                log.warning(kv("claim_failed", reason=f"{type(error).__name__}: {str(error)[:200]}"))
             return None
 
     def _next(self) -> Work | None:

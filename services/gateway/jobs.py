@@ -22,6 +22,7 @@ sentence) and frees its slot, except a stop of this gateway, which leaves the jo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import BinaryIO, Callable, ContextManager, Iterator, Protocol
 
 from services.common.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                                     ServiceError, Unavailable)
@@ -259,7 +260,11 @@ class JobService:
         self._wall = wall_clock
         self._departures = DepartureRate(clock)
         self._lock = threading.RLock()
-        self._stamp = threading.Lock()                   # created_ms and started_ms, taken in store order
+        # created_ms and started_ms taken in store order, so a job never starts before it came. Only for the
+        # embedded store, whose calls never wait on a network; gateways of a shared store differ by their
+        # clocks anyway, and the store stamps a start no earlier than the acceptance.
+        self._stamp: ContextManager[object] = threading.Lock() if not store.shared else contextlib.nullcontext()
+        self._store_down_until = 0.0                     # best-effort writes are skipped until then
         self._wake = threading.Condition(self._lock)     # the housekeeper sleeps on it
         self._runs: dict[str, LocalRun] = {}
         self._watchers: dict[str, list[Watch]] = {}
@@ -281,7 +286,8 @@ class JobService:
         the mesh, the gateway is up in a blink while the stages still load their models, and the
         recovered jobs must not fail for that."""
         self.store.listen(self._on_notice)
-        self.results.sweep(self._keeps_video)
+        if not self.store.shared:        # shared: another gateway may be between a video and its row right now
+            self.results.sweep(self._keeps_video)
         for record in self.store.overdue(self._now_ms()):      # the deadline passed while no gateway ran
             self._fail_deadline(record, "while no gateway was running it")
         recovered = self._recover()
@@ -426,17 +432,17 @@ class JobService:
     def abandon(self, job_id: str) -> None:
         """The client waiting for the job went away: cancel it, or fail it if its deadline has come."""
         try:
-            record = self.store.get(job_id)
-        except StoreUnavailable:
+            record = self._store_call(lambda: self.store.get(job_id))
+            if not isinstance(record, JobRecord) or record.status.is_terminal:
+                return
+            if record.deadline_ms and self._now_ms() >= record.deadline_ms - DEADLINE_SLACK_SECONDS * 1000:
+                self._fail_deadline(record)
+            else:
+                self._end(job_id, JobStatus.CANCELLED, "CANCELLED",
+                          "the job was cancelled: the client waiting for it went away")
+        except Unavailable:
             log.warning(kv("abandon_failed", job_id=job_id, reason="the job store is unavailable"))
-            return                         # it runs on; its deadline (if any) still ends it
-        if record is None or record.status.is_terminal:
-            return
-        if record.deadline_ms and self._now_ms() >= record.deadline_ms - DEADLINE_SLACK_SECONDS * 1000:
-            self._fail_deadline(record)
-        else:
-            self._end(job_id, JobStatus.CANCELLED, "CANCELLED",
-                      "the job was cancelled: the client waiting for it went away")
+            # it runs on; its deadline (if any) still ends it
 
     def watch(self, job_id: str) -> Watch:
         """Subscribe to a job's updates: where it stands now first, then what happens next."""
@@ -566,8 +572,11 @@ class JobService:
         if record.deadline_ms:
             with self._lock:
                 self._wake.notify_all()
-        current = self.store.get(record.job_id) or record
-        return self._view(current), watch
+        try:                             # the job is stored: an outage now must not make it look refused
+            view = self._view(self.store.get(record.job_id) or record)
+        except StoreUnavailable:
+            view = JobView(record)
+        return view, watch
 
     def _answer_from_cache(self, key: str, request: JobRequest, now_ms: int) -> JobView | None:
         source = self.store.find_cached(key, now_ms)
@@ -710,6 +719,11 @@ class JobService:
         run = LocalRun(record, deadline, claimed.checkpoint, started_at=now,
                        stage=record.stage if claimed.taken_over else Stage.NONE)
         with self._lock:
+            if record.job_id in self._runs:
+                # Its lease ran out while this gateway was cut off from the store, and this gateway took it
+                # back: the run it already has goes on (its lease is ours again); never run one job twice.
+                log.info(kv("lease_regained", job_id=record.job_id))
+                return None
             self._runs[record.job_id] = run
         waited = max(0.0, (self._now_ms() - record.created_ms) / 1000)
         self._departures.departed(still_waiting=True)
@@ -756,10 +770,9 @@ class JobService:
         return result
 
     def _checkpoint(self, run: LocalRun, checkpoint: Checkpoint) -> None:
-        try:
-            self.store.save_checkpoint(run.job_id, self.owner, checkpoint.step, checkpoint.data)
-        except Exception:  # noqa: BLE001 - a checkpoint lost costs steps on a takeover, never the job
-            log.warning(kv("checkpoint_failed", job_id=run.job_id, step=checkpoint.step))
+        """A checkpoint lost costs steps on a takeover, never the job."""
+        self._best_effort(lambda: self.store.save_checkpoint(run.job_id, self.owner, checkpoint.step, checkpoint.data),
+                          "checkpoint")
 
     def _publish(self, run: LocalRun, event: RunEvent) -> None:
         """A running job's event: remember it, store it (throttled), tell the watchers here and elsewhere."""
@@ -787,16 +800,21 @@ class JobService:
             self._notify(Notice("event", run.job_id, data))
 
     def _best_effort(self, write: Callable[[], object], what: str) -> None:
-        """A write a run can do without (progress, a warning): a full or absent store must not fail the job."""
+        """A write a run can do without (progress, a warning): a full or absent store must not fail the job,
+        nor slow it: after a store outage such writes are skipped for a second instead of each waiting."""
+        if self._clock() < self._store_down_until:
+            return
         try:
             write()
         except Exception as error:  # noqa: BLE001
+            if isinstance(error, StoreUnavailable):
+                self._store_down_until = self._clock() + 1.0
             log.warning(kv("store_write_failed", what=what, reason=str(error)[:200]))
 
     def _complete(self, run: LocalRun, result: Result) -> None:
         """Store the video, then mark the job COMPLETED (unless it ended meanwhile)."""
-        if run.ended:
-            return
+        if run.ended or not self._holds_lease(run):
+            return                       # another gateway runs it now: its video is that one's to store
         try:
             size = self._until_stored(lambda: self.results.save(run.job_id, result.video))
             if size is None:
@@ -811,10 +829,18 @@ class JobService:
         done = self._write_end(run.job_id, JobStatus.COMPLETED, owner=self.owner, video_size=size,
                                mime_type=result.mime_type, expires_ms=self._now_ms() + self._ttl_ms(),
                                stage=run.stage, step=run.step, total_steps=run.total_steps)
-        if not done:
-            self.results.delete(run.job_id)
+        if not done:                     # it ended meanwhile: remove this video, unless it is the winner's
+            ended = self._until_stored(lambda: self.store.get(run.job_id))
+            if ended is None or getattr(ended, "status", None) != JobStatus.COMPLETED:
+                self._best_effort(lambda: self.results.delete(run.job_id), "delete")
 
-    def _until_stored(self, save: Callable[[], int]) -> int | None:
+    def _holds_lease(self, run: LocalRun) -> bool:
+        try:
+            return run.job_id in self.store.heartbeat(self.owner, [run.job_id], self._now_ms(), self._lease_ms())
+        except StoreUnavailable:
+            return True                  # the end's own compare-and-set decides once the store is back
+
+    def _until_stored(self, save: Callable[[], object]) -> object | None:
         """``save()``, tried again while the store is down (PostgreSQL restarting); None if this gateway stops."""
         while True:
             try:
@@ -841,28 +867,25 @@ class JobService:
 
     # --- ending a job --------------------------------------------------------------------------------------
     def _end(self, job_id: str, status: JobStatus, error_code: str, error_message: str) -> bool:
-        """End a job that may be queued or running anywhere (a cancel, a deadline, a client gone)."""
-        return self._write_end(job_id, status, error_code=error_code, error_message=error_message)
+        """End a job that may be queued or running anywhere (a cancel, a deadline, a client gone). While the
+        store is down this raises Unavailable: the caller (a client, the housekeeper) tries again."""
+        return self._write_end(job_id, status, persist=False, error_code=error_code, error_message=error_message)
 
-    def _write_end(self, job_id: str, status: JobStatus, owner: str | None = None, **fields: object) -> bool:
-        """Move a job to a final status, once: the store's compare-and-set decides who wins. A job's end is
-        written even while the store is down (tried again until it is back or this gateway stops)."""
-        before = self.store.get(job_id)
-        if before is None or before.status.is_terminal:
+    def _write_end(self, job_id: str, status: JobStatus, owner: str | None = None, persist: bool = True,
+                   **fields: object) -> bool:
+        """Move a job to a final status, once: the store's compare-and-set decides who wins. A run's end
+        (``persist``) is written even while the store is down: tried again until it is back or this
+        gateway stops."""
+        call = self._until_stored if persist else self._store_call
+        before = call(lambda: self.store.get(job_id))
+        if not isinstance(before, JobRecord) or before.status.is_terminal:
             return False
         fields.setdefault("finished_ms", self._now_ms())
-        while True:
-            try:
-                ok = self.store.transition(job_id, status, ACTIVE, owner=owner, **fields)
-                break
-            except StoreUnavailable:
-                if self._stopped.is_set():
-                    return False
-                self._stopped.wait(STORE_RETRY_SECONDS)
-        if not ok:
+        if not call(lambda: self.store.transition(job_id, status, ACTIVE, owner=owner, **fields)):
             return False
-        record = self.store.get(job_id)
-        assert record is not None
+        record = self._until_stored(lambda: self.store.get(job_id))
+        if not isinstance(record, JobRecord):
+            return True                  # written; this gateway stops before it could tell anyone
         seconds = (record.finished_ms - record.started_ms) / 1000 if record.started_ms else 0.0
         log.info(kv("job_finished", job_id=job_id, status=status.value, code=record.error_code or "OK",
                     seconds=round(seconds, 3)))
