@@ -21,6 +21,7 @@ import grpc
 
 from services.common.auth import ENV_KEYS, ApiKeyInterceptor, load_api_keys
 from services.common.config import DEFAULT_MODEL, ServerConfig, parse_config, setting
+from services.common.logs import kv
 from services.common.server import ReadyGate, serve
 from services.common.tls import ClientTls, load_client_tls, load_server_tls
 from services.gateway import orchestrator as orch
@@ -151,10 +152,9 @@ class Gateway:
         self.orchestrator = orch.Orchestrator(
             orch.StageAddresses(self.config.text_encoder, self.config.denoiser, self.config.decoder),
             self.config.max_message_bytes, self.config.stage_timeout, stage_tls_from(self.config))
-        store, results = open_stores(self.config.job_store, self.config.state_dir, self.config.result_store,
-                                     self.config.lease_seconds)
-        log.info("event=job_store url=%s shared=%s", describe_url(self.config.job_store or "sqlite (state dir)"),
-                 store.shared)
+        store, results = open_stores(self.config.job_store, self.config.state_dir, self.config.result_store)
+        log.info(kv("job_store", url=describe_url(self.config.job_store) or f"sqlite in {self.config.state_dir}",
+                    shared=store.shared))
         shared_buckets = store.rate_buckets()
         if self.rate_limiter is not None and shared_buckets is not None:
             self.rate_limiter.use(shared_buckets)   # type: ignore[arg-type] - one budget per key on every gateway

@@ -21,8 +21,8 @@ from services.gateway.store.sqlite import DB_NAME, RESULTS_DIR, FileResultStore,
 __all__ = ["Claimed", "JobStore", "Notice", "ResultStore", "ResultStoreFull", "StoreQueueFull", "StoreUnavailable",
            "StateDirBusy", "open_stores", "describe_url", "check_url"]
 
-def open_stores(job_store_url: str, state_dir: str | Path, result_store_url: str = "",
-                lease_seconds: float = 10.0) -> tuple[JobStore, ResultStore]:
+def open_stores(job_store_url: str, state_dir: str | Path, result_store_url: str = ""
+                ) -> tuple[JobStore, ResultStore]:
     """The job store and the result store the URLs name (see the module doc)."""
     kind = check_url(job_store_url)
     result_kind = check_url(result_store_url, "--result-store") if result_store_url else ""
