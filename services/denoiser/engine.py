@@ -6,6 +6,10 @@ each row at its own timestep), then a scheduler step per request. Requests join 
 steps; a cancelled request leaves at the next step. Noise comes from each request's own seeded
 generator, so a video does not depend on what it was batched with. Knows nothing of gRPC.
 
+Each batch stops at the size that runs fastest per row (measured when the engine warms up; see
+batching.py): the other requests of that shape wait, oldest first, and join as places free up, so
+more load never means fewer videos a second.
+
 A request may ask for a Checkpoint every N steps and may start from one (``Request.resume``): its
 latents and its scheduler's history, enough to continue bit for bit on another engine. A resumed
 request is an ordinary member of its shape's batches, at its own timestep.
@@ -28,7 +32,7 @@ from diffusers import DDIMScheduler, UNet3DConditionModel
 
 from services.common.logs import kv
 from services.common.model_folder import model_part
-from services.denoiser import sampling
+from services.denoiser import batching, sampling
 
 log = logging.getLogger("denoiser.engine")
 
@@ -134,6 +138,11 @@ class Job:
         r = self.request
         return (r.num_frames, r.height, r.width)
 
+    @property
+    def rows(self) -> int:
+        """UNet rows this job takes in a batch: 2 with guidance (uncond, cond), else 1."""
+        return 2 if self.request.uses_guidance else 1
+
 
 class EngineObserver:
     """What the engine reports as it runs, for whoever watches it (the server turns it into metrics).
@@ -185,6 +194,8 @@ class EngineStats:
     steps: int = 0                 # UNet forwards
     requests_stepped: int = 0      # sum of batch sizes
     max_batch_seen: int = 0
+    max_rows_seen: int = 0
+    waited: int = 0                # batches that left requests of their shape waiting (the cap held)
     finished: int = 0
     cancelled: int = 0
 
@@ -209,6 +220,19 @@ class DenoiseEngine:
         self._last_key: tuple[int, int, int] | None = None   # the shape stepped last (shapes take turns)
         self._thread = threading.Thread(target=self._loop, name="denoise-engine", daemon=True)
         self._forward = self._eager_forward
+        self.compile_rows: set[int] = set()
+        self._graphed: Any = None                              # GraphedUNet, once use_cuda_graphs()
+        self.plans: dict[tuple[int, int, int], dict[str, Any]] = {}   # shape -> measured buckets, cap
+        self._cap_rows: dict[tuple[int, int, int], int] = {}
+
+    @property
+    def max_rows(self) -> int:
+        return 2 * self.max_batch
+
+    def cap_rows(self, key: tuple[int, int, int]) -> int:
+        """Most UNet rows a batch of this shape takes: the fastest measured size once warm() measured
+        it (batching.batch_cap), else every request up to max_batch."""
+        return self._cap_rows.get(key, self.max_rows)
 
     def _eager_forward(self, sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor
                        ) -> torch.Tensor:
@@ -220,19 +244,23 @@ class DenoiseEngine:
 
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device; this engine runs on " + str(self.device))
-        self._forward = GraphedUNet(self._forward, max_rows=2 * self.max_batch, device=self.device)
+        buckets = batching.graph_buckets(self.max_rows, self.compile_rows)
+        self._graphed = GraphedUNet(self._forward, device=self.device, buckets=buckets)
+        self._forward = self._graphed
 
     def use_compile(self, rows: set[int]) -> None:
         """torch.compile the UNet for batches of exactly these row counts (CUDA-graph buckets); call
         before use_cuda_graphs(). Other batch sizes stay eager.
 
-        Why per bucket: measured on an H100 (docs/benchmarks.md), compiling makes a 32-row forward
-        30% faster (it fuses the GroupNorm/SiLU/elementwise traffic that dominates there) but a 2-row
-        forward no faster than a CUDA graph; each compiled size costs 2-3 minutes of warm-up, and a
+        Why per bucket: compiling fuses the GroupNorm/SiLU/elementwise traffic; replayed as CUDA
+        graphs on an H200 (docs/benchmarks.md, 2026-12-01) a compiled 2-row forward took 36.9 ms
+        against 55.2 ms eager and a 32-row one 446 ms against 641 ms. Each compiled size costs ~100 s
+        of warm-up on an empty compile cache (~20 s on a warm one, see compile_cache.py), and a
         dynamic-batch compilation took over 8 minutes. warm() pays the compilations before SERVING.
         """
         eager = self._forward
         compiled = torch.compile(self.unet, dynamic=False)
+        self.compile_rows = set(rows)
 
         def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
             if sample.shape[0] not in rows:
@@ -241,20 +269,42 @@ class DenoiseEngine:
 
         self._forward = forward
 
+    def warm_rows(self) -> list[int]:
+        """The batch sizes (rows) warm() runs: every CUDA-graph bucket, else the powers of two up to
+        max_rows and the compiled sizes."""
+        if self._graphed is not None:
+            return list(self._graphed.buckets)
+        return sorted(set(batching.powers_of_two_up_to(self.max_rows)) | self.compile_rows)
+
     @torch.inference_mode()
     def warm(self, shapes: list[tuple[int, int, int]], tokens: int = 77) -> None:
         """Run (and capture, with CUDA graphs) every batch size for each (frames, height, width) now,
-        so the first users do not pay for kernel selection or graph capture."""
-        from services.denoiser.graphs import buckets_up_to
-
+        so the first users do not pay for compilation, kernel selection or graph capture. With CUDA
+        graphs, also time each bucket's replay: the times choose the padding and cap the batch at the
+        size that makes the most rows a second (batching.py)."""
         for frames, height, width in shapes:
-            for rows in buckets_up_to(2 * self.max_batch):
-                sample = torch.zeros((rows, self.latent_channels, frames, height // 8, width // 8),
-                                     device=self.device, dtype=self.dtype)
+            key = (frames, height, width)
+            sample_shape = (self.latent_channels, frames, height // 8, width // 8)
+            for rows in self.warm_rows():
+                sample = torch.zeros((rows, *sample_shape), device=self.device, dtype=self.dtype)
                 embeddings = torch.zeros((rows, tokens, self.embedding_dim), device=self.device, dtype=self.dtype)
                 self._forward(sample, torch.full((rows,), 999, device=self.device), embeddings)
+            if self._graphed is not None:
+                seconds = {rows: self._graphed.time(rows, sample_shape, (tokens, self.embedding_dim), self.dtype)
+                           for rows in self._graphed.buckets}
+                self.set_plan(key, seconds)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def set_plan(self, key: tuple[int, int, int], seconds: dict[int, float]) -> None:
+        """Cap batches of shape ``key`` at the rows ``seconds`` (bucket rows -> seconds a forward) say
+        run fastest per row; never above max_rows."""
+        cap = min(batching.batch_cap(seconds) or self.max_rows, self.max_rows)
+        self._cap_rows[key] = cap
+        self.plans[key] = {"cap_rows": cap, "ms": {rows: round(s * 1e3, 2) for rows, s in sorted(seconds.items())},
+                           "compiled": sorted(self.compile_rows)}
+        log.info(kv("batch_plan", shape="x".join(map(str, key)), cap_rows=cap,
+                    ms=",".join(f"{r}:{s * 1e3:.1f}" for r, s in sorted(seconds.items()))))
 
     @classmethod
     def from_folder(cls, model: str | Path, device: torch.device, dtype: torch.dtype, **kwargs: Any
@@ -382,10 +432,12 @@ class DenoiseEngine:
         self._retire(gone, None)
 
     def _pick_batch(self) -> list[Job]:
-        """The next shape in turn, and its jobs in arrival order, up to max_batch.
+        """The next shape in turn, and its jobs in arrival order, up to max_batch requests and the
+        shape's row cap (the fastest measured batch size); the rest wait for the next steps.
 
         Shapes take turns step by step, so a long job of one shape never stalls the jobs of another
-        (and the gateway's priorities keep their meaning); within a shape, the oldest jobs go first.
+        (and the gateway's priorities keep their meaning); within a shape, the oldest jobs go first,
+        so the jobs in a batch stay in it until they finish and the waiting ones take their places.
         """
         with self._cond:
             if not self._active:
@@ -393,7 +445,11 @@ class DenoiseEngine:
             keys = list(dict.fromkeys(job.shape_key for job in self._active))   # in arrival order
             key = keys[(keys.index(self._last_key) + 1) % len(keys)] if self._last_key in keys else keys[0]
             self._last_key = key
-            return [job for job in self._active if job.shape_key == key][: self.max_batch]
+            jobs = [job for job in self._active if job.shape_key == key]
+        count = batching.take([job.rows for job in jobs], self.cap_rows(key), self.max_batch)
+        if count < len(jobs):
+            self.stats.waited += 1
+        return jobs[:count]
 
     def _retire(self, jobs: list[Job], event: Event | None) -> None:
         with self._cond:
@@ -421,6 +477,7 @@ class DenoiseEngine:
             self.stats.steps += 1
             self.stats.requests_stepped += len(batch)
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
+            self.stats.max_rows_seen = max(self.stats.max_rows_seen, sum(rows))
 
             done = []
             for job, pred in zip(batch, noise.split(rows)):

@@ -1,20 +1,23 @@
 """CUDA graphs for the UNet forward, one per (batch-size bucket, shape), captured before users come.
 
 Why: a UNet3D step is hundreds of small kernels; at small batches the GPU waits on Python to launch
-them. Replaying a captured graph launches them all at once. Batches are padded up to the next
-bucket (1, 2, 4, ... rows) so a handful of graphs serve every batch size; padded rows compute on
-zeros and are dropped. Graphs share one memory pool, and only the engine thread replays them.
+them. Replaying a captured graph launches them all at once. Batches are padded up to a bucket
+(batching.py chooses which: by default the smallest that fits, a larger one where it was measured
+faster) so a few graphs serve every batch size; padded rows compute on zeros and are dropped. Graphs
+share one memory pool, and only the engine thread replays them.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from services.common.logs import kv
+from services.denoiser.batching import choose_bucket, powers_of_two_up_to
 
 log = logging.getLogger("denoiser.graphs")
 
@@ -29,29 +32,56 @@ class _Graph:
 
 
 def buckets_up_to(max_rows: int) -> list[int]:
-    """Powers of two up to (and including) the first one >= max_rows."""
-    sizes, size = [], 1
-    while True:
-        sizes.append(size)
-        if size >= max_rows:
-            return sizes
-        size *= 2
+    """Powers of two up to (and including) the first one >= max_rows (the buckets before 2026-12)."""
+    return powers_of_two_up_to(max_rows)
 
 
 class GraphedUNet:
     """Calls ``forward(sample, timesteps, embeddings) -> noise`` (the UNet, eager or compiled) through
-    CUDA graphs."""
+    CUDA graphs, one per bucket of ``buckets`` rows (or the powers of two up to ``max_rows``)."""
 
     def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 max_rows: int, device: torch.device) -> None:
+                 max_rows: int | None = None, device: torch.device | None = None,
+                 buckets: Sequence[int] | None = None) -> None:
+        if buckets is None and max_rows is None:
+            raise ValueError("give the buckets, or max_rows for powers of two")
         self.forward = forward
-        self.device = device
-        self.buckets = buckets_up_to(max_rows)
+        self.device = device or torch.device("cuda")
+        self.buckets = sorted(set(buckets)) if buckets is not None else buckets_up_to(int(max_rows or 1))
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple, _Graph] = {}
+        self._seconds: dict[tuple, dict[int, float]] = {}   # (sample shape, embedding shape) -> rows -> s
 
-    def bucket(self, rows: int) -> int | None:
-        return next((b for b in self.buckets if b >= rows), None)
+    def bucket(self, rows: int, shapes: tuple | None = None) -> int | None:
+        """The bucket a batch of ``rows`` runs in, for inputs of ``shapes`` (per-row sample shape,
+        per-row embedding shape): the smallest that fits unless one measured by ``time`` is faster."""
+        return choose_bucket(rows, self.buckets, self._seconds.get(shapes) if shapes else None)
+
+    def seconds(self, sample_shape: tuple[int, ...], embedding_shape: tuple[int, ...]) -> dict[int, float]:
+        """What ``time`` measured for these shapes: bucket rows -> seconds a replay."""
+        return dict(self._seconds.get((tuple(sample_shape), tuple(embedding_shape)), {}))
+
+    def time(self, rows: int, sample_shape: tuple[int, ...], embedding_shape: tuple[int, ...],
+             dtype: torch.dtype, repeat: int = 3) -> float:
+        """Capture (if needed) and time the ``rows`` bucket's replay on random inputs (median of
+        ``repeat``, CUDA events); remembered, so ``bucket`` may pad to a faster larger bucket."""
+        sample_shape, embedding_shape = tuple(sample_shape), tuple(embedding_shape)
+        self.capture(rows, sample_shape, embedding_shape, dtype)
+        g = self._graphs[(rows, sample_shape, embedding_shape)]
+        g.sample.normal_()
+        g.embeddings.normal_()
+        g.timesteps.random_(0, 1000)
+        times = []
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        seconds = statistics.median(times)
+        self._seconds.setdefault((sample_shape, embedding_shape), {})[rows] = seconds
+        return seconds
 
     def capture(self, rows: int, sample_shape: tuple[int, ...], embedding_shape: tuple[int, ...],
                 dtype: torch.dtype) -> None:
@@ -77,11 +107,12 @@ class GraphedUNet:
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
                  ) -> torch.Tensor:
         rows = sample.shape[0]
-        bucket = self.bucket(rows)
+        shapes = (tuple(sample.shape[1:]), tuple(encoder_hidden_states.shape[1:]))
+        bucket = self.bucket(rows, shapes)
         if bucket is None:
             return self.forward(sample, timesteps, encoder_hidden_states)
-        self.capture(bucket, tuple(sample.shape[1:]), tuple(encoder_hidden_states.shape[1:]), sample.dtype)
-        g = self._graphs[(bucket, tuple(sample.shape[1:]), tuple(encoder_hidden_states.shape[1:]))]
+        self.capture(bucket, *shapes, sample.dtype)
+        g = self._graphs[(bucket, *shapes)]
         g.sample[:rows].copy_(sample)
         g.timesteps[:rows].copy_(timesteps)
         g.embeddings[:rows].copy_(encoder_hidden_states)
