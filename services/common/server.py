@@ -29,6 +29,11 @@ def message_options(max_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
 
 
+# Why: gRPC sets SO_REUSEPORT by default, so a second server on a port already taken would bind too and
+# share the port silently; without it, binding a port in use fails and ``start`` says so.
+NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+
+
 def connection_age_options(seconds: float) -> list[tuple[str, int]]:
     """Why: a gateway's round_robin channel resolves a headless Service only when a connection drops;
     ageing connections out makes it pick up replicas added by the autoscaler. A long Denoise stream in
@@ -147,7 +152,8 @@ class GrpcServer:
         self.in_flight = InFlight()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
                                    options=message_options(config.max_message_bytes)
-                                   + connection_age_options(config.max_connection_age_seconds),
+                                   + connection_age_options(config.max_connection_age_seconds)
+                                   + NO_REUSEPORT,
                                    interceptors=[self.in_flight, *(interceptors or [])])
         self.tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
         add_servicer(self._server)
@@ -155,7 +161,7 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._health_server: grpc.Server | None = None
         if config.health_port >= 0:
-            self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=NO_REUSEPORT)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
         reflection.enable_server_reflection(
             (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
@@ -164,16 +170,23 @@ class GrpcServer:
         self.health_port = -1
 
     def start(self) -> int:
-        if self.tls is None:
-            self.port = self._server.add_insecure_port(self.config.address)
-        else:
-            self.port = self._server.add_secure_port(self.config.address, self.tls.grpc_credentials())
+        try:        # a port that cannot be bound: 0 from older gRPC, RuntimeError("Failed to bind ...") from newer
+            if self.tls is None:
+                self.port = self._server.add_insecure_port(self.config.address)
+            else:
+                self.port = self._server.add_secure_port(self.config.address, self.tls.grpc_credentials())
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {self.config.address}: is the port already in use?")
         if self._health_server is not None:
             address = f"{self.config.host}:{self.config.health_port}"
-            self.health_port = self._health_server.add_insecure_port(address)
+            try:
+                self.health_port = self._health_server.add_insecure_port(address)
+            except RuntimeError:
+                self.health_port = 0
             if self.health_port == 0:
+                self._server.stop(0)
                 raise RuntimeError(f"cannot serve health checks on {address}: is the port already in use?")
             self._health_server.start()
         self._server.start()
@@ -214,7 +227,11 @@ def serve(config: ServerConfig, service: str, service_name: str, servicer: Loada
         server = GrpcServer(config, service_name, add_servicer, interceptors)
     except TlsConfigError as exc:
         raise SystemExit(f"{service}: {exc}") from None
-    port = server.start()
+    try:
+        port = server.start()
+    except RuntimeError as exc:      # a port in use: one line, exit non-zero
+        log.error(kv("listen_failed", reason=str(exc)))
+        raise SystemExit(f"{service}: {exc}") from None
     log.info(kv("listening", address=f"{config.host}:{port}", health="NOT_SERVING",
                 tls="mutual" if server.tls and server.tls.mutual else "on" if server.tls else "off",
                 **({"health_port": server.health_port} if server.health_port >= 0 else {})))

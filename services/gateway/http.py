@@ -59,6 +59,7 @@ log = logging.getLogger("gateway.http")
 PAGE = FilePath(__file__).with_name("static") / "index.html"
 OPEN_PATHS = frozenset({"/", "/healthz"})       # GET without a key: the page itself and probes
 MAX_BODY_BYTES = 1 << 20
+MAX_PATH_SHOWN = 200                            # characters of a request's path an error message repeats
 READ_CHUNK_BYTES = 256 << 10
 SSE_POLL_SECONDS = 0.1                          # how often an event stream looks for the job's news
 SSE_KEEPALIVE_SECONDS = 15.0                    # a comment line this often keeps proxies from closing it
@@ -337,7 +338,10 @@ async def _on_bad_parameter(request: Request, error: RequestValidationError) -> 
 
 
 async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    where = f"{request.method} {request.url.path}"
+    path = request.url.path
+    if len(path) > MAX_PATH_SHOWN:                # a 60,000-character path is not echoed back whole
+        path = path[:MAX_PATH_SHOWN] + "..."
+    where = f"{request.method} {path}"
     messages = {404: f"there is no {where} here; the API is under /v1/videos (see /openapi.json)",
                 405: f"{where} is not allowed; /openapi.json lists the methods of each path"}
     code = {404: "not_found", 405: "unimplemented"}.get(error.status_code, "invalid_argument")
@@ -361,7 +365,7 @@ _VIDEO_ID = Path(description="The video's id (32 lowercase hex characters).",
 router = APIRouter()
 
 
-@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
 def web_page() -> HTMLResponse:
     return HTMLResponse(_PAGE_TEXT, headers={"Cache-Control": "no-cache"})
 
@@ -383,6 +387,11 @@ def healthz(backend: Backend = Depends(_backend)) -> JSONResponse:
         return error_response(503, "a stage (text_encoder, denoiser or decoder) is not SERVING; jobs wait "
                               "until every stage is up: check the stages' logs", "unavailable")
     return JSONResponse({"status": "serving"})
+
+
+# HEAD /healthz answers as GET does, without the body (probes and monitors send HEAD); kept out of the
+# schema, which documents GET only, as it did before.
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
 
 @router.post("/v1/videos", response_model=videos.Video, dependencies=_V1, summary="Create a video",

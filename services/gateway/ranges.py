@@ -3,7 +3,9 @@
 Why: browsers fetch a video with Range requests (to seek, and to read the MP4 index first) and a
 download that broke off resumes with one; a wrong answer here shows as a video that will not play
 or seek. One range is served (206); a header that is not a single byte range is ignored, as the RFC
-allows, and the whole file is sent (200); a range that starts past the end is 416.
+allows, and the whole file is sent (200); a range that starts past the end is 416. A number of more
+than ``MAX_DIGITS`` digits is no byte offset of any file: such a header is ignored too (converting it
+would cost time, and past 4,300 digits Python refuses to).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+MAX_DIGITS = 18                               # 10**18 bytes is an exabyte; int64 holds 18 digits
 _SINGLE = re.compile(r"bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.IGNORECASE)
 
 
@@ -47,6 +50,8 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     first, last = match[1], match[2]
     if not first and not last:
         return None
+    if len(first) > MAX_DIGITS or len(last) > MAX_DIGITS:
+        return None                           # an absurd number: not a byte range of this file, ignored
     if not first:                             # "-N": the last N bytes
         suffix = int(last)
         if suffix == 0 or size == 0:

@@ -1,0 +1,117 @@
+"""Regressions of issue 16: a shared gRPC port, a huge Range number, HEAD on / and /healthz, a long 404 path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent import futures
+from typing import Callable
+
+import grpc
+import pytest
+from starlette.testclient import TestClient
+
+from services.common.config import ServerConfig
+from services.common.server import GrpcServer
+from services.gateway.app import GatewayConfig, limits_from
+from services.gateway.http import Backend, create_app
+from services.gateway.ranges import RangeNotSatisfiable, parse_range
+
+
+def _grpc_server(port: int) -> GrpcServer:
+    return GrpcServer(ServerConfig(port=port), "t2v.test.Nothing", lambda server: None)
+
+
+# --- 1. a gRPC port in use is refused ----------------------------------------------------------------------
+def test_a_second_grpc_server_on_a_taken_port_is_refused() -> None:
+    first = _grpc_server(0)
+    port = first.start()
+    try:
+        second = _grpc_server(port)
+        with pytest.raises(RuntimeError, match="already in use"):
+            second.start()
+    finally:
+        first.stop(0)
+
+
+def test_the_health_port_in_use_is_refused() -> None:
+    holder = _grpc_server(0)
+    taken = holder.start()
+    try:
+        server = GrpcServer(ServerConfig(port=0, health_port=taken), "t2v.test.Nothing", lambda s: None)
+        with pytest.raises(RuntimeError, match="already in use"):
+            server.start()
+        server.stop(0)
+    finally:
+        holder.stop(0)
+
+
+def test_serve_gateway_on_a_taken_port_exits_with_one_line(tmp_path) -> None:
+    holder = grpc.server(futures.ThreadPoolExecutor(max_workers=1))   # grpc's defaults: SO_REUSEPORT on
+    port = holder.add_insecure_port("127.0.0.1:0")
+    holder.start()
+    try:
+        command = [sys.executable, "-m", "t2v", "serve", "gateway", "--host", "127.0.0.1", "--port", str(port),
+                   "--state-dir", str(tmp_path / "state"), "--http-port", "-1"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=20,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"the gateway started on a taken port {port}: {exc.stdout!r} {exc.stderr!r}")
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert str(port) in last and "already in use" in last, done.stderr
+    finally:
+        holder.stop(0)
+
+
+# --- 2. a Range number thousands of digits long --------------------------------------------------------------
+HUGE = "9" * 5000
+
+
+@pytest.mark.parametrize("header", [f"bytes={HUGE}-", f"bytes=0-{HUGE}", f"bytes=-{HUGE}", f"bytes={HUGE}-{HUGE}",
+                                    f"bytes=1{HUGE}-2{HUGE}"])
+def test_a_range_with_a_huge_number_is_refused_like_other_bad_ranges(header: str) -> None:
+    try:
+        answer = parse_range(header, 1000)
+    except RangeNotSatisfiable:
+        return                        # 416, as for a range past the end
+    assert answer is None             # ignored, as for other malformed ranges
+
+
+# --- 3 and 4. HEAD on / and /healthz; a long path in a 404 ---------------------------------------------------
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    config = GatewayConfig(port=0)
+    class Jobs:
+        def healthy(self) -> bool:
+            return True
+
+    app = create_app(Backend(jobs=Jobs, limits=limits_from(config), model=config.model,  # type: ignore
+                             stages_ready=lambda: True))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz"])
+def test_head_answers_like_get_without_a_body(client: TestClient, path: str) -> None:
+    got, head = client.get(path), client.head(path)
+    assert got.status_code == 200
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_head_on_the_page_stays_out_of_the_schema(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/" not in paths
+    assert set(paths["/healthz"]) == {"get"}
+
+
+def test_a_404_does_not_echo_a_huge_path(client: TestClient) -> None:
+    answer = client.get("/" + "a" * 60_000)
+    assert answer.status_code == 404
+    message = answer.json()["error"]["message"]
+    assert len(message) < 400 and "..." in message
