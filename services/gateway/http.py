@@ -221,24 +221,33 @@ def _not_ready(view: JobView) -> ServiceError:
     return FailedPrecondition(f"video {job_id} failed and has no content{reason}")
 
 
+async def _bounded_body(request: Request) -> bytes:
+    """The whole body, refused as soon as it passes ``MAX_BODY_BYTES`` whatever its type and transfer
+    encoding (a chunked form with no Content-Length too), so memory stays bounded by the limit. The
+    bytes are kept on the request, where starlette's form parser reads them."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise InvalidArgument(f"the request body is over {MAX_BODY_BYTES >> 20} MiB; a request is a few fields")
+    request._body = bytes(raw)  # noqa: SLF001 - starlette's own cache of the body, which form() reads
+    return request._body
+
+
 async def _read_body(request: Request) -> Any:
     """The POST body as a dict: JSON, or a form as OpenAI's SDKs send it (every value a string)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
         raise InvalidArgument(f"the request body is over {MAX_BODY_BYTES >> 20} MiB; a request is a few fields")
-    if kind == "application/x-www-form-urlencoded" and (await request.body()).lstrip()[:1] == b"{":
+    if kind and kind not in ("multipart/form-data", "application/x-www-form-urlencoded", "application/json") \
+            and not kind.endswith("+json"):
+        raise InvalidArgument(f"Content-Type {kind!r} is not supported; send application/json (or a form)")
+    raw = await _bounded_body(request)
+    if kind == "application/x-www-form-urlencoded" and raw.lstrip()[:1] == b"{":
         kind = "application/json"            # JSON sent as curl -d sends it, without a Content-Type
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         async with request.form() as form:
             return {name: value if isinstance(value, str) else "(a file)" for name, value in form.multi_items()}
-    if kind and kind != "application/json" and not kind.endswith("+json"):
-        raise InvalidArgument(f"Content-Type {kind!r} is not supported; send application/json (or a form)")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise InvalidArgument(f"the request body is over {MAX_BODY_BYTES >> 20} MiB; a request is a few "
-                                  "fields of JSON")
     if not raw.strip():
         raise InvalidArgument("the request body is empty; send JSON such as {\"prompt\": \"a red ball moving right\"}")
     try:

@@ -96,9 +96,11 @@ def test_ctrl_c_stops_up_even_when_started_with_sigint_ignored(tmp_path):
     ignored: `kill -INT` did nothing (a clean-clone CI run launched with `&` hung here). `t2v up`
     installs its own handler."""
     ports, args = port_args()
-    up = subprocess.Popen(T2V + ["up", "--log-dir", str(tmp_path / "logs"), *args], env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    # The shell ignores SIGINT and exec keeps it ignored, as for `t2v up &`. Not preexec_fn: a fork of
+    # this process (its gRPC threads running) sometimes aborted the child before the exec (exit -6).
+    up = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *T2V, "up", "--log-dir",
+                           str(tmp_path / "logs"), *args], env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_serving(f"127.0.0.1:{ports['gateway']}", up)
         up.send_signal(signal.SIGINT)

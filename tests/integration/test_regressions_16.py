@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from concurrent import futures
@@ -10,12 +11,13 @@ from typing import Callable
 
 import grpc
 import pytest
+from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from services.common.config import ServerConfig
 from services.common.server import GrpcServer
 from services.gateway.app import GatewayConfig, limits_from
-from services.gateway.http import Backend, create_app
+from services.gateway.http import Backend, HttpServer, create_app
 from services.gateway.ranges import RangeNotSatisfiable, parse_range
 
 
@@ -82,16 +84,22 @@ def test_a_range_with_a_huge_number_is_refused_like_other_bad_ranges(header: str
 
 
 # --- 3 and 4. HEAD on / and /healthz; a long path in a 404 ---------------------------------------------------
+class _HealthyJobs:
+    """Stands in for the job system where a route must not reach it (it would be a bug if it did)."""
+
+    def healthy(self) -> bool:
+        return True
+
+
+def _app() -> FastAPI:
+    config = GatewayConfig(port=0)
+    return create_app(Backend(jobs=_HealthyJobs, limits=limits_from(config), model=config.model,  # type: ignore
+                              stages_ready=lambda: True))
+
+
 @pytest.fixture(scope="module")
 def client() -> TestClient:
-    config = GatewayConfig(port=0)
-    class Jobs:
-        def healthy(self) -> bool:
-            return True
-
-    app = create_app(Backend(jobs=Jobs, limits=limits_from(config), model=config.model,  # type: ignore
-                             stages_ready=lambda: True))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(_app(), raise_server_exceptions=False) as client:
         yield client
 
 
@@ -115,3 +123,25 @@ def test_a_404_does_not_echo_a_huge_path(client: TestClient) -> None:
     assert answer.status_code == 404
     message = answer.json()["error"]["message"]
     assert len(message) < 400 and "..." in message
+
+
+# --- 3. the body limit, for every content type and transfer encoding ---------------------------------------
+def test_a_chunked_form_body_is_refused_once_it_passes_the_limit_not_at_its_end() -> None:
+    """A chunked urlencoded POST with no Content-Length was read whole before its 400 (256 MiB took the
+    gateway to 586 MiB RSS). Now the 400 comes as soon as the body passes 1 MiB: here the client stops
+    sending after 1.25 MiB, and the answer must come while its body is still unfinished."""
+    server = HttpServer(_app(), "127.0.0.1", 0)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: gateway\r\nTransfer-Encoding: chunked\r\n"
+                         b"Content-Type: application/x-www-form-urlencoded\r\n\r\n")
+            chunk = b"prompt=" + b"a" * (64 * 1024 - 7)
+            for _ in range(20):
+                sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            sock.settimeout(10)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"over 1 MiB" in answer
+    finally:
+        server.stop()
