@@ -94,6 +94,7 @@ class PostgresServer:
         self.user = SUPERUSER
         self.root: Path | None = None           # the temporary folder: data/, the unix socket, postgres.log
         self._process: subprocess.Popen[bytes] | None = None
+        self._prefix: list[str] = []
         self._as: dict[str, Any] = {}           # subprocess arguments that drop root, when we are root
         self._log_handle: Any = None
         self._atexit_registered = False
@@ -274,13 +275,16 @@ class PostgresServer:
                                     "one: apt-get install postgresql; or `useradd --system postgres`), "
                                     "or run the tests as another user") from None
             os.chown(self.root, account.pw_uid, account.pw_gid)
-            self._as = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+            self._as = {"user": account.pw_uid, "group": account.pw_gid}
+            # setpriv execs the program as that user: Popen(user=...) would fork this process (its gRPC
+            # threads running) without vfork, and such a child sometimes died before its exec (SIGSEGV).
+            self._prefix = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups"]
         self.root.chmod(0o700)
         done = subprocess.run(
-            [str(self.bin_dir / "initdb"), "--pgdata", str(self.data_dir), "--username", SUPERUSER,
+            [*self._prefix, str(self.bin_dir / "initdb"), "--pgdata", str(self.data_dir), "--username", SUPERUSER,
              "--auth", "trust", "--encoding", "UTF8", "--locale", "C",
              "--no-sync"],   # nothing to make durable: the folder is thrown away after the tests
-            capture_output=True, text=True, env=self._env(), timeout=120, **self._as)
+            capture_output=True, text=True, env=self._env(), timeout=120)
         if done.returncode != 0:
             output = (done.stdout + done.stderr).strip()
             self.close()
@@ -321,10 +325,9 @@ class PostgresServer:
 
         self._log_handle = self.log_file.open("ab")
         self._process = subprocess.Popen(
-            [str(self.bin_dir / "postgres"), "-D", str(self.data_dir)],
+            [*self._prefix, str(self.bin_dir / "postgres"), "-D", str(self.data_dir)],
             stdin=subprocess.DEVNULL, stdout=self._log_handle, stderr=subprocess.STDOUT, env=self._env(),
-            start_new_session=True,     # its own process group: kill() reaches every backend
-            **self._as)
+            start_new_session=True)     # its own process group
         deadline = time.monotonic() + timeout
         while True:
             if self._process.poll() is not None:
