@@ -22,6 +22,7 @@ from services.common.logs import kv
 log = logging.getLogger("auth")
 
 ENV_KEYS = "T2V_API_KEYS"                         # comma-separated keys, besides --api-keys-file
+ENV_ADMIN_KEYS = "T2V_ADMIN_API_KEYS"             # the gateway's admin keys, besides --admin-keys-file
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 MISSING_KEY = ("this gateway needs an API key: send it as the call metadata 'authorization: Bearer <key>' "
                "(or 'x-api-key: <key>')")
@@ -32,22 +33,23 @@ class ApiKeyError(ValueError):
     """The key configuration cannot be used; the message says what to fix."""
 
 
-def load_api_keys(path: str = "", env_value: str | None = None) -> frozenset[str]:
+def load_api_keys(path: str = "", env_value: str | None = None, flag: str = "--api-keys-file") -> frozenset[str]:
     """Keys from ``path`` (one per line; blank lines and ``#`` comments skipped) and from ``env_value``
     (comma-separated). An empty result means keys are off. A named file that is missing or holds no
-    key is an error: a typo must not turn authentication off."""
+    key is an error: a typo must not turn authentication off. ``flag`` names the setting in messages."""
     keys: set[str] = set()
+    named = f"{flag} ({'T2V_' + flag.lstrip('-').upper().replace('-', '_')})"
     if path:
         file = Path(path).expanduser()
         try:
             text = file.read_text()
         except OSError as exc:
-            raise ApiKeyError(f"cannot read the API keys file {file} ({exc.strerror}); fix --api-keys-file "
-                              "(T2V_API_KEYS_FILE) or unset it") from None
+            raise ApiKeyError(f"cannot read the API keys file {file} ({exc.strerror}); fix {named} or unset it"
+                              ) from None
         keys.update(line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#"))
         if not keys:
             raise ApiKeyError(f"the API keys file {file} holds no key; write one key per line, or unset "
-                              "--api-keys-file (T2V_API_KEYS_FILE) to turn keys off")
+                              f"{named} to turn keys off")
     if env_value:
         keys.update(key.strip() for key in env_value.split(",") if key.strip())
     bad = [key for key in keys if any(c.isspace() for c in key) or not key.isprintable()]

@@ -66,6 +66,8 @@ class ModelConfig(ServerConfig):
     model: str = setting(DEFAULT_MODEL, "diffusers model folder (text-to-video-ms-1.7b layout)")
     device: str = setting("auto", "torch device: cpu, cuda, cuda:1 ... (auto = cuda if available)")
     dtype: str = setting("auto", "float32, float16 or bfloat16 (auto = float16 on GPU, float32 on CPU)")
+    trusted_network: bool = setting(False, "listen on a non-loopback --host without mutual TLS: only where the "
+                                           "network itself keeps everyone but the gateway out (a NetworkPolicy)")
 
 
 def _parse_bool(text: str) -> bool:

@@ -27,6 +27,7 @@ class ServiceError(Exception):
     """An error with a gRPC status code and a sentence for the user."""
 
     code = grpc.StatusCode.INTERNAL
+    http_status: int | None = None      # the HTTP API's status, where the code's usual one would mislead
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -44,6 +45,13 @@ class Unavailable(ServiceError):
 
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class InsufficientStorage(ResourceExhausted):
+    """No room to keep what was asked (a full disk): RESOURCE_EXHAUSTED over gRPC, 507 over HTTP (429 would
+    tell the client to slow down, which does not help)."""
+
+    http_status = 507
 
 
 class Cancelled(ServiceError):

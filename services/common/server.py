@@ -17,11 +17,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.config import ServerConfig, describe
+from services.common.config import ModelConfig, ServerConfig, describe
 from services.common.errors import Unavailable
 from services.common.logs import kv, setup_logging
 from services.common.metrics import metrics_of
-from services.common.tls import TlsConfigError, load_server_tls
+from services.common.tls import TlsConfigError, check_stage_exposure, load_server_tls
 
 
 def message_options(max_bytes: int) -> list[tuple[str, int]]:
@@ -225,6 +225,8 @@ def serve(config: ServerConfig, service: str, service_name: str, servicer: Loada
     log.info("event=config " + describe(config))
     try:
         server = GrpcServer(config, service_name, add_servicer, interceptors)
+        if isinstance(config, ModelConfig):          # a stage: no API key guards it
+            check_stage_exposure(config.host, bool(server.tls and server.tls.mutual), config.trusted_network, service)
     except TlsConfigError as exc:
         raise SystemExit(f"{service}: {exc}") from None
     try:

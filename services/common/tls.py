@@ -17,6 +17,7 @@ add its client certificate.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,3 +142,26 @@ def channel(target: str, tls: ClientTls | None, options: Sequence[tuple[str, obj
     if tls is None:
         return grpc.insecure_channel(target, options=list(options))
     return grpc.secure_channel(target, tls.grpc_credentials(), options=list(options))
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (as --host takes it) reaches this machine only: 127.0.0.0/8, ::1 or localhost."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_stage_exposure(host: str, mutual_tls: bool, trusted_network: bool, service: str) -> None:
+    """A stage answers whoever reaches it, with no key: off loopback it must demand a client certificate
+    (mutual TLS), unless the operator says the network itself lets only the gateway in."""
+    if is_loopback(host) or mutual_tls or trusted_network:
+        return
+    raise TlsConfigError(
+        f"the {service} stage would listen on {host} without mutual TLS, and anyone who reaches that address "
+        "could use it (stages take no API key); set --tls-cert, --tls-key and --tls-client-ca, or listen on "
+        "127.0.0.1, or pass --trusted-network (T2V_TRUSTED_NETWORK=true) where a NetworkPolicy or firewall "
+        "lets only the gateway in")

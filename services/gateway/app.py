@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import grpc
 
-from services.common.auth import ENV_KEYS, ApiKeyInterceptor, load_api_keys
+from services.common.auth import ENV_ADMIN_KEYS, ENV_KEYS, ApiKeyInterceptor, load_api_keys
 from services.common.config import DEFAULT_MODEL, ServerConfig, parse_config, setting
 from services.common.logs import kv
 from services.common.server import ReadyGate, serve
@@ -33,6 +33,7 @@ from services.gateway.observer import JobObserver
 from services.gateway.ratelimit import RateLimiter, RateLimitInterceptor
 from services.gateway.server import SERVICE_NAME, GatewayServicer
 from services.gateway.store import check_url, describe_url, open_stores
+from services.gateway.tenancy import Tenancy
 from t2v.v1 import gateway_pb2_grpc
 
 log = logging.getLogger("gateway")
@@ -69,7 +70,10 @@ class GatewayConfig(ServerConfig):
     result_ttl_hours: float = setting(24.0, "hours a finished video is kept; then GetVideo says it expired")
     cleanup_interval_seconds: float = setting(60.0, "how often expired videos are deleted, in seconds")
     api_keys_file: str = setting("", "file with one API key per line; set (or T2V_API_KEYS=k1,k2) to require "
-                                     "'authorization: Bearer <key>' on every call except health checks")
+                                     "'authorization: Bearer <key>' on every call except health checks; each key "
+                                     "sees only the jobs it made")
+    admin_keys_file: str = setting("", "file with one admin API key per line (or T2V_ADMIN_API_KEYS=k1,k2): "
+                                       "valid keys that see and cancel every key's jobs (operators, t2v jobs)")
     http_port: int = setting(-1, "port of the HTTP API (/v1/videos) and the web page (/) on --host "
                                  "(-1 = off, 0 = any free port); t2v up uses the gRPC port + 30")
     rate_limit_per_minute: float = setting(0.0, "requests a minute each API key may make, gRPC and HTTP together "
@@ -146,7 +150,8 @@ class Gateway:
         self.orchestrator: orch.Orchestrator | None = None
         self.jobs: JobService | None = None
         self.http: HttpServer | None = None
-        self.servicer = GatewayServicer(self._service, self.limits, self.draining)
+        self.tenancy = Tenancy(api_keys_from(config), admin_keys_from(config))   # ApiKeyError: a bad key file
+        self.servicer = GatewayServicer(self._service, self.limits, self.draining, self.tenancy)
 
     def load(self) -> None:
         self.orchestrator = orch.Orchestrator(
@@ -161,7 +166,7 @@ class Gateway:
         self.jobs = JobService(store, results, self.metrics.observing(self.orchestrator), self.settings,
                                self.observer, stages_ready=self.orchestrator.ready).start()
         self.http = start_http(Backend(self._service, self.limits, self.config.model, self.orchestrator.ready,
-                                       api_keys_from(self.config), self.rate_limiter),
+                                       api_keys_from(self.config), self.rate_limiter, self.tenancy),
                                self.config.host, self.config.http_port,
                                load_server_tls(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca))
 
@@ -196,8 +201,14 @@ class Gateway:
 
 
 def api_keys_from(config: GatewayConfig) -> frozenset[str]:
-    """The keys of --api-keys-file and T2V_API_KEYS (empty = keys off); gRPC and HTTP check the same ones."""
-    return load_api_keys(config.api_keys_file, os.environ.get(ENV_KEYS))
+    """Every key the gateway lets in: those of --api-keys-file and T2V_API_KEYS, and the admin keys (empty =
+    keys off); gRPC and HTTP check the same ones."""
+    return load_api_keys(config.api_keys_file, os.environ.get(ENV_KEYS)) | admin_keys_from(config)
+
+
+def admin_keys_from(config: GatewayConfig) -> frozenset[str]:
+    """The keys of --admin-keys-file and T2V_ADMIN_API_KEYS: they see every key's jobs."""
+    return load_api_keys(config.admin_keys_file, os.environ.get(ENV_ADMIN_KEYS), "--admin-keys-file")
 
 
 def stage_tls_from(config: GatewayConfig) -> ClientTls | None:

@@ -153,6 +153,7 @@ class JobRequest:
     priority: Priority = Priority.NORMAL
     seed_given: bool = False                # the user named the seed: only then may the cache answer
     timeout_seconds: float | None = None    # queue + run time allowed from now; None = no limit
+    tenant: str = ""                        # whose job it will be (tenancy.Caller.tenant)
 
 
 # --- a job ------------------------------------------------------------------------------------------------
@@ -185,6 +186,7 @@ class JobRecord:
     owner: str = ""                   # the gateway whose lease holds it while RUNNING
     lease_expires_ms: int = 0         # RUNNING and past this: its gateway is gone, another takes it over
     checkpoint_step: int = 0          # denoising steps the stored checkpoint has done (0 = none)
+    tenant: str = ""                  # whose job: a digest of the API key that made it ("" = keys off)
 
 
 @dataclass(frozen=True)

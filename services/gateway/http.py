@@ -25,6 +25,7 @@ in lower case; the status mapping is ``HTTP_STATUS`` below (docs/api.md has the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -53,6 +54,7 @@ from services.gateway.domain import JOB_ID_PATTERN, Finished, Interrupted, JobSt
 from services.gateway.jobs import JobService, Video as OpenVideo, Watch
 from services.gateway.ratelimit import RateLimited, RateLimiter, identity
 from services.gateway.ranges import RangeNotSatisfiable, parse_range
+from services.gateway.tenancy import Caller, Tenancy
 
 log = logging.getLogger("gateway.http")
 
@@ -84,8 +86,9 @@ class Backend:
     limits: Limits
     model: str                            # the model folder
     stages_ready: Callable[[], bool]      # every stage answers SERVING
-    api_keys: frozenset[str] = frozenset()
+    api_keys: frozenset[str] = frozenset()    # every key the front door lets in (admin keys too)
     rate_limiter: RateLimiter | None = None   # shared with the gRPC side: one budget per key
+    tenancy: Tenancy = Tenancy()              # whose jobs a key sees
 
     @property
     def model_name(self) -> str:
@@ -94,6 +97,12 @@ class Backend:
 
 def _backend(request: Request) -> Backend:
     return request.app.state.backend
+
+
+def _caller(request: Request) -> Caller:
+    """Who calls (the front door has checked the key already)."""
+    headers = ((name.decode("latin-1"), value.decode("latin-1")) for name, value in request.scope["headers"])
+    return _backend(request).tenancy.caller(presented_key(headers))
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -113,7 +122,7 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
 
 
 def service_error_response(error: ServiceError) -> JSONResponse:
-    status = HTTP_STATUS.get(error.code, 500)
+    status = error.http_status or HTTP_STATUS.get(error.code, 500)
     headers = {"Retry-After": str(error.retry_after_seconds)} if isinstance(error, QueueFull) else None
     return error_response(status, error.message, error.code.name.lower(), error.field, headers)
 
@@ -193,10 +202,11 @@ def _check_id(video_id: str) -> str:
     return video_id
 
 
-def _get(jobs: JobService, video_id: str, expired_ok: bool = False) -> JobView:
-    """The job, or 404 (unknown, or expired unless ``expired_ok``) / 400 (malformed) in HTTP's words."""
+def _get(jobs: JobService, video_id: str, caller: Caller, expired_ok: bool = False) -> JobView:
+    """The job, or 404 (unknown, another key's, or expired unless ``expired_ok``) / 400 (malformed) in HTTP's
+    words."""
     try:
-        view = jobs.get(_check_id(video_id))
+        view = jobs.get(_check_id(video_id), caller)
     except NotFound:
         raise NotFound(f"video {video_id} does not exist on this gateway; GET /v1/videos lists the videos "
                        "it knows") from None
@@ -234,8 +244,29 @@ async def _bounded_body(request: Request) -> bytes:
     return request._body
 
 
-async def _read_body(request: Request) -> Any:
-    """The POST body as a dict: JSON, or a form as OpenAI's SDKs send it (every value a string)."""
+class DuplicateField(ValueError):
+    """A JSON object or a form names one field twice: which value was meant cannot be known."""
+
+
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a dict, refusing a key given twice (json.loads keeps the last silently)."""
+    seen: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise DuplicateField(name)
+        seen[name] = value
+    return seen
+
+
+def _duplicate(name: str) -> InvalidArgument:
+    return InvalidArgument(f"the request names {name[:MAX_PATH_SHOWN]!r} more than once; send each field once",
+                           field=name[:MAX_PATH_SHOWN])
+
+
+async def _read_body(request: Request) -> tuple[Any, bool]:
+    """The POST body as a dict, and whether it came as JSON (typed values: checked strictly, so ``true`` is not
+    a number and ``"5"`` not a number of seconds) rather than a form as OpenAI's SDKs send it (every value a
+    string). A field named twice is refused either way."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
         raise InvalidArgument(f"the request body is over {MAX_BODY_BYTES >> 20} MiB; a request is a few fields")
@@ -247,12 +278,18 @@ async def _read_body(request: Request) -> Any:
         kind = "application/json"            # JSON sent as curl -d sends it, without a Content-Type
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         async with request.form() as form:
-            return {name: value if isinstance(value, str) else "(a file)" for name, value in form.multi_items()}
+            try:
+                return _once([(name, value if isinstance(value, str) else "(a file)")
+                              for name, value in form.multi_items()]), False
+            except DuplicateField as twice:
+                raise _duplicate(str(twice)) from None
     if not raw.strip():
         raise InvalidArgument("the request body is empty; send JSON such as {\"prompt\": \"a red ball moving right\"}")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_once)
         json.dumps(body, ensure_ascii=False).encode()   # "\ud800" is valid JSON but not text: no job, no row
+    except DuplicateField as twice:
+        raise _duplicate(str(twice)) from None
     except UnicodeEncodeError:
         raise InvalidArgument("the request body has a lone surrogate escape such as \"\\ud800\", which is not text; "
                               "send valid Unicode (UTF-8)") from None
@@ -262,7 +299,7 @@ async def _read_body(request: Request) -> Any:
     except ValueError as error:
         raise InvalidArgument(f"the request body is not valid JSON ({error}); send e.g. "
                               "{\"prompt\": \"a red ball moving right\"}") from None
-    return body
+    return body, True
 
 
 def _file_part(video: OpenVideo, start: int, length: int) -> Iterator[bytes]:
@@ -331,7 +368,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 # --- errors as answers ---------------------------------------------------------------------------------
 async def _on_service_error(request: Request, error: ServiceError) -> JSONResponse:
-    if HTTP_STATUS.get(error.code, 500) >= 500:
+    if (error.http_status or HTTP_STATUS.get(error.code, 500)) >= 500:
         log.info(kv("http_refused", path=request.url.path, code=error.code.name, reason=error.message))
     return service_error_response(error)
 
@@ -408,14 +445,16 @@ router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=Fa
              openapi_extra={"requestBody": {"required": True, "content": {
                  media: {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}}
                  for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")}}})
-async def create_video(request: Request, backend: Backend = Depends(_backend)) -> videos.Video:
+async def create_video(request: Request, backend: Backend = Depends(_backend),
+                       caller: Caller = Depends(_caller)) -> videos.Video:
     """Queue a job; the answer comes at once (status queued, or in_progress when a slot was free, or
     completed for a cache hit). Follow it with GET /v1/videos/{id} or /events."""
-    body = await _read_body(request)
+    body, typed = await _read_body(request)
 
     def submit() -> videos.Video:
         jobs = backend.jobs()
-        job_request = videos.to_job_request(videos.parse_request(body), backend.limits)
+        job_request = dataclasses.replace(videos.to_job_request(videos.parse_request(body, strict=typed), backend.limits),
+                                          tenant=caller.tenant)
         return videos.video_object(jobs.submit(job_request), backend.model_name)
     return await run_in_threadpool(submit)
 
@@ -425,16 +464,16 @@ async def create_video(request: Request, backend: Backend = Depends(_backend)) -
 def list_videos(limit: int = Query(20, ge=1, le=100, description="Videos per page."),
                 after: Optional[str] = Query(None, description="The `last_id` of the previous page."),
                 order: Literal["desc"] = Query("desc", description="Newest first (the only order)."),
-                backend: Backend = Depends(_backend)) -> videos.VideoList:
+                backend: Backend = Depends(_backend), caller: Caller = Depends(_caller)) -> videos.VideoList:
     jobs = backend.jobs()
     token = ""
     if after:
         try:
-            token = str(_get(jobs, after, expired_ok=True).record.seq)
+            token = str(_get(jobs, after, caller, expired_ok=True).record.seq)
         except ServiceError as error:
             error.field = "after"
             raise
-    views, next_token = jobs.list(None, limit, token)
+    views, next_token = jobs.list(None, limit, token, caller)
     data = [videos.video_object(view, backend.model_name) for view in views]
     return videos.VideoList(data=data, first_id=data[0].id if data else None,
                             last_id=data[-1].id if data else None, has_more=bool(next_token))
@@ -442,18 +481,21 @@ def list_videos(limit: int = Query(20, ge=1, le=100, description="Videos per pag
 
 @router.get("/v1/videos/{video_id}", response_model=videos.Video, dependencies=_V1, summary="Get a video",
             responses=_errors(400, 401, 404, 503))
-def get_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)) -> videos.Video:
-    return videos.video_object(_get(backend.jobs(), video_id), backend.model_name)
+def get_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
+              caller: Caller = Depends(_caller)) -> videos.Video:
+    return videos.video_object(_get(backend.jobs(), video_id, caller), backend.model_name)
 
 
 @router.delete("/v1/videos/{video_id}", response_model=videos.Video, dependencies=_V1,
                summary="Cancel a video", responses=_errors(400, 401, 404, 503))
-def cancel_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)) -> videos.Video:
+def cancel_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
+                 caller: Caller = Depends(_caller)) -> videos.Video:
     """Removes a queued job or stops a running one (status failed, error.code cancelled), wherever it
     runs. A finished job is returned unchanged: videos are deleted when they expire."""
     jobs = backend.jobs()
-    _get(jobs, video_id)
-    return videos.video_object(jobs.cancel(video_id, "cancelled by DELETE /v1/videos/{id}"), backend.model_name)
+    _get(jobs, video_id, caller)
+    return videos.video_object(jobs.cancel(video_id, "cancelled by DELETE /v1/videos/{id}", caller),
+                               backend.model_name)
 
 
 @router.get("/v1/videos/{video_id}/content", response_class=Mp4Response, dependencies=_V1,
@@ -467,12 +509,12 @@ def cancel_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)
                        **_errors(400, 401, 404, 503)})
 def video_content(request: Request, video_id: str = _VIDEO_ID,
                   variant: Literal["video"] = Query("video", description="Only `video` is stored."),
-                  backend: Backend = Depends(_backend)) -> Response:
+                  backend: Backend = Depends(_backend), caller: Caller = Depends(_caller)) -> Response:
     jobs = backend.jobs()
-    view = _get(jobs, video_id)
+    view = _get(jobs, video_id, caller)
     if view.status != JobStatus.COMPLETED:
         raise _not_ready(view)
-    video = jobs.open_video(video_id)       # NotFound if it expired a moment ago: it says so
+    video = jobs.open_video(video_id, caller)       # NotFound if it expired a moment ago: it says so
     try:
         part = parse_range(request.headers.get("range"), video.size)
     except RangeNotSatisfiable:
@@ -495,10 +537,11 @@ def video_content(request: Request, video_id: str = _VIDEO_ID,
                                             "then `completed` or `failed` (the video object) or `error`; "
                                             "then the stream closes."},
                        **_errors(400, 401, 404, 503)})
-def video_events(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)) -> Response:
+def video_events(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
+                 caller: Caller = Depends(_caller)) -> Response:
     jobs = backend.jobs()
-    _get(jobs, video_id)
-    watch = jobs.watch(video_id)          # here, in the thread pool: it may ask the job store
+    _get(jobs, video_id, caller)
+    watch = jobs.watch(video_id, caller)          # here, in the thread pool: it may ask the job store
     return EventStreamResponse(_event_stream(watch, backend.model_name),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import BinaryIO, Callable, ContextManager, Iterator, Protocol
 
-from services.common.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+from services.common.errors import (Cancelled, FailedPrecondition, InsufficientStorage, InvalidArgument, NotFound,
                                     ServiceError, Unavailable)
 from services.common.logs import kv
 from services.gateway.dispatcher import Dispatcher
@@ -46,7 +46,8 @@ from services.gateway.domain import (ACTIVE, Checkpoint, Finished, Interrupted, 
                                      RunEvent, Stage, StageStarted, Warning, check_job_id, new_job_id)
 from services.gateway.observer import JobObserver, SafeObserver
 from services.gateway.queue import DepartureRate, QueuePolicy
-from services.gateway.store import (Claimed, JobStore, Notice, ResultStore, ResultStoreFull, StoreQueueFull,
+from services.gateway.tenancy import EVERYONE, Caller
+from services.gateway.store import (Claimed, JobStore, Notice, ResultStore, ResultStoreFull, StoreFull, StoreQueueFull,
                                     StoreUnavailable)
 
 log = logging.getLogger("gateway.jobs")
@@ -62,6 +63,7 @@ VIDEO_CHUNK_BYTES = 1 << 20
 DEADLINE_SLACK_SECONDS = 0.5
 STAGE_PROBE_SECONDS = 0.5          # how often a restarted gateway asks whether the stages are up
 _EVERY = 2**31 - 1                 # a list limit that is no limit
+UNWRITTEN_RETRY_SECONDS = 1.0      # between tries of the ends a full store had no room for
 STORE_RETRY_SECONDS = 0.5          # between tries of a write that must land (a job's end) while the store is down
 
 
@@ -199,9 +201,20 @@ class _ClaimedWork:
         self._service._execute(self._run)
 
 
-def cache_key(model: str, params: Params) -> str:
-    """Same model folder and every parameter (seed included) -> same key -> same video."""
-    blob = json.dumps({"model": model, "params": dataclasses.asdict(params)}, sort_keys=True)
+@dataclass(frozen=True)
+class UnwrittenEnd:
+    """A job's end that the store had no room for: what to write, and the record it makes."""
+
+    record: JobRecord
+    owner: str | None
+    fields: dict[str, object]
+
+
+def cache_key(model: str, params: Params, tenant: str = "") -> str:
+    """Same model folder and every parameter (seed included) -> same key -> same video; one cache per tenant,
+    so a hit never tells one key what another asked for."""
+    blob = json.dumps({"model": model, "params": dataclasses.asdict(params), **({"tenant": tenant} if tenant else {})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -267,6 +280,10 @@ class JobService:
         self._store_down_until = 0.0                     # best-effort writes are skipped until then
         self._wake = threading.Condition(self._lock)     # the housekeeper sleeps on it
         self._runs: dict[str, LocalRun] = {}
+        # Ends of runs here that the store had no room to write (a full disk): told to the watchers and shown
+        # by get/list at once, written by the housekeeper once there is room. Lost with this process: then
+        # the job, still RUNNING in the store, runs again (the store's lease decides who).
+        self._unwritten_ends: dict[str, UnwrittenEnd] = {}
         self._watchers: dict[str, list[Watch]] = {}
         self._accepting = False
         self._stopping = False
@@ -381,6 +398,7 @@ class JobService:
         self.dispatcher.join(timeout=max(grace, 10.0))
         for thread in self._threads:
             thread.join(timeout=5.0)
+        self._write_unwritten_ends()     # a last try; what still finds no room runs again after a restart
         self.results.close()
         self.store.close()
         log.info(kv("jobs_stopped"))
@@ -396,17 +414,22 @@ class JobService:
         assert watch is not None
         return watch
 
-    def get(self, job_id: str) -> JobView:
-        """The job now; NotFound if no gateway of this store had it, InvalidArgument if the id is malformed."""
+    def get(self, job_id: str, caller: Caller = EVERYONE) -> JobView:
+        """The job now; NotFound if no gateway of this store had it or it is not the caller's to see (the
+        same sentence: ids cannot be probed), InvalidArgument if the id is malformed."""
+        return self._view(self._record_for(job_id, caller))
+
+    def _record_for(self, job_id: str, caller: Caller) -> JobRecord:
         check_job_id(job_id)
         record = self._store_call(lambda: self.store.get(job_id))
-        if record is None:
+        if not isinstance(record, JobRecord) or not caller.sees(record.tenant):
             raise NotFound(f"job {job_id} does not exist on this gateway; ListJobs shows the jobs it knows")
-        return self._view(record)
+        return record
 
-    def list(self, status: JobStatus | None = None, page_size: int = 0, page_token: str = ""
-             ) -> tuple[list[JobView], str]:
-        """Newest first, ``page_size`` (0 = 50, at most 1000) at a time; returns (jobs, next_page_token)."""
+    def list(self, status: JobStatus | None = None, page_size: int = 0, page_token: str = "",
+             caller: Caller = EVERYONE) -> tuple[list[JobView], str]:
+        """The caller's jobs, newest first, ``page_size`` (0 = 50, at most 1000) at a time; returns (jobs,
+        next_page_token)."""
         if page_size < 0:
             raise InvalidArgument(f"page_size is {page_size}; use 0 for the default ({DEFAULT_PAGE_SIZE}) "
                                   f"or up to {MAX_PAGE_SIZE}")
@@ -417,17 +440,17 @@ class JobService:
                 raise InvalidArgument(f"page_token {page_token[:40]!r} is not one this gateway gave; pass the "
                                       "next_page_token of the previous answer, or nothing for the first page")
             before = int(page_token)
-        records = self._store_call(lambda: self.store.list(status, limit + 1, before))
+        records = self._store_call(lambda: self.store.list(status, limit + 1, before, caller.scope))
         places = self._places() if any(r.status == JobStatus.QUEUED for r in records[:limit]) else {}
         views = [self._view(r, places) for r in records[:limit]]
         token = str(records[limit - 1].seq) if len(records) > limit else ""
         return views, token
 
-    def cancel(self, job_id: str, reason: str = "cancelled by CancelJob") -> JobView:
+    def cancel(self, job_id: str, reason: str = "cancelled by CancelJob", caller: Caller = EVERYONE) -> JobView:
         """Remove a queued job or stop a running one, wherever it runs; a job that ended is returned unchanged."""
-        self.get(job_id)
+        self.get(job_id, caller)
         self._end(job_id, JobStatus.CANCELLED, "CANCELLED", f"the job was {reason}")
-        return self.get(job_id)
+        return self.get(job_id, caller)
 
     def abandon(self, job_id: str) -> None:
         """The client waiting for the job went away: cancel it, or fail it if its deadline has come."""
@@ -444,30 +467,28 @@ class JobService:
             log.warning(kv("abandon_failed", job_id=job_id, reason="the job store is unavailable"))
             # it runs on; its deadline (if any) still ends it
 
-    def watch(self, job_id: str) -> Watch:
+    def watch(self, job_id: str, caller: Caller = EVERYONE) -> Watch:
         """Subscribe to a job's updates: where it stands now first, then what happens next."""
         check_job_id(job_id)
         watch = Watch(self, job_id)
         with self._lock:                 # a run here: its history and its next events, nothing twice
             self._watchers.setdefault(job_id, []).append(watch)
             run = self._runs.get(job_id)
-            if run is not None and not run.ended:
+            if run is not None and not run.ended and caller.sees(run.record.tenant):
                 for update in run.history:
                     watch.put(update)
                 return watch
         try:
-            record = self._store_call(lambda: self.store.get(job_id))
-            if record is None:
-                raise NotFound(f"job {job_id} does not exist on this gateway; ListJobs shows the jobs it knows")
+            record = self._record_for(job_id, caller)
         except BaseException:
             watch.close()
             raise
         self._replay(watch, record)
         return watch
 
-    def open_video(self, job_id: str) -> Video:
+    def open_video(self, job_id: str, caller: Caller = EVERYONE) -> Video:
         """The video of a COMPLETED job; NotFound (saying so) once it expired, FailedPrecondition before."""
-        view = self.get(job_id)
+        view = self.get(job_id, caller)
         opened = self.results.open(job_id) if view.status == JobStatus.COMPLETED else None
         if opened is None and view.status == JobStatus.COMPLETED:
             view = self.get(job_id)        # the cleanup may have just expired it
@@ -525,7 +546,7 @@ class JobService:
         if not self._accepting:
             raise Unavailable("the gateway is shutting down; retry in a moment")
         now_ms = self._now_ms()
-        key = cache_key(self.settings.model, request.params) if request.seed_given else None
+        key = cache_key(self.settings.model, request.params, request.tenant) if request.seed_given else None
         if key is not None:
             hit = self._store_call(lambda: self._answer_from_cache(key, request, now_ms))
             if hit is not None:
@@ -533,6 +554,11 @@ class JobService:
                 if watch is not None:
                     watch.put(Finished(hit))
                 return hit, watch
+        try:
+            self.results.check_room()
+        except ResultStoreFull as full:
+            raise InsufficientStorage(f"{full.strerror}: this gateway accepts no job until there is room again "
+                                      "(its operator frees space or lowers the videos' retention); retry later") from None
         job_id = new_job_id()
         watch = None
         if subscribe:            # before the row exists: a worker may claim it the moment it does
@@ -545,7 +571,7 @@ class JobService:
                 now = self._now_ms()
                 return self.store.submit(JobRecord(
                     job_id=job_id, status=JobStatus.QUEUED, priority=request.priority, params=request.params,
-                    seed_given=request.seed_given, cache_key=key, created_ms=now,
+                    seed_given=request.seed_given, cache_key=key, created_ms=now, tenant=request.tenant,
                     deadline_ms=now + math.ceil(timeout * 1000) if timeout else 0), self.settings.max_queue)
         try:
             record = self._store_call(insert)
@@ -592,7 +618,7 @@ class JobService:
             seed_given=True, cache_key=key, created_ms=now_ms, started_ms=now_ms, finished_ms=now_ms,
             expires_ms=now_ms + self._ttl_ms(), stage=source.stage, step=source.step,
             total_steps=source.total_steps, warnings=source.warnings, cached=True, video_size=size,
-            mime_type=source.mime_type))
+            mime_type=source.mime_type, tenant=request.tenant))
         log.info(kv("job_cached", job_id=job_id, source=source.job_id))
         self.observer.cache_hit(record)
         return JobView(record)
@@ -719,6 +745,10 @@ class JobService:
         run = LocalRun(record, deadline, claimed.checkpoint, started_at=now,
                        stage=record.stage if claimed.taken_over else Stage.NONE)
         with self._lock:
+            if record.job_id in self._unwritten_ends:
+                # It ended here; its end waits for room in the store, and the lease of its run ran out meanwhile.
+                self._wake.notify_all()
+                return None
             if record.job_id in self._runs:
                 # Its lease ran out while this gateway was cut off from the store, and this gateway took it
                 # back: the run it already has goes on (its lease is ours again); never run one job twice.
@@ -744,6 +774,10 @@ class JobService:
                 self._complete(run, result)
         except ServiceError as error:
             self._failed(run, error)
+        except StoreFull as error:
+            log.error(kv("job_store_full", job_id=run.job_id, reason=str(error)[:200]))
+            self._failed(run, InsufficientStorage(f"the job store is full ({error}); submit the job again once "
+                                                  "there is room"))
         except Exception as error:  # noqa: BLE001 - reported to the user as INTERNAL, logged here
             log.exception(kv("job_crashed", job_id=run.job_id))
             self._failed(run, ServiceError(f"internal error ({type(error).__name__}); the gateway log has the "
@@ -801,13 +835,14 @@ class JobService:
 
     def _best_effort(self, write: Callable[[], object], what: str) -> None:
         """A write a run can do without (progress, a warning): a full or absent store must not fail the job,
-        nor slow it: after a store outage such writes are skipped for a second instead of each waiting."""
+        nor slow it: after a store outage or a full disk such writes are skipped for a second instead of each
+        waiting (and logging)."""
         if self._clock() < self._store_down_until:
             return
         try:
             write()
         except Exception as error:  # noqa: BLE001
-            if isinstance(error, StoreUnavailable):
+            if isinstance(error, (StoreUnavailable, StoreFull)):
                 self._store_down_until = self._clock() + 1.0
             log.warning(kv("store_write_failed", what=what, reason=str(error)[:200]))
 
@@ -822,7 +857,7 @@ class JobService:
         except (ResultStoreFull, OSError) as error:
             full = isinstance(error, ResultStoreFull)
             log.error(kv("result_save_failed", job_id=run.job_id, reason=str(error)[:200]))
-            failure = ResourceExhausted if full else ServiceError
+            failure = InsufficientStorage if full else ServiceError
             raise failure(f"the result store is full: the video of job {run.job_id} could not be kept; free space "
                           "on the gateway's result store and submit the job again" if full else
                           f"the video of job {run.job_id} could not be stored ({error}); submit the job again") from None
@@ -837,7 +872,7 @@ class JobService:
     def _holds_lease(self, run: LocalRun) -> bool:
         try:
             return run.job_id in self.store.heartbeat(self.owner, [run.job_id], self._now_ms(), self._lease_ms())
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreFull):
             return True                  # the end's own compare-and-set decides once the store is back
 
     def _until_stored(self, save: Callable[[], object]) -> object | None:
@@ -881,21 +916,49 @@ class JobService:
         if not isinstance(before, JobRecord) or before.status.is_terminal:
             return False
         fields.setdefault("finished_ms", self._now_ms())
-        if not call(lambda: self.store.transition(job_id, status, ACTIVE, owner=owner, **fields)):
-            return False
+        try:
+            if not call(lambda: self.store.transition(job_id, status, ACTIVE, owner=owner, **fields)):
+                return False
+        except StoreFull as error:       # only a run's own end comes here: a client's gets InsufficientStorage
+            record = dataclasses.replace(before, status=status, owner="", lease_expires_ms=0, **fields)
+            with self._lock:
+                self._unwritten_ends[job_id] = UnwrittenEnd(record, owner, dict(fields))
+                self._wake.notify_all()
+            log.warning(kv("job_end_unwritten", job_id=job_id, status=status.value, reason=str(error)[:200]))
+            self._announce_end(record, before.status)
+            return True
         record = self._until_stored(lambda: self.store.get(job_id))
         if not isinstance(record, JobRecord):
             return True                  # written; this gateway stops before it could tell anyone
+        self._announce_end(record, before.status)
+        return True
+
+    def _announce_end(self, record: JobRecord, before: JobStatus) -> None:
+        """A job ended: log, count, tell its watchers here and the other gateways, free its place."""
+        job_id, status = record.job_id, record.status
         seconds = (record.finished_ms - record.started_ms) / 1000 if record.started_ms else 0.0
         log.info(kv("job_finished", job_id=job_id, status=status.value, code=record.error_code or "OK",
                     seconds=round(seconds, 3)))
         self.observer.job_finished(record, status, seconds)
         self._deliver_end(job_id, record)
         self._notify(Notice("finished", job_id))
-        if before.status == JobStatus.QUEUED:
+        if before == JobStatus.QUEUED:
             self._queue_changed()
         self._signal_work()
-        return True
+
+    def _write_unwritten_ends(self) -> None:
+        """Store the ends kept in memory for want of room; those that still find none wait for the next try."""
+        with self._lock:
+            pending = list(self._unwritten_ends.items())
+        for job_id, end in pending:
+            try:
+                self.store.transition(job_id, end.record.status, ACTIVE, owner=end.owner, **end.fields)
+            except (StoreFull, StoreUnavailable):
+                return
+            with self._lock:
+                self._unwritten_ends.pop(job_id, None)
+            log.info(kv("job_end_written", job_id=job_id, status=end.record.status.value))
+            self._notify(Notice("finished", job_id))
 
     def _fail_deadline(self, record: JobRecord, while_: str = "") -> None:
         waited = max(0.0, (self._now_ms() - record.created_ms) / 1000)
@@ -922,6 +985,9 @@ class JobService:
     def _view(self, record: JobRecord, places: dict[str, int] | None = None) -> JobView:
         with self._lock:
             run = self._runs.get(record.job_id)
+            unwritten = self._unwritten_ends.get(record.job_id)
+        if unwritten is not None and not record.status.is_terminal:
+            return JobView(unwritten.record)
         if run is not None and record.status == JobStatus.RUNNING:
             record = dataclasses.replace(record, stage=run.stage, step=run.step, total_steps=run.total_steps,
                                          warnings=tuple(run.warnings) or record.warnings)
@@ -953,6 +1019,7 @@ class JobService:
     def _housekeeping(self) -> None:
         """Fail jobs whose deadline passed (queued or running, on any gateway), clean expired videos."""
         while True:
+            self._write_unwritten_ends()
             try:
                 for record in self.store.overdue(self._now_ms()):
                     self._fail_deadline(record)
@@ -967,6 +1034,8 @@ class JobService:
                 wake_at = self._next_cleanup
                 if next_deadline is not None:
                     wake_at = min(wake_at, now + max(0.0, (next_deadline - self._now_ms()) / 1000))
+                if self._unwritten_ends:
+                    wake_at = min(wake_at, now + UNWRITTEN_RETRY_SECONDS)
                 if wake_at > now:
                     self._wake.wait(wake_at - now)
                 if self._stopping:
@@ -988,6 +1057,9 @@ class JobService:
         except StoreUnavailable as error:
             raise Unavailable(f"the job store is unavailable ({error}); the gateway reconnects by itself: "
                               "retry in a few seconds") from None
+        except StoreFull as error:
+            raise InsufficientStorage(f"the job store is full ({error}): what it holds is kept, but nothing new "
+                                      "can be written until its operator frees space; retry later") from None
 
     def _now_ms(self) -> int:
         return int(self._wall() * 1000)

@@ -14,10 +14,12 @@ from typing import Callable, Iterator
 
 import grpc
 
+from services.common.auth import presented_key
 from services.common.errors import Unavailable, grpc_errors
 from services.gateway import messages
 from services.gateway.domain import Finished, Interrupted, JobRequest, JobStatus, Limits, QueueFull
 from services.gateway.jobs import JobService
+from services.gateway.tenancy import Caller, Tenancy
 from services.gateway.validation import validate
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 
@@ -39,24 +41,30 @@ def _retry_after(context: grpc.ServicerContext, error: QueueFull) -> None:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """``jobs`` gives the job system (raising Unavailable while it loads or drains); ``draining`` is set
-    once the server stops taking work."""
+    once the server stops taking work; ``tenancy`` says whose jobs a call's key sees (the API-key
+    interceptor has checked the key already)."""
 
-    def __init__(self, jobs: Callable[[], JobService], limits: Limits, draining: threading.Event) -> None:
+    def __init__(self, jobs: Callable[[], JobService], limits: Limits, draining: threading.Event,
+                 tenancy: Tenancy | None = None) -> None:
         self._jobs = jobs
         self.limits = limits
         self.draining = draining
+        self.tenancy = tenancy or Tenancy()
+
+    def _caller(self, context: grpc.ServicerContext) -> Caller:
+        return self.tenancy.caller(presented_key(context.invocation_metadata()))
 
     def _job_request(self, params: generation_pb2.GenerationParams, priority: int,
-                     timeout: float | None) -> JobRequest:
+                     timeout: float | None, context: grpc.ServicerContext) -> JobRequest:
         return JobRequest(validate(messages.params_input(params), self.limits),
                           messages.priority_from_proto(priority), seed_given=params.HasField("seed"),
-                          timeout_seconds=timeout)
+                          timeout_seconds=timeout, tenant=self._caller(context).tenant)
 
     @grpc_errors
     def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext
                  ) -> Iterator[gateway_pb2.GenerateEvent]:
         jobs = self._jobs()
-        job_request = self._job_request(request.params, request.priority, _deadline_seconds(context))
+        job_request = self._job_request(request.params, request.priority, _deadline_seconds(context), context)
         try:
             watch = jobs.submit_and_watch(job_request)
         except QueueFull as error:
@@ -90,7 +98,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @grpc_errors
     def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> gateway_pb2.Job:
         jobs = self._jobs()
-        job_request = self._job_request(request.params, request.priority, request.timeout_seconds or None)
+        job_request = self._job_request(request.params, request.priority, request.timeout_seconds or None, context)
         try:
             return messages.job_message(jobs.submit(job_request))
         except QueueFull as error:
@@ -99,23 +107,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @grpc_errors
     def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext) -> gateway_pb2.Job:
-        return messages.job_message(self._jobs().get(request.job_id))
+        return messages.job_message(self._jobs().get(request.job_id, self._caller(context)))
 
     @grpc_errors
     def ListJobs(self, request: gateway_pb2.ListJobsRequest, context: grpc.ServicerContext
                  ) -> gateway_pb2.ListJobsResponse:
         views, token = self._jobs().list(messages.status_from_proto(request.status), request.page_size,
-                                         request.page_token)
+                                         request.page_token, self._caller(context))
         return gateway_pb2.ListJobsResponse(jobs=[messages.job_message(v) for v in views], next_page_token=token)
 
     @grpc_errors
     def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.ServicerContext) -> gateway_pb2.Job:
-        return messages.job_message(self._jobs().cancel(request.job_id))
+        return messages.job_message(self._jobs().cancel(request.job_id, caller=self._caller(context)))
 
     @grpc_errors
     def GetVideo(self, request: gateway_pb2.GetVideoRequest, context: grpc.ServicerContext
                  ) -> Iterator[gateway_pb2.VideoChunk]:
-        with self._jobs().open_video(request.job_id) as video:
+        with self._jobs().open_video(request.job_id, self._caller(context)) as video:
             for offset, data in video.chunks(request.offset):
                 yield gateway_pb2.VideoChunk(data=data, offset=offset, total_size=video.size,
                                              mime_type=video.mime_type)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import unicodedata
 
 from services.common.contract import (DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER,
                                       DEFAULT_STEPS, SCHEDULERS, VAE_SCALE_FACTOR)
@@ -17,6 +18,17 @@ from services.common.errors import InvalidArgument
 from services.gateway.domain import Limits, Params, ParamsInput
 
 __all__ = ["Limits", "Params", "ParamsInput", "validate"]
+
+
+# Characters that show nothing though they are not whitespace: Hangul fillers, the braille blank.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _shows_nothing(text: str) -> bool:
+    """Only whitespace, control and format characters (zero-width spaces and joiners, BOMs, bidi marks) and
+    blank letters: a prompt that says nothing, though ``str.strip`` keeps it."""
+    return all(c.isspace() or c in _BLANK_LETTERS or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp")
+               for c in text)
 
 
 def _check_text(name: str, text: str, limits: Limits) -> None:
@@ -30,9 +42,10 @@ def _check_text(name: str, text: str, limits: Limits) -> None:
 def validate(params: ParamsInput, limits: Limits) -> Params:
     """Return the resolved params or raise InvalidArgument naming the field and the allowed range."""
     prompt = params.prompt
-    if not prompt.strip():
-        raise InvalidArgument("prompt is empty; describe the video you want, e.g. \"a red ball moving right\"",
-                              field="prompt")
+    if _shows_nothing(prompt):
+        shown = "" if not prompt else " (it has only invisible characters)"
+        raise InvalidArgument(f"prompt is empty{shown}; describe the video you want, e.g. \"a red ball moving "
+                              "right\"", field="prompt")
     _check_text("prompt", prompt, limits)
     _check_text("negative_prompt", params.negative_prompt, limits)
 

@@ -20,6 +20,7 @@ Status mapping (``status`` is what OpenAI clients switch on; ``job_status`` is o
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from datetime import datetime, timezone
@@ -105,13 +106,15 @@ def schema_limits(limits: Limits) -> dict[str, dict[str, int]]:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
+    text = json.dumps(value) if isinstance(value, bool) or value is None else repr(value)   # JSON's true, not True
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_request(body: Any) -> CreateVideoRequest:
+def parse_request(body: Any, strict: bool = False) -> CreateVideoRequest:
     """The request, or InvalidArgument with a sentence and the field at fault (pydantic's messages are
-    rewritten: a user should read what to send, not a validator's vocabulary)."""
+    rewritten: a user should read what to send, not a validator's vocabulary). ``strict`` for JSON, whose
+    values carry their types: ``true`` is no number of frames, ``"5"`` no number (``seconds`` alone takes a
+    numeric string, as OpenAI sends it); a form's values are all strings, read as numbers where one is due."""
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object with at least a prompt, e.g. "
                               "{\"prompt\": \"a red ball moving right\"}")
@@ -119,7 +122,7 @@ def parse_request(body: Any) -> CreateVideoRequest:
         if name in body:
             raise InvalidArgument(sentence, field=name)
     try:
-        return CreateVideoRequest.model_validate(body)
+        return CreateVideoRequest.model_validate(body, strict=strict)
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or None

@@ -284,7 +284,8 @@ def test_api_keys_guard_everything_but_the_page_and_healthz(make_gateway, monkey
     assert Http(base, "k-right").call("GET", "/v1/videos").status == 200
     assert Http(base).call("GET", "/v1/videos", headers={"X-API-Key": "k-second"}).status == 200
     video = Http(base, "k-right").create(steps=1)
-    assert Http(base, "k-second").wait(video["id"], "completed")["progress"] == 100
+    assert Http(base, "k-right").wait(video["id"], "completed")["progress"] == 100
+    assert Http(base, "k-second").call("GET", f"/v1/videos/{video['id']}").status == 404   # another key's
     assert Http(base).call("GET", "/").status == 200
     assert Http(base).call("GET", "/healthz").status == 200
 

@@ -28,8 +28,8 @@ from services.gateway.domain import JobRecord, JobStatus, Params, Priority, Stag
 from services.gateway.queue import QueuePolicy
 from services.gateway.store import open_stores
 from services.gateway.store.base import Notice, ResultStoreFull, StoreQueueFull, StoreUnavailable
-from services.gateway.store.postgres import (CHUNK_BYTES, NOTIFY_LIMIT, PostgresJobStore, PostgresResultStore,
-                                             lock_key, payload_of)
+from services.gateway.store.postgres import (CHUNK_BYTES, NOTIFY_LIMIT, SCHEMA_VERSION, PostgresJobStore,
+                                             PostgresResultStore, lock_key, payload_of)
 from services.gateway.store.sqlite import FileResultStore, SqliteJobStore
 from t2v.up import free_port
 
@@ -280,6 +280,19 @@ def test_warnings_append_even_from_many_threads(stores: Stores) -> None:
     warnings = stores.jobs.get(record.job_id).warnings
     assert warnings[0] == "first ☃ \"quoted\" \\ back" and sorted(warnings[1:]) == sorted(f"w{i}" for i in range(10))
     stores.jobs.add_warning(new_job_id(), "nobody")           # an unknown job: nothing happens
+
+
+def test_a_listing_keeps_to_one_tenant_and_the_tenant_round_trips(stores: Stores) -> None:
+    alices = submit(stores.jobs, *[job(tenant="a" * 32) for _ in range(3)])
+    bobs = submit(stores.jobs, job(tenant="b" * 32))
+    keyless = submit(stores.jobs, job())
+    assert [r.job_id for r in stores.jobs.list(tenant="a" * 32)] == [r.job_id for r in reversed(alices)]
+    assert [r.job_id for r in stores.jobs.list(QUEUED, tenant="b" * 32)] == [bobs[0].job_id]
+    page = stores.jobs.list(limit=2, tenant="a" * 32)
+    assert [r.job_id for r in stores.jobs.list(limit=2, before_seq=page[-1].seq, tenant="a" * 32)] == [alices[0].job_id]
+    assert len(stores.jobs.list()) == 5                       # None: everyone's
+    assert stores.jobs.get(alices[0].job_id).tenant == "a" * 32
+    assert stores.jobs.get(keyless[0].job_id).tenant == ""
 
 
 def test_list_pages_newest_first_with_a_filter(stores: Stores) -> None:
@@ -562,7 +575,7 @@ def test_the_schema_is_created_once_when_gateways_start_together(postgres_server
     try:
         assert not errors and len(opened) == 4
         with psycopg.connect(postgres_dsn, autocommit=True) as connection:
-            assert connection.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+            assert connection.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
             # a gateway starting while another has a transaction open on the jobs table is not blocked
             holder = psycopg.connect(postgres_dsn)
             holder.execute("SELECT count(*) FROM jobs")          # holds ACCESS SHARE until it ends

@@ -161,3 +161,60 @@ def test_a_chunked_form_body_is_refused_once_it_passes_the_limit_not_at_its_end(
         assert b"over 1 MiB" in answer, answer
     finally:
         server.stop()
+
+
+# --- loose input: JSON values are taken as typed, a field is named once, a prompt must show something -------
+@pytest.mark.parametrize("body, field, said", [
+    ('{"prompt": "a red ball", "num_frames": true}', "num_frames", "num_frames is true; it must be a whole number"),
+    ('{"prompt": "a red ball", "timeout_seconds": "5"}', "timeout_seconds", "it must be a number"),
+    ('{"prompt": "a red ball", "seed": 1.5}', "seed", "it must be a whole number"),
+    ('{"prompt": "a red ball", "num_frames": 2, "num_frames": 8}', "num_frames", "more than once"),
+    ('{"prompt": "a red ball", "prompt": "a blue cube"}', "prompt", "more than once"),
+    ('{"prompt": "\\u200b\\u200d\\ufeff\\u2060"}', "prompt", "only invisible characters"),
+    ('{"prompt": " \\u3164 \\u00a0"}', "prompt", "only invisible characters"),
+])
+def test_loose_json_is_refused_with_the_field_named(client: TestClient, body: str, field: str, said: str) -> None:
+    answer = client.post("/v1/videos", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == field and said in error["message"], error
+
+
+def test_a_form_field_named_twice_is_refused(client: TestClient) -> None:
+    answer = client.post("/v1/videos", content="prompt=a+red+ball&num_frames=2&num_frames=8",
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert answer.status_code == 400 and "more than once" in answer.json()["error"]["message"]
+
+
+# --- a stage off loopback demands mutual TLS, unless told the network is trusted ----------------------------
+def _serve_stage(*flags: str, timeout: float = 60) -> tuple[int | None, str]:
+    """``t2v serve text_encoder`` with ``flags``: (exit code, stderr), or (None, log) once it listens."""
+    command = [sys.executable, "-m", "t2v", "serve", "text_encoder", "--port", "0", "--device", "cpu", *flags]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:           # ends when the process exits
+            lines.append(line)
+            if "event=listening" in line:
+                return None, "".join(lines)
+        return proc.wait(timeout), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout)
+
+
+def test_a_stage_on_every_interface_without_mutual_tls_refuses_to_start() -> None:
+    code, stderr = _serve_stage("--host", "0.0.0.0")
+    assert code == 1, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "without mutual TLS" in last and "--trusted-network" in last, stderr
+
+
+@pytest.mark.parametrize("flags", [("--host", "0.0.0.0", "--trusted-network", "true"), ("--host", "127.0.0.1")])
+def test_a_trusted_network_or_loopback_lets_a_stage_listen(flags: tuple[str, ...]) -> None:
+    code, log = _serve_stage(*flags)
+    assert code is None, log

@@ -106,6 +106,8 @@ def test_limits_are_inclusive() -> None:
     [
         pytest.param(dict(prompt=""), "prompt", id="empty-prompt"),
         pytest.param(dict(prompt=" \t\n "), "prompt", id="whitespace-prompt"),
+        pytest.param(dict(prompt="\u200b\u200c\u200d\u2060\ufeff"), "prompt", id="zero-width-prompt"),
+        pytest.param(dict(prompt="\u3164\u2800\u200e\u00a0"), "prompt", id="blank-letters-prompt"),
         pytest.param(dict(prompt="x" * (LIMITS.max_prompt_chars + 1)), "prompt", id="long-prompt"),
         pytest.param(dict(prompt="a cat\x00"), "prompt", id="nul-in-prompt"),
         pytest.param(dict(negative_prompt="x" * (LIMITS.max_prompt_chars + 1)), "negative_prompt",
@@ -209,3 +211,8 @@ def test_validate_returns_params_within_limits_or_refuses(request: generation_pb
         assert params.seed == request.seed
     else:
         assert params.seed < 2**31
+
+
+@pytest.mark.parametrize("prompt", ["a\u200bcat", "日本の猫", "🙂", "\u200ba red ball"])
+def test_a_prompt_with_something_visible_is_kept_as_sent(prompt: str) -> None:
+    assert validate(make(prompt=prompt), LIMITS).prompt == prompt

@@ -13,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from services.gateway.store.base import (Claimed, JobStore, Notice, ResultStore, ResultStoreFull, StoreQueueFull,
-                                         StoreUnavailable)
+from services.gateway.store.base import (Claimed, JobStore, Notice, ResultStore, ResultStoreFull, StoreFull,
+                                         StoreQueueFull, StoreUnavailable)
 from services.gateway.store.urls import check_url, describe_url
 from services.gateway.store.sqlite import DB_NAME, RESULTS_DIR, FileResultStore, SqliteJobStore, StateDirBusy
 
-__all__ = ["Claimed", "JobStore", "Notice", "ResultStore", "ResultStoreFull", "StoreQueueFull", "StoreUnavailable",
+__all__ = ["Claimed", "JobStore", "Notice", "ResultStore", "ResultStoreFull", "StoreFull", "StoreQueueFull",
+           "StoreUnavailable",
            "StateDirBusy", "open_stores", "describe_url", "check_url"]
 
 def open_stores(job_store_url: str, state_dir: str | Path, result_store_url: str = ""

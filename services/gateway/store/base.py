@@ -34,6 +34,11 @@ class StoreUnavailable(Exception):
     """The database cannot be reached now (PostgreSQL down or restarting); nothing was changed."""
 
 
+class StoreFull(Exception):
+    """The job store has no room for a write (its disk, or its database server's, is full); nothing was
+    changed, what it held stays, and writes work again once there is room."""
+
+
 @dataclass(frozen=True)
 class Claimed:
     """A job this gateway now runs under its lease."""
@@ -101,9 +106,10 @@ class JobStore(Protocol):
         """Keep the denoiser's state after ``step`` steps (replacing the last); False if no longer ours."""
 
     # --- many jobs -----------------------------------------------------------------------------------------
-    def list(self, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None
-             ) -> list[JobRecord]:
-        """Newest first; ``before_seq`` continues after the last row of a previous page."""
+    def list(self, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None,
+             tenant: str | None = None) -> list[JobRecord]:
+        """Newest first; ``before_seq`` continues after the last row of a previous page; ``tenant`` keeps only
+        that tenant's jobs (None = everyone's)."""
 
     def waiting(self) -> list[Waiting]:
         """Every QUEUED job (for queue places; the policy orders them)."""
@@ -145,6 +151,10 @@ class JobStore(Protocol):
 
 class ResultStore(Protocol):
     """Where finished videos live, by job id."""
+
+    def check_room(self) -> None:
+        """Raise ResultStoreFull when there is clearly no room for another video (a submission is refused
+        then, rather than run to fail at its end); a store that cannot tell cheaply does nothing."""
 
     def save(self, job_id: str, data: bytes) -> int:
         """Store the video whole (readers never see part of it); return its size."""

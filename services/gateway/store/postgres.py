@@ -39,12 +39,12 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from services.gateway.domain import JobRecord, JobStatus, Priority, Stage, check_job_id
 from services.gateway.queue import QueuePolicy, Waiting
 from services.gateway.store.urls import describe_url
-from services.gateway.store.base import (COLUMNS, Claimed, Notice, ResultStoreFull, StoreQueueFull, StoreUnavailable,
-                                         check_fields, encode, from_row, to_row)
+from services.gateway.store.base import (COLUMNS, Claimed, Notice, ResultStoreFull, StoreFull, StoreQueueFull,
+                                         StoreUnavailable, check_fields, encode, from_row, to_row)
 
 log = logging.getLogger("gateway.store.postgres")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2                      # 2: jobs.tenant (issue 16)
 CHANNEL = "t2v_jobs"                    # the LISTEN/NOTIFY channel of every gateway of one database
 NOTIFY_LIMIT = 8000                     # PostgreSQL refuses a payload of this many bytes or more
 CHUNK_BYTES = 1 << 20                   # a video is stored as rows of this many bytes (the last one shorter)
@@ -104,6 +104,7 @@ _ADDED_COLUMNS = {
     "lease_expires_ms": "BIGINT NOT NULL DEFAULT 0",
     "checkpoint_step": "INTEGER NOT NULL DEFAULT 0",
     "checkpoint": "BYTEA",
+    "tenant": "TEXT NOT NULL DEFAULT ''",
 }
 _INDEXES = {
     "jobs_by_status": "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",
@@ -115,6 +116,7 @@ _INDEXES = {
     "jobs_deadlines": "CREATE INDEX IF NOT EXISTS jobs_deadlines ON jobs (deadline_ms) "
                       f"WHERE status IN ('{_QUEUED}', '{_RUNNING}') AND deadline_ms > 0",
     "jobs_expiring": f"CREATE INDEX IF NOT EXISTS jobs_expiring ON jobs (expires_ms) WHERE status = '{_COMPLETED}'",
+    "jobs_by_tenant": "CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, seq)",
 }
 # Videos and latents hardly compress: store them out of line as they are (no pglz pass on every write).
 _STORAGE = {("videos", "data"): "EXTERNAL", ("jobs", "checkpoint"): "EXTERNAL"}
@@ -331,13 +333,16 @@ class PostgresJobStore:
             with self._pool.connection() as connection:
                 yield connection
         except psycopg.Error as error:
-            if full is not None and _is_full(error):
-                raise full(error) from None
+            if _is_full(error):
+                raise (full or self._full)(error) from None
             if isinstance(error, psycopg.OperationalError):
                 raise self._unavailable(error) from None
             raise
         except (PoolTimeout, PoolClosed) as error:
             raise self._unavailable(error) from None
+
+    def _full(self, error: BaseException) -> StoreFull:
+        return StoreFull(f"the database at {self.where} has no room left ({_reason(error)})")
 
     def _rows(self, sql: str, args: Any = None) -> list[dict[str, Any]]:
         with self.connection() as connection:
@@ -469,12 +474,15 @@ class PostgresJobStore:
                             "AND status = %s", (bytes(data), step, job_id, _text(owner), _RUNNING)) == 1
 
     # --- many jobs ------------------------------------------------------------------------------
-    def list(self, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None
-             ) -> list[JobRecord]:
+    def list(self, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None,
+             tenant: str | None = None) -> list[JobRecord]:
         where, args = [], []
         if status is not None:
             where.append("status = %s")
             args.append(status.value)
+        if tenant is not None:
+            where.append("tenant = %s")
+            args.append(tenant)
         if before_seq is not None:
             where.append("seq < %s")
             args.append(before_seq)
@@ -701,6 +709,9 @@ class PostgresResultStore:
     def _full(self, error: BaseException) -> ResultStoreFull:
         return ResultStoreFull(errno.ENOSPC, f"the result store is full (the database at {self.jobs.where}: "
                                              f"{_reason(error)})")
+
+    def check_room(self) -> None:
+        """PostgreSQL does not tell a client its free disk: a full server is found by its writes."""
 
     def save(self, job_id: str, data: bytes) -> int:
         """Store the video in one transaction (readers see the old one or the whole new one); return its size."""

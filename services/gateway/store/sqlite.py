@@ -26,12 +26,13 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from services.gateway.domain import JobRecord, JobStatus, Priority, Stage, check_job_id
 from services.gateway.queue import QueuePolicy, Waiting
-from services.gateway.store.base import (Claimed, Notice, ResultStoreFull, StoreQueueFull, check_fields, encode,
-                                         from_row, to_row)
+from services.gateway.store.base import (Claimed, Notice, ResultStoreFull, StoreFull, StoreQueueFull, check_fields,
+                                         encode, from_row, to_row)
 
 DB_NAME = "jobs.sqlite3"
 RESULTS_DIR = "results"
 VIDEO_SUFFIX = ".mp4"
+MIN_FREE_BYTES = 1 << 20           # a submission is refused when the result store's disk has less left
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -61,12 +62,15 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_cache_key ON jobs (cache_key) WHERE cache_key IS NOT NULL;
 """
+# Indexes on added columns: made once those columns exist.
+_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant, seq);"
 # Columns added since the first schema: a state dir of an older gateway gains them at open.
 _ADDED_COLUMNS = {
     "owner": "TEXT NOT NULL DEFAULT ''",
     "lease_expires_ms": "INTEGER NOT NULL DEFAULT 0",
     "checkpoint_step": "INTEGER NOT NULL DEFAULT 0",
     "checkpoint": "BLOB",
+    "tenant": "TEXT NOT NULL DEFAULT ''",
 }
 _ENDED = {"owner": "", "lease_expires_ms": 0, "checkpoint_step": 0}
 
@@ -103,6 +107,7 @@ class SqliteJobStore:
             for name, kind in _ADDED_COLUMNS.items():
                 if name not in present:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+            self._db.executescript(_ADDED_INDEXES)
             # The lock was free, so whoever held these leases is gone: their jobs resume at once.
             self._db.execute("UPDATE jobs SET lease_expires_ms = 0 WHERE status = ?", (JobStatus.RUNNING.value,))
 
@@ -114,24 +119,38 @@ class SqliteJobStore:
     def healthy(self) -> bool:
         return True
 
-    def _query(self, sql: str, args: Any = ()) -> list[sqlite3.Row]:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock; a full disk raises StoreFull (the statement changed nothing)."""
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                yield self._db
+            except sqlite3.Error as error:
+                if _out_of_room(error):
+                    raise StoreFull(f"{self.path.parent} has no room left ({error})") from None
+                raise
+
+    def _query(self, sql: str, args: Any = ()) -> list[sqlite3.Row]:
+        with self._locked() as db:
+            return db.execute(sql, args).fetchall()
 
     def _change(self, sql: str, args: Any = ()) -> int:
-        with self._lock:
-            return self._db.execute(sql, args).rowcount
+        with self._locked() as db:
+            return db.execute(sql, args).rowcount
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        """BEGIN IMMEDIATE .. COMMIT; any failure, the COMMIT's own included (a full disk), rolls back, so
+        the connection is never left inside a transaction."""
+        with self._locked() as db:
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield db
+                db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     # --- one job --------------------------------------------------------------------------------
     def _insert(self, db: sqlite3.Connection, record: JobRecord) -> JobRecord:
@@ -225,12 +244,15 @@ class SqliteJobStore:
                             "AND status = ?", (data, step, job_id, owner, JobStatus.RUNNING.value)) == 1
 
     # --- many jobs ------------------------------------------------------------------------------
-    def list(self, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None
-             ) -> list[JobRecord]:
+    def list(self, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None,
+             tenant: str | None = None) -> list[JobRecord]:
         where, args = [], []
         if status is not None:
             where.append("status = ?")
             args.append(status.value)
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
         if before_seq is not None:
             where.append("seq < ?")
             args.append(before_seq)
@@ -289,6 +311,12 @@ class SqliteJobStore:
         return None
 
 
+def _out_of_room(error: sqlite3.Error) -> bool:
+    """SQLITE_FULL, or an I/O error of a write on a disk with no room (SQLITE_IOERR)."""
+    primary = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    return primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) or "disk is full" in str(error)
+
+
 def _full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -307,6 +335,15 @@ class FileResultStore:
 
     def path(self, job_id: str) -> Path:
         return self.folder / (check_job_id(job_id) + VIDEO_SUFFIX)
+
+    def check_room(self) -> None:
+        """Raise ResultStoreFull when the folder's disk has less than MIN_FREE_BYTES left: a job accepted
+        then would run only to find no room for its video."""
+        info = os.statvfs(self.folder)
+        free = info.f_bavail * info.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise ResultStoreFull(errno.ENOSPC, f"the result store is full ({self.folder}: {free} bytes free, "
+                                                f"{MIN_FREE_BYTES >> 20} MiB needed)")
 
     def save(self, job_id: str, data: bytes) -> int:
         """Write the video; return its size. Readers never see a half-written file; a full disk leaves no
