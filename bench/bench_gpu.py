@@ -133,8 +133,11 @@ def unet_flops_per_cfg_step(model: str, device, dtype, frames: int, size: int) -
     from diffusers import UNet3DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from services.common.model_folder import vae_scale_factor
+
     unet = UNet3DConditionModel.from_pretrained(f"{model}/unet", dtype=dtype).to(device).eval()
-    sample = torch.randn(2, 4, frames, size // 8, size // 8, device=device, dtype=dtype)
+    latent = size // vae_scale_factor(model)
+    sample = torch.randn(2, 4, frames, latent, latent, device=device, dtype=dtype)
     emb = torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         unet(sample, torch.tensor([500, 500], device=device), encoder_hidden_states=emb)
@@ -188,10 +191,12 @@ def channels_last(unet: torch.nn.Module) -> torch.nn.Module:
 def bench_levers(model: str, device, dtype, a) -> dict:
     """One UNet forward replayed as a CUDA graph (median of 3, random inputs), NCHW and channels-last."""
     from diffusers import UNet3DConditionModel
+    from services.common.model_folder import vae_scale_factor
     from services.denoiser.graphs import GraphedUNet
 
     unet = UNet3DConditionModel.from_pretrained(f"{model}/unet", dtype=dtype).to(device).eval().requires_grad_(False)
-    shape = (4, a.frames, a.size // 8, a.size // 8)
+    latent = a.size // vae_scale_factor(model)
+    shape = (4, a.frames, latent, latent)
     rows = [int(r) for r in a.lever_rows.split(",")]
     result: dict = {}
     with torch.inference_mode():

@@ -504,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", type=int, default=MeshSettings.max_queue, help="the gateway's --max-queue")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder")
     parser.add_argument("--frames", type=int, default=Shape.frames)
-    parser.add_argument("--size", type=int, default=Shape.height, help="height and width, a multiple of 8")
+    parser.add_argument("--size", type=int, default=Shape.height,
+                        help="height and width, a multiple of the model's VAE scale factor (8 for the embedded model)")
     parser.add_argument("--steps", type=int, default=Shape.steps)
     parser.add_argument("--guidance", type=float, default=Shape.guidance)
     parser.add_argument("--timeout", type=float, default=300.0, help="longest each part of the load may take")

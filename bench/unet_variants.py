@@ -32,8 +32,9 @@ def event_time(fn, repeat: int = 5) -> float:
     return statistics.median(times)
 
 
-def inputs(rows: int, dim: int, frames: int, size: int):
-    sample = torch.randn(rows, 4, frames, size // 8, size // 8, device="cuda", dtype=torch.float16)
+def inputs(rows: int, dim: int, frames: int, size: int, factor: int = 8):
+    """Random UNet inputs for ``rows`` rows of a size x size video; ``factor``: the VAE scale factor."""
+    sample = torch.randn(rows, 4, frames, size // factor, size // factor, device="cuda", dtype=torch.float16)
     t = torch.full((rows,), 500, device="cuda", dtype=torch.long)
     emb = torch.randn(rows, 77, dim, device="cuda", dtype=torch.float16)
     return sample, t, emb
@@ -42,6 +43,7 @@ def inputs(rows: int, dim: int, frames: int, size: int):
 def main() -> None:
     import sys
     sys.path.insert(0, str(ROOT))
+    from services.common.model_folder import vae_scale_factor
     from services.denoiser.graphs import GraphedUNet
 
     parser = argparse.ArgumentParser()
@@ -56,21 +58,22 @@ def main() -> None:
     rows_list = [int(r) for r in a.rows.split(",")]
     unet = UNet3DConditionModel.from_pretrained(f"{a.model}/unet", dtype=torch.float16).to("cuda").eval()
     dim = unet.config.cross_attention_dim
+    factor = vae_scale_factor(a.model)
     results: dict = {}
 
     with torch.inference_mode():
         for rows in rows_list:
-            s, t, e = inputs(rows, dim, a.frames, a.size)
+            s, t, e = inputs(rows, dim, a.frames, a.size, factor)
             results.setdefault("eager", {})[rows] = event_time(lambda: unet(s, t, encoder_hidden_states=e))
         graphed = GraphedUNet(lambda x, t, e: unet(x, t, encoder_hidden_states=e, return_dict=False)[0],
                               max_rows=max(rows_list), device=torch.device("cuda"))
         for rows in rows_list:
-            s, t, e = inputs(rows, dim, a.frames, a.size)
+            s, t, e = inputs(rows, dim, a.frames, a.size, factor)
             results.setdefault("cuda_graphs", {})[rows] = event_time(lambda: graphed(s, t, e))
         print(json.dumps(results), flush=True)
 
         from torch.profiler import ProfilerActivity, profile
-        s, t, e = inputs(32, dim, a.frames, a.size)
+        s, t, e = inputs(32, dim, a.frames, a.size, factor)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             unet(s, t, encoder_hidden_states=e)
             torch.cuda.synchronize()
@@ -80,7 +83,7 @@ def main() -> None:
 
     compiled = torch.compile(unet, dynamic=False)
     for rows in [int(r) for r in a.compile_rows.split(",")]:
-        s, t, e = inputs(rows, dim, a.frames, a.size)
+        s, t, e = inputs(rows, dim, a.frames, a.size, factor)
         start = time.perf_counter()
         with torch.inference_mode():
             compiled(s, t, encoder_hidden_states=e)

@@ -35,8 +35,10 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("generation (0 or unset = the default)")
     g.add_argument("--negative-prompt", default="", help="what the video should not show")
     g.add_argument("--frames", type=int, default=0, help="number of frames (default 16)")
-    g.add_argument("--height", type=int, default=0, help="pixels, multiple of 8 (default: the model's)")
-    g.add_argument("--width", type=int, default=0, help="pixels, multiple of 8 (default: the model's)")
+    g.add_argument("--height", type=int, default=0, help="pixels, a multiple of the model's VAE scale factor, 8 for "
+                   "most (default: the model's)")
+    g.add_argument("--width", type=int, default=0, help="pixels, a multiple of the model's VAE scale factor, 8 for "
+                   "most (default: the model's)")
     g.add_argument("--steps", type=int, default=0, help="denoising steps (default 50)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default 9.0)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same video (default: random)")

@@ -103,18 +103,22 @@ PRESETS: dict[str, dict] = {
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "t2v-world" / "tokenizer"
 
 
-def make_model(preset: str, out_dir: Path, seed: int = 0, tokenizer_from: Path = DEFAULT_TOKENIZER,
+def make_model(preset: str | dict, out_dir: Path, seed: int = 0, tokenizer_from: Path = DEFAULT_TOKENIZER,
                device: str = "cpu", dtype: str = "float32") -> Path:
     """Write a complete model folder for ``preset`` into ``out_dir`` and return it.
 
+    ``preset`` is a name of PRESETS or a dict shaped like one (tests build odd models so: a 2-block VAE).
     ``device="cuda"`` initialises the weights on the GPU (seconds instead of minutes for ``full``);
     ``dtype="float16"`` halves the files. The weights are random either way.
     """
     import torch
 
-    if preset not in PRESETS:
+    if isinstance(preset, dict):
+        spec = preset
+    elif preset in PRESETS:
+        spec = PRESETS[preset]
+    else:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    spec = PRESETS[preset]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

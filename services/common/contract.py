@@ -8,5 +8,5 @@ DEFAULT_FRAMES = 16
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 9.0
 DEFAULT_FPS = 8
-VAE_SCALE_FACTOR = 8     # height and width must be multiples of this
+DEFAULT_VAE_SCALE_FACTOR = 8   # diffusers' when no VAE is at hand; a model's own is model_folder.vae_scale_factor
 TEXT_TOKENS = 77         # CLIP's context: an embedding has 77 rows per prompt ([2, 77, D] in denoiser.proto)

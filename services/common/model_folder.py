@@ -2,16 +2,23 @@
 
 Why: a wrong ``--model`` path is the first thing a new user gets wrong; it must fail with a sentence
 that names the folder and what is missing, not a stack trace from ``from_pretrained``.
+
+The VAE's scale factor is read here, once for every stage: the denoiser makes latents of
+height / factor, the decoder upsamples them by the factor, and the gateway checks sizes against it;
+each assuming its own number made videos of the wrong size (issue 16, defect 6).
+
+torch is imported only by the functions that need it, so the gateway (which reads only JSON from the
+model folder) does not load it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from services.common.tensors import DTYPE_NAMES
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelFolderError(RuntimeError):
@@ -38,7 +45,26 @@ def model_part(model: str | Path, part: str) -> Path:
     return folder
 
 
+def vae_scale_factor(model: str | Path) -> int:
+    """Pixels per latent along each side: ``2 ** (len(vae.config.block_out_channels) - 1)``, as diffusers
+    reads it (8 for text-to-video-ms-1.7b's 4-block VAE). Heights and widths must be multiples of it.
+
+    Read from ``vae/config.json`` alone, without loading the weights."""
+    path = model_part(model, "vae") / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{path} cannot be read as JSON ({exc}); is the download complete?") from None
+    blocks = config.get("block_out_channels") if isinstance(config, dict) else None
+    if not isinstance(blocks, list) or not blocks:
+        raise ModelFolderError(f"{path} has no block_out_channels list; it is not an AutoencoderKL config, "
+                               "so the VAE's scale factor (and the video size) is unknown")
+    return 2 ** (len(blocks) - 1)
+
+
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -48,6 +74,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    from services.common.tensors import DTYPE_NAMES
+
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if name not in DTYPE_NAMES:

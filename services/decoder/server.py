@@ -67,7 +67,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         channels = self.vae.latent_channels
         if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != channels:
             raise InvalidArgument(f"latents have shape {list(latents.shape)}; expected [1, {channels}, frames, "
-                                  "height/8, width/8]")
+                                  f"height/{self.vae.scale_factor}, width/{self.vae.scale_factor}]")
         if latents.shape[2] > self.config.max_frames:
             raise InvalidArgument(f"latents hold {latents.shape[2]} frames; at most {self.config.max_frames}")
         # Unchecked, a [1, C, 1, 1, 4M] tensor (16 MiB) would ask the VAE for a 32-megapixel frame.

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from services.common.model_folder import model_part
+from services.common.model_folder import model_part, vae_scale_factor
 
 
 def to_frames(images: torch.Tensor) -> torch.Tensor:
@@ -41,14 +41,12 @@ class VaeDecoder:
         self.vae = AutoencoderKL.from_pretrained(model_part(model, "vae"), dtype=dtype)
         self.vae.to(device).eval().requires_grad_(False)
         self.device, self.dtype, self.chunk_size = device, dtype, chunk_size
+        # Pixels per latent along a side, read as the denoiser and the gateway read it.
+        self.scale_factor = vae_scale_factor(model)
 
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
-
-    @property
-    def scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def _frames(self, chunk: torch.Tensor) -> torch.Tensor:
         return to_frames(self.vae.decode(chunk).sample)

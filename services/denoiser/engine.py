@@ -31,7 +31,8 @@ import torch
 from diffusers import DDIMScheduler, UNet3DConditionModel
 
 from services.common.logs import kv
-from services.common.model_folder import model_part
+from services.common.contract import DEFAULT_VAE_SCALE_FACTOR
+from services.common.model_folder import model_part, vae_scale_factor
 from services.denoiser import batching, sampling
 
 log = logging.getLogger("denoiser.engine")
@@ -205,8 +206,11 @@ class DenoiseEngine:
 
     def __init__(self, unet: UNet3DConditionModel, scheduler_config: dict[str, Any], device: torch.device,
                  dtype: torch.dtype, max_batch: int = 8, max_jobs: int = 64,
-                 observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR) -> None:
+        """``vae_scale_factor``: pixels per latent along a side, the model's VAE's (``from_folder`` reads it
+        from the folder); latents are height / factor x width / factor."""
         self.unet = unet
+        self.vae_scale_factor = vae_scale_factor
         self.scheduler_config = scheduler_config
         self.device, self.dtype = device, dtype
         self.max_batch, self.max_jobs = max_batch, max_jobs
@@ -284,7 +288,10 @@ class DenoiseEngine:
         size that makes the most rows a second (batching.py)."""
         for frames, height, width in shapes:
             key = (frames, height, width)
-            sample_shape = (self.latent_channels, frames, height // 8, width // 8)
+            try:
+                sample_shape = (self.latent_channels, frames, *self.latent_size(height, width))
+            except ValueError as exc:
+                raise ValueError(f"warm shape {frames}x{height}x{width}: {exc}") from None
             for rows in self.warm_rows():
                 sample = torch.zeros((rows, *sample_shape), device=self.device, dtype=self.dtype)
                 embeddings = torch.zeros((rows, tokens, self.embedding_dim), device=self.device, dtype=self.dtype)
@@ -312,7 +319,7 @@ class DenoiseEngine:
         unet = UNet3DConditionModel.from_pretrained(model_part(model, "unet"), dtype=dtype)
         unet.to(device).eval().requires_grad_(False)
         scheduler_config = dict(DDIMScheduler.load_config(model_part(model, "scheduler")))
-        return cls(unet, scheduler_config, device, dtype, **kwargs)
+        return cls(unet, scheduler_config, device, dtype, vae_scale_factor=vae_scale_factor(model), **kwargs)
 
     # --- what the model accepts ------------------------------------------------------------
     @property
@@ -325,7 +332,18 @@ class DenoiseEngine:
 
     @property
     def default_size(self) -> int:
-        return int(self.unet.config.sample_size) * 8
+        """diffusers' default height and width: unet sample_size * the VAE scale factor."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the latents of a height x width video; raises ValueError unless both are multiples
+        of the VAE scale factor (else the decoded video would be smaller than asked, silently)."""
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % factor:
+                raise ValueError(f"{name} is {value}; it must be a positive multiple of {factor} (this model's "
+                                 "VAE scale factor)")
+        return height // factor, width // factor
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> "DenoiseEngine":
@@ -393,7 +411,7 @@ class DenoiseEngine:
             job.timesteps = job.scheduler.timesteps
             job.timestep_values = [int(t) for t in job.timesteps.tolist()]   # read once: no GPU sync per step
             if r.resume is None:
-                shape = (1, self.latent_channels, r.num_frames, r.height // 8, r.width // 8)
+                shape = (1, self.latent_channels, r.num_frames, *self.latent_size(r.height, r.width))
                 job.latents, job.generator = sampling.initial_latents(
                     shape, r.seed, self.device, self.dtype, job.scheduler.init_noise_sigma)
             else:

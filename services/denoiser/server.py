@@ -75,14 +75,17 @@ def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, 
                   ) -> eng.Request:
     """Turn a DenoiseRequest into an engine Request, or raise InvalidArgument saying what to fix.
 
-    ``engine`` says what the model accepts (embedding width, latent channels, compute dtype, schedule)."""
+    ``engine`` says what the model accepts (embedding width, latent channels, VAE scale factor, compute
+    dtype, schedule)."""
     embedding_dim = engine.embedding_dim
     if not 1 <= request.num_frames <= config.max_frames:
         raise InvalidArgument(f"num_frames is {request.num_frames}; it must be between 1 and {config.max_frames}")
     for name in ("height", "width"):
         value = getattr(request, name)
-        if value <= 0 or value % 8 or value > config.max_size:
-            raise InvalidArgument(f"{name} is {value}; it must be a positive multiple of 8, at most {config.max_size}")
+        factor = engine.vae_scale_factor    # the model's: a latent covers factor x factor pixels
+        if value <= 0 or value % factor or value > config.max_size:
+            raise InvalidArgument(f"{name} is {value}; it must be a positive multiple of {factor} (this model's "
+                                  f"VAE scale factor), at most {config.max_size}")
     if not 1 <= request.num_inference_steps <= config.max_steps:
         raise InvalidArgument(f"num_inference_steps is {request.num_inference_steps}; "
                               f"it must be between 1 and {config.max_steps}")
@@ -130,7 +133,7 @@ def check_resume(request: denoiser_pb2.DenoiseRequest, engine: eng.DenoiseEngine
     if not 1 <= checkpoint.step <= steps - 1:
         raise InvalidArgument(f"resume.step is {checkpoint.step}; it must be between 1 and {steps - 1} "
                               f"(num_inference_steps - 1); leave resume unset to start from step 0")
-    shape = [1, engine.latent_channels, request.num_frames, request.height // 8, request.width // 8]
+    shape = [1, engine.latent_channels, request.num_frames, *engine.latent_size(request.height, request.width)]
     latents = _checkpoint_tensor(checkpoint.latents, "resume.latents", shape, engine.dtype)
     expected = sampling.history_length(request.scheduler, engine.scheduler_config, checkpoint.step)
     if len(checkpoint.model_outputs) != expected or checkpoint.lower_order_nums != expected:

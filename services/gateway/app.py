@@ -21,7 +21,9 @@ import grpc
 
 from services.common.auth import ENV_ADMIN_KEYS, ENV_KEYS, ApiKeyInterceptor, load_api_keys
 from services.common.config import DEFAULT_MODEL, ServerConfig, parse_config, setting
+from services.common.contract import DEFAULT_VAE_SCALE_FACTOR
 from services.common.logs import kv
+from services.common.model_folder import vae_scale_factor
 from services.common.server import ReadyGate, serve
 from services.common.tls import ClientTls, load_client_tls, load_server_tls
 from services.gateway import orchestrator as orch
@@ -45,8 +47,10 @@ class GatewayConfig(ServerConfig):
     text_encoder: str = setting("127.0.0.1:50051", "text_encoder stage address (host:port or dns:///name:port)")
     denoiser: str = setting("127.0.0.1:50052", "denoiser stage address")
     decoder: str = setting("127.0.0.1:50053", "decoder stage address")
-    model: str = setting(DEFAULT_MODEL, "model folder; the gateway reads only unet/config.json for the default size")
-    default_size: int = setting(0, "height and width when a request leaves them 0 (0 = the model's sample_size*8)")
+    model: str = setting(DEFAULT_MODEL, "model folder; the gateway reads only unet/config.json and vae/config.json, "
+                                        "for the default size and the VAE scale factor sizes must be multiples of")
+    default_size: int = setting(0, "height and width when a request leaves them 0 (0 = the model's "
+                                   "sample_size x VAE scale factor)")
     stage_timeout: float = setting(600.0, "longest a single stage call may take, in seconds")
     max_frames: int = setting(64, "largest num_frames accepted")
     max_size: int = setting(1024, "largest height or width accepted")
@@ -88,18 +92,28 @@ class GatewayConfig(ServerConfig):
     stage_tls_key: str = setting("", "PEM private key of --stage-tls-cert")
 
 
+def model_scale_factor(model: str) -> int:
+    """The model's VAE scale factor (``model_folder.vae_scale_factor``, 8 for text-to-video-ms-1.7b), as the
+    denoiser and decoder read it; diffusers' 8 when the gateway has no model folder to read."""
+    if not (Path(model) / "vae" / "config.json").is_file():
+        return DEFAULT_VAE_SCALE_FACTOR
+    return vae_scale_factor(model)
+
+
 def model_default_size(model: str) -> int:
-    """The pipeline's default height/width: unet sample_size * 8 (256 for text-to-video-ms-1.7b)."""
+    """The pipeline's default height/width: unet sample_size * the VAE scale factor (256 for
+    text-to-video-ms-1.7b, 32 * 8)."""
     config = Path(model) / "unet" / "config.json"
     if not config.is_file():
         return 256
-    return int(json.loads(config.read_text()).get("sample_size", 32)) * 8
+    return int(json.loads(config.read_text()).get("sample_size", 32)) * model_scale_factor(model)
 
 
 def limits_from(config: GatewayConfig) -> Limits:
     return Limits(max_frames=config.max_frames, max_size=config.max_size, max_steps=config.max_steps,
                   max_prompt_chars=config.max_prompt_chars,
-                  default_size=config.default_size or model_default_size(config.model))
+                  default_size=config.default_size or model_default_size(config.model),
+                  vae_scale_factor=model_scale_factor(config.model))
 
 
 def settings_from(config: GatewayConfig) -> JobSettings:

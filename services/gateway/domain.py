@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from services.common.contract import DEFAULT_VAE_SCALE_FACTOR
 from services.common.errors import InvalidArgument, ResourceExhausted
 
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
@@ -142,7 +143,8 @@ class Limits:
     max_steps: int = 200
     max_fps: int = 60
     max_prompt_chars: int = 10_000
-    default_size: int = 256          # the model's unet sample_size * 8
+    default_size: int = 256          # the model's unet sample_size * vae_scale_factor
+    vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR   # sizes are multiples of it (model_folder.vae_scale_factor)
 
 
 @dataclass(frozen=True)

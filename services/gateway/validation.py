@@ -13,7 +13,7 @@ import secrets
 import unicodedata
 
 from services.common.contract import (DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER,
-                                      DEFAULT_STEPS, SCHEDULERS, VAE_SCALE_FACTOR)
+                                      DEFAULT_STEPS, SCHEDULERS)
 from services.common.errors import InvalidArgument
 from services.gateway.domain import Limits, Params, ParamsInput
 
@@ -56,9 +56,10 @@ def validate(params: ParamsInput, limits: Limits) -> Params:
     sizes = {}
     for name in ("height", "width"):
         value = getattr(params, name) or limits.default_size
-        if value < 0 or value % VAE_SCALE_FACTOR or value > limits.max_size:
-            raise InvalidArgument(f"{name} is {value}; it must be a positive multiple of {VAE_SCALE_FACTOR}, "
-                                  f"at most {limits.max_size}", field=name)
+        factor = limits.vae_scale_factor    # the model's: a latent covers factor x factor pixels
+        if value < 0 or value % factor or value > limits.max_size:
+            raise InvalidArgument(f"{name} is {value}; it must be a positive multiple of {factor} (this model's "
+                                  f"VAE scale factor), at most {limits.max_size}", field=name)
         sizes[name] = value
     steps = params.num_inference_steps or DEFAULT_STEPS
     if not 1 <= steps <= limits.max_steps:

@@ -65,8 +65,9 @@ class CreateVideoRequest(BaseModel):
     model: Optional[str] = Field(None, description="Accepted for OpenAI clients and ignored: the gateway serves "
                                                    "one model, named in the response's `model`.")
     size: Optional[str] = Field(None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
-                                description="WIDTHxHEIGHT in pixels, each a multiple of 8 (default: the model's "
-                                            "own size, e.g. 256x256 for text-to-video-ms-1.7b).",
+                                description="WIDTHxHEIGHT in pixels, each a multiple of the model's VAE scale factor "
+                                            "(8 for text-to-video-ms-1.7b; default: the model's own size, e.g. "
+                                            "256x256 for text-to-video-ms-1.7b).",
                                 examples=["256x256"])
     seconds: Optional[Union[str, float]] = Field(
         None, description="Length of the video; with `fps` it gives `num_frames` = round(seconds x fps). "
@@ -162,8 +163,8 @@ def to_job_request(body: CreateVideoRequest, limits: Limits) -> JobRequest:
         assert match is not None                 # the model's pattern checked it
         width, height = int(match[1]), int(match[2])
         if not width or not height:
-            raise InvalidArgument(f"size is {body.size!r}; width and height must be positive multiples of 8, "
-                                  "e.g. \"256x256\"", field="size")
+            raise InvalidArgument(f"size is {body.size!r}; width and height must be positive multiples of "
+                                  f"{limits.vae_scale_factor}, e.g. \"256x256\"", field="size")
     if body.seed is not None and not 0 <= body.seed < 2**63:
         raise InvalidArgument(f"seed is {body.seed}; it must be between 0 and 2**63 - 1", field="seed")
     params = ParamsInput(prompt=body.prompt, negative_prompt=body.negative_prompt or "",

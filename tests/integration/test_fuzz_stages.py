@@ -130,7 +130,9 @@ def test_denoiser_refuses_or_denoises_every_request(denoiser_stage, data: st.Dat
     *steps, last = result.answer
     assert [e.progress.step for e in steps] == list(range(1, request.num_inference_steps + 1))
     latents = from_proto(last.latents)
-    assert latents.shape == (1, engine.latent_channels, request.num_frames, request.height // 8, request.width // 8)
+    factor = engine.vae_scale_factor
+    assert latents.shape == (1, engine.latent_channels, request.num_frames, request.height // factor,
+                             request.width // factor)
     assert torch.isfinite(latents).all(), "the denoiser answered NaN or Inf latents"
 
 

@@ -11,7 +11,8 @@ from types import ModuleType
 import pytest
 import torch
 
-from services.common.model_folder import ModelFolderError, model_part, resolve_device, resolve_dtype
+from services.common.model_folder import (ModelFolderError, model_part, resolve_device, resolve_dtype,
+                                          vae_scale_factor)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED = REPO_ROOT / "models" / "t2v-world"
@@ -151,6 +152,71 @@ def test_model_part_refuses_a_component_missing_from_the_index(tmp_path: Path) -
     with pytest.raises(ModelFolderError) as info:
         model_part(tmp_path, "unet")
     _assert_sentence(str(info.value), "'unet'")
+
+
+def _vae_folder(root: Path, config: object) -> Path:
+    """A model folder holding only model_index.json and vae/config.json (``config``, as JSON or raw text)."""
+    shutil.copy(EMBEDDED / "model_index.json", root / "model_index.json")
+    (root / "vae").mkdir()
+    (root / "vae" / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return root
+
+
+def test_vae_scale_factor_of_the_embedded_model_is_8() -> None:
+    assert len(json.loads((EMBEDDED / "vae" / "config.json").read_text())["block_out_channels"]) == 4
+    assert vae_scale_factor(EMBEDDED) == 8 and vae_scale_factor(str(EMBEDDED)) == 8
+
+
+@pytest.mark.parametrize("blocks, factor", [(1, 1), (2, 2), (3, 4), (4, 8), (5, 16)])
+def test_vae_scale_factor_is_2_to_the_blocks_minus_1(tmp_path: Path, blocks: int, factor: int) -> None:
+    folder = _vae_folder(tmp_path, {"_class_name": "AutoencoderKL", "block_out_channels": [32] * blocks})
+    assert vae_scale_factor(folder) == factor
+
+
+def test_vae_scale_factor_agrees_with_diffusers(tmp_path: Path) -> None:
+    """The number diffusers' pipelines compute from a loaded VAE, for a real 2-block AutoencoderKL."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4)
+    shutil.copy(EMBEDDED / "model_index.json", tmp_path / "model_index.json")
+    vae.save_pretrained(tmp_path / "vae")
+    assert vae_scale_factor(tmp_path) == 2 ** (len(vae.config.block_out_channels) - 1) == 2
+    with torch.no_grad():
+        assert vae.decode(torch.zeros(1, 4, 5, 3)).sample.shape[-2:] == (10, 6)
+
+
+@pytest.mark.parametrize("config, words", [
+    ("{not json", "cannot be read as JSON"),
+    ({"_class_name": "AutoencoderKL"}, "block_out_channels"),
+    ({"block_out_channels": []}, "block_out_channels"),
+    ({"block_out_channels": 4}, "block_out_channels"),
+    ([1, 2], "block_out_channels"),
+])
+def test_vae_scale_factor_refuses_a_config_without_blocks(tmp_path: Path, config: object, words: str) -> None:
+    folder = _vae_folder(tmp_path, config)
+    with pytest.raises(ModelFolderError) as info:
+        vae_scale_factor(folder)
+    _assert_sentence(str(info.value), str(folder / "vae" / "config.json"), words)
+
+
+def test_vae_scale_factor_refuses_a_folder_without_a_vae(copied_index: Path) -> None:
+    shutil.rmtree(copied_index / "vae")
+    with pytest.raises(ModelFolderError) as info:
+        vae_scale_factor(copied_index)
+    _assert_sentence(str(info.value), "'vae'")
+
+
+def test_the_gateway_reads_the_factor_and_the_default_size_from_the_folder(tmp_path: Path) -> None:
+    from services.gateway.app import model_default_size, model_scale_factor
+
+    assert (model_scale_factor(str(EMBEDDED)), model_default_size(str(EMBEDDED))) == (8, 8 * 8)
+    folder = _vae_folder(tmp_path, {"block_out_channels": [16, 16]})
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text(json.dumps({"sample_size": 16}))
+    assert (model_scale_factor(str(folder)), model_default_size(str(folder))) == (2, 32)
+    # No model folder at all (a gateway without the volume): diffusers' 8 and 256, as before.
+    assert (model_scale_factor(str(tmp_path / "none")), model_default_size(str(tmp_path / "none"))) == (8, 256)
 
 
 def test_resolve_dtype() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.common.contract import SCHEDULERS, VAE_SCALE_FACTOR
+from services.common.contract import SCHEDULERS
 from services.common.errors import InvalidArgument
 from services.gateway.domain import ParamsInput
 from services.gateway.messages import params_input
@@ -51,6 +51,19 @@ def test_default_size_follows_limits() -> None:
     assert (params.height, params.width) == (64, 64)
 
 
+@pytest.mark.parametrize("factor, good, bad", [(8, 40, 36), (2, 34, 33), (16, 48, 40)])
+def test_sizes_must_be_multiples_of_the_models_vae_scale_factor(factor: int, good: int, bad: int) -> None:
+    limits = Limits(vae_scale_factor=factor, default_size=4 * factor)
+    assert (validate(make(height=good, width=good), limits).height, validate(make(), limits).width) == (
+        good, 4 * factor)
+    for name in ("height", "width"):
+        with pytest.raises(InvalidArgument) as info:
+            validate(make(**{name: bad}), limits)
+        assert info.value.field == name
+        assert f"{name} is {bad}; it must be a positive multiple of {factor} (this model's VAE scale factor)" \
+            in info.value.message
+
+
 def test_explicit_values_are_kept() -> None:
     params = validate(make(negative_prompt="blurry", num_frames=8, height=128, width=320,
                            num_inference_steps=25, guidance_scale=7.5, seed=123456789012, fps=24,
@@ -91,12 +104,12 @@ def test_scheduler_is_case_insensitive(given_name: str, expected: str) -> None:
 
 
 def test_limits_are_inclusive() -> None:
-    params = validate(make(num_frames=LIMITS.max_frames, height=LIMITS.max_size, width=VAE_SCALE_FACTOR,
+    params = validate(make(num_frames=LIMITS.max_frames, height=LIMITS.max_size, width=LIMITS.vae_scale_factor,
                            num_inference_steps=LIMITS.max_steps, fps=LIMITS.max_fps,
                            prompt="x" * LIMITS.max_prompt_chars), LIMITS)
     assert params.num_frames == LIMITS.max_frames
     assert params.height == LIMITS.max_size
-    assert params.width == VAE_SCALE_FACTOR
+    assert params.width == LIMITS.vae_scale_factor
     assert params.num_inference_steps == LIMITS.max_steps
     assert params.fps == LIMITS.max_fps
 
@@ -200,7 +213,7 @@ def test_validate_returns_params_within_limits_or_refuses(request: generation_pb
     assert len(params.negative_prompt) <= LIMITS.max_prompt_chars
     assert 1 <= params.num_frames <= LIMITS.max_frames
     for size in (params.height, params.width):
-        assert 0 < size <= LIMITS.max_size and size % VAE_SCALE_FACTOR == 0
+        assert 0 < size <= LIMITS.max_size and size % LIMITS.vae_scale_factor == 0
     assert 1 <= params.num_inference_steps <= LIMITS.max_steps
     assert isinstance(params.guidance_scale, float)
     assert math.isfinite(params.guidance_scale) and params.guidance_scale >= 0
