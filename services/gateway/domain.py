@@ -198,6 +198,7 @@ class JobView:
     record: JobRecord
     queue_position: int = 0                 # 1 = next; 0 when not queued
     queue_length: int = 0                   # jobs waiting in all, when queued
+    waiting_for: str = ""                   # RUNNING but not moving: what it waits for, in a sentence
 
     @property
     def job_id(self) -> str:
@@ -236,6 +237,21 @@ class Warning:  # noqa: A001 - a job warning, not the builtin
 
 
 @dataclass(frozen=True)
+class StageRetried(Warning):
+    """A stage call broke mid-way and is tried again. Kept with the job like any warning, except while its
+    gateway stops: the stages stop with it then (``t2v up``), and the job's next run owes nothing to that."""
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The run waits for a replica of ``stage`` to answer (its last one went away): why the job's step does
+    not move. Ends with the next Progress or StageStarted."""
+
+    stage: Stage
+    text: str
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """The denoiser's state after ``step`` steps, opaque to the gateway: a successor resumes from it."""
 
@@ -253,7 +269,7 @@ class Result:
     frames: object | None = None   # float frames from the decoder, only when asked for (parity checks)
 
 
-RunEvent = Union[StageStarted, Progress, Warning, Checkpoint, Result]
+RunEvent = Union[StageStarted, Progress, Warning, Waiting, Checkpoint, Result]
 
 
 # --- what a watcher receives, besides StageStarted / Progress / Warning ----------------------------------

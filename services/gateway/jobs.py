@@ -43,7 +43,8 @@ from services.common.logs import kv
 from services.gateway.dispatcher import Dispatcher
 from services.gateway.domain import (ACTIVE, Checkpoint, Finished, Interrupted, JobRecord, JobRequest, JobStatus,
                                      JobUpdate, JobView, Params, Priority, Progress, Queued, QueueFull, Result, RunControl,
-                                     RunEvent, Stage, StageStarted, Warning, check_job_id, new_job_id)
+                                     RunEvent, Stage, StageRetried, StageStarted, Waiting, Warning, check_job_id,
+                                     new_job_id)
 from services.gateway.observer import JobObserver, SafeObserver
 from services.gateway.queue import DepartureRate, QueuePolicy
 from services.gateway.tenancy import EVERYONE, Caller
@@ -180,6 +181,7 @@ class LocalRun:
     step: int = 0
     total_steps: int = 0
     warnings: list[str] = field(default_factory=list)
+    waiting_for: str = ""                       # a Waiting's sentence, until the run moves again
     history: list[JobUpdate] = field(default_factory=list)   # this run's events, replayed to late watchers
     last_progress_write: float = 0.0
     interrupted: bool = False                   # this gateway is stopping: leave the job to the next one
@@ -813,10 +815,15 @@ class JobService:
         now = self._clock()
         write = False
         if isinstance(event, StageStarted):
-            run.stage, write = event.stage, True
+            run.stage, run.waiting_for, write = event.stage, "", True
         elif isinstance(event, Progress):
-            run.step, run.total_steps = event.step, event.total
+            run.step, run.total_steps, run.waiting_for = event.step, event.total, ""
             write = event.step == event.total or now - run.last_progress_write >= self.settings.progress_write_seconds
+        elif isinstance(event, Waiting):
+            run.waiting_for = event.text
+            return                         # a state of this run, shown by GetJob here; not a job event
+        elif isinstance(event, StageRetried) and not self._accepting:
+            return                         # the gateway stops, and the stages with it: nothing to keep
         elif isinstance(event, Warning):
             run.warnings.append(event.text)
             self._best_effort(lambda: self.store.add_warning(run.job_id, event.text), "warning")
@@ -991,6 +998,8 @@ class JobService:
         if run is not None and record.status == JobStatus.RUNNING:
             record = dataclasses.replace(record, stage=run.stage, step=run.step, total_steps=run.total_steps,
                                          warnings=tuple(run.warnings) or record.warnings)
+            if run.waiting_for:
+                return JobView(record, waiting_for=run.waiting_for)
         elif record.status == JobStatus.QUEUED:
             places = places if places is not None else self._places()
             return JobView(record, places.get(record.job_id, 0), len(places) if record.job_id in places else 0)

@@ -76,7 +76,7 @@ def job_message(view: JobView) -> gateway_pb2.Job:
         queue_position=view.queue_position, queue_length=view.queue_length,
         created_unix_ms=r.created_ms, started_unix_ms=r.started_ms, finished_unix_ms=r.finished_ms,
         cached=r.cached, video_size=r.video_size, mime_type=r.mime_type, expires_unix_ms=r.expires_ms,
-        warnings=list(r.warnings))
+        warnings=list(r.warnings), waiting_for=view.waiting_for)
     if r.error_code:
         job.error.CopyFrom(gateway_pb2.JobError(code=r.error_code, message=r.error_message))
     return job

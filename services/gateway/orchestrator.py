@@ -25,7 +25,7 @@ from services.common.logs import kv
 from services.common.server import message_options
 from services.common.tls import ClientTls, channel as tls_channel
 from services.gateway.domain import (Checkpoint, Params, Progress, Result, RunControl, RunEvent, Stage,
-                                     StageStarted, Warning)
+                                     StageRetried, StageStarted, Waiting, Warning)
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
                     text_encoder_pb2_grpc)
 
@@ -197,11 +197,13 @@ class Orchestrator:
             finally:
                 control.track(None)
             log.warning(kv("stage_retry", job_id=job_id, stage=name, attempt=number + 1, reason=details))
-            yield Warning(f"the {name} stage failed during the call ({details}); trying again, attempt "
-                          f"{number + 1} of {STAGE_ATTEMPTS}"
-                          + (retry_note() if retry_note is not None else ""))
+            note = retry_note() if retry_note is not None else ""
+            yield StageRetried(f"the {name} stage failed during the call ({details}); trying again, attempt "
+                               f"{number + 1} of {STAGE_ATTEMPTS}" + note)
             control.cancelled.wait(RETRY_BACKOFF_SECONDS * 2 ** (number - 1))
             yield StageStarted(stage)
+            yield Waiting(stage, f"the job waits for a replica of the {name} stage to answer (its last one went "
+                                 f"away: {details}){note}; check the {name} stage's replicas if this lasts")
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     @staticmethod

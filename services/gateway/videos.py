@@ -253,6 +253,8 @@ class Video(BaseModel):
     cached: bool = Field(description="Completed at once from the result cache (same explicit seed and params).")
     video_size: Optional[int] = Field(None, description="Bytes of the MP4, once completed.")
     warnings: list[str] = Field(description="E.g. a prompt cut at 77 tokens.")
+    waiting_for: Optional[str] = Field(None, description="In progress but not moving: what the job waits for, "
+                                                         "in a sentence (e.g. a replica of the denoiser stage).")
 
 
 class VideoList(BaseModel):
@@ -309,7 +311,7 @@ def video_object(view: JobView, model: str) -> Video:
         seed=p.seed, num_frames=p.num_frames, fps=p.fps, width=p.width, height=p.height,
         num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, scheduler=p.scheduler,
         negative_prompt=p.negative_prompt, cached=r.cached, video_size=r.video_size or None,
-        warnings=list(r.warnings))
+        warnings=list(r.warnings), waiting_for=view.waiting_for or None)
 
 
 def model_name(model: str) -> str:

@@ -118,7 +118,7 @@ class JobError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "status", "priority", "params", "progress", "stage", "queue_position", "error", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "cached", "video_size", "mime_type", "expires_unix_ms", "warnings", "queue_length")
+    __slots__ = ("job_id", "status", "priority", "params", "progress", "stage", "queue_position", "error", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "cached", "video_size", "mime_type", "expires_unix_ms", "warnings", "queue_length", "waiting_for")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class Job(_message.Message):
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: JobStatus
     priority: Priority
@@ -153,7 +154,8 @@ class Job(_message.Message):
     expires_unix_ms: int
     warnings: _containers.RepeatedScalarFieldContainer[str]
     queue_length: int
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., priority: _Optional[_Union[Priority, str]] = ..., params: _Optional[_Union[_generation_pb2.GenerationParams, _Mapping]] = ..., progress: _Optional[_Union[_generation_pb2.StepProgress, _Mapping]] = ..., stage: _Optional[_Union[Stage, str]] = ..., queue_position: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., cached: _Optional[bool] = ..., video_size: _Optional[int] = ..., mime_type: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., queue_length: _Optional[int] = ...) -> None: ...
+    waiting_for: str
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., priority: _Optional[_Union[Priority, str]] = ..., params: _Optional[_Union[_generation_pb2.GenerationParams, _Mapping]] = ..., progress: _Optional[_Union[_generation_pb2.StepProgress, _Mapping]] = ..., stage: _Optional[_Union[Stage, str]] = ..., queue_position: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., cached: _Optional[bool] = ..., video_size: _Optional[int] = ..., mime_type: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., queue_length: _Optional[int] = ..., waiting_for: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("params", "priority", "timeout_seconds")
