@@ -31,7 +31,7 @@ from services.gateway.jobs import JobService, JobSettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.observer import JobObserver
 from services.gateway.ratelimit import RateLimiter, RateLimitInterceptor
-from services.gateway.server import SERVICE_NAME, GatewayServicer
+from services.gateway.server import SERVICE_NAME, STREAMS_HINT, GatewayServicer
 from services.gateway.store import check_url, describe_url, open_stores
 from t2v.v1 import gateway_pb2_grpc
 
@@ -147,6 +147,7 @@ class Gateway:
         self.jobs: JobService | None = None
         self.http: HttpServer | None = None
         self.servicer = GatewayServicer(self._service, self.limits, self.draining)
+        self.streams_hint = STREAMS_HINT      # serve() ends a --max-streams refusal with it
 
     def load(self) -> None:
         self.orchestrator = orch.Orchestrator(
