@@ -34,7 +34,10 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
     port: int = setting(0, "port to listen on (0 = any free port)")
     max_message_mb: int = setting(64, "largest gRPC message sent or received, in MiB")
-    max_workers: int = setting(32, "gRPC handler threads (concurrent calls)")
+    max_workers: int = setting(64, "gRPC handler threads (concurrent calls)")
+    max_streams: int = setting(0, "most streaming calls open at once (Generate, GetVideo, Denoise, ...); more are "
+                                  "refused at once with RESOURCE_EXHAUSTED, so health checks and short calls always "
+                                  "find a thread (0 = three quarters of --max-workers)")
     grace_seconds: float = setting(10.0, "on SIGTERM, how long in-flight calls may take to finish")
     max_connection_age_seconds: float = setting(
         0.0, "close client connections after this long (0 = never) so clients re-resolve DNS and spread "
@@ -49,6 +52,19 @@ class ServerConfig:
                                      "(mutual TLS; needs --tls-cert)")
     health_port: int = setting(-1, "a second, plaintext port on --host that serves only grpc.health.v1, for "
                                    "probes that cannot do (mutual) TLS (-1 = off, 0 = any free port)")
+
+    @property
+    def stream_limit(self) -> int:
+        """``max_streams``, or its default (three quarters of ``max_workers``); ValueError naming the flag when
+        it would leave no handler thread for health checks and short calls."""
+        if self.max_workers < 2:
+            raise ValueError(f"--max-workers is {self.max_workers}; it must be at least 2 (one thread for streams, "
+                             "one for health checks and short calls)")
+        if self.max_streams < 0 or self.max_streams >= self.max_workers:
+            raise ValueError(f"--max-streams is {self.max_streams}; it must be 0 (three quarters of --max-workers) or "
+                             f"between 1 and {self.max_workers - 1} (below --max-workers, {self.max_workers}, so "
+                             "streams never take every thread)")
+        return self.max_streams or self.max_workers * 3 // 4
 
     @property
     def max_message_bytes(self) -> int:

@@ -13,11 +13,16 @@ durations, labels with bounded values only (stage, method, status code, outcome,
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 import threading
-from typing import Any, Sequence
+import time
+from socketserver import ThreadingMixIn
+from typing import Any, Callable, Sequence
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
-                               ProcessCollector, start_http_server)
+                               ProcessCollector, make_wsgi_app)
 
 from services.common.logs import kv
 
@@ -29,11 +34,80 @@ DURATION_BUCKETS: Sequence[float] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 LOAD_BUCKETS: Sequence[float] = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
+# A connection to /metrics must send its request and take its answer within this many seconds of being
+# accepted (Prometheus' default scrape timeout; a scrape takes milliseconds). Read when a connection comes.
+METRICS_CONNECTION_SECONDS = 10.0
+
+
+class _DeadlineSocket(socket.socket):
+    """An accepted connection whose every read and write must end by one deadline, however the bytes trickle.
+
+    Why a deadline and not just a socket timeout: a timeout bounds each read, so a client sending a byte a
+    second would hold its thread forever."""
+
+    deadline = 0.0
+
+    @classmethod
+    def adopt(cls, sock: socket.socket, seconds: float) -> "_DeadlineSocket":
+        conn = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        conn.deadline = time.monotonic() + seconds
+        return conn
+
+    def _time_left(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the metrics client took too long")
+        self.settimeout(left)
+
+    def recv(self, *args: Any) -> bytes:
+        self._time_left()
+        return super().recv(*args)
+
+    def recv_into(self, *args: Any) -> int:
+        self._time_left()
+        return super().recv_into(*args)
+
+    def send(self, *args: Any) -> int:
+        self._time_left()
+        return super().send(*args)
+
+    def sendall(self, *args: Any) -> None:
+        self._time_left()
+        super().sendall(*args)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        """One line per scrape would drown the log."""
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """prometheus_client's server (a thread per connection, one request each), with a deadline on each
+    connection (``METRICS_CONNECTION_SECONDS``): an idle or trickling client is closed, freeing its thread."""
+
+    daemon_threads = True
+    request_queue_size = 128          # the listen backlog (socketserver's 5 made a burst of connections wait
+                                      # seconds for their SYN to be sent again)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()
+        return _DeadlineSocket.adopt(sock, METRICS_CONNECTION_SECONDS), address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):    # too slow (TimeoutError) or gone: nothing to report
+            return
+        super().handle_error(request, client_address)
+
+
 class MetricsHttp:
     """``/metrics`` for one registry on its own HTTP port, in a daemon thread; ``stop`` frees the port."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._server, self._thread = start_http_server(port, host, registry=registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("_MetricsServerOf", (_MetricsServer,), {"address_family": family})
+        self._server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         self.port: int = self._server.server_port
 
     def stop(self) -> None:
@@ -65,6 +139,11 @@ class ServiceMetrics:
                                       buckets=DURATION_BUCKETS, registry=r)
         self._rpcs_in_progress = Gauge("t2v_grpc_requests_in_progress", "gRPC calls being handled now, by method",
                                        ["method"], registry=r)
+        self._streams_open = Gauge("t2v_grpc_streams_open", "Streaming gRPC calls open now (health checks aside), at "
+                                   "most --max-streams", registry=r)
+        self._streams_refused = Counter("t2v_grpc_streams_refused", "Streaming gRPC calls refused at once with "
+                                        "RESOURCE_EXHAUSTED because --max-streams were open, by method",
+                                        ["method"], registry=r)
         self._loaded.labels(stage).set(0)
         self._http: MetricsHttp | None = None
         self._lock = threading.Lock()
@@ -88,6 +167,15 @@ class ServiceMetrics:
         self._rpcs_in_progress.labels(method).dec()
         self._rpcs.labels(method, code).inc()
         self._rpc_seconds.labels(method).observe(seconds)
+
+    # --- streaming calls (called by server.StreamLimit) --------------------------------------------
+    def watch_streams(self, count: Callable[[], int]) -> None:
+        """Read the number of open streaming calls from ``count()`` at each scrape."""
+        self._streams_open.set_function(count)
+
+    def stream_refused(self, method: str) -> None:
+        """A streaming call refused because ``--max-streams`` were open (it never reached the servicer)."""
+        self._streams_refused.labels(method).inc()
 
     # --- the HTTP endpoint -------------------------------------------------------------------
     def serve_http(self, host: str, port: int) -> int | None:

@@ -7,6 +7,7 @@ calls, let in-flight ones finish for ``grace_seconds``) must be identical and te
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -20,8 +21,11 @@ from grpc_reflection.v1alpha import reflection
 from services.common.config import ModelConfig, ServerConfig, describe
 from services.common.errors import Unavailable
 from services.common.logs import kv, setup_logging
-from services.common.metrics import metrics_of
-from services.common.tls import TlsConfigError, check_stage_exposure, load_server_tls
+from services.common.metrics import ServiceMetrics, metrics_of
+from services.common.tls import check_stage_exposure, load_server_tls
+
+
+log = logging.getLogger(__name__)
 
 
 def message_options(max_bytes: int) -> list[tuple[str, int]]:
@@ -136,25 +140,109 @@ class InFlight(grpc.ServerInterceptor):
         return handler
 
 
+STREAM_RETRY_AFTER_SECONDS = 5
+
+
+class StreamLimit(grpc.ServerInterceptor):
+    """At most ``limit`` response-streaming calls at once (``--max-streams``); one more is refused at once with
+    RESOURCE_EXHAUSTED, a sentence and a ``retry-after`` trailer, before the servicer sees it (so a refused
+    ``Generate`` creates no job).
+
+    Why: a sync gRPC server runs each call on one of its ``--max-workers`` threads for the call's whole life, and
+    a stream (a ``Generate`` waiting for its job, a ``Denoise`` running) holds its thread for minutes. With as
+    many streams as threads, health checks and short calls wait in the pool's queue until their deadline, and a
+    liveness probe restarts a healthy server. Capping streams below the pool keeps threads for everything else.
+    Health is exempt (``Check`` is unary and quick; ``Watch`` holds no thread: grpc serves it non-blocking);
+    reflection streams count, since a client can keep one open."""
+
+    _EXEMPT = ("/grpc.health.v1.",)
+
+    def __init__(self, limit: int, hint: str = "", on_refused: Callable[[str], None] | None = None) -> None:
+        self.limit = limit
+        self._hint = hint
+        self._on_refused = on_refused
+        self._open = 0
+        self._lock = threading.Lock()
+
+    @property
+    def open(self) -> int:
+        """Streaming calls being served now."""
+        return self._open
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self._open >= self.limit:
+                return False
+            self._open += 1
+            return True
+
+    def _release(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+    def _refuse(self, method: str, context: grpc.ServicerContext) -> None:
+        log.info(kv("stream_refused", method=method, open=self.limit, reason="--max-streams"))
+        if self._on_refused is not None:
+            self._on_refused(method)
+        context.set_trailing_metadata((("retry-after", str(STREAM_RETRY_AFTER_SECONDS)),))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"this server already has {self.limit} streaming calls open, its limit (--max-streams); "
+                      f"retry in about {STREAM_RETRY_AFTER_SECONDS} s{self._hint}")
+
+    def _limited(self, behaviour: Callable, method: str) -> Callable:
+        def stream(request_or_iterator, context):
+            if not self._take():
+                self._refuse(method, context)
+            try:
+                yield from behaviour(request_or_iterator, context)
+            finally:
+                self._release()
+        return stream
+
+    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001 - gRPC's signature
+        handler = continuation(handler_call_details)
+        full = handler_call_details.method
+        if handler is None or not handler.response_streaming or full.startswith(self._EXEMPT):
+            return handler
+        method = full.rsplit("/", 1)[-1]
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                self._limited(handler.stream_stream, method), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(
+            self._limited(handler.unary_stream, method), request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
 class GrpcServer:
     """One gRPC server with health and reflection; ``start`` binds and returns the real port.
 
     With ``tls_cert``/``tls_key`` the port speaks TLS only (and with ``tls_client_ca``, mutual TLS);
     bad TLS settings raise ``TlsConfigError`` here, before anything listens. With ``health_port`` >= 0
     a second, plaintext server answers grpc.health.v1 only (the same statuses): Kubernetes' gRPC probes
-    can present no certificate, and health says nothing but SERVING or not."""
+    can present no certificate, and health says nothing but SERVING or not.
+
+    Streaming calls are capped at ``config.stream_limit`` (``StreamLimit``, innermost: a call refused for its
+    key or its rate never takes a stream); ``metrics`` (a ``ServiceMetrics``) then reports the open streams
+    and the refusals, and ``streams_hint`` ends the refusal's sentence (what else the client can do). A bad
+    ``--max-streams`` raises ValueError here, naming the flag."""
 
     def __init__(self, config: ServerConfig, service_name: str,
                  add_servicer: Callable[[grpc.Server], None],
-                 interceptors: "list[grpc.ServerInterceptor] | None" = None) -> None:
+                 interceptors: "list[grpc.ServerInterceptor] | None" = None,
+                 metrics: ServiceMetrics | None = None, streams_hint: str = "") -> None:
         self.config = config
         self.service_name = service_name
         self.in_flight = InFlight()
+        self.streams = StreamLimit(config.stream_limit, streams_hint,
+                                   metrics.stream_refused if metrics is not None else None)
+        if metrics is not None:
+            metrics.watch_streams(lambda: self.streams.open)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
                                    options=message_options(config.max_message_bytes)
                                    + connection_age_options(config.max_connection_age_seconds)
                                    + NO_REUSEPORT,
-                                   interceptors=[self.in_flight, *(interceptors or [])])
+                                   interceptors=[self.in_flight, *(interceptors or []), self.streams])
         self.tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
         add_servicer(self._server)
         self._health = health.HealthServicer()
@@ -223,11 +311,13 @@ def serve(config: ServerConfig, service: str, service_name: str, servicer: Loada
     ``service_name`` follows it, while the server's (``""``, what liveness probes ask) stays SERVING."""
     log = setup_logging(service, config.log_level)
     log.info("event=config " + describe(config))
+    metrics = metrics_of(servicer, service)
     try:
-        server = GrpcServer(config, service_name, add_servicer, interceptors)
+        server = GrpcServer(config, service_name, add_servicer, interceptors, metrics,
+                            getattr(servicer, "streams_hint", ""))
         if isinstance(config, ModelConfig):          # a stage: no API key guards it
             check_stage_exposure(config.host, bool(server.tls and server.tls.mutual), config.trusted_network, service)
-    except TlsConfigError as exc:
+    except ValueError as exc:          # a TlsConfigError, or a --max-streams that leaves no thread
         raise SystemExit(f"{service}: {exc}") from None
     try:
         port = server.start()
@@ -237,7 +327,6 @@ def serve(config: ServerConfig, service: str, service_name: str, servicer: Loada
     log.info(kv("listening", address=f"{config.host}:{port}", health="NOT_SERVING",
                 tls="mutual" if server.tls and server.tls.mutual else "on" if server.tls else "off",
                 **({"health_port": server.health_port} if server.health_port >= 0 else {})))
-    metrics = metrics_of(servicer, service)
     metrics.serve_http(config.host, config.metrics_port)   # -1 = off
 
     stop = threading.Event()

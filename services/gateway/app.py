@@ -33,7 +33,7 @@ from services.gateway.jobs import JobService, JobSettings
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.observer import JobObserver
 from services.gateway.ratelimit import RateLimiter, RateLimitInterceptor
-from services.gateway.server import SERVICE_NAME, GatewayServicer
+from services.gateway.server import SERVICE_NAME, STREAMS_HINT, GatewayServicer
 from services.gateway.store import check_url, describe_url, open_stores
 from services.gateway.tenancy import Tenancy
 from t2v.v1 import gateway_pb2_grpc
@@ -166,6 +166,7 @@ class Gateway:
         self.http: HttpServer | None = None
         self.tenancy = Tenancy(api_keys_from(config), admin_keys_from(config))   # ApiKeyError: a bad key file
         self.servicer = GatewayServicer(self._service, self.limits, self.draining, self.tenancy)
+        self.streams_hint = STREAMS_HINT      # serve() ends a --max-streams refusal with it
 
     def load(self) -> None:
         self.orchestrator = orch.Orchestrator(

@@ -36,6 +36,7 @@ from pathlib import Path as FilePath
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional
 
 import grpc
+import h11
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +45,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.auth import key_matches, presented_key
 from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
@@ -66,6 +68,8 @@ READ_CHUNK_BYTES = 256 << 10
 SSE_POLL_SECONDS = 0.1                          # how often an event stream looks for the job's news
 SSE_KEEPALIVE_SECONDS = 15.0                    # a comment line this often keeps proxies from closing it
 SHUTDOWN_SECONDS = 3.0                          # open streams get this long when the gateway stops
+KEEPALIVE_SECONDS = 5                           # an idle kept-alive connection is closed after this long
+REQUEST_READ_SECONDS = 10.0                     # a request's headers and body must arrive within this long
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
@@ -586,6 +590,50 @@ def create_app(backend: Backend) -> FastAPI:
 
 
 # --- the server thread ------------------------------------------------------------------------------------
+class _TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for reading each request: its headers and body must arrive within
+    ``REQUEST_READ_SECONDS`` of its first byte (of the connection's opening, for the first request), else the
+    connection is closed.
+
+    Why: uvicorn times out only the idle time between two requests (``timeout_keep_alive``, reset by any byte),
+    so a client that connects and sends nothing, or sends its headers a byte a second, holds its connection
+    forever. Once the request is in, the deadline is off: a long response (an event stream, a download) is not
+    cut. Reading is in the event loop, so such a client never held a thread; this frees its socket."""
+
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and self.conn.their_state is h11.IDLE:
+            self._arm()                   # the first byte of the next request on a kept-alive connection
+        super().data_received(data)
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+            self._disarm()                # the whole request is in, or the connection is ending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(REQUEST_READ_SECONDS, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            log.info(kv("http_request_timeout", client=":".join(map(str, self.client or ("?",))),
+                        seconds=REQUEST_READ_SECONDS))
+            self.transport.close()
+
+
 class HttpServer:
     """uvicorn on a background thread of the gateway process. ``start`` binds (so a busy port fails at
     once, with a sentence) and returns the port; ``stop`` gives open streams ``SHUTDOWN_SECONDS``."""
@@ -616,7 +664,8 @@ class HttpServer:
         self.port = sock.getsockname()[1]
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)     # our own line says where it listens
         config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=SHUTDOWN_SECONDS, ws="none",
+                                timeout_graceful_shutdown=SHUTDOWN_SECONDS, ws="none", http=_TimedH11Protocol,
+                                timeout_keep_alive=KEEPALIVE_SECONDS,
                                 **(self.tls.uvicorn_options() if self.tls else {}))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="gateway-http",

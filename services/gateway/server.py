@@ -24,6 +24,8 @@ from services.gateway.validation import validate
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 
 SERVICE_NAME = "t2v.v1.Gateway"
+# The end of the sentence of a stream refused by --max-streams (services/common/server.py, StreamLimit).
+STREAMS_HINT = "; or submit with SubmitJob and poll GetJob, which hold no stream"
 
 
 def _deadline_seconds(context: grpc.ServicerContext) -> float | None:
