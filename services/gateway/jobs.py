@@ -47,9 +47,9 @@ from services.gateway.domain import (ACTIVE, Checkpoint, Finished, Interrupted, 
                                      new_job_id)
 from services.gateway.observer import JobObserver, SafeObserver
 from services.gateway.queue import DepartureRate, QueuePolicy
-from services.gateway.tenancy import EVERYONE, Caller
 from services.gateway.store import (Claimed, JobStore, Notice, ResultStore, ResultStoreFull, StoreFull, StoreQueueFull,
                                     StoreUnavailable)
+from services.gateway.tenancy import EVERYONE, Caller
 
 log = logging.getLogger("gateway.jobs")
 
