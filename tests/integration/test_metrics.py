@@ -2,7 +2,8 @@
 
 Each stage here is started fresh with its own registry (``metrics_port=0``), so the numbers are only
 this module's calls; a gateway in front of them serves its HTTP API, whose requests are counted by route
-template. ``serve()`` itself (the wiring in a real process) is checked with ``t2v serve`` subprocesses at
+template; the dashboard's and the alerts' metric names are checked against what the four real endpoints
+declare. ``serve()`` itself (the wiring in a real process) is checked with ``t2v serve`` subprocesses at
 the end.
 """
 
@@ -33,6 +34,7 @@ from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_gr
                     text_encoder_pb2_grpc)
 from tests.conftest import (EMBEDDING_DIM, RunningStage, free_port, start_decoder, start_denoiser, start_gateway,
                             start_text_encoder, stop_gateway, stop_stage, wait_for as wait_until)
+from tests.monitoring import PROMETHEUS_OWN, exposition_names, names_used, recorded
 from tests.promtool import promtool_check
 
 pytestmark = pytest.mark.slow
@@ -183,7 +185,7 @@ def test_decoder_counts_frames_bytes_and_times(decoder):
     promtool_check(body, "the decoder's /metrics after a call")
 
 
-# --- the gateway: its HTTP API and its result store ----------------------------------------------------
+# --- the gateway: its HTTP API, its result store; the dashboard's names on the real endpoints ---------
 
 @pytest.fixture(scope="module")
 def gateway(text_encoder, denoiser, decoder, tmp_path_factory) -> Iterator[RunningStage]:
@@ -245,6 +247,16 @@ def test_gateway_exports_its_result_stores_space(gateway):
     assert 0 < free <= size and abs(free - info.f_bavail * info.f_frsize) < 256 << 20
     assert get(samples, "t2v_build_info", **build_info()) == 1
     assert get(samples, "t2v_model_loaded", stage="gateway") == 1
+
+
+def test_the_dashboard_and_the_alerts_name_only_what_the_real_endpoints_declare(text_encoder, denoiser, decoder,
+                                                                                 gateway):
+    declared = set().union(*(exposition_names(scrape(s.metrics_url)[0].decode())
+                             for s in (text_encoder, denoiser, decoder, gateway)))
+    known = declared | PROMETHEUS_OWN | recorded()
+    unknown = {where: names - known for where, names in names_used().items() if names - known}
+    assert not unknown
+    assert {"t2v_denoiser_step_duration_seconds_sum", "t2v_gateway_result_store_free_bytes"} <= declared
 
 
 # --- the engine's observer, for the outcome the servers cannot easily provoke --------------------
