@@ -8,9 +8,9 @@ Two ways, same result:
 * Otherwise :func:`render_fallback`: a small renderer written for these tests that implements
   exactly the kustomize features deploy/k8s uses, and refuses any other field rather than guess:
   ``resources`` (files and kustomization folders), ``components`` (kind Component, applied to what
-  the including kustomization has accumulated so far), ``configMapGenerator`` (literals; behavior
-  create/merge; the name-hash suffix computed as kustomize's hasher does, and the references in pod
-  specs renamed), ``patches`` (by ``path``: a strategic-merge patch on the object its kind and
+  the including kustomization has accumulated so far), ``configMapGenerator`` (literals and files;
+  behavior create/merge; options labels, annotations and disableNameSuffixHash; the name-hash suffix
+  computed as kustomize's hasher does, and the references in pod specs renamed), ``patches`` (by ``path``: a strategic-merge patch on the object its kind and
   metadata.name name), ``images`` (newName/newTag) and ``namespace``.
 
 When kubectl is present, ``test_fallback_renderer_matches_kustomize`` proves the two agree object
@@ -35,7 +35,8 @@ K8S = REPO / "deploy" / "k8s"
 
 _KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "resources", "components", "configMapGenerator",
                          "patches", "images"}
-_GENERATOR_FIELDS = {"name", "literals", "behavior"}
+_GENERATOR_FIELDS = {"name", "literals", "files", "behavior", "options"}
+_GENERATOR_OPTIONS = {"labels", "annotations", "disableNameSuffixHash"}
 # Kinds without a namespace (kustomize's namespace transformer leaves them alone).
 _CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
                    "CustomResourceDefinition", "PriorityClass", "IngressClass", "RuntimeClass"}
@@ -83,9 +84,10 @@ def renderer_name() -> str:
 # --- the fallback renderer ---------------------------------------------------------------------------
 
 class _Resource:
-    def __init__(self, obj: dict[str, Any], generated: bool = False) -> None:
+    def __init__(self, obj: dict[str, Any], generated: bool = False, hashed: bool = True) -> None:
         self.obj = obj
         self.generated = generated
+        self.hashed = hashed            # a generated ConfigMap's name gets kustomize's hash suffix
 
     @property
     def kind(self) -> str:
@@ -146,18 +148,34 @@ def _generate_config_map(generator: dict[str, Any], resources: list[_Resource], 
     unknown = set(generator) - _GENERATOR_FIELDS
     if unknown:
         raise RenderError(f"{folder}: configMapGenerator field(s) {sorted(unknown)} are not implemented")
+    options = generator.get("options", {})
+    unknown = set(options) - _GENERATOR_OPTIONS
+    if unknown:
+        raise RenderError(f"{folder}: configMapGenerator option(s) {sorted(unknown)} are not implemented")
     data = {}
     for literal in generator.get("literals", []):
         key, _, value = literal.partition("=")
         data[key] = value
+    for entry in generator.get("files", []):        # "PATH" (the key is its file name) or "KEY=PATH"
+        key, _, path = entry.rpartition("=")
+        file = (folder / path).resolve()
+        if not file.is_relative_to(folder):
+            raise RenderError(f"{folder}: {path} is outside the kustomization (kustomize refuses it)")
+        data[key or file.name] = file.read_text()
     behavior = generator.get("behavior", "create")
     existing = [r for r in resources if r.generated and r.kind == "ConfigMap" and r.name == generator["name"]]
     if behavior == "create":
         if existing:
             raise RenderError(f"{folder}: ConfigMap {generator['name']} generated twice (use behavior: merge)")
-        resources.append(_Resource({"apiVersion": "v1", "kind": "ConfigMap",
-                                    "metadata": {"name": generator["name"]}, "data": data}, generated=True))
+        metadata: dict[str, Any] = {"name": generator["name"]}
+        for field in ("labels", "annotations"):
+            if options.get(field):
+                metadata[field] = {k: str(v) for k, v in options[field].items()}
+        resources.append(_Resource({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data},
+                                   generated=True, hashed=not options.get("disableNameSuffixHash", False)))
     elif behavior in {"merge", "replace"}:
+        if options:
+            raise RenderError(f"{folder}: options on a {behavior} of ConfigMap {generator['name']} are not implemented")
         if not existing:
             raise RenderError(f"{folder}: behavior {behavior} for ConfigMap {generator['name']}, which no base generates")
         if behavior == "replace":
@@ -232,7 +250,7 @@ def config_map_hash(config_map: dict[str, Any]) -> str:
 def _rename_config_maps(resources: list[_Resource]) -> None:
     renamed: dict[tuple[str | None, str], str] = {}
     for resource in resources:
-        if resource.generated:
+        if resource.generated and resource.hashed:
             old = resource.name
             resource.obj["metadata"]["name"] = f"{old}-{config_map_hash(resource.obj)}"
             renamed[(resource.obj["metadata"].get("namespace"), old)] = resource.obj["metadata"]["name"]

@@ -1,4 +1,5 @@
-"""``promtool check metrics`` on an exposition text: the format and Prometheus' naming lint."""
+"""promtool for the tests: ``check metrics`` on an exposition text (the format and Prometheus' naming lint), and
+``check rules`` / ``test rules`` on rule files (tests/unit/test_monitoring.py)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,11 @@ def promtool_check(exposition: bytes | str, what: str) -> None:
     result = subprocess.run([promtool, "check", "metrics"], input=data, capture_output=True, timeout=30)
     problems = (result.stdout + result.stderr).decode().strip()
     assert result.returncode == 0 and not problems, f"promtool check metrics on {what}: {problems}"
+
+
+def promtool(*args: str, cwd: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``promtool ARGS`` (e.g. ``check rules FILE``, ``test rules FILE``); fails, never skips, without it."""
+    binary = shutil.which("promtool")
+    if binary is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    return subprocess.run([binary, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

@@ -12,11 +12,15 @@ durations, labels with bounded values only (stage, method, status code, outcome,
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import socket
 import sys
 import threading
 import time
+from importlib import metadata
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any, Callable, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -116,8 +120,54 @@ class MetricsHttp:
         self._thread.join(timeout=5)
 
 
+ENV_REVISION = "T2V_BUILD_REVISION"        # the image's git revision (deploy/docker/Dockerfile sets it)
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def git_revision(root: Path = _REPO) -> str:
+    """The commit (12 hex digits) of the git checkout at ``root``, read from its files (no git binary, no
+    subprocess); "unknown" where there is none, e.g. in the image, which has no .git (it sets
+    ``T2V_BUILD_REVISION`` instead)."""
+    try:
+        git = root / ".git"
+        if git.is_file():                         # a worktree or submodule: "gitdir: PATH"
+            git = (root / git.read_text().partition(":")[2].strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head[:12]                      # a detached HEAD
+        ref = head[len("ref: "):]
+        common = git
+        if (git / "commondir").is_file():         # a worktree keeps its branches in the main .git
+            common = (git / (git / "commondir").read_text().strip()).resolve()
+        for folder in (git, common):
+            if (folder / ref).is_file():
+                return (folder / ref).read_text().strip()[:12]
+        for line in (common / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0][:12]
+    except (OSError, UnicodeDecodeError):
+        pass
+    return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def build_info() -> dict[str, str]:
+    """What ``t2v_build_info`` says: this package's version, its git revision, torch's and grpcio's versions
+    (from the installed packages' metadata: nothing is imported). Read once per process."""
+    return {"version": _package_version("t2v-mesh"),
+            "revision": os.environ.get(ENV_REVISION, "").strip() or git_revision(),
+            "torch": _package_version("torch"), "grpc": _package_version("grpcio")}
+
+
 class ServiceMetrics:
-    """The metrics every service has: model load state and time, gRPC calls by method and code.
+    """The metrics every service has: build, model load state and time, gRPC calls by method and code.
 
     ``stage`` is the service's name (text_encoder, denoiser, decoder, gateway); it labels the model
     metrics, so one dashboard can show every stage's load state side by side.
@@ -127,6 +177,10 @@ class ServiceMetrics:
         self.stage = stage
         self.registry = registry if registry is not None else new_registry()
         r = self.registry
+        self._build = Gauge("t2v_build_info", "Always 1; the labels say what runs: the t2v-mesh version, its git "
+                            "revision (unknown outside a checkout, unless the image sets it), the torch and grpcio "
+                            "versions", list(build_info()), registry=r)
+        self._build.labels(**build_info()).set(1)
         self._loaded = Gauge("t2v_model_loaded", "1 once the service has loaded its model (and reports SERVING), "
                              "else 0", ["stage"], registry=r)
         self._load_seconds = Histogram("t2v_model_load_duration_seconds", "Time from start of the model load "

@@ -173,6 +173,7 @@ class Gateway:
             orch.StageAddresses(self.config.text_encoder, self.config.denoiser, self.config.decoder),
             self.config.max_message_bytes, self.config.stage_timeout, stage_tls_from(self.config))
         store, results = open_stores(self.config.job_store, self.config.state_dir, self.config.result_store)
+        self.metrics.watch_result_store(results.space)     # free bytes at each scrape (file stores)
         log.info(kv("job_store", url=describe_url(self.config.job_store) or f"sqlite in {self.config.state_dir}",
                     shared=store.shared))
         shared_buckets = store.rate_buckets()
@@ -181,7 +182,8 @@ class Gateway:
         self.jobs = JobService(store, results, self.metrics.observing(self.orchestrator), self.settings,
                                self.observer, stages_ready=self.orchestrator.ready).start()
         self.http = start_http(Backend(self._service, self.limits, self.config.model, self.orchestrator.ready,
-                                       api_keys_from(self.config), self.rate_limiter, self.tenancy),
+                                       api_keys_from(self.config), self.rate_limiter, self.tenancy,
+                                       metrics=self.metrics),
                                self.config.host, self.config.http_port,
                                load_server_tls(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca))
 

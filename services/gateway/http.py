@@ -54,6 +54,7 @@ from services.common.tls import ServerTls
 from services.gateway import videos
 from services.gateway.domain import JOB_ID_PATTERN, Finished, Interrupted, JobStatus, JobView, Limits, QueueFull
 from services.gateway.jobs import JobService, Video as OpenVideo, Watch
+from services.gateway.metrics import GatewayMetrics, HttpRequestMetrics
 from services.gateway.ratelimit import RateLimited, RateLimiter, identity
 from services.gateway.ranges import RangeNotSatisfiable, parse_range
 from services.gateway.tenancy import Caller, Tenancy
@@ -93,6 +94,7 @@ class Backend:
     api_keys: frozenset[str] = frozenset()    # every key the front door lets in (admin keys too)
     rate_limiter: RateLimiter | None = None   # shared with the gRPC side: one budget per key
     tenancy: Tenancy = Tenancy()              # whose jobs a key sees
+    metrics: GatewayMetrics | None = None     # counts and times every request (HttpRequestMetrics)
 
     @property
     def model_name(self) -> str:
@@ -586,6 +588,8 @@ def create_app(backend: Backend) -> FastAPI:
     app.include_router(router)
     app.openapi = _openapi(app, backend.limits)  # type: ignore[method-assign]
     app.add_middleware(_Front, keys=backend.api_keys, limiter=backend.rate_limiter)
+    if backend.metrics is not None:         # outermost: refusals by _Front are counted too
+        app.add_middleware(HttpRequestMetrics, metrics=backend.metrics, routes=router.routes + app.routes)
     return app
 
 

@@ -21,15 +21,23 @@ each stage's duration and the denoising steps (``observe(events)`` does the same
 "PRIORITY_HIGH"); ``stage`` the ``t2v.v1.Stage`` number or a name ("denoiser"). Label values stay
 bounded: an unknown outcome, priority or stage raises ValueError (the job system's ``SafeObserver``
 logs it; the tests catch it).
+
+Two more feeds, wired in ``app.Gateway.load``: ``watch_result_store(results.space)`` reads the result
+store's free and total bytes at each scrape (a statvfs for a folder; nothing for PostgreSQL, which cannot
+tell), and the HTTP API's ``HttpRequestMetrics`` middleware counts each request by method, route
+template (``/v1/videos/{video_id}``, never the raw path) and status class, and times it.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from services.common.metrics import DURATION_BUCKETS, ServiceMetrics
 from services.gateway.domain import JobRecord, JobStatus, Progress, Result, RunEvent, StageStarted
@@ -40,6 +48,10 @@ OUTCOMES = ("completed", "failed", "cancelled", "expired", "deadline_exceeded")
 PRIORITIES = ("low", "normal", "high")
 STAGES = ("text_encoder", "denoiser", "decoder")
 APIS = ("grpc", "http")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+OTHER = "other"                 # a method outside HTTP_METHODS, a path that matches no route
+
+log = logging.getLogger("gateway.metrics")
 
 _PRIORITY_NUMBERS = {gateway_pb2.PRIORITY_UNSPECIFIED: "normal", gateway_pb2.PRIORITY_LOW: "low",
                      gateway_pb2.PRIORITY_NORMAL: "normal", gateway_pb2.PRIORITY_HIGH: "high"}
@@ -124,6 +136,30 @@ class GatewayMetrics(ServiceMetrics, JobObserver):
                                      ["api"], registry=r)
         for api in APIS:
             self._rate_limited.labels(api)
+        self._http_requests = Counter("t2v_gateway_http_requests", "HTTP API requests answered, by method, route "
+                                      "template (/v1/videos/{video_id}, never the raw path; other: no route) and "
+                                      "status class (2xx ... 5xx; none: the client left before an answer)",
+                                      ["method", "route", "status"], registry=r)
+        self._http_seconds = Histogram("t2v_gateway_http_request_duration_seconds", "Time to answer an HTTP API "
+                                       "request, until its last byte (an event stream: as long as it was open), in "
+                                       "seconds, by method and route template", ["method", "route"],
+                                       buckets=DURATION_BUCKETS, registry=r)
+        self._result_store_space: Callable[[], tuple[int, int] | None] | None = None
+        r.register(_ResultStoreCollector(self))
+
+    # --- the HTTP API (HttpRequestMetrics calls it) -------------------------------------------------
+    def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One HTTP request answered with ``status`` (0: none sent) on ``route``, a route template or OTHER."""
+        method = method if method in HTTP_METHODS else OTHER
+        status_class = f"{status // 100}xx" if 100 <= status <= 599 else "none"
+        self._http_requests.labels(method, route, status_class).inc()
+        self._http_seconds.labels(method, route).observe(seconds)
+
+    # --- the result store ----------------------------------------------------------------------
+    def watch_result_store(self, space: Callable[[], tuple[int, int] | None]) -> None:
+        """Read the result store's (bytes free, bytes in all) from ``space()`` at each scrape
+        (``ResultStore.space``); None, or an OSError, exports nothing then."""
+        self._result_store_space = space
 
     def rate_limited(self, api: str) -> None:
         """A request refused by the per-key rate limit (``ratelimit.RateLimiter``'s ``on_refused``)."""
@@ -236,3 +272,86 @@ class ObservedRunner:
 
     def __getattr__(self, name: str) -> Any:      # close() and the rest: the orchestrator's own
         return getattr(self.inner, name)
+
+
+class _ResultStoreCollector(Collector):
+    """``t2v_gateway_result_store_free_bytes`` and ``..._size_bytes``, read at each scrape; absent while the
+    store cannot tell (PostgreSQL) or is not watched yet."""
+
+    FREE = "t2v_gateway_result_store_free_bytes"
+    SIZE = "t2v_gateway_result_store_size_bytes"
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.FREE, ""), GaugeMetricFamily(self.SIZE, "")]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        space = self.metrics._result_store_space
+        if space is None:
+            return
+        try:
+            answer = space()
+        except OSError as error:               # the folder is gone or unreadable: say nothing rather than fail
+            log.debug("result store space unknown: %s", error)
+            return
+        if answer is None:
+            return
+        free, size = answer
+        yield GaugeMetricFamily(self.FREE, "Bytes free for videos where the result store keeps them (its file "
+                                "system's space available to the gateway); file stores only", value=free)
+        yield GaugeMetricFamily(self.SIZE, "Size in bytes of the file system the result store keeps videos on; "
+                                "file stores only", value=size)
+
+
+def route_template(scope: dict[str, Any], routes: Iterable[Any] = ()) -> str:
+    """The path template of the route that served ``scope`` (``/v1/videos/{video_id}/content``), else of the
+    first of ``routes`` that matches it (a request refused before routing: 401, 429), else OTHER. A path
+    asked with the wrong method (405) still names its route. The label never carries a raw path, so its
+    values are as few as the routes."""
+    from starlette.routing import Match     # here: only the HTTP API needs starlette
+
+    served = getattr(scope.get("route"), "path", None)      # set by the router (Starlette, FastAPI)
+    if isinstance(served, str):
+        return served
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route.path
+        if match is Match.PARTIAL and partial is None:
+            partial = route.path
+    return partial or OTHER
+
+
+class HttpRequestMetrics:
+    """ASGI middleware, outermost in the HTTP API: every request, refused ones (401, 429) included, is
+    counted and timed by ``GatewayMetrics.http_request`` when its answer ends. ``routes``: the API's routes
+    (``APIRouter.routes``, the app's own), to name the route of a request the router did not mark as its."""
+
+    def __init__(self, app: Any, metrics: GatewayMetrics, routes: Iterable[Any] = ()) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = [r for r in routes if isinstance(getattr(r, "path", None), str)]   # not included routers
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.monotonic(), [0]
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            if status[0] == 0:
+                status[0] = 500            # what Starlette's ServerErrorMiddleware, outside this one, answers
+            raise
+        finally:
+            self.metrics.http_request(scope["method"], route_template(scope, self.routes), status[0],
+                                      time.monotonic() - started)

@@ -1,8 +1,10 @@
-"""Real servers with /metrics on: make calls over gRPC, scrape over HTTP, check what moved, promtool.
+"""Real servers with /metrics on: make calls over gRPC and HTTP, scrape over HTTP, check what moved, promtool.
 
 Each stage here is started fresh with its own registry (``metrics_port=0``), so the numbers are only
-this module's calls; ``serve()`` itself (the wiring in a real process) is checked with
-``t2v serve`` subprocesses at the end.
+this module's calls; a gateway in front of them serves its HTTP API, whose requests are counted by route
+template; the dashboard's and the alerts' metric names are checked against what the four real endpoints
+declare. ``serve()`` itself (the wiring in a real process) is checked with ``t2v serve`` subprocesses at
+the end.
 """
 
 from __future__ import annotations
@@ -16,18 +18,23 @@ import time
 import urllib.request
 from typing import Iterator
 
+import json
+import urllib.error
+
 import grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.metrics import build_info
 from services.common.tensors import to_proto
 from services.denoiser import engine as eng
 from services.denoiser.metrics import DenoiserMetrics
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
                     text_encoder_pb2_grpc)
-from tests.conftest import (EMBEDDING_DIM, RunningStage, free_port, start_decoder, start_denoiser,
-                            start_text_encoder, stop_stage)
+from tests.conftest import (EMBEDDING_DIM, RunningStage, free_port, start_decoder, start_denoiser, start_gateway,
+                            start_text_encoder, stop_gateway, stop_stage, wait_for as wait_until)
+from tests.monitoring import PROMETHEUS_OWN, exposition_names, names_used, recorded
 from tests.promtool import promtool_check
 
 pytestmark = pytest.mark.slow
@@ -81,6 +88,7 @@ def test_common_metrics_on_every_stage(text_encoder, denoiser, decoder):
         assert get(samples, "t2v_model_load_duration_seconds_count", stage=name) == 1
         assert get(samples, "t2v_model_load_duration_seconds_sum", stage=name) > 0
         assert get(samples, "process_resident_memory_bytes") > 0
+        assert get(samples, "t2v_build_info", **build_info()) == 1
         promtool_check(body, f"the {name} stage's /metrics")
 
 
@@ -175,6 +183,80 @@ def test_decoder_counts_frames_bytes_and_times(decoder):
     assert delta(before, after, "t2v_decoder_mp4_encode_duration_seconds_count") == 1
     assert delta(before, after, "t2v_grpc_requests_total", method="Decode", code="OK") == 1
     promtool_check(body, "the decoder's /metrics after a call")
+
+
+# --- the gateway: its HTTP API, its result store; the dashboard's names on the real endpoints ---------
+
+@pytest.fixture(scope="module")
+def gateway(text_encoder, denoiser, decoder, tmp_path_factory) -> Iterator[RunningStage]:
+    stage = start_gateway(text_encoder.address, denoiser.address, decoder.address, http_port=0, metrics_port=0,
+                          state_dir=str(tmp_path_factory.mktemp("gateway-state")))
+    yield stage
+    stop_gateway(stage)
+
+
+def http(gateway: RunningStage, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(gateway.http_url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
+def test_gateway_counts_http_requests_by_route_template(gateway):
+    _, before = scrape(gateway.metrics_url)
+    status, answer = http(gateway, "POST", "/v1/videos", {"prompt": "a red ball", "num_inference_steps": 2,
+                                                          "num_frames": 2, "size": "32x32"})
+    assert status == 200, answer
+    video_id = json.loads(answer)["id"]
+    finished = wait_until(lambda: (v := json.loads(http(gateway, "GET", f"/v1/videos/{video_id}")[1]))["status"]
+                          in ("completed", "failed") and v, 60, "the video to finish")
+    assert finished["status"] == "completed", finished
+    polls = delta(before, scrape(gateway.metrics_url)[1], "t2v_gateway_http_requests_total", method="GET",
+                  route="/v1/videos/{video_id}", status="2xx")
+    assert http(gateway, "GET", f"/v1/videos/{video_id}/content")[0] == 200
+    assert http(gateway, "GET", f"/v1/videos/{'f' * 32}")[0] == 404
+    assert http(gateway, "GET", "/no/such/page")[0] == 404
+    assert http(gateway, "GET", "/healthz")[0] == 200
+    body, after = scrape(gateway.metrics_url)
+    moved = {}
+    for (name, labels), value in after.items():
+        if name == "t2v_gateway_http_requests_total" and value != before.get((name, labels), 0):
+            label = dict(labels)
+            moved[(label["method"], label["route"], label["status"])] = value - before.get((name, labels), 0)
+    assert moved == {("POST", "/v1/videos", "2xx"): 1, ("GET", "/v1/videos/{video_id}", "2xx"): polls,
+                     ("GET", "/v1/videos/{video_id}", "4xx"): 1, ("GET", "/v1/videos/{video_id}/content", "2xx"): 1,
+                     ("GET", "other", "4xx"): 1, ("GET", "/healthz", "2xx"): 1}, moved
+    assert polls >= 1
+    assert video_id.encode() not in body and b"/no/such/page" not in body      # never a raw path
+    assert delta(before, after, "t2v_gateway_http_request_duration_seconds_count", method="POST",
+                 route="/v1/videos") == 1
+    promtool_check(body, "the gateway's /metrics after HTTP requests")
+
+
+def test_gateway_exports_its_result_stores_space(gateway):
+    body, samples = scrape(gateway.metrics_url)
+    free = get(samples, "t2v_gateway_result_store_free_bytes")
+    size = get(samples, "t2v_gateway_result_store_size_bytes")
+    info = os.statvfs(gateway.servicer.config.state_dir)
+    assert size == info.f_blocks * info.f_frsize
+    assert 0 < free <= size and abs(free - info.f_bavail * info.f_frsize) < 256 << 20
+    assert get(samples, "t2v_build_info", **build_info()) == 1
+    assert get(samples, "t2v_model_loaded", stage="gateway") == 1
+
+
+def test_the_dashboard_and_the_alerts_name_only_what_the_real_endpoints_declare(text_encoder, denoiser, decoder,
+                                                                                 gateway):
+    declared = set().union(*(exposition_names(scrape(s.metrics_url)[0].decode())
+                             for s in (text_encoder, denoiser, decoder, gateway)))
+    known = declared | PROMETHEUS_OWN | recorded()
+    unknown = {where: names - known for where, names in names_used().items() if names - known}
+    assert not unknown
+    assert {"t2v_denoiser_step_duration_seconds_sum", "t2v_gateway_result_store_free_bytes"} <= declared
 
 
 # --- the engine's observer, for the outcome the servers cannot easily provoke --------------------

@@ -1,9 +1,10 @@
 """The Kubernetes manifests in deploy/k8s: every overlay renders, validates strictly against the
 Kubernetes OpenAPI schemas (built-in kinds, via kubernetes-validate) and the CRD schemas shipped in
-deploy/k8s/schemas (ServiceMonitor, ScaledObject, via jsonschema), and keeps the invariants the
+deploy/k8s/schemas (ServiceMonitor, PrometheusRule, ScaledObject, via jsonschema), and keeps the invariants the
 deployment relies on (probes, limits, PDBs, non-root, only the gateway exposed and admitted to the
 stages, no :latest, the model read-only, autoscaling consistent with the gateway's slots, the gateway as
-stateless replicas on a shared PostgreSQL named by a Secret, the dev database only where it belongs).
+stateless replicas on a shared PostgreSQL named by a Secret, the dev database only where it belongs, the
+alerts and the Grafana dashboard shipped with the scrape).
 
 Rendering: the real kustomize (``kubectl kustomize``) when one is on PATH, else the small fallback
 renderer in tests/k8s_render.py, which implements only the kustomize features deploy/k8s uses; when
@@ -37,7 +38,10 @@ STAGES = {"text-encoder": 50051, "denoiser": 50052, "decoder": 50053}
 SERVICES = {**STAGES, "gateway": 50050}
 COMPONENT = "app.kubernetes.io/component"
 CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
-               ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json"}
+               ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
+               ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.json"}
+MONITORING = K8S / "components" / "monitoring"
+DASHBOARD_LABEL = {"grafana_dashboard": "1"}     # what Grafana's dashboard sidecar (kube-prometheus-stack) watches
 MODEL_MOUNT = "/models"
 GATEWAY_REPLICAS = 3
 JOB_STORE_SECRET = "t2v-job-store"          # key "url": T2V_JOB_STORE, the gateway's PostgreSQL
@@ -153,7 +157,7 @@ def crd_validator(api_version: str, kind: str) -> jsonschema.Draft202012Validato
 @pytest.mark.parametrize("path", GPU_OVERLAYS)
 def test_custom_resources_validate_against_their_crd_schemas(path: str) -> None:
     found = [o for o in objects(path) if (o["apiVersion"], o["kind"]) in CRD_SCHEMAS]
-    assert any(o["kind"] == "ServiceMonitor" for o in found)
+    assert {"ServiceMonitor", "PrometheusRule"} <= {o["kind"] for o in found}
     for o in found:
         errors = [f"{e.message} at {'.'.join(map(str, e.path))}"
                   for e in crd_validator(o["apiVersion"], o["kind"]).iter_errors(o)]
@@ -173,6 +177,16 @@ def test_crd_schemas_catch_misspelt_fields() -> None:
     monitor = json.loads(json.dumps(of_kind(objects("overlays/gpu"), "ServiceMonitor")["t2v-mesh"]))
     monitor["spec"]["endpoints"][0]["interval"] = "15 seconds"
     assert list(crd_validator("monitoring.coreos.com/v1", "ServiceMonitor").iter_errors(monitor))
+    rules = of_kind(objects("overlays/gpu"), "PrometheusRule")["t2v-mesh"]
+    validator = crd_validator("monitoring.coreos.com/v1", "PrometheusRule")
+    for mistake in ({"fro": "10m"}, {"for": "10 minutes"}, {"record": "also:a_record"}):
+        broken = json.loads(json.dumps(rules))
+        alert = next(r for r in broken["spec"]["groups"][0]["rules"] if "alert" in r)
+        if "fro" in mistake:
+            alert["fro"] = alert.pop("for")
+        else:
+            alert.update(mistake)
+        assert list(validator.iter_errors(broken)), mistake
 
 
 @pytest.mark.skipif(kustomize_command() is None, reason="no kustomize or kubectl on PATH to compare with")
@@ -622,6 +636,30 @@ def test_every_service_is_scraped(path: str) -> None:
         for service in of_kind(objs, "Service").values():
             assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
         assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+@pytest.mark.parametrize("path", GPU_OVERLAYS)
+def test_the_alerts_and_the_dashboard_ship_with_the_scrape(path: str) -> None:
+    """The monitoring component brings the rules (the same as the plain rules file) and the dashboard as a
+    ConfigMap Grafana's sidecar loads: labelled for it, unhashed (a new copy per change would stay loaded
+    beside the old), the JSON byte for byte, and small enough for `kubectl apply`'s last-applied annotation
+    (256 KiB)."""
+    objs = objects(path)
+    (rule,) = of_kind(objs, "PrometheusRule").values()
+    assert rule["spec"] == yaml.safe_load((MONITORING / "t2v-mesh.rules.yaml").read_text())
+    dashboards = [c for c in of_kind(objs, "ConfigMap").values()
+                  if DASHBOARD_LABEL.items() <= c["metadata"].get("labels", {}).items()]
+    assert [c["metadata"]["name"] for c in dashboards] == ["t2v-mesh-dashboard"]
+    (data,) = dashboards[0]["data"].items()
+    assert data == ("t2v-mesh.json", (MONITORING / "dashboards" / "t2v-mesh.json").read_text())
+    assert json.loads(data[1])["uid"] == "t2v-mesh"
+    assert len(json.dumps(dashboards[0])) < 128 * 1024
+    assert rule["metadata"]["namespace"] == dashboards[0]["metadata"]["namespace"] == "t2v"
+
+
+def test_the_cpu_dev_overlay_ships_no_monitoring() -> None:
+    kinds = {o["kind"] for o in objects("overlays/cpu-dev")}
+    assert not {"ServiceMonitor", "PrometheusRule"} & kinds, "cpu-dev needs no Prometheus Operator"
 
 
 def _demand_thresholds(objs: list[dict[str, Any]]) -> dict[str, tuple[float, int, int, dict[str, Any]]]:

@@ -3,24 +3,33 @@ the gateway's event adapter, and promtool on every service's exposition."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import types
+from importlib import metadata
+from pathlib import Path
 from typing import Iterator
 
 import grpc
 import pytest
 from prometheus_client import generate_latest
 
+from services.common import metrics as common_metrics
 from services.common.config import ServerConfig, parse_config
 from services.common.errors import InvalidArgument, Unavailable, grpc_errors
-from services.common.metrics import ServiceMetrics, metrics_of
+from services.common.metrics import ServiceMetrics, build_info, git_revision, metrics_of
 from services.decoder.metrics import DecoderMetrics
 from services.denoiser.engine import EngineObserver
 from services.denoiser.metrics import DenoiserMetrics
 from services.gateway import metrics as gateway_metrics
 from services.gateway import domain
 from services.gateway.metrics import GatewayMetrics, priority_label, stage_label
+from services.gateway.http import Backend, create_app
 from services.gateway.observer import JobObserver
-from services.gateway.domain import JobRecord, JobStatus, Priority
+from services.gateway.domain import JobRecord, JobStatus, Limits, Priority
+from services.gateway.store.postgres import PostgresResultStore
+from services.gateway.store.sqlite import FileResultStore
 from services.text_encoder.metrics import TextEncoderMetrics
 from t2v.up import Mesh, MeshPorts
 from t2v.v1 import gateway_pb2
@@ -59,6 +68,56 @@ def test_model_loaded_starts_at_zero_and_records_the_load_time() -> None:
 def test_the_standard_process_metrics_are_in_every_registry() -> None:
     text = generate_latest(ServiceMetrics("x").registry).decode()
     assert "process_resident_memory_bytes" in text and "python_info" in text
+
+
+@pytest.mark.parametrize("cls", [TextEncoderMetrics, DenoiserMetrics, DecoderMetrics, GatewayMetrics])
+def test_every_service_says_which_build_runs(cls: type[ServiceMetrics]) -> None:
+    info = build_info()
+    assert value(cls(), "t2v_build_info", **info) == 1
+    assert info["version"] == metadata.version("t2v-mesh") and info["grpc"] == metadata.version("grpcio")
+    assert info["torch"] == metadata.version("torch")
+    assert re.fullmatch(r"[0-9a-f]{12}|unknown", info["revision"]), info
+
+
+def test_build_info_takes_the_images_revision_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    build_info.cache_clear()
+    try:
+        monkeypatch.setenv(common_metrics.ENV_REVISION, "0123456789ab")
+        assert build_info()["revision"] == "0123456789ab"
+        assert value(ServiceMetrics("x"), "t2v_build_info", **build_info()) == 1
+    finally:
+        build_info.cache_clear()
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_git_revision_reads_a_checkout_without_git(tmp_path: Path) -> None:
+    commit, other = "a" * 40, "b" * 40
+    plain = tmp_path / "plain"
+    write(plain / ".git" / "HEAD", "ref: refs/heads/main\n")
+    write(plain / ".git" / "refs" / "heads" / "main", commit + "\n")
+    assert git_revision(plain) == "a" * 12
+    packed = tmp_path / "packed"                    # after `git gc`: the branch only in packed-refs
+    write(packed / ".git" / "HEAD", "ref: refs/heads/main\n")
+    write(packed / ".git" / "packed-refs", f"# pack-refs with: peeled\n{other} refs/heads/dev\n{commit} refs/heads/main\n")
+    assert git_revision(packed) == "a" * 12
+    detached = tmp_path / "detached"
+    write(detached / ".git" / "HEAD", other + "\n")
+    assert git_revision(detached) == "b" * 12
+    worktree = tmp_path / "worktree"                # `git worktree add`: .git is a file, branches in the main .git
+    gitdir = plain / ".git" / "worktrees" / "wt"
+    write(worktree / ".git", f"gitdir: {gitdir}\n")
+    write(gitdir / "HEAD", "ref: refs/heads/main\n")
+    write(gitdir / "commondir", "../..\n")
+    assert git_revision(worktree) == "a" * 12
+    assert git_revision(tmp_path / "nothing") == "unknown"
+    broken = tmp_path / "broken"
+    write(broken / ".git" / "HEAD", "ref: refs/heads/gone\n")
+    assert git_revision(broken) == "unknown"
 
 
 def test_metrics_port_off_serves_nothing() -> None:
@@ -372,6 +431,91 @@ def test_gateway_observe_records_no_time_for_the_stage_that_failed(monkeypatch: 
     assert value(m, "t2v_gateway_denoising_steps_total") == 1
 
 
+def test_gateway_reads_the_result_stores_space_at_each_scrape(tmp_path: Path) -> None:
+    m = GatewayMetrics()
+    free, size = "t2v_gateway_result_store_free_bytes", "t2v_gateway_result_store_size_bytes"
+    assert m.registry.get_sample_value(free) is None                  # not watched yet: not exported
+    answers = iter([(10, 100), (7, 100)])
+    m.watch_result_store(lambda: next(answers))
+    assert value(m, free) == 10 and value(m, free) == 7               # read anew at each scrape
+    m.watch_result_store(lambda: None)                                 # a store that cannot tell
+    assert m.registry.get_sample_value(free) is None and m.registry.get_sample_value(size) is None
+
+    def gone() -> tuple[int, int]:
+        raise FileNotFoundError("the folder is gone")
+    m.watch_result_store(gone)
+    assert m.registry.get_sample_value(free) is None and b"t2v_gateway_queue_depth" in generate_latest(m.registry)
+
+
+def test_the_file_result_store_reports_its_disk_and_postgresql_nothing(tmp_path: Path) -> None:
+    store = FileResultStore(tmp_path / "results")
+    got_free, got_size = store.space()
+    info = os.statvfs(tmp_path)
+    assert got_size == info.f_blocks * info.f_frsize
+    assert abs(got_free - info.f_bavail * info.f_frsize) < 64 << 20     # others may write meanwhile
+    assert 0 < got_free <= got_size
+    assert PostgresResultStore(job_store=None).space() is None          # type: ignore[arg-type]
+
+
+def test_http_status_classes_are_bounded() -> None:
+    m = GatewayMetrics()
+    for status in (101, 200, 206, 304, 404, 429, 503, 0, 999):
+        m.http_request("GET", "/healthz", status, 0.01)
+    m.http_request("BREW", "other", 404, 0.01)
+    statuses = {s.labels["status"] for f in m.registry.collect() if f.name == "t2v_gateway_http_requests"
+                for s in f.samples if s.name.endswith("_total")}
+    assert statuses == {"1xx", "2xx", "3xx", "4xx", "5xx", "none"}
+    assert value(m, "t2v_gateway_http_requests_total", method="GET", route="/healthz", status="none") == 2
+    assert value(m, "t2v_gateway_http_requests_total", method="other", route="other", status="4xx") == 1
+    assert value(m, "t2v_gateway_http_request_duration_seconds_count", method="GET", route="/healthz") == 9
+
+
+def asgi_status(app, method: str, path: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> int:
+    """One request through the ASGI app, no server: its status."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": list(headers),
+             "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8080)}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"]
+
+
+def test_http_requests_are_counted_by_route_template_never_the_raw_path() -> None:
+    def loading():
+        raise Unavailable("the gateway is loading")
+
+    m = GatewayMetrics()
+    app = create_app(Backend(loading, Limits(), "models/t2v-world", lambda: False, frozenset({"k-1"}), metrics=m))
+    key = ((b"authorization", b"Bearer k-1"),)
+    video = "a" * 32
+    calls = [("GET", "/", (), 200), ("GET", "/healthz", (), 503),
+             ("GET", f"/v1/videos/{video}", (), 401),                  # refused before routing: still its route
+             ("GET", f"/v1/videos/{video}", key, 503), ("GET", f"/v1/videos/{video}/content", key, 503),
+             ("PUT", "/v1/videos", key, 405), ("GET", f"/no/such/{video}", key, 404), ("BREW", "/", key, 405),
+             ("GET", "/openapi.json", key, 200)]
+    for method, path, headers, status in calls:
+        assert asgi_status(app, method, path, headers) == status, (method, path)
+    counted = {(s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+               for f in m.registry.collect() if f.name == "t2v_gateway_http_requests"
+               for s in f.samples if s.name.endswith("_total")}
+    assert counted == {("GET", "/", "2xx"): 1, ("GET", "/healthz", "5xx"): 1,
+                       ("GET", "/v1/videos/{video_id}", "4xx"): 1, ("GET", "/v1/videos/{video_id}", "5xx"): 1,
+                       ("GET", "/v1/videos/{video_id}/content", "5xx"): 1, ("PUT", "/v1/videos", "4xx"): 1,
+                       ("GET", "other", "4xx"): 1, ("other", "/", "4xx"): 1, ("GET", "/openapi.json", "2xx"): 1}
+    assert not any(video in route for _, route, _ in counted)
+    assert value(m, "t2v_gateway_http_request_duration_seconds_count", method="GET",
+                 route="/v1/videos/{video_id}") == 2
+    no_metrics = create_app(Backend(loading, Limits(), "models/t2v-world", lambda: False))
+    assert asgi_status(no_metrics, "GET", "/") == 200                 # the middleware is optional
+
+
 # --- promtool on every service's exposition -----------------------------------------------------
 
 @pytest.mark.parametrize("cls", [TextEncoderMetrics, DenoiserMetrics, DecoderMetrics, GatewayMetrics])
@@ -385,7 +529,11 @@ def test_promtool_accepts_each_services_metrics(cls: type[ServiceMetrics]) -> No
         m.started("high", 1.0)
         m.finished("completed", 2.0)
         m.stage_seconds("denoiser", 1.5)
-    promtool_check(generate_latest(m.registry), cls.__name__)
+        m.http_request("GET", "/v1/videos/{video_id}", 200, 0.01)
+        m.watch_result_store(lambda: (1 << 30, 1 << 40))
+    text = generate_latest(m.registry)
+    assert b"t2v_build_info{" in text
+    promtool_check(text, cls.__name__)
 
 
 def test_promtool_check_fails_on_a_bad_exposition() -> None:

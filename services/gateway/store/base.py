@@ -156,6 +156,10 @@ class ResultStore(Protocol):
         """Raise ResultStoreFull when there is clearly no room for another video (a submission is refused
         then, rather than run to fail at its end); a store that cannot tell cheaply does nothing."""
 
+    def space(self) -> tuple[int, int] | None:
+        """(bytes free, bytes in all) where the videos are kept, read cheaply (it runs at every metrics
+        scrape), or None when the store cannot tell (a database server does not tell its clients)."""
+
     def save(self, job_id: str, data: bytes) -> int:
         """Store the video whole (readers never see part of it); return its size."""
 

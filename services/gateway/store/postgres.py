@@ -713,6 +713,10 @@ class PostgresResultStore:
     def check_room(self) -> None:
         """PostgreSQL does not tell a client its free disk: a full server is found by its writes."""
 
+    def space(self) -> tuple[int, int] | None:
+        """Unknown: PostgreSQL does not tell a client its free disk (watch the server itself)."""
+        return None
+
     def save(self, job_id: str, data: bytes) -> int:
         """Store the video in one transaction (readers see the old one or the whole new one); return its size."""
         check_job_id(job_id)

@@ -345,6 +345,12 @@ class FileResultStore:
             raise ResultStoreFull(errno.ENOSPC, f"the result store is full ({self.folder}: {free} bytes free, "
                                                 f"{MIN_FREE_BYTES >> 20} MiB needed)")
 
+    def space(self) -> tuple[int, int] | None:
+        """The folder's file system: bytes free to this process (statvfs' f_bavail, what a write may use; root's
+        reserve left out) and its size, in microseconds."""
+        info = os.statvfs(self.folder)
+        return info.f_bavail * info.f_frsize, info.f_blocks * info.f_frsize
+
     def save(self, job_id: str, data: bytes) -> int:
         """Write the video; return its size. Readers never see a half-written file; a full disk leaves no
         temporary file behind and raises ResultStoreFull."""
