@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections import deque
-from typing import Any, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 import torch
 from diffusers import DDIMScheduler, UNet3DConditionModel
@@ -102,6 +102,7 @@ class Cancelled:
 
 
 Event = Union[Step, Checkpoint, Finished, Failed, Cancelled]
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (sample, timesteps, embeddings)
 
 
 @dataclass(eq=False)
@@ -272,6 +273,11 @@ class DenoiseEngine:
             return compiled(sample, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
 
         self._forward = forward
+
+    def use_row_split(self, split: Callable[[Forward], Forward]) -> None:
+        """Wrap the UNet forward as it stands (eager, compiled or graphed) in ``split``: CFG-parallel
+        (cfg_parallel.RowSplit) runs part of every batch's rows on a second device. Call last."""
+        self._forward = split(self._forward)
 
     def warm_rows(self) -> list[int]:
         """The batch sizes (rows) warm() runs: every CUDA-graph bucket, else the powers of two up to

@@ -21,6 +21,7 @@ from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, serve
 from services.common.tensors import check_finite, dtype_name, from_proto, to_proto
 from services.denoiser import engine as eng
+from services.denoiser.cfg_parallel import CfgParallel, second_device
 from services.denoiser import sampling
 from services.denoiser.metrics import DenoiserMetrics
 from services.denoiser.sampling import SCHEDULERS
@@ -43,6 +44,11 @@ class DenoiserConfig(ModelConfig):
                                     "e.g. 2,32: 33% and 30% faster there on an H200, ~100 s of warm-up each on an empty "
                                     "compile cache")
     warm_shapes: str = setting("", "shapes to warm at start, FRAMESxHEIGHTxWIDTH comma-separated, e.g. 16x256x256")
+    gpu: int = setting(-1, "pin this denoiser to GPU N (= --device cuda:N); -1 = as --device says")
+    cfg_parallel: bool = setting(False, "CFG-parallel: run half the UNet rows of every step (a lone request's "
+                                        "conditional half) on a second device at once, for lower latency")
+    cfg_parallel_device: str = setting("auto", "the second device of --cfg-parallel (auto = the next GPU after "
+                                               "--device, or cpu on a CPU)")
     compile_cache: str = setting("", "folder for torch.compile's caches (Inductor, AOTAutograd, Triton), kept in "
                                      "a subfolder per torch/Triton/CUDA/GPU; a stale or foreign one is rebuilt "
                                      "(empty = torch's default, unkeyed, in /tmp)")
@@ -180,10 +186,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         self.gate = ReadyGate("denoiser")
         self.metrics = DenoiserMetrics()
         self.engine: eng.DenoiseEngine | None = None
+        self.split: CfgParallel | None = None          # --cfg-parallel: the second device's process
 
     def load(self) -> None:
         started = time.monotonic()
-        device = resolve_device(self.config.device)
+        device = resolve_device(f"cuda:{self.config.gpu}" if self.config.gpu >= 0 else self.config.device)
         shapes = parse_shapes(self.config.warm_shapes)
         compile_rows = parse_rows(self.config.compile_rows)
         cache = None
@@ -201,6 +208,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 engine.use_compile(compile_rows)
             if self.config.cuda_graphs == "on" or (self.config.cuda_graphs == "auto" and device.type == "cuda"):
                 engine.use_cuda_graphs()
+            if self.config.cfg_parallel:
+                self.split = self._start_cfg_parallel(engine, device)
+                engine.use_row_split(self.split.wrap)
             engine.warm(shapes)
             warmed = time.monotonic()
             if cache is not None:
@@ -215,9 +225,17 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         self.engine = engine.start()
         self.metrics.watch_active(self.engine.active_jobs)
 
+    def _start_cfg_parallel(self, engine: eng.DenoiseEngine, device: torch.device) -> CfgParallel:
+        other = second_device(device, self.config.cfg_parallel_device)
+        split = CfgParallel.start(self.config.model, device, other, engine.dtype)
+        log.info(kv("cfg_parallel", devices=f"{device},{other}"))
+        return split
+
     def close(self, timeout: float) -> None:
         if self.engine is not None:
             self.engine.stop(timeout)
+        if self.split is not None:
+            self.split.close()
 
     @grpc_errors
     def Denoise(self, request: denoiser_pb2.DenoiseRequest, context: grpc.ServicerContext
