@@ -7,8 +7,10 @@ process (each service has its own provider, so its own ``service.name``), the te
 own (``t2v serve text_encoder --otlp-endpoint ...``: the way a deployment runs, flushed when it stops). The job
 must be one trace: its root span, the queue wait and a client span per stage call as the root's children, and
 each stage's server span as the child of the gateway's client span; the job id and the tenant on the gateway's
-spans, and the API key nowhere in anything exported. A job taken over by a second gateway stays in the same
-trace. With no endpoint, nothing is exported, the SDK is not even imported and no exporter thread runs.
+spans, and the API key nowhere in anything exported. A job taken over by a second gateway (SQLite after a
+restart, PostgreSQL between two running gateways) stays in the same trace; a retried stage call is one client
+span with a retry event and a server span per attempt. With no endpoint, nothing is exported, the SDK is not
+even imported and no exporter thread runs.
 """
 
 from __future__ import annotations
@@ -311,23 +313,32 @@ def test_a_job_is_one_trace_from_admission_to_the_stored_video(
     assert_no_key_anywhere(receiver)
 
 
-def test_a_job_taken_over_by_another_gateway_stays_in_its_trace(mesh: Mesh, keys_file: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("job_store", ["sqlite", "postgresql"])
+def test_a_job_taken_over_by_another_gateway_stays_in_its_trace(
+        mesh: Mesh, keys_file: str, tmp_path: Path, job_store: str, request: pytest.FixtureRequest) -> None:
     """The first gateway stops in mid-denoise (its job is released, with a checkpoint); the next one, on the same
-    job store, finishes the job: every span of both runs, and the root the second records, share one trace."""
+    job store, finishes the job: every span of both runs, and the root the second records, share one trace.
+    SQLite: the next gateway opens the state dir after the first closed it. PostgreSQL: the second gateway runs
+    beside the first and takes the job over the moment the first lets it go."""
     receiver = mesh.receiver
-    state = str(tmp_path / "state")
+    store = {"state_dir": str(tmp_path / "state")} if job_store == "sqlite" else {
+        "job_store": request.getfixturevalue("postgres_dsn"), "state_dir": str(tmp_path / "unused")}
     stages = (mesh.text_encoder.address, mesh.denoiser.address, mesh.decoder.address)
-    first = start_gateway(*stages, otlp_endpoint=receiver.endpoint, api_keys_file=keys_file, state_dir=state,
-                          checkpoint_every=3)
+    first = start_gateway(*stages, otlp_endpoint=receiver.endpoint, api_keys_file=keys_file, checkpoint_every=3,
+                          **store)
+    second = None
     try:
         job_id = submit(first, steps=60)
         wait_for(lambda: job(first, job_id).progress.step >= 5, 120, "the job to pass its first checkpoint")
         traceparent = first.servicer.jobs.store.get(job_id).trace_parent
+        if job_store == "postgresql":
+            second = start_gateway(*stages, otlp_endpoint=receiver.endpoint, api_keys_file=keys_file, **store)
     finally:
         stop_gateway(first)                         # flushes its spans on the way out
     engine = mesh.denoiser.servicer.engine
-    wait_for(lambda: engine.active_jobs() == 0, 30, "the denoiser to drop the first gateway's request")
-    second = start_gateway(*stages, otlp_endpoint=receiver.endpoint, api_keys_file=keys_file, state_dir=state)
+    if second is None:
+        wait_for(lambda: engine.active_jobs() == 0, 30, "the denoiser to drop the first gateway's request")
+        second = start_gateway(*stages, otlp_endpoint=receiver.endpoint, api_keys_file=keys_file, **store)
     try:
         completed(second, job_id, timeout=300)
         record = second.servicer.jobs.store.get(job_id)
