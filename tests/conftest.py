@@ -75,7 +75,7 @@ def start_stage(servicer: Any, service_name: str, add: Callable[[Any, grpc.Serve
                 load: bool = True, interceptors: list[grpc.ServerInterceptor] | None = None) -> RunningStage:
     metrics = getattr(servicer, "metrics", None)    # as serve() does: /metrics, model load, the stream cap
     server = GrpcServer(servicer.config, service_name, lambda s: add(servicer, s), interceptors, metrics,
-                        getattr(servicer, "streams_hint", ""))
+                        getattr(servicer, "streams_hint", ""), getattr(servicer, "tracing", None))
     port = server.start()
     if metrics is not None and getattr(servicer.config, "metrics_port", -1) >= 0:
         metrics.serve_http("127.0.0.1", servicer.config.metrics_port)

@@ -52,6 +52,9 @@ class ServerConfig:
                                      "(mutual TLS; needs --tls-cert)")
     health_port: int = setting(-1, "a second, plaintext port on --host that serves only grpc.health.v1, for "
                                    "probes that cannot do (mutual) TLS (-1 = off, 0 = any free port)")
+    otlp_endpoint: str = setting("", "OTLP/HTTP receiver for traces, e.g. http://otel-collector:4318 (spans go to "
+                                     "its /v1/traces); unset = OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                                     "OTEL_EXPORTER_OTLP_ENDPOINT if set, else no traces (and no tracing cost)")
 
     @property
     def stream_limit(self) -> int:

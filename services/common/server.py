@@ -23,6 +23,7 @@ from services.common.errors import Unavailable
 from services.common.logs import kv, setup_logging
 from services.common.metrics import ServiceMetrics, metrics_of
 from services.common.tls import check_stage_exposure, load_server_tls
+from services.common.tracing import TraceInterceptor, Tracing
 
 
 log = logging.getLogger(__name__)
@@ -225,12 +226,17 @@ class GrpcServer:
     Streaming calls are capped at ``config.stream_limit`` (``StreamLimit``, innermost: a call refused for its
     key or its rate never takes a stream); ``metrics`` (a ``ServiceMetrics``) then reports the open streams
     and the refusals, and ``streams_hint`` ends the refusal's sentence (what else the client can do). A bad
-    ``--max-streams`` raises ValueError here, naming the flag."""
+    ``--max-streams`` raises ValueError here, naming the flag.
+
+    With ``tracing`` on (the servicer's ``Tracing``, see ``tracing.py``), every call but health and reflection
+    is a SERVER span (``TraceInterceptor``, outermost, so a call refused for its key, rate or the stream cap is
+    one too), continuing the caller's trace from its ``traceparent`` metadata."""
 
     def __init__(self, config: ServerConfig, service_name: str,
                  add_servicer: Callable[[grpc.Server], None],
                  interceptors: "list[grpc.ServerInterceptor] | None" = None,
-                 metrics: ServiceMetrics | None = None, streams_hint: str = "") -> None:
+                 metrics: ServiceMetrics | None = None, streams_hint: str = "",
+                 tracing: Tracing | None = None) -> None:
         self.config = config
         self.service_name = service_name
         self.in_flight = InFlight()
@@ -242,7 +248,8 @@ class GrpcServer:
                                    options=message_options(config.max_message_bytes)
                                    + connection_age_options(config.max_connection_age_seconds)
                                    + NO_REUSEPORT,
-                                   interceptors=[self.in_flight, *(interceptors or []), self.streams])
+                                   interceptors=[*([TraceInterceptor(tracing)] if tracing and tracing.enabled else []),
+                                                 self.in_flight, *(interceptors or []), self.streams])
         self.tls = load_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
         add_servicer(self._server)
         self._health = health.HealthServicer()
@@ -311,10 +318,13 @@ def serve(config: ServerConfig, service: str, service_name: str, servicer: Loada
     ``service_name`` follows it, while the server's (``""``, what liveness probes ask) stays SERVING."""
     log = setup_logging(service, config.log_level)
     log.info("event=config " + describe(config))
+    tracing = getattr(servicer, "tracing", None)
+    if tracing is not None and tracing.enabled:
+        log.info(kv("tracing", service_name=tracing.service, otlp=tracing.url))
     metrics = metrics_of(servicer, service)
     try:
         server = GrpcServer(config, service_name, add_servicer, interceptors, metrics,
-                            getattr(servicer, "streams_hint", ""))
+                            getattr(servicer, "streams_hint", ""), tracing)
         if isinstance(config, ModelConfig):          # a stage: no API key guards it
             check_stage_exposure(config.host, bool(server.tls and server.tls.mutual), config.trusted_network, service)
     except ValueError as exc:          # a TlsConfigError, or a --max-streams that leaves no thread

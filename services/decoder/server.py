@@ -16,6 +16,7 @@ from services.common.errors import InvalidArgument, grpc_errors
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, serve
+from services.common.tracing import Tracing
 from services.common.tensors import check_finite, from_proto, to_proto
 from services.decoder.metrics import DecoderMetrics
 from services.decoder.vae import DecodeTiming, VaeDecoder, to_uint8
@@ -48,6 +49,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         self.config = config
         self.gate = ReadyGate("decoder")
         self.metrics = DecoderMetrics()
+        self.tracing = Tracing.for_service("t2v-decoder", config.otlp_endpoint)   # off unless an endpoint is set
         self.vae: VaeDecoder | None = None
 
     def load(self) -> None:
@@ -109,6 +111,12 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(DecoderConfig, argv, "t2v serve decoder",
                           "VAE decoder stage: latents -> frames -> MP4 over gRPC.")
-    servicer = DecoderServicer(config)
-    serve(config, "decoder", SERVICE_NAME, servicer, servicer.gate,
-          lambda server: decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server))
+    try:
+        servicer = DecoderServicer(config)
+    except ValueError as error:         # a bad --otlp-endpoint
+        raise SystemExit(f"decoder: {error}") from None
+    try:
+        serve(config, "decoder", SERVICE_NAME, servicer, servicer.gate,
+              lambda server: decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server))
+    finally:
+        servicer.tracing.shutdown()     # the spans not exported yet go now

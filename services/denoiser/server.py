@@ -19,6 +19,7 @@ from services.common.errors import (Cancelled, InvalidArgument, ResourceExhauste
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, serve
+from services.common.tracing import Tracing
 from services.common.tensors import check_finite, dtype_name, from_proto, to_proto
 from services.denoiser import engine as eng
 from services.denoiser.cfg_parallel import CfgParallel, second_device
@@ -185,6 +186,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         self.config = config
         self.gate = ReadyGate("denoiser")
         self.metrics = DenoiserMetrics()
+        self.tracing = Tracing.for_service("t2v-denoiser", config.otlp_endpoint)   # off unless an endpoint is set
         self.engine: eng.DenoiseEngine | None = None
         self.split: CfgParallel | None = None          # --cfg-parallel: the second device's process
 
@@ -283,9 +285,13 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(DenoiserConfig, argv, "t2v serve denoiser",
                           "3D-UNet denoiser stage: embeddings -> latents, with step-level batching.")
-    servicer = DenoiserServicer(config)
+    try:
+        servicer = DenoiserServicer(config)
+    except ValueError as error:         # a bad --otlp-endpoint
+        raise SystemExit(f"denoiser: {error}") from None
     try:
         serve(config, "denoiser", SERVICE_NAME, servicer, servicer.gate,
               lambda server: denoiser_pb2_grpc.add_DenoiserServicer_to_server(servicer, server))
     finally:
         servicer.close(config.grace_seconds)
+        servicer.tracing.shutdown()     # the spans not exported yet go now

@@ -26,6 +26,7 @@ from services.common.logs import kv
 from services.common.model_folder import vae_scale_factor
 from services.common.server import ReadyGate, serve
 from services.common.tls import ClientTls, load_client_tls, load_server_tls
+from services.common.tracing import Tracing
 from services.gateway import orchestrator as orch
 from services.gateway.domain import Limits
 from services.gateway.http import Backend, HttpServer, start_http
@@ -167,11 +168,13 @@ class Gateway:
         self.tenancy = Tenancy(api_keys_from(config), admin_keys_from(config))   # ApiKeyError: a bad key file
         self.servicer = GatewayServicer(self._service, self.limits, self.draining, self.tenancy)
         self.streams_hint = STREAMS_HINT      # serve() ends a --max-streams refusal with it
+        # last: nothing above may fail once the exporter's thread runs (ValueError: a bad --otlp-endpoint)
+        self.tracing = Tracing.for_service("t2v-gateway", config.otlp_endpoint)
 
     def load(self) -> None:
         self.orchestrator = orch.Orchestrator(
             orch.StageAddresses(self.config.text_encoder, self.config.denoiser, self.config.decoder),
-            self.config.max_message_bytes, self.config.stage_timeout, stage_tls_from(self.config))
+            self.config.max_message_bytes, self.config.stage_timeout, stage_tls_from(self.config), self.tracing)
         store, results = open_stores(self.config.job_store, self.config.state_dir, self.config.result_store)
         self.metrics.watch_result_store(results.space)     # free bytes at each scrape (file stores)
         log.info(kv("job_store", url=describe_url(self.config.job_store) or f"sqlite in {self.config.state_dir}",
@@ -180,7 +183,7 @@ class Gateway:
         if self.rate_limiter is not None and shared_buckets is not None:
             self.rate_limiter.use(shared_buckets)   # type: ignore[arg-type] - one budget per key on every gateway
         self.jobs = JobService(store, results, self.metrics.observing(self.orchestrator), self.settings,
-                               self.observer, stages_ready=self.orchestrator.ready).start()
+                               self.observer, stages_ready=self.orchestrator.ready, tracing=self.tracing).start()
         self.http = start_http(Backend(self._service, self.limits, self.config.model, self.orchestrator.ready,
                                        api_keys_from(self.config), self.rate_limiter, self.tenancy,
                                        metrics=self.metrics),
@@ -210,6 +213,7 @@ class Gateway:
             self.http.stop()
         if self.orchestrator is not None:
             self.orchestrator.close()
+        self.tracing.shutdown()            # last: the jobs' last spans are exported
 
     def _service(self) -> JobService:
         self.gate.check()

@@ -189,6 +189,8 @@ class JobRecord:
     lease_expires_ms: int = 0         # RUNNING and past this: its gateway is gone, another takes it over
     checkpoint_step: int = 0          # denoising steps the stored checkpoint has done (0 = none)
     tenant: str = ""                  # whose job: a digest of the API key that made it ("" = keys off)
+    trace_parent: str = ""            # W3C traceparent naming the job's root span ("" = not traced); set at
+                                      # admission, so whichever gateway runs or ends the job continues its trace
 
 
 @dataclass(frozen=True)

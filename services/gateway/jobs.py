@@ -18,6 +18,12 @@ Rules it keeps: every accepted job is a row before anything runs, so nothing is 
 request with an explicit seed whose every parameter (and model) matches a stored, unexpired result
 completes at once from the result store; any error on any path of a run ends the job (FAILED with a
 sentence) and frees its slot, except a stop of this gateway, which leaves the job to the next one.
+
+Traces (with tracing on, ``services/common/tracing.py``): a job is one trace. Its root span ("job") is named
+at admission by the ``trace_parent`` stored in its row and recorded by whichever gateway writes its end (from
+the admission to the end, with the end status); the claiming gateway records the queue wait ("queue_wait")
+and makes the job's span current in the worker's thread while it runs the stages (the orchestrator's stage
+call spans are its children) and stores the video ("store_video").
 """
 
 from __future__ import annotations
@@ -37,9 +43,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import BinaryIO, Callable, ContextManager, Iterator, Protocol
 
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
 from services.common.errors import (Cancelled, FailedPrecondition, InsufficientStorage, InvalidArgument, NotFound,
                                     ServiceError, Unavailable)
 from services.common.logs import kv
+from services.common.tracing import JOB_ID, TENANT, Tracing
 from services.gateway.dispatcher import Dispatcher
 from services.gateway.domain import (ACTIVE, Checkpoint, Finished, Interrupted, JobRecord, JobRequest, JobStatus,
                                      JobUpdate, JobView, Params, Priority, Progress, Queued, QueueFull, Result, RunControl,
@@ -66,6 +76,7 @@ STAGE_PROBE_SECONDS = 0.5          # how often a restarted gateway asks whether 
 _EVERY = 2**31 - 1                 # a list limit that is no limit
 UNWRITTEN_RETRY_SECONDS = 1.0      # between tries of the ends a full store had no room for
 STORE_RETRY_SECONDS = 0.5          # between tries of a write that must land (a job's end) while the store is down
+JOB_SPAN, QUEUE_SPAN, STORE_SPAN = "job", "queue_wait", "store_video"     # the job system's span names
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,8 @@ class LocalRun:
     last_progress_write: float = 0.0
     interrupted: bool = False                   # this gateway is stopping: leave the job to the next one
     ended: bool = False                         # its end is written (by this run or by anyone else)
+    claimed_ms: int = 0                         # when this gateway claimed it (unix ms)
+    taken_over: bool = False                    # claimed from a gateway whose lease ran out
 
     @property
     def job_id(self) -> str:
@@ -261,7 +274,8 @@ class JobService:
     def __init__(self, store: JobStore, results: ResultStore, runner: Runner, settings: JobSettings,
                  observer: JobObserver | None = None, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
-                 stages_ready: Callable[[], bool] | None = None, owner: str | None = None) -> None:
+                 stages_ready: Callable[[], bool] | None = None, owner: str | None = None,
+                 tracing: Tracing | None = None) -> None:
         if settings.slots < 1:
             raise ValueError(f"slots is {settings.slots}; at least one job must be able to run")
         self.store = store
@@ -270,6 +284,7 @@ class JobService:
         self.settings = settings
         self.owner = owner or gateway_identity()
         self.observer = SafeObserver(observer)
+        self.tracing = tracing or Tracing.off()
         self.policy = QueuePolicy(settings.aging_seconds)
         self._clock = clock
         self._wall = wall_clock
@@ -568,13 +583,16 @@ class JobService:
             with self._lock:
                 self._watchers.setdefault(job_id, []).append(watch)
 
+        trace_parent = self.tracing.new_root(JOB_SPAN) if self.tracing.enabled else ""
+
         def insert() -> JobRecord:
             with self._stamp:
                 now = self._now_ms()
                 return self.store.submit(JobRecord(
                     job_id=job_id, status=JobStatus.QUEUED, priority=request.priority, params=request.params,
                     seed_given=request.seed_given, cache_key=key, created_ms=now, tenant=request.tenant,
-                    deadline_ms=now + math.ceil(timeout * 1000) if timeout else 0), self.settings.max_queue)
+                    deadline_ms=now + math.ceil(timeout * 1000) if timeout else 0, trace_parent=trace_parent),
+                    self.settings.max_queue)
         try:
             record = self._store_call(insert)
         except StoreQueueFull as full:
@@ -589,6 +607,8 @@ class JobService:
         log.info(kv("job_accepted", job_id=record.job_id, priority=request.priority.label,
                     frames=p.num_frames, height=p.height, width=p.width, steps=p.num_inference_steps,
                     seed=p.seed, timeout=timeout or 0))
+        if self.tracing.enabled:         # the API call's span (a traced gRPC call) names the job it made
+            trace.get_current_span().set_attribute(JOB_ID, record.job_id)
         if key is not None:
             self.observer.cache_miss(record)
         self.observer.job_queued(record)
@@ -620,8 +640,10 @@ class JobService:
             seed_given=True, cache_key=key, created_ms=now_ms, started_ms=now_ms, finished_ms=now_ms,
             expires_ms=now_ms + self._ttl_ms(), stage=source.stage, step=source.step,
             total_steps=source.total_steps, warnings=source.warnings, cached=True, video_size=size,
-            mime_type=source.mime_type, tenant=request.tenant))
+            mime_type=source.mime_type, tenant=request.tenant,
+            trace_parent=self.tracing.new_root(JOB_SPAN) if self.tracing.enabled else ""))
         log.info(kv("job_cached", job_id=job_id, source=source.job_id))
+        self._trace_end(record, cached_from=source.job_id)
         self.observer.cache_hit(record)
         return JobView(record)
 
@@ -745,7 +767,8 @@ class JobService:
         now = self._clock()
         deadline = now + (record.deadline_ms - self._now_ms()) / 1000 if record.deadline_ms else None
         run = LocalRun(record, deadline, claimed.checkpoint, started_at=now,
-                       stage=record.stage if claimed.taken_over else Stage.NONE)
+                       stage=record.stage if claimed.taken_over else Stage.NONE, claimed_ms=self._now_ms(),
+                       taken_over=claimed.taken_over)
         with self._lock:
             if record.job_id in self._unwritten_ends:
                 # It ended here; its end waits for room in the store, and the lease of its run ran out meanwhile.
@@ -763,6 +786,9 @@ class JobService:
                     resumed_from_step=record.checkpoint_step if claimed.checkpoint else 0,
                     taken_over=claimed.taken_over))
         self.observer.job_started(record, waited)
+        if self.tracing.enabled and record.trace_parent and record.runs == 1:
+            self._traced(lambda: self.tracing.record_span(QUEUE_SPAN, record.trace_parent, record.created_ms,
+                                                          run.claimed_ms, self._trace_attributes(record)))
         self._notify(Notice("queue", record.job_id))
         self._queue_changed()
         return _ClaimedWork(self, run)
@@ -771,9 +797,10 @@ class JobService:
     def _execute(self, run: LocalRun) -> None:
         """Run one claimed job to its end. Any exception ends the job, except a stop of this gateway."""
         try:
-            result = self._run_stages(run)
-            if result is not None:
-                self._complete(run, result)
+            with self.tracing.current(run.record.trace_parent):    # the stage calls' spans are the job's
+                result = self._run_stages(run)
+                if result is not None:
+                    self._complete(run, result)
         except ServiceError as error:
             self._failed(run, error)
         except StoreFull as error:
@@ -857,6 +884,8 @@ class JobService:
         """Store the video, then mark the job COMPLETED (unless it ended meanwhile)."""
         if run.ended or not self._holds_lease(run):
             return                       # another gateway runs it now: its video is that one's to store
+        span = self.tracing.start_span(STORE_SPAN, attributes={JOB_ID: run.job_id, "t2v.video_bytes": len(result.video)}
+                                       ) if self.tracing.enabled and run.record.trace_parent else None
         try:
             size = self._until_stored(lambda: self.results.save(run.job_id, result.video))
             if size is None:
@@ -865,9 +894,14 @@ class JobService:
             full = isinstance(error, ResultStoreFull)
             log.error(kv("result_save_failed", job_id=run.job_id, reason=str(error)[:200]))
             failure = InsufficientStorage if full else ServiceError
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, str(error)[:500]))
             raise failure(f"the result store is full: the video of job {run.job_id} could not be kept; free space "
                           "on the gateway's result store and submit the job again" if full else
                           f"the video of job {run.job_id} could not be stored ({error}); submit the job again") from None
+        finally:
+            if span is not None:
+                span.end()
         done = self._write_end(run.job_id, JobStatus.COMPLETED, owner=self.owner, video_size=size,
                                mime_type=result.mime_type, expires_ms=self._now_ms() + self._ttl_ms(),
                                stage=run.stage, step=run.step, total_steps=run.total_steps)
@@ -947,6 +981,7 @@ class JobService:
         log.info(kv("job_finished", job_id=job_id, status=status.value, code=record.error_code or "OK",
                     seconds=round(seconds, 3)))
         self.observer.job_finished(record, status, seconds)
+        self._trace_end(record)
         self._deliver_end(job_id, record)
         self._notify(Notice("finished", job_id))
         if before == JobStatus.QUEUED:
@@ -987,6 +1022,52 @@ class JobService:
                       f"the {name or 'stages'} {'stage is' if name else 'are'} up (the gateway's /healthz)")
         self._end(record.job_id, JobStatus.FAILED, "DEADLINE_EXCEEDED",
                   f"the job's deadline passed after {waited:.1f} s {where}; {advice}")
+
+    # --- traces ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _trace_attributes(record: JobRecord) -> dict[str, object]:
+        """What every job span says of its job: the id, and whose it is (the tenant: a digest of the API key,
+        never the key; absent with keys off)."""
+        attributes: dict[str, object] = {JOB_ID: record.job_id, "t2v.priority": record.priority.label}
+        if record.tenant:
+            attributes[TENANT] = record.tenant
+        return attributes
+
+    def _trace_end(self, record: JobRecord, cached_from: str = "") -> None:
+        """Record the job's root span, now that it ended: from its admission to its end, with its end status.
+        This gateway's run of it, if any, adds when it claimed the job (and whether it took it over)."""
+        if not self.tracing.enabled or not record.trace_parent:
+            return
+        attributes = {**self._trace_attributes(record), "t2v.status": record.status.value, "t2v.runs": record.runs,
+                      "t2v.cached": record.cached}
+        if record.error_code:
+            attributes["t2v.error_code"] = record.error_code
+        if cached_from:
+            attributes["t2v.cached_from"] = cached_from
+        if record.status == JobStatus.COMPLETED:
+            status = Status(StatusCode.OK)
+        elif record.status == JobStatus.FAILED:
+            status = Status(StatusCode.ERROR, record.error_message[:500])
+        else:
+            status = Status(StatusCode.UNSET)       # cancelled: the client's wish, not a fault
+        with self._lock:
+            run = self._runs.get(record.job_id)
+        events = []
+        if run is not None and run.claimed_ms:
+            events.append(("taken_over" if run.taken_over else "claimed", run.claimed_ms,
+                           {"t2v.run": run.record.runs, "t2v.resumed_from_step":
+                            run.record.checkpoint_step if run.resume else 0}))
+        end_ms = record.finished_ms or self._now_ms()
+        self._traced(lambda: self.tracing.record_root(record.trace_parent, JOB_SPAN, record.created_ms, end_ms,
+                                                      attributes, status, events))
+
+    @staticmethod
+    def _traced(record: Callable[[], object]) -> None:
+        """A span recorded; a tracing fault is logged, never the job's."""
+        try:
+            record()
+        except Exception as error:  # noqa: BLE001
+            log.warning(kv("trace_failed", reason=f"{type(error).__name__}: {str(error)[:200]}"))
 
     # --- views ----------------------------------------------------------------------------------------
     def _view(self, record: JobRecord, places: dict[str, int] | None = None) -> JobView:

@@ -4,6 +4,11 @@ Why a generator of plain events (``domain.RunEvent``): the job service consumes 
 checkpoints, tells watchers) without knowing gRPC, and this module knows nothing of jobs or stores.
 A run may start from a denoiser checkpoint (``resume``: the opaque bytes of a ``DenoiseCheckpoint``),
 which is how a job taken over from a gateway that died goes on where it was.
+
+With tracing on, each stage call is a CLIENT span (``t2v.v1.Denoiser/Denoise``, ...) under the current span
+(the job's, which ``jobs.JobService`` makes current in the worker's thread), covering every attempt; its
+``traceparent`` goes with each attempt as gRPC metadata, so the stage's SERVER span is its child. Retries,
+checkpoints and a resume are events of that span.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from typing import Any, Callable, Generator, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from services.common.errors import (Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted,
                                     ServiceError, Unavailable)
 from services.common.logs import kv
 from services.common.server import message_options
 from services.common.tls import ClientTls, channel as tls_channel
+from services.common.tracing import JOB_ID, Tracing, rpc_attributes, span_name
 from services.gateway.domain import (Checkpoint, Params, Progress, Result, RunControl, RunEvent, Stage,
                                      StageRetried, StageStarted, Waiting, Warning)
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
@@ -47,6 +55,9 @@ STAGE_ATTEMPTS = 3
 RETRY_BACKOFF_SECONDS = 0.25         # before the second try; doubled before each next one
 # A stage that is down is found again this soon after it comes back (gRPC's default backs off to 120 s).
 _MAX_RECONNECT_BACKOFF_MS = 2000
+# The gRPC method of each stage call: its span's name and rpc.* attributes.
+_METHODS = {Stage.TEXT_ENCODER: "/t2v.v1.TextEncoder/Encode", Stage.DENOISER: "/t2v.v1.Denoiser/Denoise",
+            Stage.DECODER: "/t2v.v1.Decoder/Decode"}
 
 
 @dataclass(frozen=True)
@@ -58,9 +69,10 @@ class StageAddresses:
 
 class Orchestrator:
     def __init__(self, addresses: StageAddresses, max_message_bytes: int, stage_timeout: float,
-                 tls: ClientTls | None = None) -> None:
+                 tls: ClientTls | None = None, tracing: Tracing | None = None) -> None:
         self.addresses = addresses
         self.stage_timeout = stage_timeout
+        self.tracing = tracing or Tracing.off()
         options = message_options(max_message_bytes) + [
             ("grpc.service_config", _RETRY_SERVICE_CONFIG), ("grpc.enable_retries", 1),
             ("grpc.lb_policy_name", "round_robin"), ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS)]
@@ -140,7 +152,8 @@ class Orchestrator:
         prompts = [params.negative_prompt, params.prompt] if params.uses_guidance else [params.prompt]
         encode = text_encoder_pb2.EncodeRequest(prompts=prompts, request_id=job_id)
         encoded = yield from self._call(job_id, Stage.TEXT_ENCODER, control, deadline,
-                                        lambda timeout: self._unary(self.text_encoder.Encode, encode, timeout, control))
+                                        lambda timeout, call: self._unary(self.text_encoder.Encode, encode, timeout,
+                                                                          control, call))
         for which, info in zip(["negative_prompt", "prompt"][-len(prompts):], encoded.prompts):
             if info.truncated:
                 yield Warning(f"{which} has {info.num_tokens} tokens; the model reads 77, so this was "
@@ -155,7 +168,7 @@ class Orchestrator:
         if resume:
             denoise.resume.ParseFromString(resume)
         latents = yield from self._call(job_id, Stage.DENOISER, control, deadline,
-                                        lambda timeout: self._denoise(denoise, timeout, control),
+                                        lambda timeout, call: self._denoise(denoise, timeout, control, call),
                                         lambda: (f"; denoising resumes after step {denoise.resume.step}"
                                                  if denoise.HasField("resume") else "; denoising restarts from step 1"))
 
@@ -163,65 +176,85 @@ class Orchestrator:
         decode = decoder_pb2.DecodeRequest(request_id=job_id, latents=latents, fps=params.fps,
                                            return_frames=return_frames)
         decoded = yield from self._call(job_id, Stage.DECODER, control, deadline,
-                                        lambda timeout: self._unary(self.decoder.Decode, decode, timeout, control))
+                                        lambda timeout, call: self._unary(self.decoder.Decode, decode, timeout,
+                                                                          control, call))
         log.info(kv("job_done", job_id=job_id, mp4_bytes=len(decoded.video)))
         yield Result(video=decoded.video, mime_type=decoded.mime_type, num_frames=decoded.num_frames,
                      height=decoded.height, width=decoded.width,
                      frames=decoded.frames if return_frames else None)
 
     def _call(self, job_id: str, stage: Stage, control: RunControl, deadline: float | None,
-              attempt: Callable[[float], Any], retry_note: Callable[[], str] | None = None
+              attempt: Callable[[float, "StageCall"], Any], retry_note: Callable[[], str] | None = None
               ) -> Generator[RunEvent, None, Any]:
-        """One stage call (``attempt(timeout)``: the answer, or a generator of events that returns it),
+        """One stage call (``attempt(timeout, call)``: the answer, or a generator of events that returns it),
         tried again when it fails UNAVAILABLE: its replica went away mid-call (killed, or draining past its
         grace), which gRPC's own retry policy does not cover once the call has started. At most
         ``STAGE_ATTEMPTS`` tries, each announced with a Warning and a new StageStarted: the stage starts
         over (for the denoiser, progress restarts from step 1). Every other error is final: trying again
-        would not change INVALID_ARGUMENT, and a DEADLINE_EXCEEDED has used up the time."""
+        would not change INVALID_ARGUMENT, and a DEADLINE_EXCEEDED has used up the time.
+
+        ``call`` carries the call's span (a no-op one when tracing is off) and the metadata for its attempts."""
         name = stage.label
-        for number in range(1, STAGE_ATTEMPTS + 1):
-            if control.cancelled.is_set():
-                raise Cancelled("the job was cancelled")
-            timeout = self._timeout(deadline)
-            try:
-                answer = attempt(timeout)
-                if inspect.isgenerator(answer):
-                    answer = yield from answer
-                return answer
-            except grpc.RpcError as error:
-                # CANCELLED that the job did not ask for: the replica's server stopped mid-call.
-                if (error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-                        or control.cancelled.is_set() or number == STAGE_ATTEMPTS):
-                    raise self._stage_error(stage, error, control, timeout, number) from None
-                details = error.details() or "connection lost"
-            finally:
-                control.track(None)
-            log.warning(kv("stage_retry", job_id=job_id, stage=name, attempt=number + 1, reason=details))
-            note = retry_note() if retry_note is not None else ""
-            yield StageRetried(f"the {name} stage failed during the call ({details}); trying again, attempt "
-                               f"{number + 1} of {STAGE_ATTEMPTS}" + note)
-            control.cancelled.wait(RETRY_BACKOFF_SECONDS * 2 ** (number - 1))
-            yield StageStarted(stage)
-            yield Waiting(stage, f"the job waits for a replica of the {name} stage to answer (its last one went "
-                                 f"away: {details}){note}; check the {name} stage's replicas if this lasts")
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        call = StageCall.start(self.tracing, _METHODS[stage], job_id, stage, getattr(self.addresses, name))
+        number = 0
+        try:
+            for number in range(1, STAGE_ATTEMPTS + 1):
+                if control.cancelled.is_set():
+                    raise Cancelled("the job was cancelled")
+                timeout = self._timeout(deadline)
+                try:
+                    answer = attempt(timeout, call)
+                    if inspect.isgenerator(answer):
+                        answer = yield from answer
+                    call.done(grpc.StatusCode.OK, number)
+                    return answer
+                except grpc.RpcError as error:
+                    # CANCELLED that the job did not ask for: the replica's server stopped mid-call.
+                    if (error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                            or control.cancelled.is_set() or number == STAGE_ATTEMPTS):
+                        failure = self._stage_error(stage, error, control, timeout, number)
+                        call.done(error.code(), number, failure)
+                        raise failure from None
+                    details = error.details() or "connection lost"
+                finally:
+                    control.track(None)
+                log.warning(kv("stage_retry", job_id=job_id, stage=name, attempt=number + 1, reason=details))
+                call.span.add_event("retry", {"t2v.attempt": number + 1, "t2v.reason": details[:500]})
+                note = retry_note() if retry_note is not None else ""
+                yield StageRetried(f"the {name} stage failed during the call ({details}); trying again, attempt "
+                                   f"{number + 1} of {STAGE_ATTEMPTS}" + note)
+                control.cancelled.wait(RETRY_BACKOFF_SECONDS * 2 ** (number - 1))
+                yield StageStarted(stage)
+                yield Waiting(stage, f"the job waits for a replica of the {name} stage to answer (its last one went "
+                                     f"away: {details}){note}; check the {name} stage's replicas if this lasts")
+            raise AssertionError("unreachable: the last attempt returns or raises")
+        except ServiceError as error:          # a cancel, a deadline: the span says why it ended
+            call.done(None, number, error)
+            raise
+        except GeneratorExit:                  # the run was dropped (its gateway stops, its lease was lost)
+            call.done(None, number, Cancelled("the run of the job stopped on this gateway"))
+            raise
+        finally:
+            call.end()
 
     @staticmethod
-    def _unary(method: Any, request: Any, timeout: float, control: RunControl) -> Any:
+    def _unary(method: Any, request: Any, timeout: float, control: RunControl, traced: "StageCall") -> Any:
         """A unary stage call that ``control.cancel()`` stops at once, and that waits (up to ``timeout``)
         for a SERVING replica instead of failing at once when none is up (``wait_for_ready``)."""
-        call = method.future(request, timeout=timeout, wait_for_ready=True)
+        call = method.future(request, timeout=timeout, wait_for_ready=True, metadata=traced.metadata)
         control.track(call)
         try:
             return call.result()
         except grpc.FutureCancelledError:
             raise Cancelled("the job was cancelled") from None
 
-    def _denoise(self, request: denoiser_pb2.DenoiseRequest, timeout: float, control: RunControl
-                 ) -> Generator[RunEvent, None, Any]:
+    def _denoise(self, request: denoiser_pb2.DenoiseRequest, timeout: float, control: RunControl,
+                 traced: "StageCall") -> Generator[RunEvent, None, Any]:
         """The Denoise stream: yields a Progress per step and a Checkpoint when one comes, returns the
         latents. The last checkpoint becomes the request's ``resume``, so a retry goes on from there."""
-        call = self.denoiser.Denoise(request, timeout=timeout, wait_for_ready=True)
+        if request.HasField("resume"):
+            traced.span.add_event("resume", {"t2v.step": request.resume.step})
+        call = self.denoiser.Denoise(request, timeout=timeout, wait_for_ready=True, metadata=traced.metadata)
         control.track(call)
         latents = None
         for event in call:
@@ -230,6 +263,7 @@ class Orchestrator:
                 p = event.progress
                 yield Progress(p.step, p.total_steps, p.timestep)
             elif kind == "checkpoint":
+                traced.span.add_event("checkpoint", {"t2v.step": event.checkpoint.step})
                 request.resume.CopyFrom(event.checkpoint)
                 yield Checkpoint(event.checkpoint.step, event.checkpoint.SerializeToString())
             elif kind == "latents":
@@ -237,3 +271,37 @@ class Orchestrator:
         if latents is None:
             raise ServiceError("the denoiser stage ended its stream without latents")
         return latents
+
+
+class StageCall:
+    """The span of one stage call (all its attempts) and the gRPC metadata that carries it to the stage: a
+    CLIENT span under the current one when tracing is on; else the API's no-op span and no metadata."""
+
+    def __init__(self, span: Span, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.span = span
+        self.metadata = metadata
+        self._done = False
+
+    @classmethod
+    def start(cls, tracing: Tracing, method: str, job_id: str, stage: Stage, address: str) -> "StageCall":
+        if not tracing.enabled:
+            return cls(trace.INVALID_SPAN)
+        span = tracing.start_span(span_name(method), kind=SpanKind.CLIENT, attributes={
+            **rpc_attributes(method), JOB_ID: job_id, "t2v.stage": stage.label, "server.address": address})
+        return cls(span, tracing.metadata(span))
+
+    def done(self, code: grpc.StatusCode | None, attempts: int, error: ServiceError | None = None) -> None:
+        """How the call ended: its last status code (None: it did not get one) and the error it became."""
+        if self._done or not self.span.is_recording():
+            return
+        self._done = True
+        self.span.set_attribute("t2v.attempts", attempts)
+        if code is not None:
+            self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if error is not None:
+            self.span.set_attribute("t2v.error_code", error.code.name)
+            if not isinstance(error, Cancelled):     # a cancel is the job's wish, not the stage's fault
+                self.span.set_status(Status(StatusCode.ERROR, error.message))
+
+    def end(self) -> None:
+        self.span.end()

@@ -14,6 +14,7 @@ from services.common.errors import InvalidArgument, grpc_errors
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, serve
+from services.common.tracing import Tracing
 from services.common.tensors import to_proto
 from services.text_encoder.encoder import TextEncoder
 from services.text_encoder.metrics import TextEncoderMetrics
@@ -35,6 +36,7 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         self.config = config
         self.gate = ReadyGate("text_encoder")
         self.metrics = TextEncoderMetrics()
+        self.tracing = Tracing.for_service("t2v-text-encoder", config.otlp_endpoint)   # off unless an endpoint is set
         self.encoder: TextEncoder | None = None
 
     def load(self) -> None:
@@ -74,6 +76,12 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(TextEncoderConfig, argv, "t2v serve text_encoder",
                           "CLIP text encoder stage: prompts -> embeddings over gRPC.")
-    servicer = TextEncoderServicer(config)
-    serve(config, "text_encoder", SERVICE_NAME, servicer, servicer.gate,
-          lambda server: text_encoder_pb2_grpc.add_TextEncoderServicer_to_server(servicer, server))
+    try:
+        servicer = TextEncoderServicer(config)
+    except ValueError as error:         # a bad --otlp-endpoint
+        raise SystemExit(f"text_encoder: {error}") from None
+    try:
+        serve(config, "text_encoder", SERVICE_NAME, servicer, servicer.gate,
+              lambda server: text_encoder_pb2_grpc.add_TextEncoderServicer_to_server(servicer, server))
+    finally:
+        servicer.tracing.shutdown()     # the spans not exported yet go now

@@ -99,7 +99,8 @@ def test_a_record_round_trips_every_field(stores: Stores) -> None:
         seed_given=True, cache_key="ab" * 32, created_ms=NOW, deadline_ms=NOW + 5, started_ms=NOW + 1,
         finished_ms=NOW + 2, expires_ms=NOW + 3, stage=Stage.DECODER, step=20, total_steps=20, error_code="OK",
         error_message="fine", warnings=("first", "second ☃"), cached=True, video_size=12345, mime_type="video/mp4",
-        runs=2, owner="gw-z", lease_expires_ms=NOW + 4, checkpoint_step=7)
+        runs=2, owner="gw-z", lease_expires_ms=NOW + 4, checkpoint_step=7,
+        trace_parent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
     stored = stores.jobs.insert(record)
     assert stored.seq > 0 and stored == dataclasses.replace(record, seq=stored.seq)
     assert stores.jobs.get(record.job_id) == stored
@@ -293,6 +294,29 @@ def test_a_listing_keeps_to_one_tenant_and_the_tenant_round_trips(stores: Stores
     assert len(stores.jobs.list()) == 5                       # None: everyone's
     assert stores.jobs.get(alices[0].job_id).tenant == "a" * 32
     assert stores.jobs.get(keyless[0].job_id).tenant == ""
+
+
+TRACE_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_the_trace_parent_stays_with_the_job_through_a_takeover_and_its_end(stores: Stores) -> None:
+    """What lets a successor gateway continue the job's trace: the row's traceparent, set at admission, comes
+    back with every claim (a takeover included) and no transition can change it."""
+    traced, untraced = submit(stores.jobs, job(trace_parent=TRACE_PARENT), job())
+    assert stores.jobs.get(traced.job_id).trace_parent == TRACE_PARENT
+    assert stores.jobs.get(untraced.job_id).trace_parent == ""
+    first = claim(stores.jobs, "gw-a")
+    assert first.record.job_id == traced.job_id and first.record.trace_parent == TRACE_PARENT
+    assert stores.jobs.save_checkpoint(traced.job_id, "gw-a", 3, b"state")
+    taken = claim(stores.jobs, "gw-b", now=NOW + LEASE + 1)          # gw-a's lease ran out: gw-b takes it over
+    assert taken.taken_over and taken.record.job_id == traced.job_id and taken.checkpoint == b"state"
+    assert taken.record.trace_parent == TRACE_PARENT and taken.record.runs == 2
+    with pytest.raises(ValueError):
+        stores.jobs.transition(traced.job_id, COMPLETED, ACTIVE, owner="gw-b", trace_parent="00-" + "1" * 32 + "-" +
+                               "2" * 16 + "-01")
+    assert stores.jobs.transition(traced.job_id, COMPLETED, ACTIVE, owner="gw-b", finished_ms=NOW + LEASE + 2)
+    assert stores.jobs.get(traced.job_id).trace_parent == TRACE_PARENT
+    assert [r.trace_parent for r in stores.jobs.list(COMPLETED)] == [TRACE_PARENT]
 
 
 def test_list_pages_newest_first_with_a_filter(stores: Stores) -> None:
@@ -609,8 +633,40 @@ def test_an_older_schema_gains_the_new_columns(postgres_dsn: str) -> None:
     try:
         old = store.get(old_id)
         assert old.status == QUEUED and old.owner == "" and old.lease_expires_ms == 0 and old.params.seed == 1
+        assert old.tenant == "" and old.trace_parent == ""
         taken = store.claim("gw-a", NOW, LEASE, 1, FIFO)
         assert taken.record.job_id == old_id and store.save_checkpoint(old_id, "gw-a", 1, b"c")
+    finally:
+        store.close()
+
+
+def test_an_older_sqlite_state_dir_gains_the_new_columns(tmp_path) -> None:
+    """A state dir of the first gateway (no leases, tenants or traces yet) opens, and its jobs read and run."""
+    import sqlite3
+
+    old_id = new_job_id()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as connection:
+        connection.execute("""CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL, priority TEXT NOT NULL, params TEXT NOT NULL, seed_given INTEGER NOT NULL DEFAULT 0,
+            cache_key TEXT, created_ms INTEGER NOT NULL DEFAULT 0, deadline_ms INTEGER NOT NULL DEFAULT 0,
+            started_ms INTEGER NOT NULL DEFAULT 0, finished_ms INTEGER NOT NULL DEFAULT 0,
+            expires_ms INTEGER NOT NULL DEFAULT 0, stage INTEGER NOT NULL DEFAULT 0, step INTEGER NOT NULL DEFAULT 0,
+            total_steps INTEGER NOT NULL DEFAULT 0, error_code TEXT NOT NULL DEFAULT '',
+            error_message TEXT NOT NULL DEFAULT '', warnings TEXT NOT NULL DEFAULT '[]',
+            cached INTEGER NOT NULL DEFAULT 0, video_size INTEGER NOT NULL DEFAULT 0,
+            mime_type TEXT NOT NULL DEFAULT '', runs INTEGER NOT NULL DEFAULT 0)""")
+        connection.execute("INSERT INTO jobs (job_id, status, priority, params, created_ms) VALUES (?, 'queued', "
+                           "'normal', ?, ?)", (old_id, '{"prompt": "p", "negative_prompt": "", "num_frames": 8, '
+                           '"height": 64, "width": 64, "num_inference_steps": 20, "guidance_scale": 7.5, "seed": 1, '
+                           '"fps": 8, "scheduler": "ddim"}', NOW))
+    connection.close()
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    try:
+        old = store.get(old_id)
+        assert old.status == QUEUED and old.tenant == "" and old.trace_parent == "" and old.params.seed == 1
+        traced = store.submit(job(trace_parent=TRACE_PARENT), 10)
+        assert store.get(traced.job_id).trace_parent == TRACE_PARENT
+        assert claim(store).record.job_id == old_id
     finally:
         store.close()
 

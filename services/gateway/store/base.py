@@ -185,7 +185,7 @@ class ResultStoreFull(OSError):
 COLUMNS = [f.name for f in dataclasses.fields(JobRecord)]
 # Columns a transition may set besides status (never the job's identity or its request).
 UPDATABLE = frozenset(COLUMNS) - {"job_id", "params", "seq", "status", "priority", "seed_given", "cache_key",
-                                  "created_ms"}
+                                  "created_ms", "trace_parent"}
 
 
 def to_row(record: JobRecord) -> dict[str, Any]:

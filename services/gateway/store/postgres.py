@@ -44,7 +44,7 @@ from services.gateway.store.base import (COLUMNS, Claimed, Notice, ResultStoreFu
 
 log = logging.getLogger("gateway.store.postgres")
 
-SCHEMA_VERSION = 2                      # 2: jobs.tenant (issue 16)
+SCHEMA_VERSION = 3                      # 2: jobs.tenant (issue 16); 3: jobs.trace_parent (issue 17)
 CHANNEL = "t2v_jobs"                    # the LISTEN/NOTIFY channel of every gateway of one database
 NOTIFY_LIMIT = 8000                     # PostgreSQL refuses a payload of this many bytes or more
 CHUNK_BYTES = 1 << 20                   # a video is stored as rows of this many bytes (the last one shorter)
@@ -105,6 +105,7 @@ _ADDED_COLUMNS = {
     "checkpoint_step": "INTEGER NOT NULL DEFAULT 0",
     "checkpoint": "BYTEA",
     "tenant": "TEXT NOT NULL DEFAULT ''",
+    "trace_parent": "TEXT NOT NULL DEFAULT ''",
 }
 _INDEXES = {
     "jobs_by_status": "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq)",

@@ -71,6 +71,7 @@ _ADDED_COLUMNS = {
     "checkpoint_step": "INTEGER NOT NULL DEFAULT 0",
     "checkpoint": "BLOB",
     "tenant": "TEXT NOT NULL DEFAULT ''",
+    "trace_parent": "TEXT NOT NULL DEFAULT ''",
 }
 _ENDED = {"owner": "", "lease_expires_ms": 0, "checkpoint_step": 0}
 
