@@ -87,14 +87,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from t2v.up import Mesh, MeshPorts, StartError
+    from t2v.up import Mesh, MeshPorts, StartError, parse_gpus
 
+    gpus: tuple[int, ...] = ()
+    if args.gpus:
+        import torch
+
+        try:
+            gpus = parse_gpus(args.gpus, torch.cuda.device_count())
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    if args.cfg_parallel and len(gpus) < 2:
+        print("error: --cfg-parallel needs two GPUs a denoiser: give --gpus with at least two", file=sys.stderr)
+        return 2
     ports = MeshPorts.from_base(args.base_port)
     ports = MeshPorts(args.gateway_port or ports.gateway, args.text_encoder_port or ports.text_encoder,
                       args.denoiser_port or ports.denoiser, args.decoder_port or ports.decoder)
     log_dir = args.log_dir or (Path("out/logs") if args.generate else None)
     mesh = Mesh(args.host, ports, args.model, args.device, args.dtype, log_dir, state_dir=args.state_dir,
-                job_store=args.job_store)
+                job_store=args.job_store, gpus=gpus, cfg_parallel=args.cfg_parallel)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     # Python leaves SIGINT ignored when it starts ignored, as for a background job of a script (`t2v up &`):
     # Ctrl-C / kill -INT must still stop the mesh.
@@ -146,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=DEFAULT_MODEL, help="diffusers text-to-video model folder")
     up.add_argument("--device", default="auto", help="torch device for the stages (auto, cpu, cuda)")
     up.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
+    up.add_argument("--gpus", default="", metavar="all|0,1,...",
+                    help="one denoiser per GPU (ports: the denoiser's + 10 each), the gateway spreading jobs over "
+                         "them; the text encoder and decoder on the first (default: one denoiser on --device)")
+    up.add_argument("--cfg-parallel", action="store_true",
+                    help="with --gpus: one denoiser per pair of GPUs, each running CFG-parallel over its two")
     up.add_argument("--log-dir", type=Path, default=None, help="write each service's log here instead of the terminal")
     up.add_argument("--state-dir", type=Path, default=None,
                     help="the gateway's job database and videos (default: LOG_DIR/state with --log-dir, "

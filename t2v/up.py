@@ -24,6 +24,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 STAGES = ("text_encoder", "denoiser", "decoder", "gateway")
 METRICS_PORT_OFFSET = 100   # each service's /metrics HTTP port = its gRPC port + this
 HTTP_PORT_OFFSET = 30       # the gateway's HTTP API and web page = its gRPC port + this (50080)
+DENOISER_PORT_STEP = 10     # the denoiser of the i-th GPU (or pair, with CFG-parallel) listens on its port + 10*i
+SLOTS_PER_DENOISER = 4      # the gateway's --slots with several denoisers: this many jobs for each
+
+
+def parse_gpus(text: str, available: int) -> tuple[int, ...]:
+    """--gpus: "all" (every GPU torch sees), or indices "0,1,3"; ValueError with a sentence otherwise."""
+    if text.strip().lower() == "all":
+        if available < 1:
+            raise ValueError("--gpus all: torch sees no GPU on this machine; leave --gpus out to run on the CPU")
+        return tuple(range(available))
+    try:
+        gpus = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--gpus {text!r} is not 'all' or GPU indices such as 0,1") from None
+    bad = [g for g in gpus if not 0 <= g < available]
+    if not gpus or bad or len(set(gpus)) != len(gpus):
+        raise ValueError(f"--gpus {text!r}: give distinct indices of the {available} GPU(s) here (0..{available - 1})")
+    return gpus
 
 
 class StartError(RuntimeError):
@@ -73,14 +91,40 @@ class Mesh:
     state_dir: Path | None = None               # the gateway's jobs and videos; see gateway_state_dir
     job_store: str = ""                         # the gateway's --job-store ("" = SQLite in the state dir)
     env: dict[str, str] | None = None           # extra environment variables for every service
+    gpus: tuple[int, ...] = ()                  # a denoiser per GPU (per pair with cfg_parallel); () = one, --device
+    cfg_parallel: bool = False                  # each denoiser runs CFG-parallel on two GPUs of ``gpus``
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
+    @property
+    def denoiser_gpus(self) -> list[tuple[int, ...]]:
+        """The GPUs of each denoiser: one each, or pairs with CFG-parallel (an odd last GPU is left out)."""
+        if not self.cfg_parallel:
+            return [(gpu,) for gpu in self.gpus]
+        return [tuple(self.gpus[i:i + 2]) for i in range(0, len(self.gpus) - 1, 2)]
+
+    @property
+    def names(self) -> list[str]:
+        """Every process: the stages, a denoiser per GPU (``denoiser``, ``denoiser-1``, ...), the gateway last."""
+        extra = [f"denoiser-{i}" for i in range(1, len(self.denoiser_gpus))]
+        return ["text_encoder", "denoiser", *extra, "decoder", "gateway"]
+
+    def _port(self, name: str) -> int:
+        stage, _, index = name.partition("-")
+        return getattr(self.ports, stage) + DENOISER_PORT_STEP * int(index or 0)
+
     def address(self, stage: str) -> str:
-        return f"{self.host}:{getattr(self.ports, stage)}"
+        return f"{self.host}:{self._port(stage)}"
+
+    def denoiser_target(self) -> str:
+        """The gateway's --denoiser: one address, or every denoiser's (round_robin spreads the jobs)."""
+        denoisers = [name for name in self.names if name.startswith("denoiser")]
+        if len(denoisers) == 1:
+            return self.address("denoiser")
+        return "ipv4:" + ",".join(self.address(name) for name in denoisers)
 
     def metrics_port(self, stage: str) -> int | None:
-        return getattr(self.ports, stage) + self.metrics_offset if self.metrics_offset >= 0 else None
+        return self._port(stage) + self.metrics_offset if self.metrics_offset >= 0 else None
 
     @property
     def web_url(self) -> str | None:
@@ -97,25 +141,36 @@ class Mesh:
             return self.state_dir
         return self.log_dir / "state" if self.log_dir is not None else Path("out/state")
 
-    def command(self, stage: str) -> list[str]:
+    def command(self, name: str) -> list[str]:
+        stage, _, index = name.partition("-")
         args = [sys.executable, "-m", "t2v", "serve", stage, "--host", self.host,
-                "--port", str(getattr(self.ports, stage)), "--model", self.model]
-        if self.metrics_port(stage) is not None:
-            args += [f"--metrics-port={self.metrics_port(stage)}"]
+                "--port", str(self._port(name)), "--model", self.model]
+        if self.metrics_port(name) is not None:
+            args += [f"--metrics-port={self.metrics_port(name)}"]
         if stage == "gateway":
-            args += [f"--{s.replace('_', '-')}={self.address(s)}" for s in STAGES[:3]]
+            args += [f"--text-encoder={self.address('text_encoder')}", f"--denoiser={self.denoiser_target()}",
+                     f"--decoder={self.address('decoder')}"]
+            if self.gpus:
+                args += [f"--slots={SLOTS_PER_DENOISER * len(self.denoiser_gpus)}"]
             args += [f"--state-dir={self.gateway_state_dir}"]
             if self.job_store:
                 args += [f"--job-store={self.job_store}"]
             if self.http_offset >= 0:
                 args += [f"--http-port={self.ports.gateway + self.http_offset}"]
+        elif self.gpus and stage == "denoiser":
+            gpus = self.denoiser_gpus[int(index or 0)]
+            args += ["--gpu", str(gpus[0]), "--dtype", self.dtype]
+            if len(gpus) == 2:
+                args += ["--cfg-parallel", "true", "--cfg-parallel-device", f"cuda:{gpus[1]}"]
+        elif self.gpus:                   # the text encoder and the decoder share the first GPU
+            args += ["--device", f"cuda:{self.gpus[0]}", "--dtype", self.dtype]
         else:
             args += ["--device", self.device, "--dtype", self.dtype]
         return args + self.extra_args.get(stage, [])
 
     def start(self, timeout: float = 300.0, echo: IO[str] = sys.stderr) -> None:
         """Start every stage, then wait until all are SERVING; raise StartError otherwise."""
-        for stage in STAGES:
+        for stage in self.names:
             output: int | IO[bytes] | None = None
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +180,7 @@ class Mesh:
                                                      start_new_session=True,
                                                      env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + timeout
-        waiting = list(STAGES)
+        waiting = list(self.names)
         while waiting:
             for stage in list(waiting):
                 code = self.processes[stage].poll()
@@ -153,7 +208,7 @@ class Mesh:
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM every service (gateway first), wait up to ``grace`` seconds, then SIGKILL."""
-        for stage in reversed(STAGES):
+        for stage in reversed(self.names):
             proc = self.processes.get(stage)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

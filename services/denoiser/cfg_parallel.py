@@ -121,6 +121,7 @@ def second_device(first: torch.device, wanted: str = "auto") -> torch.device:
 
 def join(init_method: str, rank: int, device: torch.device) -> None:
     if device.type == "cuda":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")      # no NVLink multicast: two ranks talk point to point
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=2,
                             timeout=TIMEOUT)

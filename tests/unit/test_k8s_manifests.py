@@ -31,8 +31,8 @@ from tests.k8s_render import (K8S, REPO, RenderError, config_map_hash, kustomize
 # kubernetes-validate (pinned in pyproject.toml) ships, and the oldest minor we support (1.31: native
 # gRPC probes and PDB unhealthyPodEvictionPolicy are GA there).
 K8S_VERSIONS = ("1.37", "1.31")
-OVERLAYS = ("overlays/gpu", "overlays/gpu-hpa", "overlays/cpu-dev")
-GPU_OVERLAYS = ("overlays/gpu", "overlays/gpu-hpa")
+OVERLAYS = ("overlays/gpu", "overlays/gpu-hpa", "overlays/gpu-cfg-parallel", "overlays/cpu-dev")
+GPU_OVERLAYS = ("overlays/gpu", "overlays/gpu-hpa", "overlays/gpu-cfg-parallel")
 OTHERS = ("model-loader", "rbac")
 STAGES = {"text-encoder": 50051, "denoiser": 50052, "decoder": 50053}
 SERVICES = {**STAGES, "gateway": 50050}
@@ -272,7 +272,9 @@ def test_each_stage_has_a_gpu_on_its_own_pool(path: str) -> None:
         if name == "gateway":
             assert "nvidia.com/gpu" not in limits and "nodeSelector" not in spec
             continue
-        assert limits["nvidia.com/gpu"] == 1
+        cfg_parallel = path.endswith("cfg-parallel") and name == "denoiser"
+        assert limits["nvidia.com/gpu"] == (2 if cfg_parallel else 1)
+        assert (env_of(objs, deployment).get("T2V_CFG_PARALLEL") == "true") == cfg_parallel
         assert spec["nodeSelector"] == {"t2v-mesh/pool": name}
         tolerated = {(t["key"], t.get("value")) for t in spec["tolerations"]}
         assert ("nvidia.com/gpu", None) in tolerated and ("t2v-mesh/pool", name) in tolerated
