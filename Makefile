@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo PROMPT="a red circle moving right"   set up, start the mesh, write a video, print its path
+#                                            (PORT=51000: the gateway's gRPC port, `t2v up --port`; default 50050)
 #   make test                                set up, run every test (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,6 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red circle moving right on a black background
 OUTPUT ?= out/video.mp4
+PORT   ?= 50050
 
 .PHONY: setup demo test protos clean promtool chromium postgresql
 
@@ -20,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/t2v up --generate "$(PROMPT)" -o $(OUTPUT)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/t2v up --port $(PORT) --generate "$(PROMPT)" -o $(OUTPUT)
 
 test: setup promtool chromium postgresql
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -4,6 +4,7 @@
     t2v up --generate "a prompt" -o v.mp4  start it, make one video, stop it (the demo)
     t2v serve STAGE [--help]             run one service (text_encoder, denoiser, decoder, gateway)
     t2v generate "a prompt" -o v.mp4     call a running gateway, with a progress bar
+                                         (the gateway: --gateway HOST:PORT, else $T2V_GATEWAY, else 127.0.0.1:50050)
     t2v make-model --preset tiny -o DIR  write a random-weight model folder (tiny, world or full 1.7B layout)
     t2v jobs list|show|cancel|download   follow the gateway's jobs
     t2v ops status|scale|drain           look after the mesh on Kubernetes (deploy/k8s, docs/deploy.md)
@@ -148,13 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2v", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start the whole mesh on this machine",
-                        description="Start text_encoder, denoiser, decoder and gateway as separate processes, "
-                                    "wait until all are SERVING, stop them all on Ctrl-C.")
+    from t2v.up import HTTP_PORT_OFFSET, METRICS_PORT_OFFSET, MeshPorts
+
+    base = MeshPorts().gateway
+    http, metrics = base + HTTP_PORT_OFFSET, base + METRICS_PORT_OFFSET
+    up = sub.add_parser(
+        "up", help="start the whole mesh on this machine", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"""Start text_encoder, denoiser, decoder and gateway as separate processes, wait until all
+are SERVING, stop them all on Ctrl-C.
+
+Ports, from --port P (default {base}; `make demo PORT=P` passes it):
+  gRPC     gateway P, text_encoder P+1, denoiser P+2, decoder P+3 ({base}-{base + 3})
+  HTTP     the gateway's HTTP API and web page: P+{HTTP_PORT_OFFSET} (http://127.0.0.1:{http}/)
+  metrics  each service's Prometheus /metrics: its gRPC port + {METRICS_PORT_OFFSET} ({metrics}-{metrics + 3})
+A --STAGE-port flag moves one service; its metrics port (and the gateway's HTTP
+port) follow it. Every address is printed on the service's SERVING line.""")
     up.add_argument("--host", default="127.0.0.1", help="address every service listens on")
-    up.add_argument("--base-port", type=int, default=50050, help="gateway port; the stages take the next three")
+    up.add_argument("--port", "--base-port", dest="base_port", type=int, default=base, metavar="P",
+                    help=f"the gateway's gRPC port; the stages take the next three, the web page P+{HTTP_PORT_OFFSET}, "
+                         f"metrics +{METRICS_PORT_OFFSET} (default {base})")
     for stage in ("gateway", "text-encoder", "denoiser", "decoder"):
-        up.add_argument(f"--{stage}-port", type=int, default=0, help=f"{stage} port (overrides --base-port)")
+        up.add_argument(f"--{stage}-port", type=int, default=0, help=f"{stage} gRPC port (overrides --port)")
     up.add_argument("--model", default=DEFAULT_MODEL, help="diffusers text-to-video model folder")
     up.add_argument("--device", default="auto", help="torch device for the stages (auto, cpu, cuda)")
     up.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto")
@@ -176,15 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(up)
     up.set_defaults(func=cmd_up)
 
-    serve = sub.add_parser("serve", help="run one service", add_help=False,
-                           description="t2v serve STAGE [options]; `t2v serve STAGE --help` lists its options.")
-    serve.add_argument("stage", choices=sorted(SERVE_MODULES), help="which service")
+    # `t2v serve STAGE ...` goes straight to the stage's own parser (main); this one answers `t2v serve`,
+    # `t2v serve --help` and a stage that does not exist.
+    serve = sub.add_parser(
+        "serve", help="run one service", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="t2v serve STAGE [options]",
+        description="""Run one service of the mesh in this process (what `t2v up` starts four of).
 
-    gen = sub.add_parser("generate", help="make a video through a running gateway")
+  t2v serve text_encoder   the prompt -> embeddings (CLIP text model)
+  t2v serve denoiser       embeddings -> latents (the UNet, step-level batching)
+  t2v serve decoder        latents -> MP4 (the VAE and H.264)
+  t2v serve gateway        the public API: jobs, queue, the three stages' addresses, HTTP API and web page
+
+`t2v serve STAGE --help` lists that service's settings, each with its T2V_* environment variable
+(e.g. t2v serve denoiser --help). docs/operations.md describes them.""")
+    serve.add_argument("stage", choices=sorted(SERVE_MODULES), metavar="STAGE",
+                       help=f"which service: {', '.join(sorted(SERVE_MODULES))}")
+
+    from t2v.client import add_gateway_arg, add_tls_args
+    gen = sub.add_parser("generate", help="make a video through a running gateway",
+                         description="Make one video through a running gateway (`t2v up`), with a progress bar "
+                                     "(elapsed time, steps per second, time left); prints the MP4's path.")
     gen.add_argument("prompt", help="what the video shows")
-    gen.add_argument("--gateway", default="127.0.0.1:50050", help="gateway address")
+    add_gateway_arg(gen)
     _add_generation_args(gen)
-    from t2v.client import add_tls_args
     add_tls_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -208,10 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        if len(argv) < 2 or argv[1] not in SERVE_MODULES:
-            build_parser().parse_args(argv[:2] or ["serve"])  # prints the usage and the choices
-            return 2
+    if argv[:1] == ["serve"] and len(argv) >= 2 and argv[1] in SERVE_MODULES:
         importlib.import_module(SERVE_MODULES[argv[1]]).main(argv[2:])
         return 0
     args = build_parser().parse_args(argv)

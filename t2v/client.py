@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 import grpc
 
@@ -23,22 +24,78 @@ class GenerateError(RuntimeError):
     """A failed generation, with a sentence for the user."""
 
 
+DEFAULT_GATEWAY = "127.0.0.1:50050"      # `t2v up`'s gateway with the default ports
+
+
+def default_gateway() -> str:
+    """The gateway ``t2v generate`` and ``t2v jobs`` call when not told: $T2V_GATEWAY, else DEFAULT_GATEWAY."""
+    return os.environ.get("T2V_GATEWAY", "").strip() or DEFAULT_GATEWAY
+
+
+def add_gateway_arg(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """--gateway HOST:PORT, its default ($T2V_GATEWAY or 127.0.0.1:50050) shown in --help. ``suppress``: leave
+    the value unset when the flag is not given (an action's copy, so that it does not undo the one before it)."""
+    current = default_gateway()
+    where = ("from $T2V_GATEWAY" if os.environ.get("T2V_GATEWAY", "").strip()
+             else "`t2v up`'s; set $T2V_GATEWAY for another")
+    parser.add_argument("--gateway", metavar="HOST:PORT", default=argparse.SUPPRESS if suppress else current,
+                        help=f"the gateway's gRPC address (default: {current}, {where})")
+
+
+def duration(seconds: float) -> str:
+    """A duration a person reads at a glance: 0.4 s, 42 s, 3 min 05 s, 2 h 05 min, 3 d 04 h."""
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    if whole < 86400:
+        return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+    return f"{whole // 86400} d {whole % 86400 // 3600:02d} h"
+
+
 @dataclass
 class ProgressBar:
-    """A one-line bar on a terminal; one line per stage elsewhere (logs, CI)."""
+    """A one-line bar on a terminal; one line per stage elsewhere (logs, CI). Each step line shows the
+    time since the request, the pace of the denoising steps and an estimate of the time left (from the
+    pace since the first step seen: the time before it is queueing and prompt encoding)."""
 
     stream: TextIO
     width: int = 30
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(default=-1.0)
+    _first: tuple[int, float] | None = field(default=None, repr=False)   # (step, time) of the first step seen
+
+    def __post_init__(self) -> None:
+        if self.started < 0:
+            self.started = self.clock()
 
     def stage(self, label: str) -> None:
         self.stream.write(f"{label}...\n")
         self.stream.flush()
 
+    def timing(self, step: int, total: int) -> str:
+        """"elapsed 3.1 s, 4.2 steps/s, about 9 s left" (no pace before the second step; no estimate at the end)."""
+        now = self.clock()
+        if self._first is None or step < self._first[0]:      # the first step, or a resumed job counting again
+            self._first = (step, now)
+        parts = [f"elapsed {duration(now - self.started)}"]
+        done, spent = step - self._first[0], now - self._first[1]
+        if done > 0 and spent > 0:
+            rate = done / spent
+            parts.append(f"{rate:.1f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step")
+            if step < total:
+                parts.append(f"about {duration(max(1.0, (total - step) / rate))} left")
+        return ", ".join(parts)
+
     def step(self, step: int, total: int) -> None:
         filled = self.width * step // max(total, 1)
-        line = f"  [{'#' * filled}{'.' * (self.width - filled)}] step {step}/{total}"
+        line = f"  [{'#' * filled}{'.' * (self.width - filled)}] step {step}/{total}  {self.timing(step, total)}"
         if self.stream.isatty():
-            self.stream.write("\r" + line + ("\n" if step == total else ""))
+            self.stream.write("\r" + line + "\033[K" + ("\n" if step == total else ""))
         elif step == total or step == 1 or step % 10 == 0:
             self.stream.write(line + "\n")
         self.stream.flush()
@@ -50,15 +107,16 @@ def gateway_channel(gateway: str, tls: ClientTls | None = None) -> grpc.Channel:
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
 
 
-def add_tls_args(parser: argparse.ArgumentParser) -> None:
-    """--tls, --ca, --client-cert, --client-key: how ``t2v generate`` and ``t2v jobs`` reach a TLS gateway."""
+def add_tls_args(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """--tls, --ca, --client-cert, --client-key: how ``t2v generate`` and ``t2v jobs`` reach a TLS gateway.
+    ``suppress``: unset when not given (as in ``add_gateway_arg``)."""
+    unset = {"default": argparse.SUPPRESS} if suppress else {}
     g = parser.add_argument_group("TLS (a gateway started with --tls-cert)")
-    g.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs [env T2V_TLS=1]")
-    g.add_argument("--ca", default=None, help="PEM CA that signed the gateway's certificate; implies --tls "
-                                              "[env T2V_CA]")
-    g.add_argument("--client-cert", default=None, help="PEM certificate for a gateway that requires one "
-                                                       "(--tls-client-ca) [env T2V_CLIENT_CERT]")
-    g.add_argument("--client-key", default=None, help="PEM private key of --client-cert [env T2V_CLIENT_KEY]")
+    g.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs [env T2V_TLS=1]", **unset)
+    g.add_argument("--ca", help="PEM CA that signed the gateway's certificate; implies --tls [env T2V_CA]", **unset)
+    g.add_argument("--client-cert", help="PEM certificate for a gateway that requires one (--tls-client-ca) "
+                                         "[env T2V_CLIENT_CERT]", **unset)
+    g.add_argument("--client-key", help="PEM private key of --client-cert [env T2V_CLIENT_KEY]", **unset)
 
 
 def tls_from_args(args: argparse.Namespace) -> ClientTls | None:

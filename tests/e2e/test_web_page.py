@@ -1,14 +1,19 @@
 """The web page in a real browser: Debian's chromium driven by Playwright, against a gateway (HTTP on a
-free port) in front of real stage servers. Type a prompt, click Generate, watch the progress bar, see
-the video play; an empty prompt shows the API's sentence; with API keys on, the page asks for one.
+free port) in front of real stage servers. Click an example prompt, click Generate, watch the progress
+bar and the elapsed time and time left, see the video play; on a phone (390 px wide) every control is
+on screen with no sideways scrolling; a cancel reads as an outcome, not an error; after a failure or
+a cancel the last video does not stay on the stage, dimmed; an empty prompt shows the API's sentence;
+with API keys on, the page asks for one.
 
 Never `playwright install` (no browser downloads here): `make test` installs Debian's chromium. If the
 browser cannot start, these tests fail and say how to install it; they are never skipped.
-Set T2V_WEB_SCREENSHOT=docs/img/web-page.png to keep the finished page's screenshot for the docs.
+Set T2V_WEB_SCREENSHOT=docs/img/web-page.png (and T2V_WEB_PHONE_SCREENSHOT=docs/img/web-page-phone.png)
+to keep the finished page's screenshots for the docs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +23,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from PIL import Image
 
+from t2v.train import world
 from tests.conftest import RunningStage, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.slow
@@ -27,15 +33,36 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 INSTALL = ("install Debian's chromium with `apt-get update && apt-get install -y chromium` (make test does it), "
            "and Playwright with `.venv/bin/pip install -e '.[test]'`; never `playwright install`")
-# Every text the status line and the step counter showed, and every width of the bar, as they change.
+# Every text the status line, the step counter and the timing line showed, and every width of the bar,
+# as they change.
 RECORDER = """() => {
   window.__seen = [];
   const note = () => window.__seen.push([document.getElementById('status-text').textContent,
                                          document.getElementById('progress-text').textContent,
-                                         parseFloat(document.getElementById('progress-bar').style.width) || 0]);
+                                         parseFloat(document.getElementById('progress-bar').style.width) || 0,
+                                         document.getElementById('timing').textContent]);
   new MutationObserver(note).observe(document.querySelector('.progress'),
                                      {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
+# Every control of the page that a person uses, as CSS selectors.
+CONTROLS = ["#prompt", "button.example", "#negative", "#frames", "#steps", "#guidance", "#seed", "#size", "#priority",
+            "#generate", "#cancel", "#download", "#recent button"]
+# For each element of a selector: its box, and whether a click at its centre lands on it (nothing over it).
+HIT = """(selector) => [...document.querySelectorAll(selector)].map((element) => {
+  element.scrollIntoView({block: 'center', inline: 'nearest'});
+  const box = element.getBoundingClientRect();
+  const hit = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2);
+  return {left: box.left, right: box.right, top: box.top, bottom: box.bottom, width: box.width,
+          onTop: hit !== null && (hit === element || element.contains(hit)), text: element.textContent.trim()};
+})"""
+DURATION = r"(?:\d+ min )?\d+(?:\.\d)? s"          # 4.2 s, 42 s, 2 min 05 s
+ELAPSED_AND_LEFT = re.compile(rf"Elapsed ({DURATION}) · about ({DURATION}) left")
+
+
+def seconds(text: str) -> float:
+    """A DURATION's seconds."""
+    minutes, _, rest = text.rpartition(" min ")
+    return 60 * int(minutes or 0) + float(rest.removesuffix(" s"))
 VIDEO_STATE = """() => { const v = document.getElementById('video');
   return {src: v.currentSrc, ready: v.readyState, duration: v.duration, width: v.videoWidth,
           height: v.videoHeight, time: v.currentTime, paused: v.paused, played: v.played.length}; }"""
@@ -95,42 +122,85 @@ def fill_and_generate(page: Any, prompt: str, frames: int = 2, steps: int = 6) -
     page.click("#generate")
 
 
+def at_the_defaults(page: Any, example: int, seed: int = 5) -> str:
+    """Click example prompt number ``example``, leave every setting at the model's default but the seed."""
+    page.locator("button.example").nth(example).click()
+    for field in ("#frames", "#steps", "#guidance", "#size"):
+        page.fill(field, "")
+    page.fill("#seed", str(seed))
+    return page.input_value("#prompt")
+
+
+def wait_done(page: Any, timeout: float = 120_000) -> None:
+    page.wait_for_function("document.getElementById('status-text').textContent === 'Done'", timeout=timeout)
+    page.wait_for_function("document.getElementById('video').readyState >= 2", timeout=10_000)
+
+
+def settle_for_a_picture(page: Any) -> None:
+    """The mouse off the page and 3 s of playing, so that chromium's video controls have faded."""
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(3_000)
+
+
+def stage_state(page: Any) -> dict[str, Any]:
+    """What the result area shows: the video (visible, dimmed) or the sentence in its place."""
+    return page.evaluate("""() => ({video: getComputedStyle(document.getElementById('video')).display !== 'none',
+        dimmed: document.getElementById('video').classList.contains('stale'),
+        opacity: getComputedStyle(document.getElementById('video')).opacity,
+        empty: getComputedStyle(document.getElementById('empty')).display !== 'none'
+               ? document.getElementById('empty').textContent : null})""")
+
+
 def distinct_colours(path: Path) -> int:
     with Image.open(path) as image:
         return len(image.convert("RGB").getcolors(maxcolors=1 << 24) or [])
 
 
 def test_generate_shows_progress_and_plays_the_video(make_gateway, page, tmp_path) -> None:
+    """An example prompt at the embedded model's defaults (64x64, 16 frames, 50 steps): the video the
+    docs show (T2V_WEB_SCREENSHOT), with the elapsed time and the time left while it denoises."""
     page.goto(make_gateway().http_url + "/")
     page.wait_for_selector("#health-dot.ok", timeout=15_000)
     page.evaluate(RECORDER)
-    fill_and_generate(page, "a red ball moving right on a black background", frames=2, steps=6)
+    at_the_defaults(page, 0)
+    page.select_option("#priority", "high")
+    page.click("#generate")
 
-    page.wait_for_function("document.getElementById('video').readyState >= 2", timeout=60_000)
-    page.wait_for_function("document.getElementById('status-text').textContent === 'Done'", timeout=10_000)
+    wait_done(page)
     seen = page.evaluate("window.__seen")
-    steps = [side for _, side, _ in seen if re.fullmatch(r"step \d+ / 6", side)]
-    assert steps, f"no 'step N / 6' was shown; the page showed {seen}"   # (the observer sees batches)
-    widths = [width for _, _, width in seen]
+    steps = [side for _, side, _, _ in seen if re.fullmatch(r"step \d+ / 50", side)]
+    assert steps, f"no 'step N / 50' was shown; the page showed {seen}"   # (the observer sees batches)
+    widths = [width for _, _, width, _ in seen]
     assert widths == sorted(widths) and widths[-1] == 100 and len(set(widths)) >= 3, (
         f"the progress bar did not move forward: {widths}")
     assert page.get_attribute("#progress-bar", "class") == "done"
     assert not page.is_visible("#error")
+    # While it ran: the time since the click, ticking, and from the pace of the steps the time left.
+    timings = [timing for _, _, _, timing in seen if timing]
+    assert timings and timings[0].startswith("Elapsed "), timings
+    estimates = [ELAPSED_AND_LEFT.fullmatch(timing) for timing in timings]
+    estimates = [(seconds(m.group(1)), seconds(m.group(2))) for m in estimates if m]
+    assert len(estimates) >= 3, f"no 'Elapsed N s · about M s left' while it denoised: {timings}"
+    elapsed = [first for first, _ in estimates]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[0], f"the elapsed time did not tick: {timings}"
+    assert estimates[-1][1] < estimates[0][1] or estimates[0][1] == 1, f"the time left did not go down: {timings}"
+    assert re.fullmatch(f"in {DURATION}", page.inner_text("#progress-text")), page.inner_text("#progress-text")
 
     video = page.evaluate(VIDEO_STATE)
     assert re.search(r"/v1/videos/[0-9a-f]{32}/content$", video["src"]), video
-    assert (video["width"], video["height"]) == (32, 32)
-    assert abs(video["duration"] - 2 / 8) < 0.05, video          # 2 frames at 8 fps
+    assert (video["width"], video["height"]) == (64, 64)
+    assert abs(video["duration"] - 16 / 8) < 0.05, video          # 16 frames at 8 fps
     page.wait_for_function("(() => { const v = document.getElementById('video');"
                            " return !v.paused && v.played.length > 0; })()", timeout=10_000)
     link = page.locator("#download")
     assert link.is_visible() and link.get_attribute("href") == video["src"].removeprefix(
         page.url.rstrip("/")) and link.get_attribute("download").endswith(".mp4")
     chips = page.inner_text("#meta")
-    assert "32x32" in chips and "seed 5" in chips and "6 steps" in chips
+    assert "64x64" in chips and "seed 5" in chips and "50 steps" in chips
     page.wait_for_selector("#recent .badge.completed")
 
     shot = tmp_path / "page.png"
+    settle_for_a_picture(page)
     page.screenshot(path=str(shot))
     with Image.open(shot) as image:
         assert image.size == (1280, 800)
@@ -140,6 +210,134 @@ def test_generate_shows_progress_and_plays_the_video(make_gateway, page, tmp_pat
     assert distinct_colours(frame) > 20, "the video element shows a blank picture"
     if os.environ.get("T2V_WEB_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["T2V_WEB_SCREENSHOT"])
+
+
+def test_on_a_phone_every_control_is_on_screen_and_nothing_scrolls_sideways(make_gateway, browser) -> None:
+    """390 x 844, a phone's viewport: the page was 535-742 px wide once a long prompt was in Recent videos
+    (the grid's columns grew to its unwrapped text), Guidance, Priority and Cancel off screen."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                                  has_touch=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(make_gateway().http_url + "/")
+        page.wait_for_selector("#health-dot.ok", timeout=15_000)
+        page.fill("#prompt", "an orange triangle spinning over a dark green background")   # long, in Recent
+        page.fill("#seed", "3")
+        page.click("#generate")
+        wait_done(page)
+        page.wait_for_selector("#recent button", timeout=10_000)     # its Play button
+
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page is {width} px wide on a 390 px screen: it scrolls sideways"
+        for selector in CONTROLS:
+            boxes = page.evaluate(HIT, selector)
+            assert boxes, f"no {selector} on the page"
+            for box in boxes:
+                assert box["width"] > 0 and box["left"] >= 0 and box["right"] <= 390, (
+                    f"{selector} {box['text']!r} is not within the 390 px screen: {box}")
+                assert box["top"] >= 0 and box["bottom"] <= 844, f"{selector} cannot be scrolled into view: {box}"
+                assert box["onTop"], f"{selector} {box['text']!r} is covered: a tap on it lands elsewhere ({box})"
+        if os.environ.get("T2V_WEB_PHONE_SCREENSHOT"):
+            page.evaluate("window.scrollTo(0, 0)")
+            settle_for_a_picture(page)
+            page.screenshot(path=os.environ["T2V_WEB_PHONE_SCREENSHOT"], full_page=True, scale="css")
+        # And they work there, by touch: an example fills the prompt, the settings take values.
+        page.locator("button.example").nth(1).tap()
+        assert page.input_value("#prompt") == page.locator("button.example").nth(1).inner_text()
+        page.locator("#guidance").tap()
+        page.keyboard.type("7.5")
+        page.select_option("#priority", "low")
+        assert page.input_value("#guidance") == "7.5" and page.input_value("#priority") == "low"
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    finally:
+        context.close()
+    assert errors == [], f"the page raised JavaScript errors: {errors}"
+
+
+def test_the_example_prompts_are_in_the_embedded_models_words(make_gateway, page) -> None:
+    """Each example is a caption in the phrasings the embedded model was trained on (docs/model.md:
+    t2v/train/world.py's TRAIN templates), and a click puts it in the prompt."""
+    page.goto(make_gateway().http_url + "/")
+    known = {caption for spec in world.train_specs() + world.heldout_specs() for caption in world.all_captions(spec)}
+    examples = page.locator("button.example")
+    assert examples.count() >= 4
+    shown = set()
+    for i in range(examples.count()):
+        text = examples.nth(i).inner_text().strip()
+        assert text in known, f"example {text!r} is not a phrasing the embedded model was trained on"
+        examples.nth(i).click()
+        assert page.input_value("#prompt") == text
+        shown.add(text)
+    words = " ".join(shown)
+    assert len({shape for shape in ("circle", "ball", "square", "box", "triangle") if shape in words}) >= 3
+    assert len({motion for motion in ("right", "up", "spinning", "growing", "falling", "left", "shrinking")
+                if motion in words}) >= 4, "the examples should show off different motions"
+
+
+def test_a_cancel_reads_as_an_outcome_and_clears_the_stage(make_gateway, page) -> None:
+    page.goto(make_gateway().http_url + "/")
+    page.wait_for_selector("#health-dot.ok", timeout=15_000)
+    fill_and_generate(page, "a blue box growing", frames=2, steps=2)
+    wait_done(page)
+
+    page.evaluate(RECORDER)
+    at_the_defaults(page, 3)
+    page.fill("#steps", "200")                          # long enough to be cancelled while it runs
+    page.click("#generate")
+    page.wait_for_function(f"/{ELAPSED_AND_LEFT.pattern}/.test(document.getElementById('timing').textContent)",
+                           timeout=60_000)
+    assert stage_state(page)["dimmed"], "while the new video is made, the last one is shown dimmed"
+    page.click("#cancel")
+    page.wait_for_function("document.getElementById('status-text').textContent === 'Cancelled'", timeout=30_000)
+    page.wait_for_selector("#recent .badge.cancelled", timeout=10_000)
+
+    assert not page.is_visible("#error"), f"a cancel is not an error: {page.inner_text('#error')!r}"
+    notice = page.inner_text("#notice")
+    assert notice.startswith("You cancelled this video; nothing was made."), notice
+    assert "DELETE" not in notice and "/v1/" not in notice, notice
+    assert re.fullmatch(f"after {DURATION}", page.inner_text("#progress-text")), page.inner_text("#progress-text")
+    assert page.get_attribute("#progress-bar", "class") == "cancelled"
+    assert page.get_attribute("#recent .badge.cancelled", "class") == "badge cancelled"   # grey, not red
+    assert stage_state(page) == {"video": False, "dimmed": False, "opacity": "1",
+                                 "empty": "Cancelled: no video was made"}
+    assert not page.is_visible("#download") and page.inner_text("#meta") == ""
+    assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
+    assert page.inner_text("#timing") == ""             # the clock stopped
+
+
+def test_after_an_error_the_last_video_does_not_stay_dimmed(make_gateway, page) -> None:
+    page.goto(make_gateway().http_url + "/")
+    page.wait_for_selector("#health-dot.ok", timeout=15_000)
+    fill_and_generate(page, "a red ball moving right", frames=2, steps=2)
+    wait_done(page)
+    shown = page.evaluate(VIDEO_STATE)["src"]
+
+    # Refused (nothing started): the last video stays as it was, its download link and chips too.
+    page.fill("#prompt", " ")
+    page.click("#generate")
+    page.wait_for_selector("#error.shown", timeout=10_000)
+    assert page.inner_text("#status-text") == "Not started"
+    assert stage_state(page) == {"video": True, "dimmed": False, "opacity": "1", "empty": None}
+    assert page.evaluate(VIDEO_STATE)["src"] == shown and page.is_visible("#download") and page.inner_text("#meta")
+
+    # Accepted, then failed: a job with a deadline it cannot meet (timeout_seconds, sent as an API client
+    # would; the page itself sets none) fails in the gateway. The last video leaves the stage.
+    def with_deadline(route: Any) -> None:
+        body = route.request.post_data_json
+        route.continue_(post_data=json.dumps({**body, "timeout_seconds": 0.5}))
+
+    page.route("**/v1/videos", lambda route: with_deadline(route) if route.request.method == "POST"
+               else route.continue_())
+    at_the_defaults(page, 2)
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status-text').textContent === 'Failed'", timeout=60_000)
+    error = page.inner_text("#error")
+    assert page.is_visible("#error") and error[0].isupper() and "deadline" in error.lower(), error
+    assert stage_state(page) == {"video": False, "dimmed": False, "opacity": "1", "empty": "No video: the job failed"}
+    assert not page.is_visible("#download") and page.inner_text("#meta") == ""
+    assert not page.is_visible("#notice")
 
 
 def test_an_empty_prompt_shows_the_api_sentence(make_gateway, page) -> None:
