@@ -12,9 +12,10 @@ functions on ``router``; each finds the gateway's ``Backend`` on ``request.app.s
     GET    /healthz                   200 when the job system runs and the stages are SERVING, else 503
     GET    /openapi.json              the contract
     POST   /v1/videos                 create (JSON, multipart or urlencoded form) -> video object
-    GET    /v1/videos                 list, newest first (limit, after)
+    GET    /v1/videos                 list, newest first (limit, after, order)
     GET    /v1/videos/{id}            the video object
-    DELETE /v1/videos/{id}            cancel -> the video object
+    DELETE /v1/videos/{id}            delete (a queued or running job is cancelled first) -> {"deleted": true}
+    POST   /v1/videos/{id}/cancel     cancel, keeping the video object -> the video object
     GET    /v1/videos/{id}/content    the MP4 (Range requests: 206 / 416)
     GET    /v1/videos/{id}/events     server-sent events until the job ends
 
@@ -25,6 +26,7 @@ in lower case; the status mapping is ``HTTP_STATUS`` below (docs/api.md has the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -52,7 +54,8 @@ from services.common.errors import Cancelled, FailedPrecondition, InvalidArgumen
 from services.common.logs import kv
 from services.common.tls import ServerTls
 from services.gateway import videos
-from services.gateway.domain import JOB_ID_PATTERN, Finished, Interrupted, JobStatus, JobView, Limits, QueueFull
+from services.gateway.domain import (JOB_ID_PATTERN, Finished, Interrupted, JobDeleted, JobStatus, JobView, Limits,
+                                     QueueFull)
 from services.gateway.jobs import JobService, Video as OpenVideo, Watch
 from services.gateway.ratelimit import RateLimited, RateLimiter, identity
 from services.gateway.ranges import RangeNotSatisfiable, parse_range
@@ -206,14 +209,24 @@ def _check_id(video_id: str) -> str:
     return video_id
 
 
-def _get(jobs: JobService, video_id: str, caller: Caller, expired_ok: bool = False) -> JobView:
-    """The job, or 404 (unknown, another key's, or expired unless ``expired_ok``) / 400 (malformed) in HTTP's
-    words."""
+@contextlib.contextmanager
+def _in_http_words(video_id: str, field: str | None = None) -> Iterator[None]:
+    """The job system's NotFound as this API says it: the video was deleted, or it does not exist (an unknown id
+    and another key's video alike, so ids cannot be probed)."""
     try:
-        view = jobs.get(_check_id(video_id), caller)
+        yield
+    except JobDeleted:
+        raise NotFound(videos.deleted_sentence(video_id), field=field) from None
     except NotFound:
         raise NotFound(f"video {video_id} does not exist on this gateway; GET /v1/videos lists the videos "
-                       "it knows") from None
+                       "it knows", field=field) from None
+
+
+def _get(jobs: JobService, video_id: str, caller: Caller, expired_ok: bool = False) -> JobView:
+    """The job, or 404 (unknown, another key's, deleted, or expired unless ``expired_ok``) / 400 (malformed) in
+    HTTP's words."""
+    with _in_http_words(video_id):
+        view = jobs.get(_check_id(video_id), caller)
     if view.status == JobStatus.EXPIRED and not expired_ok:
         raise NotFound(videos.expired_sentence(view))
     return view
@@ -361,7 +374,7 @@ class EventStreamResponse(StreamingResponse):
 _ERRORS = {status: {"model": videos.ErrorResponse, "description": text} for status, text in [
     (400, "Bad input: `error.message` says what to change, `error.param` names the field."),
     (401, "API keys are on and the request has no valid `Authorization: Bearer <key>`."),
-    (404, "No such video, or its MP4 expired (the message says which)."),
+    (404, "No such video, it was deleted, or its MP4 expired (the message says which)."),
     (429, "The queue is full; `Retry-After` says when to come back."),
     (503, "The gateway is starting or stopping, or a stage is down.")]}
 
@@ -465,19 +478,26 @@ async def create_video(request: Request, backend: Backend = Depends(_backend),
 
 @router.get("/v1/videos", response_model=videos.VideoList, dependencies=_V1, summary="List videos",
             responses=_errors(400, 401, 404, 503))
-def list_videos(limit: int = Query(20, ge=1, le=100, description="Videos per page."),
-                after: Optional[str] = Query(None, description="The `last_id` of the previous page."),
-                order: Literal["desc"] = Query("desc", description="Newest first (the only order)."),
+def list_videos(limit: int = Query(20, ge=0, le=100, description="Videos per page (0: none; `has_more` then says "
+                                                                 "whether there are any)."),
+                after: Optional[str] = Query(None, description="The `last_id` of the previous page: this page goes "
+                                                               "on after that video, in the same `order` (a video "
+                                                               "deleted since is still a valid `after`)."),
+                order: Literal["asc", "desc"] = Query("desc", description="By creation: `desc` newest first (the "
+                                                                          "default), `asc` oldest first."),
                 backend: Backend = Depends(_backend), caller: Caller = Depends(_caller)) -> videos.VideoList:
     jobs = backend.jobs()
     token = ""
     if after:
         try:
-            token = str(_get(jobs, after, caller, expired_ok=True).record.seq)
+            with _in_http_words(after, field="after"):
+                token = str(jobs.seq_of(_check_id(after), caller))
         except ServiceError as error:
             error.field = "after"
             raise
-    views, next_token = jobs.list(None, limit, token, caller)
+    views, next_token = jobs.list(None, max(limit, 1), token, caller, oldest_first=order == "asc")
+    if limit == 0:                       # OpenAI's range starts at 0: an empty page that says whether any follow
+        return videos.VideoList(data=[], has_more=bool(views))
     data = [videos.video_object(view, backend.model_name) for view in views]
     return videos.VideoList(data=data, first_id=data[0].id if data else None,
                             last_id=data[-1].id if data else None, has_more=bool(next_token))
@@ -490,16 +510,32 @@ def get_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
     return videos.video_object(_get(backend.jobs(), video_id, caller), backend.model_name)
 
 
-@router.delete("/v1/videos/{video_id}", response_model=videos.Video, dependencies=_V1,
-               summary="Cancel a video", responses=_errors(400, 401, 404, 503))
+@router.delete("/v1/videos/{video_id}", response_model=videos.VideoDeleted, dependencies=_V1,
+               summary="Delete a video", responses=_errors(400, 401, 404, 503))
+def delete_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
+                 caller: Caller = Depends(_caller)) -> videos.VideoDeleted:
+    """Deletes the video and its job, as OpenAI's DELETE does: a queued job is removed and a running one
+    stopped first (wherever it runs; a client following /events sees it cancelled), then its MP4 is
+    deleted. From then on GET, /content and DELETE answer 404 saying it was deleted, and the list leaves
+    it out. To stop a job but keep it, POST /v1/videos/{id}/cancel."""
+    jobs = backend.jobs()
+    with _in_http_words(_check_id(video_id)):
+        jobs.delete(video_id, caller, "deleted by DELETE /v1/videos/{id}")
+    return videos.VideoDeleted(id=video_id)
+
+
+@router.post("/v1/videos/{video_id}/cancel", response_model=videos.Video, dependencies=_V1,
+             summary="Cancel a video", responses=_errors(400, 401, 404, 503))
 def cancel_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
                  caller: Caller = Depends(_caller)) -> videos.Video:
-    """Removes a queued job or stops a running one (status failed, error.code cancelled), wherever it
-    runs. A finished job is returned unchanged: videos are deleted when they expire."""
+    """This gateway's own, in the shape of OpenAI's other `/cancel` endpoints: removes a queued job or stops
+    a running one (status failed, error.code cancelled), wherever it runs, and keeps it (GET shows it). A
+    finished job is returned unchanged. DELETE /v1/videos/{id} cancels and deletes."""
     jobs = backend.jobs()
     _get(jobs, video_id, caller)
-    return videos.video_object(jobs.cancel(video_id, "cancelled by DELETE /v1/videos/{id}", caller),
-                               backend.model_name)
+    with _in_http_words(video_id):
+        return videos.video_object(jobs.cancel(video_id, "cancelled by POST /v1/videos/{id}/cancel", caller),
+                                   backend.model_name)
 
 
 @router.get("/v1/videos/{video_id}/content", response_class=Mp4Response, dependencies=_V1,

@@ -16,6 +16,7 @@ Status mapping (``status`` is what OpenAI clients switch on; ``job_status`` is o
     failed       failed        error.code is the gRPC code in lower case, e.g. "deadline_exceeded"
     cancelled    failed        error.code "cancelled" (DELETE, or the client of a Generate went away)
     expired      completed     the MP4 was deleted after the retention time: GET answers 404 saying so
+    (deleted)    -             DELETE /v1/videos/{id}: GET and /content answer 404 saying so; not listed
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from services.gateway.domain import (Finished, Interrupted, JobRequest, JobStatu
 from services.gateway.validation import validate
 
 VideoStatus = Literal["queued", "in_progress", "completed", "failed"]
+# The job statuses a video object shows (a deleted job has none: it answers 404).
+JobStatusName = Literal["queued", "running", "completed", "failed", "cancelled", "expired"]
 PriorityName = Literal["low", "normal", "high"]
 StageName = Literal["text_encoder", "denoiser", "decoder"]
 
@@ -233,7 +236,7 @@ class Video(BaseModel):
     seconds: str = Field(description="Length of the video: num_frames / fps, as a string like OpenAI's.")
     prompt: str
     error: Optional[VideoError] = Field(None, description="Why the job failed or was cancelled.")
-    job_status: JobStatus = Field(description="The job system's exact status.")
+    job_status: JobStatusName = Field(description="The job system's exact status.")
     priority: PriorityName
     queue_position: Optional[int] = Field(None, ge=1, description="1 = next to run; null when not queued.")
     queue_length: Optional[int] = Field(None, ge=1, description="Jobs waiting in all; null when not queued.")
@@ -258,13 +261,21 @@ class Video(BaseModel):
 
 
 class VideoList(BaseModel):
-    """A page of videos, newest first, as OpenAI lists them."""
+    """A page of videos, newest first (or oldest first with `order=asc`), as OpenAI lists them."""
 
     object: Literal["list"] = "list"
     data: list[Video]
     first_id: Optional[str] = None
     last_id: Optional[str] = Field(None, description="Pass it as `after` for the next page.")
     has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    """DELETE /v1/videos/{id}: the video and its job are gone (a queued or running job was cancelled first)."""
+
+    id: str = Field(description="The id of the deleted video.")
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = Field(True, description="Always true: a video that cannot be deleted is an error answer.")
 
 
 class ErrorBody(BaseModel):
@@ -304,7 +315,7 @@ def video_object(view: JobView, model: str) -> Video:
         completed_at=_seconds(r.finished_ms), expires_at=_seconds(r.expires_ms), status=_STATUS[r.status],
         progress=progress_percent(r.status, r.stage, r.step, r.total_steps), model=model,
         size=f"{p.width}x{p.height}", seconds=f"{p.num_frames / p.fps:g}", prompt=p.prompt, error=error,
-        job_status=r.status, priority=r.priority.label,
+        job_status=r.status.value, priority=r.priority.label,
         queue_position=view.queue_position or None, queue_length=view.queue_length or None,
         stage=(r.stage.label or None) if r.status == JobStatus.RUNNING else None,
         step=r.step, total_steps=r.total_steps, started_at=_seconds(r.started_ms),
@@ -317,6 +328,11 @@ def video_object(view: JobView, model: str) -> Video:
 def model_name(model: str) -> str:
     """What ``model`` says in responses: the model folder's name."""
     return Path(model).name or model
+
+
+def deleted_sentence(video_id: str) -> str:
+    return (f"video {video_id} was deleted (DELETE /v1/videos/{{id}}), and its MP4 with it; create it again (the same "
+            "seed and parameters give the same video)")
 
 
 def expired_sentence(view: JobView) -> str:
@@ -343,7 +359,8 @@ def event_of(job_id: str, update: JobUpdate, seen: Progress, model: str) -> tupl
 
     Events: ``queued`` {queue_position, queue_length}; ``stage`` {stage}; ``progress`` {step, total_steps};
     ``warning`` {message}; then one of ``completed`` / ``failed`` (the whole video object) or ``error``
-    (the gateway stopped first; the job runs again after its restart). Every event but ``error`` carries
+    (the gateway stopped first: the job runs again after its restart; or the video was deleted). Every event but
+    ``error`` carries
     ``id``, ``status`` and ``progress``.
     """
     if isinstance(update, Queued):
@@ -360,6 +377,9 @@ def event_of(job_id: str, update: JobUpdate, seen: Progress, model: str) -> tupl
     if isinstance(update, Warning):
         return "warning", {"id": job_id, "status": "in_progress", "progress": seen.percent(),
                            "message": update.text}
+    if isinstance(update, Finished) and update.job.status == JobStatus.DELETED:
+        return "error", {"error": {"message": deleted_sentence(job_id), "type": "invalid_request_error",
+                                   "param": None, "code": "not_found"}}
     if isinstance(update, Finished):
         video = video_object(update.job, model)
         return ("completed" if video.status == "completed" else "failed"), video.model_dump(mode="json")

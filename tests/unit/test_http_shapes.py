@@ -126,6 +126,8 @@ def test_events_of_a_run() -> None:
     assert name == "error" and data["error"]["code"] == "unavailable"
     cancelled = videos.event_of("a" * 32, Finished(JobView(record(JobStatus.CANCELLED))), seen, "m")
     assert cancelled[0] == "failed" and cancelled[1]["job_status"] == "cancelled"
+    name, data = videos.event_of("a" * 32, Finished(JobView(record(JobStatus.DELETED))), seen, "m")
+    assert name == "error" and data["error"]["code"] == "not_found" and "was deleted" in data["error"]["message"]
 
 
 def test_grpc_codes_map_to_http_statuses() -> None:
