@@ -18,6 +18,10 @@ functions on ``router``; each finds the gateway's ``Backend`` on ``request.app.s
     POST   /v1/videos/{id}/cancel     cancel, keeping the video object -> the video object
     GET    /v1/videos/{id}/content    the MP4 (Range requests: 206 / 416)
     GET    /v1/videos/{id}/events     server-sent events until the job ends
+    GET    /v1/models[/{id}]          the served model, in OpenAI's shape
+    POST   /v1/videos/{id}/remix, /v1/videos/edits, /v1/videos/extensions, /v1/videos/characters,
+    GET    /v1/videos/characters/{id}, /content?variant=thumbnail|spritesheet
+                                      OpenAI's, not done here: 501 with a sentence saying what to use
 
 Errors are OpenAI-shaped ({"error": {message, type, param, code}}), ``code`` being the gRPC status
 in lower case; the status mapping is ``HTTP_STATUS`` below (docs/api.md has the table).
@@ -50,7 +54,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.auth import key_matches, presented_key
-from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from services.common.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError,
+                                    Unimplemented)
 from services.common.logs import kv
 from services.common.tls import ServerTls
 from services.gateway import videos
@@ -78,7 +83,7 @@ HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.CANCELLED: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNIMPLEMENTED: 501,
 }
 MISSING_KEY = ("this gateway needs an API key: send the header 'Authorization: Bearer <key>' "
                "(or 'X-API-Key: <key>')")
@@ -118,6 +123,8 @@ def _error_type(status: int) -> str:
         return "authentication_error"
     if status == 429:
         return "rate_limit_error"
+    if status == 501:                     # the request asks for what this server does not do: not its fault
+        return "invalid_request_error"
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
@@ -131,6 +138,8 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
 def service_error_response(error: ServiceError) -> JSONResponse:
     status = error.http_status or HTTP_STATUS.get(error.code, 500)
     headers = {"Retry-After": str(error.retry_after_seconds)} if isinstance(error, QueueFull) else None
+    if status == 501:        # OpenAI's SDKs retry any 5xx unless told: asking again will not make it supported
+        headers = {"x-should-retry": "false"}
     return error_response(status, error.message, error.code.name.lower(), error.field, headers)
 
 
@@ -383,6 +392,18 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: _ERRORS[status] for status in statuses}
 
 
+_NOT_HERE = {"model": videos.ErrorResponse,
+             "description": "OpenAI's API has this; this gateway does not: the sentence says what to use instead.",
+             "headers": {"x-should-retry": {"description": "`false`: asking again will not make it supported.",
+                                            "schema": {"type": "string", "enum": ["false"]}}}}
+
+
+def _unsupported(what: str, instead: str) -> Unimplemented:
+    """The one answer of every OpenAI endpoint (or variant) this gateway does not have: 501, in a sentence."""
+    return Unimplemented(f"{what} is not supported by this gateway, which makes videos from text prompts only; "
+                         f"{instead}")
+
+
 # --- errors as answers ---------------------------------------------------------------------------------
 async def _on_service_error(request: Request, error: ServiceError) -> JSONResponse:
     if (error.http_status or HTTP_STATUS.get(error.code, 500)) >= 500:
@@ -546,10 +567,14 @@ def cancel_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)
                              "description": "The bytes of a `Range: bytes=a-b` request, with `Content-Range`."},
                        409: {"model": videos.ErrorResponse, "description": "Not completed (yet)."},
                        416: {"model": videos.ErrorResponse, "description": "The range starts past the end."},
-                       **_errors(400, 401, 404, 503)})
+                       501: _NOT_HERE, **_errors(400, 401, 404, 503)})
 def video_content(request: Request, video_id: str = _VIDEO_ID,
-                  variant: Literal["video"] = Query("video", description="Only `video` is stored."),
+                  variant: Literal["video", "thumbnail", "spritesheet"] = Query(
+                      "video", description="Only `video` is stored; OpenAI's `thumbnail` and `spritesheet` are 501."),
                   backend: Backend = Depends(_backend), caller: Caller = Depends(_caller)) -> Response:
+    if variant != "video":
+        raise _unsupported(f"variant={variant} (a {variant} image of the video)",
+                           f"fetch the MP4 itself (variant=video, the default) and take its frames from it")
     jobs = backend.jobs()
     view = _get(jobs, video_id, caller)
     if view.status != JobStatus.COMPLETED:
@@ -584,6 +609,60 @@ def video_events(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)
     watch = jobs.watch(video_id, caller)          # here, in the thread pool: it may ask the job store
     return EventStreamResponse(_event_stream(watch, backend.model_name),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+@router.get("/v1/models", response_model=videos.ModelList, dependencies=_V1, summary="List models",
+            responses=_errors(401))
+def list_models(backend: Backend = Depends(_backend)) -> videos.ModelList:
+    """The one model this mesh serves (every stage loads the same folder), as OpenAI lists models."""
+    return videos.ModelList(data=[videos.model_object(backend.model)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=videos.Model, dependencies=_V1, summary="Get a model",
+            responses=_errors(401, 404))
+def get_model(model_id: str = Path(description="A model's `id`, as GET /v1/models lists it."),
+              backend: Backend = Depends(_backend)) -> videos.Model:
+    if model_id != backend.model_name:
+        shown = model_id if len(model_id) <= 64 else model_id[:64] + "..."
+        raise NotFound(f"model {shown!r} is not served here; this gateway serves {backend.model_name!r} "
+                       "(GET /v1/models)", field="model_id")
+    return videos.model_object(backend.model)
+
+
+# --- OpenAI's endpoints that this gateway does not have: one answer, 501 with what to use ----------------------
+_UNSUPPORTED_ROUTE = {"dependencies": _V1, "status_code": 501, "response_model": videos.ErrorResponse,
+                      "response_description": _NOT_HERE["description"], "responses": {501: _NOT_HERE, **_errors(401)}}
+
+
+@router.post("/v1/videos/{video_id}/remix", summary="Remix a video (not supported)", **_UNSUPPORTED_ROUTE)
+def remix_video(video_id: str = Path(description="The video OpenAI would remix.")) -> None:
+    raise _unsupported("remixing a video (POST /v1/videos/{id}/remix)", "create a new video with POST /v1/videos and "
+                       "the changed prompt (send the first one's seed and parameters for a video close to it)")
+
+
+@router.post("/v1/videos/edits", summary="Edit a video (not supported)", **_UNSUPPORTED_ROUTE)
+def edit_video() -> None:
+    raise _unsupported("editing a video (POST /v1/videos/edits)", "create a new video with POST /v1/videos and a "
+                       "prompt that describes the result")
+
+
+@router.post("/v1/videos/extensions", summary="Extend a video (not supported)", **_UNSUPPORTED_ROUTE)
+def extend_video() -> None:
+    raise _unsupported("extending a video (POST /v1/videos/extensions)", "create a longer one with POST /v1/videos "
+                       "(more seconds or num_frames, the same seed and prompt)")
+
+
+@router.post("/v1/videos/characters", summary="Create a character (not supported)", **_UNSUPPORTED_ROUTE)
+def create_character() -> None:
+    raise _unsupported("characters (POST /v1/videos/characters)", "describe the character in the prompt of "
+                       "POST /v1/videos")
+
+
+@router.get("/v1/videos/characters/{character_id}", summary="Get a character (not supported)", **_UNSUPPORTED_ROUTE)
+def get_character(character_id: str = Path(description="The character OpenAI would return.")) -> None:
+    raise _unsupported("characters (GET /v1/videos/characters/{id})", "describe the character in the prompt of "
+                       "POST /v1/videos")
 
 
 # --- the app ----------------------------------------------------------------------------------------------

@@ -330,6 +330,35 @@ def model_name(model: str) -> str:
     return Path(model).name or model
 
 
+class Model(BaseModel):
+    """The model this gateway serves, in the shape of OpenAI's model object."""
+
+    id: str = Field(description="The model folder's name: what `model` says in every video.", examples=["t2v-world"])
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds when the model folder was written (its model_index.json); 0 "
+                                     "when the gateway has no copy of the folder to look at.")
+    owned_by: str = Field("t2v-mesh", description="Who serves it.")
+
+
+class ModelList(BaseModel):
+    """GET /v1/models: one model, the one every stage of this mesh loads."""
+
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+def model_object(model: str) -> Model:
+    """The model folder ``model`` as OpenAI's model object."""
+    created = 0
+    for path in (Path(model) / "model_index.json", Path(model)):
+        try:
+            created = int(path.stat().st_mtime)
+            break
+        except OSError:
+            continue
+    return Model(id=model_name(model), created=created)
+
+
 def deleted_sentence(video_id: str) -> str:
     return (f"video {video_id} was deleted (DELETE /v1/videos/{{id}}), and its MP4 with it; create it again (the same "
             "seed and parameters give the same video)")

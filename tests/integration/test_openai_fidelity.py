@@ -1,7 +1,8 @@
 """The HTTP API against OpenAI's Videos API and vLLM-Omni's /v1/videos (issue 17), over real loopback HTTP in
 front of real stage servers, driven with urllib and with OpenAI's own Python SDK as a user would: DELETE deletes
 (the video, its MP4, its place in the lists; gRPC DeleteJob and GetJob agree), the list takes OpenAI's
-parameters (order asc|desc, after, limit 0-100)."""
+parameters (order asc|desc, after, limit 0-100), /v1/models lists the served model, and OpenAI's endpoints this
+gateway does not have answer one clear 501."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx2
 import openai
 import pytest
 
@@ -162,3 +164,65 @@ def test_the_openai_sdk_pages_both_ways_and_deletes(make_gateway) -> None:
     empty = client.videos.list(limit=0)
     assert empty.data == [] and empty.has_more is True
     assert client.videos.retrieve(ids[0]).status == "completed"
+
+
+# --- the model ------------------------------------------------------------------------------------------
+def test_the_served_model_in_openais_models_shape(make_gateway) -> None:
+    gateway = make_gateway()
+    http = Http(gateway.http_url)
+    listed = http.call("GET", "/v1/models")
+    assert listed.status == 200
+    models = listed.json()
+    assert models["object"] == "list" and len(models["data"]) == 1
+    model = models["data"][0]
+    assert set(model) == {"id", "object", "created", "owned_by"}
+    assert (model["id"], model["object"], model["owned_by"]) == ("t2v-world", "model", "t2v-mesh")
+    index = Path(gateway.servicer.config.model) / "model_index.json"
+    assert model["created"] == int(index.stat().st_mtime)
+    assert http.call("GET", "/v1/models/t2v-world").json() == model
+    assert http.create(steps=1)["model"] == model["id"]
+    for unknown in ("sora-2", "damo-vilab/text-to-video-ms-1.7b"):
+        missing = http.call("GET", f"/v1/models/{unknown}")
+        assert missing.status == 404 and missing.error["code"] == "not_found"
+        assert unknown in missing.error["message"] and "'t2v-world'" in missing.error["message"]
+
+    client = sdk(gateway)
+    assert [m.id for m in client.models.list()] == ["t2v-world"]
+    assert client.models.retrieve("t2v-world").owned_by == "t2v-mesh"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("sora-2")
+
+
+# --- what OpenAI has and this gateway does not ----------------------------------------------------------
+def test_openais_other_video_endpoints_answer_one_clear_501(make_gateway) -> None:
+    gateway = make_gateway()
+    http = Http(gateway.http_url)
+    video_id = completed(http, 1)[0]
+    for method, path, body, named in [
+            ("POST", f"/v1/videos/{video_id}/remix", {"prompt": "now in blue"}, "POST /v1/videos/{id}/remix"),
+            ("POST", "/v1/videos/edits", {"prompt": "now in blue", "video": {"id": video_id}}, "/v1/videos/edits"),
+            ("POST", "/v1/videos/extensions", {"prompt": "and on", "video": {"id": video_id}}, "/v1/videos/extensions"),
+            ("POST", "/v1/videos/characters", None, "POST /v1/videos/characters"),
+            ("GET", "/v1/videos/characters/char_123", None, "GET /v1/videos/characters/{id}"),
+            ("GET", f"/v1/videos/{video_id}/content?variant=thumbnail", None, "variant=thumbnail"),
+            ("GET", f"/v1/videos/{video_id}/content?variant=spritesheet", None, "variant=spritesheet")]:
+        answer = http.call(method, path, body)
+        assert answer.status == 501, (method, path, answer.status, answer.body)
+        assert answer.headers["x-should-retry"] == "false"
+        error = answer.error
+        assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "unimplemented", None)
+        assert named in error["message"] and "not supported by this gateway" in error["message"], path
+        assert "POST /v1/videos" in error["message"] or "variant=video" in error["message"], path
+    assert http.call("GET", f"/v1/videos/{video_id}/content?variant=video").status == 200
+    assert http.call("GET", f"/v1/videos/{video_id}/content?variant=gif").status == 400        # not OpenAI's either
+
+    sent: list[str] = []
+    client = openai.OpenAI(base_url=gateway.http_url + "/v1", api_key="unused", timeout=60,      # retries as shipped
+                           http_client=httpx2.Client(event_hooks={"request": [lambda r: sent.append(r.url.path)]}))
+    with pytest.raises(openai.APIStatusError) as remix:
+        client.videos.remix(video_id, prompt="now in blue")
+    assert remix.value.status_code == 501 and "remix" in remix.value.message
+    assert sent == [f"/v1/videos/{video_id}/remix"]                     # asked once: x-should-retry: false
+    with pytest.raises(openai.APIStatusError) as thumbnail:
+        client.videos.download_content(video_id, variant="thumbnail")
+    assert thumbnail.value.status_code == 501 and len(sent) == 2
