@@ -12,6 +12,7 @@ functions on ``router``; each finds the gateway's ``Backend`` on ``request.app.s
     GET    /healthz                   200 when the job system runs and the stages are SERVING, else 503
     GET    /openapi.json              the contract
     POST   /v1/videos                 create (JSON, multipart or urlencoded form) -> video object
+    POST   /v1/videos/sync            create and wait: the MP4 itself (vLLM-Omni's synchronous endpoint)
     GET    /v1/videos                 list, newest first (limit, after, order)
     GET    /v1/videos/{id}            the video object
     DELETE /v1/videos/{id}            delete (a queued or running job is cancelled first) -> {"deleted": true}
@@ -55,12 +56,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.auth import key_matches, presented_key
 from services.common.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError,
-                                    Unimplemented)
+                                    Unavailable, Unimplemented)
 from services.common.logs import kv
 from services.common.tls import ServerTls
-from services.gateway import videos
-from services.gateway.domain import (JOB_ID_PATTERN, Finished, Interrupted, JobDeleted, JobStatus, JobView, Limits,
-                                     QueueFull)
+from services.gateway import messages, videos
+from services.gateway.domain import (JOB_ID_PATTERN, Finished, Interrupted, JobDeleted, JobRequest, JobStatus, JobView,
+                                     Limits, QueueFull)
 from services.gateway.jobs import JobService, Video as OpenVideo, Watch
 from services.gateway.ratelimit import RateLimited, RateLimiter, identity
 from services.gateway.ranges import RangeNotSatisfiable, parse_range
@@ -478,11 +479,26 @@ def healthz(backend: Backend = Depends(_backend)) -> JSONResponse:
 router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
 
+_CREATE_BODY = {"requestBody": {"required": True, "content": {
+    media: {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}}
+    for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")}}}
+
+
+def _job_request(body: Any, typed: bool, backend: Backend, caller: Caller
+                 ) -> tuple[videos.CreateVideoRequest, JobRequest]:
+    """The body read as POST /v1/videos reads it, and its job request (the caller's tenant set)."""
+    parsed = videos.parse_request(body, strict=typed)
+    return parsed, dataclasses.replace(videos.to_job_request(parsed, backend.limits), tenant=caller.tenant)
+
+
+def _log_user(parsed: videos.CreateVideoRequest, job_id: str) -> None:
+    """OpenAI's and vLLM-Omni's ``user``: a line of the log beside the job, never stored, never an identity."""
+    if parsed.user:
+        log.info(kv("video_user", job_id=job_id, user=parsed.user[:64]))
+
+
 @router.post("/v1/videos", response_model=videos.Video, dependencies=_V1, summary="Create a video",
-             responses=_errors(400, 401, 429, 503),
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 media: {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}}
-                 for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")}}})
+             responses=_errors(400, 401, 429, 503), openapi_extra=_CREATE_BODY)
 async def create_video(request: Request, backend: Backend = Depends(_backend),
                        caller: Caller = Depends(_caller)) -> videos.Video:
     """Queue a job; the answer comes at once (status queued, or in_progress when a slot was free, or
@@ -491,10 +507,82 @@ async def create_video(request: Request, backend: Backend = Depends(_backend),
 
     def submit() -> videos.Video:
         jobs = backend.jobs()
-        job_request = dataclasses.replace(videos.to_job_request(videos.parse_request(body, strict=typed), backend.limits),
-                                          tenant=caller.tenant)
-        return videos.video_object(jobs.submit(job_request), backend.model_name)
+        parsed, job_request = _job_request(body, typed, backend, caller)
+        view = jobs.submit(job_request)
+        _log_user(parsed, view.job_id)
+        return videos.video_object(view, backend.model_name)
     return await run_in_threadpool(submit)
+
+
+def _failure(view: JobView) -> ServiceError:
+    """The error a synchronous create answers with when its job did not complete: the job's own code and
+    sentence (deadline_exceeded 504, unavailable 503, cancelled 409, a full result store 507, ...)."""
+    error = messages.error_for(Finished(view))
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        error.http_status = 507          # the job failed for want of room: retrying at once does not help
+    return error
+
+
+@router.post("/v1/videos/sync", response_class=Mp4Response, dependencies=_V1,
+             summary="Create a video and wait for its MP4", openapi_extra=_CREATE_BODY,
+             responses={200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+                              "description": "The whole MP4 once the job completed, as vLLM-Omni's /v1/videos/sync "
+                                             "answers.",
+                              "headers": {name: {"description": text, "schema": {"type": "string"}} for name, text in [
+                                  ("X-Video-Id", "The video's id: GET /v1/videos/{id} shows it like any other."),
+                                  ("X-Request-Id", "The same id (vLLM-Omni's name for it)."),
+                                  ("X-Model", "The model that made it."),
+                                  ("X-Inference-Time-S", "Seconds from the request to the video, queue time "
+                                                         "included."),
+                                  ("X-Seed", "The seed used: send it back for the same video.")]}},
+                        409: {"model": videos.ErrorResponse, "description": "The job was cancelled (e.g. by "
+                                                                            "DELETE) before it completed."},
+                        500: {"model": videos.ErrorResponse, "description": "The job failed: the message says why."},
+                        504: {"model": videos.ErrorResponse, "description": "The job's `timeout_seconds` passed."},
+                        507: {"model": videos.ErrorResponse, "description": "No room to keep the video."},
+                        **_errors(400, 401, 429, 503)})
+async def create_video_sync(request: Request, backend: Backend = Depends(_backend),
+                            caller: Caller = Depends(_caller)) -> Response:
+    """The body of POST /v1/videos; the answer waits for the job and is its MP4 (video/mp4), as vLLM-Omni's
+    /v1/videos/sync answers. The job is an ordinary one: queued by priority, cached, listed, deletable; an error
+    answer carries `X-Video-Id` when a job was made. A client that goes away cancels the job."""
+    body, typed = await _read_body(request)
+    started = time.monotonic()
+
+    def submit() -> Watch:
+        jobs = backend.jobs()
+        parsed, job_request = _job_request(body, typed, backend, caller)
+        watch = jobs.submit_and_watch(job_request)
+        _log_user(parsed, watch.job_id)
+        return watch
+
+    watch = await run_in_threadpool(submit)
+    job_id, ids = watch.job_id, {"X-Video-Id": watch.job_id, "X-Request-Id": watch.job_id}
+    try:
+        with watch:
+            while not isinstance(update := watch.next(timeout=0), (Finished, Interrupted)):
+                if update is None:
+                    if await request.is_disconnected():
+                        await run_in_threadpool(backend.jobs().abandon, job_id)
+                        return Response(status_code=499)      # nobody reads it: the client is gone
+                    await asyncio.sleep(SSE_POLL_SECONDS)
+        if isinstance(update, Interrupted):
+            raise Unavailable(update.message)
+        if update.job.status != JobStatus.COMPLETED:
+            raise _failure(update.job)
+        video = await run_in_threadpool(backend.jobs().open_video, job_id, caller)
+    except ServiceError as error:
+        answer = service_error_response(error)
+        answer.headers.update(ids)
+        if (error.http_status or HTTP_STATUS.get(error.code, 500)) >= 500:
+            log.info(kv("http_refused", path=request.url.path, job_id=job_id, code=error.code.name,
+                        reason=error.message))
+        return answer
+    record = update.job.record
+    headers = {**ids, "X-Model": backend.model_name, "X-Inference-Time-S": f"{time.monotonic() - started:.3f}",
+               "X-Seed": str(record.params.seed), "Content-Length": str(video.size),
+               "Content-Disposition": f'inline; filename="{job_id}.mp4"'}
+    return Mp4Response(_file_part(video, 0, video.size), headers=headers, media_type=video.mime_type)
 
 
 @router.get("/v1/videos", response_model=videos.VideoList, dependencies=_V1, summary="List videos",

@@ -54,7 +54,9 @@ _UNSUPPORTED = {"input_reference": "input_reference is not supported: this model
 
 # --- request ------------------------------------------------------------------------------------------
 class CreateVideoRequest(BaseModel):
-    """POST /v1/videos: OpenAI's fields (prompt, model, size, seconds) plus this gateway's own.
+    """POST /v1/videos (and /v1/videos/sync): OpenAI's fields (prompt, model, size, seconds, user), the names
+    vLLM-Omni's /v1/videos adds (width, height, num_frames, fps, num_inference_steps, guidance_scale,
+    negative_prompt, seed), and this gateway's own (scheduler, priority, timeout_seconds).
 
     Sent as JSON, or as multipart/form-data or a urlencoded form as OpenAI's SDKs do. Unset fields take
     the defaults of diffusers' TextToVideoSDPipeline."""
@@ -72,6 +74,12 @@ class CreateVideoRequest(BaseModel):
                                             "(8 for text-to-video-ms-1.7b; default: the model's own size, e.g. "
                                             "256x256 for text-to-video-ms-1.7b).",
                                 examples=["256x256"])
+    width: Optional[int] = Field(None, description="Pixels across, as vLLM-Omni names it: the width of `size`. Give "
+                                                   "`size`, or `width` and `height`, or both agreeing (the other of "
+                                                   "the two left out takes the model's size).",
+                                 json_schema_extra={"minimum": 1, "maximum": 1024})
+    height: Optional[int] = Field(None, description="Pixels down, as vLLM-Omni names it: the height of `size`.",
+                                  json_schema_extra={"minimum": 1, "maximum": 1024})
     seconds: Optional[Union[str, float]] = Field(
         None, description="Length of the video; with `fps` it gives `num_frames` = round(seconds x fps). "
                           "A number or a numeric string as OpenAI sends it (\"4\"). Give `seconds` or "
@@ -100,13 +108,17 @@ class CreateVideoRequest(BaseModel):
                                                                "included; then it fails with deadline_exceeded. "
                                                                "Unset or 0 = no limit.",
                                              json_schema_extra={"minimum": 0})
+    user: Optional[str] = Field(None, description="Your end user, as OpenAI and vLLM-Omni take it: written to the "
+                                                  "gateway's log beside the job id (its first 64 characters), never "
+                                                  "stored and never an identity (the API key is).")
 
 
 def schema_limits(limits: Limits) -> dict[str, dict[str, int]]:
     """The request schema's bounds that come from the gateway's settings, by property name."""
     return {"num_frames": {"maximum": limits.max_frames}, "num_inference_steps": {"maximum": limits.max_steps},
             "fps": {"maximum": limits.max_fps}, "prompt": {"maxLength": limits.max_prompt_chars},
-            "negative_prompt": {"maxLength": limits.max_prompt_chars}}
+            "negative_prompt": {"maxLength": limits.max_prompt_chars}, "width": {"maximum": limits.max_size},
+            "height": {"maximum": limits.max_size}}
 
 
 def _shown(value: Any) -> str:
@@ -156,11 +168,12 @@ def _sentence(field: str, error: Any) -> str:
 def to_job_request(body: CreateVideoRequest, limits: Limits) -> JobRequest:
     """The job request of a POST /v1/videos body: size and seconds resolved, then ``validate``."""
     for name, most in (("num_frames", limits.max_frames), ("fps", limits.max_fps),
-                       ("num_inference_steps", limits.max_steps)):
+                       ("num_inference_steps", limits.max_steps), ("width", limits.max_size),
+                       ("height", limits.max_size)):
         value = getattr(body, name)          # 0 means "the default" over gRPC; here a number must be one
         if value is not None and not 1 <= value <= most:
             raise InvalidArgument(f"{name} is {value}; it must be between 1 and {most}", field=name)
-    width = height = 0
+    width, height = body.width or 0, body.height or 0
     if body.size is not None:
         match = _SIZE.fullmatch(body.size)
         assert match is not None                 # the model's pattern checked it
@@ -168,6 +181,10 @@ def to_job_request(body: CreateVideoRequest, limits: Limits) -> JobRequest:
         if not width or not height:
             raise InvalidArgument(f"size is {body.size!r}; width and height must be positive multiples of "
                                   f"{limits.vae_scale_factor}, e.g. \"256x256\"", field="size")
+        for name, given, meant in (("width", body.width, width), ("height", body.height, height)):
+            if given is not None and given != meant:
+                raise InvalidArgument(f"size is {body.size!r} but {name} is {given}; they say two different sizes: "
+                                      f"send size, or width and height, or make them agree", field=name)
     if body.seed is not None and not 0 <= body.seed < 2**63:
         raise InvalidArgument(f"seed is {body.seed}; it must be between 0 and 2**63 - 1", field="seed")
     params = ParamsInput(prompt=body.prompt, negative_prompt=body.negative_prompt or "",

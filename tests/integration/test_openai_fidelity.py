@@ -2,10 +2,15 @@
 front of real stage servers, driven with urllib and with OpenAI's own Python SDK as a user would: DELETE deletes
 (the video, its MP4, its place in the lists; gRPC DeleteJob and GetJob agree), the list takes OpenAI's
 parameters (order asc|desc, after, limit 0-100), /v1/models lists the served model, and OpenAI's endpoints this
-gateway does not have answer one clear 501."""
+gateway does not have answer one clear 501, vLLM-Omni's field names are taken (JSON and forms), and
+POST /v1/videos/sync answers the MP4 itself as vLLM-Omni's does."""
 
 from __future__ import annotations
 
+import http.client as http_client
+import json
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,7 @@ import pytest
 
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import RunningStage, wait_for
-from tests.integration.test_http_api import LONG, Http, make_gateway  # noqa: F401 - make_gateway is a fixture
+from tests.integration.test_http_api import LONG, Http, frames_of, make_gateway  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
 
@@ -226,3 +231,112 @@ def test_openais_other_video_endpoints_answer_one_clear_501(make_gateway) -> Non
     with pytest.raises(openai.APIStatusError) as thumbnail:
         client.videos.download_content(video_id, variant="thumbnail")
     assert thumbnail.value.status_code == 501 and len(sent) == 2
+
+
+# --- vLLM-Omni's names and its synchronous endpoint ------------------------------------------------------
+def form(fields: dict[str, str], boundary: str = "t2vform") -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body as vLLM-Omni's clients send one (every value a string)."""
+    body = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                   for name, value in fields.items()) + f"--{boundary}--\r\n"
+    return body.encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def post_raw(http: Http, path: str, body: bytes, headers: dict[str, str]) -> Any:
+    request = urllib.request.Request(http.base + path, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers, error.read()
+
+
+VLLM_FIELDS = {"prompt": "a red ball", "width": 32, "height": 16, "num_frames": 3, "fps": 6,
+               "num_inference_steps": 2, "guidance_scale": 7.5, "negative_prompt": "blurry", "seed": 11}
+
+
+def test_vllm_omnis_field_names_in_json_and_in_a_form(make_gateway, caplog) -> None:
+    gateway = make_gateway()
+    http = Http(gateway.http_url)
+    marker = "end-user-" + uuid.uuid4().hex[:8]
+    with caplog.at_level("INFO", logger="gateway.http"):
+        as_json = http.call("POST", "/v1/videos", {**VLLM_FIELDS, "user": marker, "model": "t2v-world"})
+        status, _, raw = post_raw(http, "/v1/videos", *form({**{k: str(v) for k, v in VLLM_FIELDS.items()},
+                                                              "seed": "12", "user": marker}))
+    assert as_json.status == 200 and status == 200, (as_json.body, raw)
+    for video in (as_json.json(), json.loads(raw)):
+        assert (video["size"], video["width"], video["height"], video["num_frames"], video["fps"]) == \
+            ("32x16", 32, 16, 3, 6)
+        assert (video["num_inference_steps"], video["guidance_scale"], video["negative_prompt"]) == \
+            (2, 7.5, "blurry")
+        assert "user" not in video and marker not in json.dumps(video)
+        http.wait(video["id"], "completed")
+    assert (as_json.json()["seed"], json.loads(raw)["seed"]) == (11, 12)
+    logged = [r.getMessage() for r in caplog.records if "event=video_user" in r.getMessage()]
+    assert len(logged) == 2 and all(marker in line and "job_id=" in line for line in logged)
+    stored = b"".join(p.read_bytes() for p in Path(gateway.servicer.config.state_dir).glob("jobs.sqlite3*"))
+    assert marker.encode() not in stored                                   # logged, never stored
+
+    agreeing = http.call("POST", "/v1/videos", {**VLLM_FIELDS, "size": "32x16"})
+    assert agreeing.status == 200 and agreeing.json()["size"] == "32x16"
+    only_width = http.call("POST", "/v1/videos", {"prompt": "x", "width": 16, "num_frames": 1,
+                                                  "num_inference_steps": 1})
+    assert only_width.status == 200 and only_width.json()["size"] == f"16x{only_width.json()['height']}"
+    for body, param, words in [({**VLLM_FIELDS, "size": "32x32"}, "height", "two different sizes"),
+                               ({**VLLM_FIELDS, "size": "16x16"}, "width", "two different sizes"),
+                               ({**VLLM_FIELDS, "width": "32"}, "width", "whole number"),       # JSON is typed
+                               ({**VLLM_FIELDS, "width": 0}, "width", "between 1 and"),
+                               ({**VLLM_FIELDS, "height": 20}, "height", "multiple of 8"),
+                               ({**VLLM_FIELDS, "user": 7}, "user", "must be a string")]:
+        answer = http.call("POST", "/v1/videos", body)
+        assert answer.status == 400 and answer.error["param"] == param and words in answer.error["message"], body
+    status, _, raw = post_raw(http, "/v1/videos", *form({"prompt": "x", "width": "32", "size": "16x16"}))
+    assert status == 400 and json.loads(raw)["error"]["param"] == "width"
+    twice = (b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
+             b"--b\r\nContent-Disposition: form-data; name=\"width\"\r\n\r\n32\r\n"
+             b"--b\r\nContent-Disposition: form-data; name=\"width\"\r\n\r\n16\r\n--b--\r\n")
+    status, _, raw = post_raw(http, "/v1/videos", twice, {"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 400 and "more than once" in json.loads(raw)["error"]["message"]
+
+
+def test_sync_answers_the_mp4_itself_as_vllm_omni_does(make_gateway) -> None:
+    gateway = make_gateway(slots=1)
+    http = Http(gateway.http_url)
+    status, headers, mp4 = post_raw(http, "/v1/videos/sync", *form({k: str(v) for k, v in VLLM_FIELDS.items()}))
+    assert status == 200 and headers["Content-Type"] == "video/mp4" and int(headers["Content-Length"]) == len(mp4)
+    assert frames_of(mp4) == [(32, 16)] * 3
+    video_id = headers["X-Video-Id"]
+    assert headers["X-Request-Id"] == video_id and headers["X-Model"] == "t2v-world" and headers["X-Seed"] == "11"
+    assert float(headers["X-Inference-Time-S"]) > 0
+    video = http.get(video_id)                                 # an ordinary job: listed, fetched, deletable
+    assert (video["job_status"], video["video_size"]) == ("completed", len(mp4))
+    assert http.call("GET", f"/v1/videos/{video_id}/content").body == mp4
+
+    again = http.call("POST", "/v1/videos/sync", VLLM_FIELDS)  # JSON too; the same seed: the cache answers
+    assert again.status == 200 and again.body == mp4 and again.headers["X-Video-Id"] != video_id
+    assert http.get(again.headers["X-Video-Id"])["cached"] is True
+
+    bad = http.call("POST", "/v1/videos/sync", {"prompt": ""})
+    assert bad.status == 400 and bad.error["param"] == "prompt" and "X-Video-Id" not in bad.headers
+
+    long = http.create(steps=LONG)                             # holds the only slot
+    http.wait_running(long["id"])
+    late = http.call("POST", "/v1/videos/sync", {**VLLM_FIELDS, "seed": 99, "timeout_seconds": 0.5})
+    assert late.status == 504 and late.error["code"] == "deadline_exceeded" and "deadline" in late.error["message"]
+    assert http.get(late.headers["X-Video-Id"])["job_status"] == "failed"
+    http.call("DELETE", f"/v1/videos/{long['id']}")
+
+
+def test_a_sync_client_that_goes_away_cancels_its_job(make_gateway, denoiser_stage) -> None:
+    gateway = make_gateway(slots=1)
+    http = Http(gateway.http_url)
+    host, port = gateway.http_url.removeprefix("http://").rsplit(":", 1)
+    connection = http_client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"prompt": "a long one", "num_inference_steps": LONG, "num_frames": 2, "size": "32x32"})
+    connection.request("POST", "/v1/videos/sync", body, {"Content-Type": "application/json"})
+    running = wait_for(lambda: [v for v in http.call("GET", "/v1/videos").json()["data"]
+                                if v["job_status"] == "running" and v["step"] >= 1], 60, "the sync job to run")
+    connection.close()                                         # the client gives up
+    cancelled = http.wait(running[0]["id"], "cancelled", timeout=30)
+    assert "went away" in cancelled["error"]["message"]
+    wait_for(lambda: denoiser_stage.servicer.engine.active_jobs() == 0, 30, "the run to leave the denoiser")
