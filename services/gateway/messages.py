@@ -111,6 +111,8 @@ def error_for(finished: Finished) -> ServiceError:
     code = getattr(grpc.StatusCode, record.error_code, None) if record.error_code else None
     if record.status == JobStatus.CANCELLED:
         code = grpc.StatusCode.CANCELLED
+    elif record.status == JobStatus.DELETED:
+        code = grpc.StatusCode.NOT_FOUND
     error = ServiceError(record.error_message or f"job {record.job_id} ended {record.status.name}")
     error.code = code or grpc.StatusCode.INTERNAL
     return error
