@@ -200,8 +200,14 @@ class _ClaimedWork:
 
 
 def cache_key(model: str, params: Params) -> str:
-    """Same model folder and every parameter (seed included) -> same key -> same video."""
-    blob = json.dumps({"model": model, "params": dataclasses.asdict(params)}, sort_keys=True)
+    """Same model folder and every parameter (seed included) -> same key -> same video.
+
+    ``cache`` counts only when it is not "none": an exact request keeps the key it had before the
+    field existed, so videos stored then still answer it, and never answers a deep one (or back)."""
+    fields = dataclasses.asdict(params)
+    if fields.get("cache") == "none":
+        del fields["cache"]
+    blob = json.dumps({"model": model, "params": fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -150,7 +150,7 @@ class Orchestrator:
         denoise = denoiser_pb2.DenoiseRequest(
             request_id=job_id, embeddings=encoded.embeddings, num_frames=params.num_frames,
             height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale, seed=params.seed, scheduler=params.scheduler,
+            guidance_scale=params.guidance_scale, seed=params.seed, scheduler=params.scheduler, cache=params.cache,
             checkpoint_every=max(0, checkpoint_every))
         if resume:
             denoise.resume.ParseFromString(resume)
