@@ -118,6 +118,7 @@ class ParamsInput:
     seed: Optional[int] = None
     fps: int = 0
     scheduler: str = ""
+    cache: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class Params:
     seed: int
     fps: int
     scheduler: str
+    cache: str = "none"           # "none" (exact) or "deep" (DeepCache); rows stored before it read "none"
 
     @property
     def uses_guidance(self) -> bool:

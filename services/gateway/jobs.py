@@ -229,9 +229,14 @@ class UnwrittenEnd:
 
 def cache_key(model: str, params: Params, tenant: str = "") -> str:
     """Same model folder and every parameter (seed included) -> same key -> same video; one cache per tenant,
-    so a hit never tells one key what another asked for."""
-    blob = json.dumps({"model": model, "params": dataclasses.asdict(params), **({"tenant": tenant} if tenant else {})},
-                      sort_keys=True)
+    so a hit never tells one key what another asked for.
+
+    ``cache`` counts only when it is not "none": an exact request keeps the key it had before the
+    field existed, so videos stored then still answer it, and never answers a deep one (or back)."""
+    fields = dataclasses.asdict(params)
+    if fields.get("cache") == "none":
+        del fields["cache"]
+    blob = json.dumps({"model": model, "params": fields, **({"tenant": tenant} if tenant else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -27,7 +27,8 @@ def params_input(params: generation_pb2.GenerationParams) -> ParamsInput:
         prompt=params.prompt, negative_prompt=params.negative_prompt, num_frames=params.num_frames,
         height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale if params.HasField("guidance_scale") else None,
-        seed=params.seed if params.HasField("seed") else None, fps=params.fps, scheduler=params.scheduler)
+        seed=params.seed if params.HasField("seed") else None, fps=params.fps, scheduler=params.scheduler,
+        cache=params.cache)
 
 
 def stage_to_proto(stage: Stage) -> int:
@@ -64,7 +65,8 @@ def params_message(params: Params) -> generation_pb2.GenerationParams:
     return generation_pb2.GenerationParams(
         prompt=params.prompt, negative_prompt=params.negative_prompt, num_frames=params.num_frames,
         height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale, seed=params.seed, fps=params.fps, scheduler=params.scheduler)
+        guidance_scale=params.guidance_scale, seed=params.seed, fps=params.fps, scheduler=params.scheduler,
+        cache=params.cache)
 
 
 def job_message(view: JobView) -> gateway_pb2.Job:
@@ -87,7 +89,7 @@ def result_message(record: JobRecord, video: bytes) -> gateway_pb2.VideoResult:
     return gateway_pb2.VideoResult(
         video=video, mime_type=record.mime_type or "video/mp4", seed=p.seed, num_frames=p.num_frames,
         height=p.height, width=p.width, fps=p.fps, num_inference_steps=p.num_inference_steps,
-        guidance_scale=p.guidance_scale, scheduler=p.scheduler)
+        guidance_scale=p.guidance_scale, scheduler=p.scheduler, cache=p.cache)
 
 
 def event_message(job_id: str, update: JobUpdate) -> gateway_pb2.GenerateEvent | None:

@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.common.contract import DEFAULT_FPS, SCHEDULERS
+from services.common.contract import CACHE_MODES, DEFAULT_FPS, SCHEDULERS
 from services.common.errors import InvalidArgument
 from services.gateway.domain import (Finished, Interrupted, JobRequest, JobStatus, JobUpdate, JobView, Limits,
                                      ParamsInput, Priority, Progress as StepProgress, Queued, Stage, StageStarted,
@@ -102,6 +102,10 @@ class CreateVideoRequest(BaseModel):
                                 json_schema_extra={"minimum": 0})
     scheduler: Optional[str] = Field(None, description="Sampling scheduler (default ddim).",
                                      json_schema_extra={"enum": list(SCHEDULERS)})
+    cache: Optional[str] = Field(None, description="Step caching: none (default: the exact UNet every step) or "
+                                                   "deep (DeepCache: the whole UNet every few steps, its shallow "
+                                                   "part between them; faster, approximate, see docs/api.md).",
+                                 json_schema_extra={"enum": list(CACHE_MODES)})
     priority: PriorityName = Field("normal", description="Queue priority: high jobs run first; a waiting job "
                                                          "rises one level per aging period, so low never starves.")
     timeout_seconds: Optional[float] = Field(None, description="Seconds the job may take from now, queue time "
@@ -190,7 +194,7 @@ def to_job_request(body: CreateVideoRequest, limits: Limits) -> JobRequest:
     params = ParamsInput(prompt=body.prompt, negative_prompt=body.negative_prompt or "",
                          num_frames=_frames(body, limits), height=height, width=width,
                          num_inference_steps=body.num_inference_steps or 0, guidance_scale=body.guidance_scale,
-                         seed=body.seed, fps=body.fps or 0, scheduler=body.scheduler or "")
+                         seed=body.seed, fps=body.fps or 0, scheduler=body.scheduler or "", cache=body.cache or "")
     try:
         resolved = validate(params, limits)
     except InvalidArgument as error:
@@ -269,6 +273,7 @@ class Video(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     scheduler: str
+    cache: str = Field(description="none (exact) or deep (DeepCache step caching).")
     negative_prompt: str
     cached: bool = Field(description="Completed at once from the result cache (same explicit seed and params).")
     video_size: Optional[int] = Field(None, description="Bytes of the MP4, once completed.")
@@ -338,7 +343,7 @@ def video_object(view: JobView, model: str) -> Video:
         step=r.step, total_steps=r.total_steps, started_at=_seconds(r.started_ms),
         seed=p.seed, num_frames=p.num_frames, fps=p.fps, width=p.width, height=p.height,
         num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, scheduler=p.scheduler,
-        negative_prompt=p.negative_prompt, cached=r.cached, video_size=r.video_size or None,
+        cache=p.cache, negative_prompt=p.negative_prompt, cached=r.cached, video_size=r.video_size or None,
         warnings=list(r.warnings), waiting_for=view.waiting_for or None)
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17t2v/v1/generation.proto\x12\x06t2v.v1\"\xf7\x01\n\x10GenerationParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x0b\n\x03\x66ps\x18\t \x01(\x05\x12\x11\n\tscheduler\x18\n \x01(\tB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"C\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x10\n\x08timestep\x18\x03 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17t2v/v1/generation.proto\x12\x06t2v.v1\"\x86\x02\n\x10GenerationParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x0b\n\x03\x66ps\x18\t \x01(\x05\x12\x11\n\tscheduler\x18\n \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x0b \x01(\tB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"C\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x10\n\x08timestep\x18\x03 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 't2v.v1.generation_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATIONPARAMS']._serialized_start=36
-  _globals['_GENERATIONPARAMS']._serialized_end=283
-  _globals['_STEPPROGRESS']._serialized_start=285
-  _globals['_STEPPROGRESS']._serialized_end=352
+  _globals['_GENERATIONPARAMS']._serialized_end=298
+  _globals['_STEPPROGRESS']._serialized_start=300
+  _globals['_STEPPROGRESS']._serialized_end=367
 # @@protoc_insertion_point(module_scope)

@@ -160,6 +160,7 @@ def test_create_poll_and_download_the_mp4_with_ranges(make_gateway) -> None:
     ({"prompt": "x", "seconds": "99"}, "seconds", "at most 64 frames"),
     ({"prompt": "x", "seconds": "1", "num_frames": 8}, "seconds", "not both"),
     ({"prompt": "x", "scheduler": "euler"}, "scheduler", "unknown"),
+    ({"prompt": "x", "cache": "fast"}, "cache", "choose none (exact, the default) or deep"),
     ({"prompt": "x", "priority": "urgent"}, "priority", "'low', 'normal' or 'high'"),
     ({"prompt": "x", "guidance_scale": -1}, "guidance_scale", ">= 0"),
     ({"prompt": "x", "num_inference_steps": 100_000}, "num_inference_steps", "between 1 and"),

@@ -378,9 +378,20 @@ def test_cache_key_covers_the_model_and_every_param() -> None:
     keys = {cache_key("/m", base), cache_key("/other", base)}
     for name, value in [("prompt", "x"), ("negative_prompt", "y"), ("num_frames", 3), ("height", 40),
                         ("width", 40), ("num_inference_steps", 9), ("guidance_scale", 1.0), ("seed", 2),
-                        ("fps", 9), ("scheduler", "dpmsolver++")]:
+                        ("fps", 9), ("scheduler", "dpmsolver++"), ("cache", "deep")]:
         keys.add(cache_key("/m", dataclasses.replace(base, **{name: value})))
-    assert len(keys) == 12
+    assert len(keys) == 13
+
+
+def test_an_exact_request_keeps_the_cache_key_it_had_before_the_cache_field() -> None:
+    """Videos stored before ``cache`` existed still answer exact requests: the key leaves "none" out."""
+    import hashlib
+    import json
+
+    base = params()
+    before = {k: v for k, v in dataclasses.asdict(base).items() if k != "cache"}
+    blob = json.dumps({"model": "/m", "params": before}, sort_keys=True)
+    assert base.cache == "none" and cache_key("/m", base) == hashlib.sha256(blob.encode()).hexdigest()
 
 
 def test_expired_videos_are_deleted_and_say_so(make_service) -> None:
