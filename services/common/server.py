@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from concurrent import futures
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -367,3 +367,19 @@ def serve(config: ServerConfig, service: str, service_name: str, servicer: Loada
     server.stop()
     metrics.stop_http()
     log.info(kv("stopped"))
+
+
+def run_stage(config: ServerConfig, service: str, service_name: str, make_servicer: Callable[[Any], Any],
+              add_servicer: Callable[[Any, grpc.Server], None]) -> None:
+    """A stage's ``main``: build its servicer (a bad setting, such as --otlp-endpoint, exits with one line),
+    serve it until SIGTERM, then let it close (the denoiser's engine and follower) and flush its spans."""
+    try:
+        servicer = make_servicer(config)
+    except ValueError as error:
+        raise SystemExit(f"{service}: {error}") from None
+    try:
+        serve(config, service, service_name, servicer, servicer.gate, lambda server: add_servicer(servicer, server))
+    finally:
+        if hasattr(servicer, "close"):
+            servicer.close(config.grace_seconds)
+        servicer.tracing.shutdown()     # the spans not exported yet go now

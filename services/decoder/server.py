@@ -15,7 +15,7 @@ from services.common.config import ModelConfig, parse_config, setting
 from services.common.errors import InvalidArgument, grpc_errors
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
-from services.common.server import ReadyGate, serve
+from services.common.server import ReadyGate, run_stage
 from services.common.tracing import Tracing
 from services.common.tensors import check_finite, from_proto, to_proto
 from services.decoder.metrics import DecoderMetrics
@@ -111,12 +111,4 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(DecoderConfig, argv, "t2v serve decoder",
                           "VAE decoder stage: latents -> frames -> MP4 over gRPC.")
-    try:
-        servicer = DecoderServicer(config)
-    except ValueError as error:         # a bad --otlp-endpoint
-        raise SystemExit(f"decoder: {error}") from None
-    try:
-        serve(config, "decoder", SERVICE_NAME, servicer, servicer.gate,
-              lambda server: decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server))
-    finally:
-        servicer.tracing.shutdown()     # the spans not exported yet go now
+    run_stage(config, "decoder", SERVICE_NAME, DecoderServicer, decoder_pb2_grpc.add_DecoderServicer_to_server)

@@ -19,7 +19,7 @@ from services.common.errors import (Cancelled, InvalidArgument, ResourceExhauste
                                     grpc_errors)
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
-from services.common.server import ReadyGate, serve
+from services.common.server import ReadyGate, run_stage
 from services.common.tracing import Tracing
 from services.common.tensors import check_finite, dtype_name, from_proto, to_proto
 from services.denoiser import engine as eng
@@ -316,13 +316,4 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(DenoiserConfig, argv, "t2v serve denoiser",
                           "3D-UNet denoiser stage: embeddings -> latents, with step-level batching.")
-    try:
-        servicer = DenoiserServicer(config)
-    except ValueError as error:         # a bad --otlp-endpoint
-        raise SystemExit(f"denoiser: {error}") from None
-    try:
-        serve(config, "denoiser", SERVICE_NAME, servicer, servicer.gate,
-              lambda server: denoiser_pb2_grpc.add_DenoiserServicer_to_server(servicer, server))
-    finally:
-        servicer.close(config.grace_seconds)
-        servicer.tracing.shutdown()     # the spans not exported yet go now
+    run_stage(config, "denoiser", SERVICE_NAME, DenoiserServicer, denoiser_pb2_grpc.add_DenoiserServicer_to_server)

@@ -13,7 +13,7 @@ from services.common.config import ModelConfig, parse_config, setting
 from services.common.errors import InvalidArgument, grpc_errors
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
-from services.common.server import ReadyGate, serve
+from services.common.server import ReadyGate, run_stage
 from services.common.tracing import Tracing
 from services.common.tensors import to_proto
 from services.text_encoder.encoder import TextEncoder
@@ -76,12 +76,4 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(TextEncoderConfig, argv, "t2v serve text_encoder",
                           "CLIP text encoder stage: prompts -> embeddings over gRPC.")
-    try:
-        servicer = TextEncoderServicer(config)
-    except ValueError as error:         # a bad --otlp-endpoint
-        raise SystemExit(f"text_encoder: {error}") from None
-    try:
-        serve(config, "text_encoder", SERVICE_NAME, servicer, servicer.gate,
-              lambda server: text_encoder_pb2_grpc.add_TextEncoderServicer_to_server(servicer, server))
-    finally:
-        servicer.tracing.shutdown()     # the spans not exported yet go now
+    run_stage(config, "text_encoder", SERVICE_NAME, TextEncoderServicer, text_encoder_pb2_grpc.add_TextEncoderServicer_to_server)
