@@ -13,6 +13,10 @@ more load never means fewer videos a second.
 A request may ask for a Checkpoint every N steps and may start from one (``Request.resume``): its
 latents and its scheduler's history, enough to continue bit for bit on another engine. A resumed
 request is an ordinary member of its shape's batches, at its own timestep.
+
+A request may also ask for a Preview every N steps (``Request.preview_every``): its latents mapped to RGB by
+the model's fixed linear map (services/common/latent_rgb.py), computed on the device and handed over as a
+device tensor like a Checkpoint's, so the step never waits for it. Requests that did not ask pay nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from diffusers import DDIMScheduler, UNet3DConditionModel
 
 from services.common.logs import kv
 from services.common.contract import DEFAULT_VAE_SCALE_FACTOR
+from services.common.latent_rgb import LatentRgb
 from services.common.model_folder import model_part, vae_scale_factor
 from services.denoiser import batching, sampling
 
@@ -71,6 +76,7 @@ class Request:
     seed: int
     scheduler: str = sampling.DEFAULT_SCHEDULER
     checkpoint_every: int = 0            # 0 = never; N = a Checkpoint after steps N, 2N, ... but the last
+    preview_every: int = 0               # 0 = never; N = a Preview after steps N, 2N, ... and the last
     resume: Checkpoint | None = None     # None = start from the seed's noise
 
     @property
@@ -83,6 +89,18 @@ class Step:
     step: int          # 1-based
     total: int
     timestep: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A request's latents after ``step`` steps as RGB, at latent resolution (``DenoiseEngine.preview``).
+
+    Like a Checkpoint's, ``rgb`` is a tensor on the engine's device that it never writes into again: the
+    reader moves it to the CPU in its own thread, so the engine does not wait for the GPU."""
+
+    step: int                  # steps done, 1-based
+    total: int
+    rgb: torch.Tensor          # uint8 [F, h, w, 3]
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,7 @@ class Cancelled:
     steps_run: int
 
 
-Event = Union[Step, Checkpoint, Finished, Failed, Cancelled]
+Event = Union[Step, Checkpoint, Preview, Finished, Failed, Cancelled]
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (sample, timesteps, embeddings)
 
 
@@ -134,6 +152,11 @@ class Job:
         whole run, never the last (the latents come then anyway)."""
         every = self.request.checkpoint_every
         return every > 0 and self.index % every == 0 and self.index < len(self.timestep_values)
+
+    def wants_preview(self) -> bool:
+        """Whether a Preview follows the step just done: every ``preview_every``-th step, and the last."""
+        every = self.request.preview_every
+        return every > 0 and (self.index % every == 0 or self.index == len(self.timestep_values))
 
     @property
     def shape_key(self) -> tuple[int, int, int]:
@@ -207,10 +230,14 @@ class DenoiseEngine:
 
     def __init__(self, unet: UNet3DConditionModel, scheduler_config: dict[str, Any], device: torch.device,
                  dtype: torch.dtype, max_batch: int = 8, max_jobs: int = 64,
-                 observer: EngineObserver | None = None, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR) -> None:
+                 observer: EngineObserver | None = None, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR,
+                 latent_rgb: LatentRgb | None = None) -> None:
         """``vae_scale_factor``: pixels per latent along a side, the model's VAE's (``from_folder`` reads it
-        from the folder); latents are height / factor x width / factor."""
+        from the folder); latents are height / factor x width / factor. ``latent_rgb``: the model's latent ->
+        RGB map for previews (``from_folder`` reads vae/latent_rgb.json); None = previews unavailable."""
         self.unet = unet
+        self.latent_rgb = latent_rgb
+        self._rgb = latent_rgb.tensors(device) if latent_rgb is not None else None   # (weights, bias) there
         self.vae_scale_factor = vae_scale_factor
         self.scheduler_config = scheduler_config
         self.device, self.dtype = device, dtype
@@ -325,7 +352,8 @@ class DenoiseEngine:
         unet = UNet3DConditionModel.from_pretrained(model_part(model, "unet"), dtype=dtype)
         unet.to(device).eval().requires_grad_(False)
         scheduler_config = dict(DDIMScheduler.load_config(model_part(model, "scheduler")))
-        return cls(unet, scheduler_config, device, dtype, vae_scale_factor=vae_scale_factor(model), **kwargs)
+        return cls(unet, scheduler_config, device, dtype, vae_scale_factor=vae_scale_factor(model),
+                   latent_rgb=LatentRgb.load(model), **kwargs)
 
     # --- what the model accepts ------------------------------------------------------------
     @property
@@ -340,6 +368,15 @@ class DenoiseEngine:
     def default_size(self) -> int:
         """diffusers' default height and width: unet sample_size * the VAE scale factor."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """[1, C, F, h, w] latents -> uint8 [F, h, w, 3]: the latent -> RGB map, on the latents' device, with
+        no wait for it (a few kernels on a few thousand numbers)."""
+        if self._rgb is None:
+            raise ValueError("previews are unavailable: this engine has no latent -> RGB map")
+        weights, bias = self._rgb
+        rgb = torch.einsum("kc,cfhw->fhwk", weights, latents[0].float()) + bias
+        return rgb.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the latents of a height x width video; raises ValueError unless both are multiples
@@ -412,6 +449,8 @@ class DenoiseEngine:
     def _admit(self, job: Job) -> None:
         r = job.request
         try:
+            if r.preview_every and self._rgb is None:
+                raise ValueError("previews are unavailable: the model folder has no vae/latent_rgb.json")
             job.scheduler = sampling.make_scheduler(r.scheduler, self.scheduler_config)
             job.scheduler.set_timesteps(r.num_inference_steps, device=self.device)
             job.timesteps = job.scheduler.timesteps
@@ -514,6 +553,8 @@ class DenoiseEngine:
                 job.index += 1
                 if job.wants_checkpoint():
                     job.events.put(Checkpoint(job.index, job.latents, sampling.save_history(job.scheduler)))
+                if job.wants_preview():
+                    job.events.put(Preview(job.index, len(job.timesteps), self.preview(job.latents)))
                 if job.index == len(job.timesteps):
                     done.append(job)
         for job in done:

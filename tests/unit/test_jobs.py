@@ -57,8 +57,8 @@ class FakeRunner:
         self._go.set()
 
     def run(self, job_id: str, params: Params, control: domain.RunControl | None = None,
-            deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0
-            ) -> Iterator[domain.RunEvent]:
+            deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0,
+            preview_every: int = 0) -> Iterator[domain.RunEvent]:
         control = control or domain.RunControl()
         self.started.append(job_id)
         yield domain.StageStarted(domain.Stage.TEXT_ENCODER)
