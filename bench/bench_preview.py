@@ -9,6 +9,10 @@ with guidance). Two configurations, run in turn (A B A B ...) so the drift of a 
   every 5th), each read by a thread of its own that does what the denoiser's gRPC thread does with it (moves it
   to the CPU, lays the frames out in a grid, writes the PNG: server.preview_to_proto).
 
+Then, within one run (``--interleaved-steps`` steps, two of the four asking every 2nd step), each step with
+previews against the mean of the two steps beside it without: the same load falls on both, which whole runs on
+a shared machine cannot promise.
+
 Two clocks per batched step. Wall time, as the engine reports it to its observer (engine.StepTimer: the UNet
 forward, the guidance, the scheduler steps and, in ``two``, the two previews). And the engine thread's CPU time
 (``time.thread_time`` between two steps' reports, so the loop's own bookkeeping too), with torch on one thread
@@ -21,7 +25,8 @@ each over many calls, on the embedded model's latents of the 16x64x64 video and 
 shape (4 x 16 x 32 x 32; random numbers, so its PNG compresses worse than a real preview's).
 
     python bench/bench_preview.py                 # 7 runs of each, 12 steps a run: 5-10 minutes on 2 cores
-    python bench/bench_preview.py --runs 3 --steps 6 --out /tmp/bench-preview
+    python bench/bench_preview.py --runs 6 --steps 8 --interleaved-steps 30    # docs/benchmarks.md's run
+    python bench/bench_preview.py --runs 2 --steps 3 --interleaved-steps 8 --out /tmp/bench-preview   # a smoke run
 
 Prints a JSON document and a markdown table; --out DIR writes results.json and results.md there too.
 """
@@ -71,17 +76,17 @@ class StepTimes(eng.EngineObserver):
         return [b - a for a, b in zip(self.cpu_marks, self.cpu_marks[1:])]
 
 
-def one_run(unet: Any, scheduler: dict, latent_rgb: LatentRgb, previews: int, steps: int, seed: int
-            ) -> tuple[float, float]:
-    """(median wall, median CPU) seconds of a batched step in one engine run of 4 requests, ``previews`` of them
-    asking for a preview every step."""
+def engine_run(unet: Any, scheduler: dict, latent_rgb: LatentRgb, every: list[int], steps: int, seed: int
+               ) -> StepTimes:
+    """One engine run of len(every) requests (all in one batch), request i asking for a preview every ``every[i]``
+    steps (0 = none), each read by a thread as the denoiser's gRPC thread reads it; the steps' times."""
     times = StepTimes()
     engine = eng.DenoiseEngine(unet, scheduler, torch.device("cpu"), torch.float32, max_batch=4, observer=times,
                                latent_rgb=latent_rgb)
     dim = unet.config.cross_attention_dim
     jobs = [engine.submit(eng.Request(f"b{i}", torch.randn(2, 77, dim, generator=torch.Generator().manual_seed(seed + i)),
-                                      16, 64, 64, steps, 9.0, seed + i, preview_every=1 if i < previews else 0))
-            for i in range(4)]
+                                      16, 64, 64, steps, 9.0, seed + i, preview_every=n))
+            for i, n in enumerate(every)]
 
     def read(job: eng.Job) -> None:             # what the gRPC thread does with each event
         while True:
@@ -100,8 +105,29 @@ def one_run(unet: Any, scheduler: dict, latent_rgb: LatentRgb, previews: int, st
         reader.join()
     engine.stop(1.0)
     assert len(times.seconds) == steps, times.seconds
+    return times
+
+
+def one_run(unet: Any, scheduler: dict, latent_rgb: LatentRgb, previews: int, steps: int, seed: int
+            ) -> tuple[float, float]:
+    """(median wall, median CPU) seconds of a batched step in one engine run of 4 requests, ``previews`` of them
+    asking for a preview every step."""
+    times = engine_run(unet, scheduler, latent_rgb, [1] * previews + [0] * (4 - previews), steps, seed)
     # the first step pays for warming the allocator; its CPU interval is not measured anyway
     return statistics.median(times.seconds[1:]), statistics.median(times.cpu_seconds())
+
+
+def interleaved(unet: Any, scheduler: dict, latent_rgb: LatentRgb, steps: int, seed: int
+                ) -> dict[str, list[float]]:
+    """Two of 4 requests ask for a preview every 2nd step: each even step (previews) against the mean of the odd
+    steps either side of it (none), in the same run, so the machine's load is the same for both. Seconds of
+    (wall, CPU) differences, one per even step."""
+    times = engine_run(unet, scheduler, latent_rgb, [2, 2, 0, 0], steps, seed)
+    wall = {s: times.seconds[s - 1] for s in range(1, steps + 1)}
+    cpu = {s: times.cpu_seconds()[s - 2] for s in range(2, steps + 1)}     # step s's interval ends at its report
+    evens = range(4, steps - 1, 2)                                         # not the last step: a preview too
+    return {"wall": [wall[s] - (wall[s - 1] + wall[s + 1]) / 2 for s in evens],
+            "cpu": [cpu[s] - (cpu[s - 1] + cpu[s + 1]) / 2 for s in evens]}
 
 
 def micro(latent_rgb: LatentRgb, shape: tuple[int, ...], calls: int) -> dict[str, float]:
@@ -126,6 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="runs of each configuration (default 7)")
     parser.add_argument("--steps", type=int, default=12, help="denoising steps a run (default 12)")
+    parser.add_argument("--interleaved-steps", type=int, default=30,
+                        help="steps of each interleaved run (default 30; --runs of them)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see above)")
     parser.add_argument("--out", type=Path, default=None, help="also write results.json and results.md here")
     args = parser.parse_args()
@@ -147,6 +175,14 @@ def main() -> None:
             print(f"run {run + 1}/{args.runs} {name}: {step_wall * 1e3:.1f} ms a step, {step_cpu * 1e3:.1f} ms CPU "
                   f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
 
+    steps_diff: dict[str, list[float]] = {"wall": [], "cpu": []}
+    for run in range(max(1, args.runs // 2)):
+        diffs = interleaved(unet, scheduler, latent_rgb, args.interleaved_steps, 100 + run)
+        for clock in steps_diff:
+            steps_diff[clock] += diffs[clock]
+        print(f"interleaved run {run + 1}: CPU +{statistics.median(diffs['cpu']) * 1e3:.2f} ms a preview step",
+              file=sys.stderr)
+
     def summary(values: list[float]) -> dict[str, float]:
         return {"median_ms": round(statistics.median(values) * 1e3, 2), "min_ms": round(min(values) * 1e3, 2),
                 "max_ms": round(max(values) * 1e3, 2)}
@@ -167,6 +203,10 @@ def main() -> None:
                   "shape": "16x64x64 (latents 4x16x8x8)", "guidance": 9.0, "steps_a_run": args.steps,
                   "runs_each": args.runs, "torch_threads": args.threads},
         "step_wall": compare(wall), "step_cpu": compare(cpu),
+        "interleaved": {clock: {"median_ms": round(statistics.median(v) * 1e3, 3),
+                                "p25_ms": round(statistics.quantiles(v, n=4)[0] * 1e3, 3),
+                                "p75_ms": round(statistics.quantiles(v, n=4)[2] * 1e3, 3), "steps": len(v)}
+                        for clock, v in steps_diff.items()},
         "preview_alone_world": micro(latent_rgb, (1, 4, 16, 8, 8), 2000),
         "preview_alone_1_7b_shape": micro(latent_rgb, (1, 4, 16, 32, 32), 500),
         "samples_ms": {clock: {name: [round(v * 1e3, 2) for v in values] for name, values in samples.items()}
@@ -182,10 +222,17 @@ def main() -> None:
                  f"{two['max_ms']:.1f} ms |",
                  f"| {clock} | difference (paired runs) | {diff['median_of_run_pairs']:+.2f} ms "
                  f"({c['difference_percent']:+.2f} %) | {diff['min']:+.2f} - {diff['max']:+.2f} ms |"]
+    inter = result["interleaved"]
     table = "\n".join([
         "| clock | 4 requests batched | step, median of the runs' medians | spread (min - max) |",
         "| --- | --- | --- | --- |",
         *rows,
+        "",
+        "| clock | a step with two previews minus the mean of its two neighbours without (same run) | "
+        "middle half (p25 - p75) | steps |",
+        "| --- | --- | --- | --- |",
+        *[f"| {clock} | {inter[clock]['median_ms']:+.3f} ms | {inter[clock]['p25_ms']:+.2f} - "
+          f"{inter[clock]['p75_ms']:+.2f} ms | {inter[clock]['steps']} |" for clock in ("cpu", "wall")],
         "",
         "| preview alone, one request, CPU time | map (engine thread) | copy + grid + PNG (reader thread) | PNG bytes |",
         "| --- | --- | --- | --- |",
