@@ -65,7 +65,7 @@ class LatentRgb:
     @classmethod
     def from_dict(cls, data: Any, where: str = "the latent -> RGB map") -> "LatentRgb":
         """Check and read what ``to_json`` wrote; ModelFolderError says what is wrong and what to do."""
-        redo = f"; run `t2v fit-preview MODEL_FOLDER` to write it again"
+        redo = "; run `t2v fit-preview MODEL_FOLDER` to write it again"
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ModelFolderError(f"{where} is not a {FORMAT} file{redo}")
         weights, bias = data.get("weights"), data.get("bias")

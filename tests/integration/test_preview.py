@@ -23,7 +23,7 @@ from PIL import Image
 from services.common.config import DEFAULT_MODEL
 from services.common.latent_rgb import FILE, UNAVAILABLE
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
-from tests.conftest import RunningStage, start_denoiser, stop_stage, wait_for
+from tests.conftest import RunningStage, start_denoiser, stop_stage
 from tests.integration.test_http_api import Http
 
 pytestmark = pytest.mark.slow
