@@ -24,8 +24,12 @@ setup: $(VENV)/.installed
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/t2v up --port $(PORT) --generate "$(PROMPT)" -o $(OUTPUT)
 
+# Two workers, each file on one of them (module fixtures stay whole): most tests wait on processes they
+# start, so two share 2 cores well. The schemathesis fuzz runs alone after: its generated cases do not
+# survive xdist's collection (each worker would see only /healthz).
 test: setup promtool chromium postgresql
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/integration/test_fuzz_http.py
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/integration/test_fuzz_http.py
 
 # The metrics tests check every service's /metrics with promtool (Debian/Ubuntu package prometheus).
 # Installed quietly when missing and apt-get exists; elsewhere the tests fail and say how to get it.

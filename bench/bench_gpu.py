@@ -248,10 +248,11 @@ def bench_compute_floor(model: str, device, dtype, a) -> dict:
     return {"latency_s": statistics.median(lat), "latencies_s": lat, **parts}
 
 
-def start_mesh(model: str, a, log_dir: Path) -> tuple[subprocess.Popen, float]:
+def start_mesh(model: str, a, log_dir: Path, extra_env: dict[str, str] | None = None
+               ) -> tuple[subprocess.Popen, float]:
     """`t2v up`, and the seconds until all four services answer SERVING."""
     started = time.monotonic()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "T2V_MAX_BATCH": str(a.max_batch), "T2V_MAX_JOBS": "256",
+    env = {**os.environ, **(extra_env or {}), "HF_HUB_OFFLINE": "1", "T2V_MAX_BATCH": str(a.max_batch), "T2V_MAX_JOBS": "256",
            "T2V_WARM_SHAPES": f"{a.frames}x{a.size}x{a.size}", "T2V_SLOTS": str(a.max_batch),
            "T2V_MAX_QUEUE": "1024", "T2V_STATE_DIR": "/tmp/t2v-bench-state", "T2V_COMPILE_ROWS": a.compile_rows,
            "T2V_COMPILE_CACHE": str(a.compile_cache)}
@@ -288,6 +289,8 @@ def denoiser_events(log_dir: Path) -> dict:
         fields = {k: v.strip('"') for k, v in KV.findall(line)}
         if fields.get("event") in {"compile_cache", "warm", "batch_plan"}:
             found[fields["event"]] = {k: v for k, v in fields.items() if k != "event"}
+        elif fields.get("event") == "config" and "config_ts" not in found:   # its imports are done by then
+            found["config_ts"] = fields.get("ts")
     return found
 
 
@@ -340,9 +343,9 @@ def gpu_seconds(a) -> float:
     return sum(v for k, v in samples.items() if any(k.startswith(n) for n in GPU_SECONDS.values()))
 
 
-def generate(stub, a, seed: int, steps: int | None = None) -> float:
+def generate(stub, a, seed: int, steps: int | None = None, cache: str = "") -> float:
     params = generation_pb2.GenerationParams(prompt=PROMPT, num_frames=a.frames, height=a.size, width=a.size,
-                                             num_inference_steps=steps or a.steps, seed=seed)
+                                             num_inference_steps=steps or a.steps, seed=seed, cache=cache)
     start = time.perf_counter()
     result = None
     for event in stub.Generate(gateway_pb2.GenerateRequest(params=params), timeout=1800):
@@ -362,6 +365,51 @@ def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict:
             "forwards_over_16": count - le16}
 
 
+def restart_env(a, attempt: int) -> dict[str, str]:
+    """The extra environment of start ``attempt`` (0 = the first): --restart-env's entry for it."""
+    entries = a.restart_env.split(";") if a.restart_env else []
+    if attempt == 0 or attempt > len(entries):
+        return {}
+    return dict(item.split("=", 1) for item in entries[attempt - 1].split(",") if "=" in item)
+
+
+def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, mode: str) -> None:
+    """Latency at concurrency 1 and throughput at each --concurrency, every request with ``cache=mode``."""
+    seed0 = {"none": 0, "deep": 500_000}.get(mode, 900_000)    # seeds unique across modes and rounds
+    gpu_before, before = gpu_seconds(a), scrape(a)
+    lat = [generate(stub, a, seed0 + i, cache=mode) for i in range(a.latency_runs)]
+    gpu, after = gpu_seconds(a) - gpu_before, scrape(a)
+    per_video = {k: (after[k] - before.get(k, 0.0)) / len(lat) for k in after}
+    target.update({"latency_s": statistics.median(lat), "latencies_s": lat, "latency": spread(lat),
+                   "gpu_s_per_video": gpu / len(lat), "non_gpu_share": 1 - gpu / sum(lat),
+                   "per_video_breakdown_s": per_video, "stage_minus_gpu_s": stage_minus_gpu(per_video)})
+    log(f"mesh latency (cache {mode})", target["latency"])
+    rate = 1 / statistics.median(lat)     # videos/s known so far, to guess each round's length
+    for concurrency in a.concurrency:
+        if not fits(a, 1.2 * concurrency / rate + 5, f"mesh concurrency {concurrency} cache {mode}", report,
+                    a.reserve_s):
+            continue
+        before = scrape(a)
+        latencies: list[float] = []
+        threads = [threading.Thread(target=lambda i=i: latencies.append(
+            generate(stub, a, seed0 + 1000 * concurrency + i, cache=mode))) for i in range(concurrency)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        assert len(latencies) == concurrency, "some requests failed"
+        target["throughput"][concurrency] = {"wall_s": wall, "videos_per_s": concurrency / wall,
+                                             "mean_latency_s": statistics.mean(latencies),
+                                             **batch_sizes(before, scrape(a))}
+        rate = max(rate, concurrency / wall)
+        log(f"mesh concurrency {concurrency} (cache {mode}): {concurrency / wall:.3f} videos/s, wall {wall:.1f} s",
+            target["throughput"][concurrency])
+        report["mesh"] = results
+        (out / "results.json").write_text(json.dumps(report, indent=2))
+
+
 def bench_mesh(model: str, a, out: Path, report: dict) -> dict:
     results: dict = {"starts": [], "throughput": {}}
     if a.cold_start:
@@ -371,9 +419,11 @@ def bench_mesh(model: str, a, out: Path, report: dict) -> dict:
         if proc is not None:
             stop_mesh(proc)
         log_dir = LOGS / f"start{len(list(LOGS.glob('start*')))}"
-        proc, seconds = start_mesh(model, a, log_dir)
-        results["starts"].append({"seconds": seconds, "cache_was_empty": attempt == 0 and a.cold_start,
-                                  **denoiser_events(log_dir)})
+        extra = restart_env(a, attempt)
+        launched = time.strftime("%Y-%m-%dT%H:%M:%S")
+        proc, seconds = start_mesh(model, a, log_dir, extra)
+        results["starts"].append({"seconds": seconds, "launched_ts": launched, "cache_was_empty": attempt == 0 and a.cold_start,
+                                  "env": extra, **denoiser_events(log_dir)})
         log("mesh start", results["starts"][-1])
     assert proc is not None
     channel = grpc.insecure_channel(f"127.0.0.1:{a.base_port}",
@@ -381,38 +431,10 @@ def bench_mesh(model: str, a, out: Path, report: dict) -> dict:
     stub = gateway_pb2_grpc.GatewayStub(channel)
     try:
         generate(stub, a, 999_999, steps=2)   # warm-up; a seed no measured request uses (no cache hit)
-        gpu_before, before = gpu_seconds(a), scrape(a)
-        lat = [generate(stub, a, i) for i in range(a.latency_runs)]
-        gpu, after = gpu_seconds(a) - gpu_before, scrape(a)
-        per_video = {k: (after[k] - before.get(k, 0.0)) / len(lat) for k in after}
-        results.update({"latency_s": statistics.median(lat), "latencies_s": lat, "latency": spread(lat),
-                        "gpu_s_per_video": gpu / len(lat), "non_gpu_share": 1 - gpu / sum(lat),
-                        "per_video_breakdown_s": per_video, "stage_minus_gpu_s": stage_minus_gpu(per_video)})
-        log("mesh latency", results["latency"])
-        rate = 1 / statistics.median(lat)     # videos/s known so far, to guess each round's length
-        for concurrency in a.concurrency:
-            if not fits(a, 1.2 * concurrency / rate + 5, f"mesh concurrency {concurrency}", report, a.reserve_s):
-                continue
-            before = scrape(a)
-            latencies: list[float] = []
-            # Seeds unique across rounds: a repeated seed+params would be served from the result cache.
-            threads = [threading.Thread(target=lambda i=i: latencies.append(generate(stub, a, 1000 * concurrency + i)))
-                       for i in range(concurrency)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - start
-            assert len(latencies) == concurrency, "some requests failed"
-            results["throughput"][concurrency] = {"wall_s": wall, "videos_per_s": concurrency / wall,
-                                                  "mean_latency_s": statistics.mean(latencies),
-                                                  **batch_sizes(before, scrape(a))}
-            rate = max(rate, concurrency / wall)
-            log(f"mesh concurrency {concurrency}: {concurrency / wall:.3f} videos/s, wall {wall:.1f} s",
-                results["throughput"][concurrency])
-            report["mesh"] = results
-            (out / "results.json").write_text(json.dumps(report, indent=2))
+        for mode in a.caches:
+            # cache=none fills the top level (as before the cache parameter); each other mode its own key
+            target = results if mode == "none" else results.setdefault(f"cache_{mode}", {"throughput": {}})
+            mesh_rounds(stub, a, out, report, results, target, mode)
         return results
     finally:
         channel.close()
@@ -442,13 +464,17 @@ def main() -> None:
                         help="the denoiser's T2V_COMPILE_CACHE")
     parser.add_argument("--cold-start", action="store_true", help="empty --compile-cache before the mesh starts")
     parser.add_argument("--restarts", type=int, default=0, help="stop and start the mesh again this often (warm cache)")
+    parser.add_argument("--restart-env", default="", help="extra environment per restart, ';' between restarts, "
+                                                          "',' between variables: T2V_DEEP_CACHE_COMPILE=false;")
     parser.add_argument("--lever-rows", default="2,16,32", help="batch sizes (rows) of the levers phase")
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip what would end after this many seconds")
     parser.add_argument("--reserve-s", type=float, default=0.0,
                         help="seconds the mesh's rounds leave for the phases after it")
+    parser.add_argument("--caches", default="none", help="the mesh's rounds for each: none (exact), deep (DeepCache)")
     parser.add_argument("--quick", action="store_true", help="CPU smoke test of this script")
     a = parser.parse_args()
     a.concurrency = [int(c) for c in a.concurrency.split(",") if c]
+    a.caches = [c for c in a.caches.split(",") if c]
     phases = [p for p in a.phases.split(",") if p and not (p == "peer" and a.skip_peer)
               and not (p == "floor" and a.skip_floor)]
     a.out.mkdir(parents=True, exist_ok=True)
@@ -456,7 +482,7 @@ def main() -> None:
     LOGS.mkdir(parents=True)
     if a.quick:
         a.model, a.steps, a.frames, a.size, a.max_batch, a.concurrency = DEFAULT_MODEL, 2, 4, 64, 4, [2]
-        a.peer_runs, a.latency_runs, a.compile_rows = 2, 2, ""
+        a.peer_runs, a.latency_runs, a.compile_rows, a.caches = 2, 2, "", ["none", "deep"]
         phases = [p for p in phases if p not in {"compiled-peer", "levers"}]
     device = torch.device("cpu" if a.quick else "cuda")
     dtype = torch.float32 if a.quick else torch.float16
@@ -591,6 +617,18 @@ def summarise(r: dict) -> str:
                      f"{t.get('forwards_over_16', 0):.0f} forwards over 16) | {t['videos_per_s']:.3f} videos/s "
                      f"(UNet at {mfu(t['videos_per_s'])} of the ceiling{vs_compiled}) | "
                      f"{t['videos_per_s'] * peer if peer else float('nan'):.2f}x the peer's videos/s |")
+    for key, deep in mesh.items():
+        if not key.startswith("cache_") or "latency_s" not in deep:
+            continue
+        mode = key.removeprefix("cache_")
+        speedup = f", {mesh['latency_s'] / deep['latency_s']:.2f}x faster than cache none" if "latency_s" in mesh else ""
+        lines.append(f"| mesh latency, concurrency 1, cache {mode}{speedup} | {deep['latency_s']:.2f} s | "
+                     f"{ratio(deep['latency_s'])} |")
+        for c, t in deep.get("throughput", {}).items():
+            exact = mesh.get("throughput", {}).get(c)
+            speedup = f", {t['videos_per_s'] / exact['videos_per_s']:.2f}x cache none" if exact else ""
+            lines.append(f"| mesh throughput, concurrency {c}, cache {mode} (mean batch {t.get('mean_batch') or 0:.1f})"
+                         f" | {t['videos_per_s']:.3f} videos/s{speedup} | |")
     plan = next((s["batch_plan"] for s in reversed(mesh.get("starts", [])) if "batch_plan" in s), None)
     if plan:
         lines.append(f"| denoiser batch plan (bucket rows: ms a forward; cap in rows) | {plan.get('ms')}; "

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # bench_gpu.py on this workplace's lent GPU (the device tool's `run`), from the repository root:
 #   bash bench/gpu_run.sh --phases peer,mesh --compile-rows 2,32 ...     (arguments go to bench_gpu.py)
+#   SCRIPT=bench/bench_deepcache.py RUN_OUT=$OUT/dc bash bench/gpu_run.sh ...   (another script, its --out)
+#   WHL=../../.whl bash bench/gpu_run.sh ...   (the packages elsewhere: a branch's copy under .gl/ in the checkout)
 # Needs, carried as `.whl` (about 29 MB, see docs/benchmarks.md): .whl/site.tar.xz, the packages the
 # device image lacks, installed for Python 3.12 with `pip install --target` (diffusers without its
 # other pipelines, PyAV with its extension modules stripped, grpcio, protobuf, fastapi and the rest),
@@ -8,14 +10,17 @@
 # tree; the benchmark builds the full-size model itself in /tmp/t2v-full (kept while the machine is).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench-out}
-mkdir -p "$OUT" /tmp/site
+WHL=${WHL:-.whl}
+SCRIPT=${SCRIPT:-bench/bench_gpu.py}
+RUN_OUT=${RUN_OUT:-$OUT}
+mkdir -p "$OUT" "$RUN_OUT" /tmp/site
 if [ ! -f /tmp/site/.unpacked ]; then
-    tar -xJf .whl/site.tar.xz -C /tmp/site || exit 1
+    tar -xJf "$WHL/site.tar.xz" -C /tmp/site || exit 1
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
+        "$WHL"/*.whl || exit 1
     touch /tmp/site/.unpacked
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -c "import torch, triton, grpc, diffusers, av, fastapi, pydantic; print('torch', torch.__version__, 'triton', triton.__version__, 'grpc', grpc.__version__, 'diffusers', diffusers.__version__, 'av', av.__version__)" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
-python3 bench/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+python3 "$SCRIPT" --out "$RUN_OUT" "$@" 2>&1 | tee "$RUN_OUT/log.txt"

@@ -46,6 +46,8 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="same seed, same video (default: random)")
     g.add_argument("--fps", type=int, default=0, help="frames per second of the MP4 (default 8)")
     g.add_argument("--scheduler", default="", help="ddim (default) or dpmsolver++")
+    g.add_argument("--cache", default="", help="none (default: exact) or deep (DeepCache step caching: faster, "
+                                               "approximate)")
     g.add_argument("-o", "--output", type=Path, default=Path("out/video.mp4"), help="where to write the MP4")
     g.add_argument("--timeout", type=float, default=None,
                    help="give up after this many seconds (time waiting in the queue included)")
@@ -59,7 +61,8 @@ def _params(prompt: str, args: argparse.Namespace):  # -> generation_pb2.Generat
 
     params = generation_pb2.GenerationParams(
         prompt=prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
-        width=args.width, num_inference_steps=args.steps, fps=args.fps, scheduler=args.scheduler)
+        width=args.width, num_inference_steps=args.steps, fps=args.fps, scheduler=args.scheduler,
+        cache=args.cache)
     if args.guidance is not None:
         params.guidance_scale = args.guidance
     if args.seed is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,6 +39,14 @@ def fuzz_settings(max_examples: int) -> settings:
     return settings(max_examples=max_examples, deadline=None, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+
+def shows_something(text: str) -> bool:
+    """A prompt the gateway must take: at least one character that is not whitespace, a control or format
+    character (zero-width, BOM, bidi mark) or a blank letter (Hangul filler, braille blank)."""
+    blank = set("\u115f\u1160\u3164\uffa0\u2800")
+    return any(not c.isspace() and c not in blank and unicodedata.category(c) not in ("Cc", "Cf", "Zs", "Zl", "Zp")
+               for c in text)
 
 
 def assert_sentence(text: str | None, what: str = "the refusal") -> None:

@@ -1,9 +1,11 @@
-"""Values the contracts in protos/ define but protobuf cannot express: the scheduler names and
-diffusers' defaults. Both the gateway (which validates) and the denoiser (which runs) read them here,
+"""Values the contracts in protos/ define but protobuf cannot express: the scheduler names, the
+cache modes and diffusers' defaults. Both the gateway (which validates) and the denoiser (which runs) read them here,
 so stages never import each other."""
 
 SCHEDULERS = ("ddim", "dpmsolver++")
 DEFAULT_SCHEDULER = "ddim"
+CACHE_MODES = ("none", "deep")   # GenerationParams.cache: exact, or DeepCache step caching (approximate)
+DEFAULT_CACHE = "none"
 DEFAULT_FRAMES = 16
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 9.0

@@ -70,6 +70,12 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unimplemented(ServiceError):
+    """What the API's model (OpenAI's, say) has and this server does not do: UNIMPLEMENTED, 501 over HTTP."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, exc.message

@@ -1,4 +1,4 @@
-"""Server bootstrap shared by every service: health, reflection, message limits, graceful stop.
+"""Server bootstrap shared by every service: health, reflection (v1 and v1alpha), message limits, graceful stop.
 
 Why here: the four services differ only in their servicer and their model; how they start, report
 readiness (grpc.health.v1 is NOT_SERVING until the model is loaded) and stop (SIGTERM -> refuse new
@@ -16,11 +16,11 @@ from typing import Callable, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from services.common.config import ModelConfig, ServerConfig, describe
 from services.common.errors import Unavailable
 from services.common.logs import kv, setup_logging
+from services.common.reflection import enable_server_reflection
 from services.common.metrics import ServiceMetrics, metrics_of
 from services.common.tls import check_stage_exposure, load_server_tls
 from services.common.tracing import TraceInterceptor, Tracing
@@ -258,8 +258,7 @@ class GrpcServer:
         if config.health_port >= 0:
             self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=NO_REUSEPORT)
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
-        reflection.enable_server_reflection(
-            (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        enable_server_reflection((service_name, health.SERVICE_NAME), self._server)     # v1 and v1alpha
         self.set_serving(False)
         self.port = 0
         self.health_port = -1

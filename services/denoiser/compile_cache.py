@@ -95,6 +95,34 @@ def verdict(manifest: dict[str, Any] | None, current: Identity) -> tuple[bool, s
     return True, "warm"
 
 
+PLANS = "plans.json"
+
+
+def save_plans(folder: Path, identity: dict[str, Any], plans: dict[tuple[int, int, int], dict[int, float]]) -> None:
+    """Write the engine's measured bucket times (shape -> rows -> seconds) beside the compiled code, with
+    ``identity`` (what they were measured for: the UNet's config, dtype, buckets, compiled sizes), so a
+    restart on this cache need not time every bucket again (engine.DenoiseEngine.warm, ``known``)."""
+    body = {"identity": identity,
+            "plans": {"x".join(map(str, key)): {str(rows): s for rows, s in sorted(seconds.items())}
+                      for key, seconds in plans.items()}}
+    tmp = Path(folder) / f".{PLANS}.{os.getpid()}"
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
+    os.replace(tmp, Path(folder) / PLANS)
+
+
+def load_plans(folder: Path, identity: dict[str, Any]) -> dict[tuple[int, int, int], dict[int, float]]:
+    """The bucket times ``save_plans`` wrote for this ``identity``; empty when there are none, they are
+    unreadable, or they were measured for anything else (then they are measured again)."""
+    try:
+        body = json.loads((Path(folder) / PLANS).read_text())
+        if body.get("identity") != json.loads(json.dumps(identity)):
+            return {}
+        return {tuple(int(v) for v in key.split("x")): {int(rows): float(s) for rows, s in seconds.items()}
+                for key, seconds in body["plans"].items()}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return {}
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / MANIFEST).read_text())

@@ -14,6 +14,17 @@ A request may ask for a Checkpoint every N steps and may start from one (``Reque
 latents and its scheduler's history, enough to continue bit for bit on another engine. A resumed
 request is an ordinary member of its shape's batches, at its own timestep.
 
+A request may ask for DeepCache (``Request.cache == "deep"``, deepcache.py): every
+``deep_cache_interval``-th step it runs the whole UNet and keeps its deep features, the steps between
+run only the shallow path on them. The rows of one batch at full and at shallow steps run as two
+forwards (sub-batches) of the same step; the full steps of a shape's deep requests are kept in phase
+(every request full on the shape's every N-th step, and on its own first), so most steps run one
+large forward of one kind. A request with ``cache == "none"`` (the default) runs today's exact path:
+with no deep request in its batch, the very same forward; beside deep requests at their full step,
+the DeepCache full forward, which computes the same operations (bit for bit on the CPU, up to float
+rounding on compiled GPU kernels, as any change of batch does). Features are not checkpointed: a
+resumed deep request starts its cache again with a full step.
+
 A request may also ask for a Preview every N steps (``Request.preview_every``): its latents mapped to RGB by
 the model's fixed linear map (services/common/latent_rgb.py), computed on the device and handed over as a
 device tensor like a Checkpoint's, so the step never waits for it. Requests that did not ask pay nothing.
@@ -39,6 +50,7 @@ from services.common.contract import DEFAULT_VAE_SCALE_FACTOR
 from services.common.latent_rgb import LatentRgb
 from services.common.model_folder import model_part, vae_scale_factor
 from services.denoiser import batching, sampling
+from services.denoiser.deepcache import DeepCacheUNet
 
 log = logging.getLogger("denoiser.engine")
 
@@ -76,8 +88,9 @@ class Request:
     seed: int
     scheduler: str = sampling.DEFAULT_SCHEDULER
     checkpoint_every: int = 0            # 0 = never; N = a Checkpoint after steps N, 2N, ... but the last
-    preview_every: int = 0               # 0 = never; N = a Preview after steps N, 2N, ... and the last
     resume: Checkpoint | None = None     # None = start from the seed's noise
+    cache: str = "none"                  # "none" = the exact UNet every step; "deep" = DeepCache
+    preview_every: int = 0               # 0 = never; N = a Preview after steps N, 2N, ... and the last
 
     @property
     def uses_guidance(self) -> bool:
@@ -143,6 +156,8 @@ class Job:
     generator: torch.Generator | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0
+    features: torch.Tensor | None = None   # DeepCache: the deep features of the last full step
+    since_full: int = 0                    # DeepCache: steps since that full step
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -168,6 +183,10 @@ class Job:
         """UNet rows this job takes in a batch: 2 with guidance (uncond, cond), else 1."""
         return 2 if self.request.uses_guidance else 1
 
+    @property
+    def deep(self) -> bool:
+        return self.request.cache == "deep"
+
 
 class EngineObserver:
     """What the engine reports as it runs, for whoever watches it (the server turns it into metrics).
@@ -184,6 +203,10 @@ class EngineObserver:
 
     def request_done(self, outcome: str) -> None:
         """A request left the engine: ``finished``, ``cancelled`` or ``failed``."""
+
+    def cache_steps(self, full: int, shallow: int) -> None:
+        """One batched step ran ``full`` requests with cache=deep through the whole UNet and ``shallow``
+        through DeepCache's shallow path (called only for steps with deep requests)."""
 
 
 class StepTimer:
@@ -223,6 +246,9 @@ class EngineStats:
     waited: int = 0                # batches that left requests of their shape waiting (the cap held)
     finished: int = 0
     cancelled: int = 0
+    deep_full: int = 0             # request steps of cache=deep requests through the whole UNet
+    deep_shallow: int = 0          # ... through the shallow path
+    forwards: int = 0              # forwards run (a step with full and shallow rows runs two)
 
 
 class DenoiseEngine:
@@ -231,7 +257,8 @@ class DenoiseEngine:
     def __init__(self, unet: UNet3DConditionModel, scheduler_config: dict[str, Any], device: torch.device,
                  dtype: torch.dtype, max_batch: int = 8, max_jobs: int = 64,
                  observer: EngineObserver | None = None, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR,
-                 latent_rgb: LatentRgb | None = None) -> None:
+                 deep_cache_interval: int = 4, deep_cache_branch: int | None = 0,
+                 deep_cache_compile: bool = False, latent_rgb: LatentRgb | None = None) -> None:
         """``vae_scale_factor``: pixels per latent along a side, the model's VAE's (``from_folder`` reads it
         from the folder); latents are height / factor x width / factor. ``latent_rgb``: the model's latent ->
         RGB map for previews (``from_folder`` reads vae/latent_rgb.json); None = previews unavailable."""
@@ -256,6 +283,17 @@ class DenoiseEngine:
         self._graphed: Any = None                              # GraphedUNet, once use_cuda_graphs()
         self.plans: dict[tuple[int, int, int], dict[str, Any]] = {}   # shape -> measured buckets, cap
         self._cap_rows: dict[tuple[int, int, int], int] = {}
+        # DeepCache (deepcache.py): off with interval 0 (requests with cache=deep are refused then).
+        if deep_cache_interval < 0:
+            raise ValueError(f"deep_cache_interval is {deep_cache_interval}; it must be 0 (off) or a number of steps")
+        self.deep_interval = int(deep_cache_interval)
+        self._deep = DeepCacheUNet(unet, deep_cache_branch) if self.deep_interval else None
+        self.deep_branch = self._deep.branch if self._deep is not None else None
+        self.deep_compile = deep_cache_compile
+        self._deep_full: Any = self._deep.full if self._deep is not None else None
+        self._deep_shallow: Any = self._deep.shallow if self._deep is not None else None
+        self._deep_graphs: list[Any] = []
+        self._deep_clock: dict[tuple[int, int, int], int] = {}    # shape -> its steps with deep requests
 
     @property
     def max_rows(self) -> int:
@@ -279,6 +317,13 @@ class DenoiseEngine:
         buckets = batching.graph_buckets(self.max_rows, self.compile_rows)
         self._graphed = GraphedUNet(self._forward, device=self.device, buckets=buckets)
         self._forward = self._graphed
+        if self._deep is not None:
+            graphed = self._graphed
+            self._deep_full = GraphedUNet(self._deep_full, device=self.device, buckets=buckets, name="deep_full",
+                                          pool=graphed.pool, seconds=graphed._seconds)
+            self._deep_shallow = GraphedUNet(self._deep_shallow, device=self.device, buckets=buckets,
+                                             name="deep_shallow", pool=graphed.pool, seconds=graphed._seconds)
+            self._deep_graphs = [self._deep_full, self._deep_shallow]
 
     def use_compile(self, rows: set[int]) -> None:
         """torch.compile the UNet for batches of exactly these row counts (CUDA-graph buckets); call
@@ -300,6 +345,9 @@ class DenoiseEngine:
             return compiled(sample, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
 
         self._forward = forward
+        if self._deep is not None and self.deep_compile:
+            self._deep_full = _compiled_for(rows, self._deep_full)
+            self._deep_shallow = _compiled_for(rows, self._deep_shallow)
 
     def use_row_split(self, split: Callable[[Forward], Forward]) -> None:
         """Wrap the UNet forward as it stands (eager, compiled or graphed) in ``split``: CFG-parallel
@@ -314,27 +362,90 @@ class DenoiseEngine:
         return sorted(set(batching.powers_of_two_up_to(self.max_rows)) | self.compile_rows)
 
     @torch.inference_mode()
-    def warm(self, shapes: list[tuple[int, int, int]], tokens: int = 77) -> None:
+    def warm(self, shapes: list[tuple[int, int, int]], tokens: int = 77,
+             known: dict[tuple[int, int, int], dict[int, float]] | None = None) -> dict[str, float]:
         """Run (and capture, with CUDA graphs) every batch size for each (frames, height, width) now,
         so the first users do not pay for compilation, kernel selection or graph capture. With CUDA
         graphs, also time each bucket's replay: the times choose the padding and cap the batch at the
-        size that makes the most rows a second (batching.py)."""
+        size that makes the most rows a second (batching.py).
+
+        ``known`` (shape -> bucket rows -> seconds, as ``measured()`` returns them) are the times an
+        earlier start measured on this GPU (the server keeps them with the compile cache): a shape
+        with times for every bucket is not timed again, and only the buckets a batch can run in
+        (``used_buckets``) are warmed; the others are captured if ever needed. Returns the seconds
+        spent: compiled buckets (compilation included), eager buckets, DeepCache's forwards, timing."""
+        spent = {"compiled_s": 0.0, "eager_s": 0.0, "deep_s": 0.0, "timing_s": 0.0}
         for frames, height, width in shapes:
             key = (frames, height, width)
             try:
                 sample_shape = (self.latent_channels, frames, *self.latent_size(height, width))
             except ValueError as exc:
                 raise ValueError(f"warm shape {frames}x{height}x{width}: {exc}") from None
-            for rows in self.warm_rows():
-                sample = torch.zeros((rows, *sample_shape), device=self.device, dtype=self.dtype)
-                embeddings = torch.zeros((rows, tokens, self.embedding_dim), device=self.device, dtype=self.dtype)
-                self._forward(sample, torch.full((rows,), 999, device=self.device), embeddings)
-            if self._graphed is not None:
-                seconds = {rows: self._graphed.time(rows, sample_shape, (tokens, self.embedding_dim), self.dtype)
-                           for rows in self._graphed.buckets}
+            rows_to_warm = self.warm_rows()
+            stored = (known or {}).get(key)
+            reuse = self._graphed is not None and bool(stored) and set(stored) == set(self._graphed.buckets)
+            if reuse:
+                assert stored is not None
+                self._graphed.remember(sample_shape, stored)
+                self.set_plan(key, stored)
+                rows_to_warm = self.used_buckets(key)
+
+            def inputs(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                return (torch.zeros((rows, *sample_shape), device=self.device, dtype=self.dtype),
+                        torch.full((rows,), 999, device=self.device),
+                        torch.zeros((rows, tokens, self.embedding_dim), device=self.device, dtype=self.dtype))
+
+            for rows in rows_to_warm:
+                with self._clock(spent, "compiled_s" if rows in self.compile_rows else "eager_s"):
+                    self._forward(*inputs(rows))
+                log.debug(kv("warmed", shape="x".join(map(str, key)), rows=rows, **spent))
+            if self._graphed is not None and not reuse:
+                shapes_ = (sample_shape, (), (tokens, self.embedding_dim))
+                dtypes = (self.dtype, torch.long, self.dtype)
+                with self._clock(spent, "timing_s"):
+                    seconds = {rows: self._graphed.time(rows, shapes_, dtypes) for rows in self._graphed.buckets}
                 self.set_plan(key, seconds)
+            # DeepCache's two forwards, in the buckets a batch can run in (graphs: now that the plan says which;
+            # else the compiled sizes: an eager forward on the CPU has nothing to capture or compile)
+            deep_rows = self.used_buckets(key) if self._graphed is not None else sorted(self.compile_rows)
+            for rows in deep_rows if self._deep is not None and (self._graphed is not None or self.deep_compile) else ():
+                with self._clock(spent, "deep_s"):
+                    sample, timesteps, embeddings = inputs(rows)
+                    _, features = self._deep_full(sample, timesteps, embeddings)
+                    self._deep_shallow(sample, timesteps, embeddings, features)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        return {k: round(v, 2) for k, v in spent.items()}
+
+    @contextmanager
+    def _clock(self, spent: dict[str, float], name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        spent[name] += time.perf_counter() - started
+
+    def used_buckets(self, key: tuple[int, int, int]) -> list[int]:
+        """The buckets a batch of shape ``key`` can run in, by its plan: each size up to its cap (and 2,
+        a guided request alone) padded as ``batching.choose_bucket`` pads it."""
+        assert self._graphed is not None
+        seconds = self._seconds_of(key)
+        top = max(self.cap_rows(key), 2)
+        used = {batching.choose_bucket(rows, self._graphed.buckets, seconds) for rows in range(1, top + 1)}
+        return sorted(b for b in used if b is not None)
+
+    def _seconds_of(self, key: tuple[int, int, int]) -> dict[int, float]:
+        frames, height, width = key
+        assert self._graphed is not None
+        return self._graphed.seconds((self.latent_channels, frames, *self.latent_size(height, width)))
+
+    def measured(self) -> dict[tuple[int, int, int], dict[int, float]]:
+        """Each warmed shape's bucket times (rows -> seconds a replay), for ``warm(known=...)`` next time."""
+        if self._graphed is None:
+            return {}
+        return {key: self._seconds_of(key) for key in self.plans if self._seconds_of(key)}
 
     def set_plan(self, key: tuple[int, int, int], seconds: dict[int, float]) -> None:
         """Cap batches of shape ``key`` at the rows ``seconds`` (bucket rows -> seconds a forward) say
@@ -449,6 +560,10 @@ class DenoiseEngine:
     def _admit(self, job: Job) -> None:
         r = job.request
         try:
+            if r.cache not in ("none", "deep"):
+                raise ValueError(f"cache {r.cache!r} is unknown; choose none or deep")
+            if r.cache == "deep" and self._deep is None:
+                raise ValueError("cache is deep, but this engine runs with DeepCache off (deep_cache_interval 0)")
             if r.preview_every and self._rgb is None:
                 raise ValueError("previews are unavailable: the model folder has no vae/latent_rgb.json")
             job.scheduler = sampling.make_scheduler(r.scheduler, self.scheduler_config)
@@ -522,29 +637,86 @@ class DenoiseEngine:
                 self.observer.request_done("failed")
             job.events.put(event if event is not None else Cancelled(job.index))
 
+    def _split(self, batch: list[Job]) -> tuple[list[Job], list[Job]]:
+        """The jobs of ``batch`` that run the whole UNet this step, and those that run DeepCache's
+        shallow path (each list in batch order).
+
+        A deep job runs the whole UNet on its first step (or the first after a resume), when its
+        features are ``deep_interval - 1`` steps old, and on every ``deep_interval``-th step of its shape
+        (the shape's clock), so deep jobs that arrived at different steps fall into one phase and the
+        steps in between run one large shallow forward."""
+        if not any(job.deep for job in batch):
+            return batch, []
+        key = batch[0].shape_key
+        clock = self._deep_clock.get(key, 0)
+        self._deep_clock[key] = clock + 1
+        phase = clock % self.deep_interval == 0
+        full, shallow = [], []
+        for job in batch:
+            due = job.features is None or job.since_full + 1 >= self.deep_interval or phase
+            (full if not job.deep or due else shallow).append(job)
+        return full, shallow
+
+    @staticmethod
+    def _inputs(jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """The UNet inputs of ``jobs``: samples (scaled, doubled for guidance), timesteps, embeddings, and
+        each job's rows.
+
+        The scheduler gets each timestep as a Python int, never as the device tensor: DDIM indexes its
+        CPU table with it and compares it with 0, which with a CUDA tensor makes the CPU wait for the
+        GPU every step (the GPU then idles while Python prepares the next one). The UNet gets the tensor."""
+        inputs, embeddings, timesteps, rows = [], [], [], []
+        for job in jobs:
+            t = job.timestep_values[job.index]
+            x = torch.cat([job.latents] * 2) if job.request.uses_guidance else job.latents
+            inputs.append(job.scheduler.scale_model_input(x, t))
+            embeddings.append(job.embeddings)
+            timesteps.append(job.timesteps[job.index].reshape(1).expand(x.shape[0]))
+            rows.append(x.shape[0])
+        return torch.cat(inputs), torch.cat(timesteps), torch.cat(embeddings), rows
+
+    def _forward_full(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """The whole UNet for ``jobs``; each one's noise. Through the exact forward unless a deep job
+        needs its features (then DeepCache's full forward, which keeps them)."""
+        sample, timesteps, embeddings, rows = self._inputs(jobs)
+        if not any(job.deep for job in jobs):
+            return list(self._forward(sample, timesteps, embeddings).split(rows))
+        noise, features = self._deep_full(sample, timesteps, embeddings)
+        for job, kept in zip(jobs, features.split(rows)):
+            if job.deep:
+                job.features, job.since_full = kept, 0
+        return list(noise.split(rows))
+
+    def _forward_shallow(self, jobs: list[Job]) -> list[torch.Tensor]:
+        sample, timesteps, embeddings, rows = self._inputs(jobs)
+        features = torch.cat([job.features for job in jobs])
+        noise = self._deep_shallow(sample, timesteps, embeddings, features)
+        for job in jobs:
+            job.since_full += 1
+        return list(noise.split(rows))
+
     @torch.inference_mode()
     def _step(self, batch: list[Job]) -> None:
-        # The scheduler gets each timestep as a Python int, never as the device tensor: DDIM indexes its
-        # CPU table with it and compares it with 0, which with a CUDA tensor makes the CPU wait for the
-        # GPU every step (the GPU then idles while Python prepares the next one). The UNet gets the tensor.
         with self._timer.step(len(batch)):
-            inputs, embeddings, timesteps, rows = [], [], [], []
-            for job in batch:
-                t = job.timestep_values[job.index]
-                x = torch.cat([job.latents] * 2) if job.request.uses_guidance else job.latents
-                inputs.append(job.scheduler.scale_model_input(x, t))
-                embeddings.append(job.embeddings)
-                timesteps.append(job.timesteps[job.index].reshape(1).expand(x.shape[0]))
-                rows.append(x.shape[0])
-            noise = self._forward(torch.cat(inputs), torch.cat(timesteps), torch.cat(embeddings))
+            full, shallow = self._split(batch)
+            noise: dict[int, torch.Tensor] = {}
+            for jobs, forward in ((full, self._forward_full), (shallow, self._forward_shallow)):
+                if jobs:
+                    noise.update(zip(map(id, jobs), forward(jobs)))
+                    self.stats.forwards += 1
             self.stats.steps += 1
             self.stats.requests_stepped += len(batch)
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(batch))
-            self.stats.max_rows_seen = max(self.stats.max_rows_seen, sum(rows))
+            self.stats.max_rows_seen = max(self.stats.max_rows_seen, sum(job.rows for job in batch))
+            if shallow or any(job.deep for job in full):
+                deep_full = sum(1 for job in full if job.deep)
+                self.stats.deep_full += deep_full
+                self.stats.deep_shallow += len(shallow)
+                self.observer.cache_steps(deep_full, len(shallow))
 
             done = []
-            for job, pred in zip(batch, noise.split(rows)):
-                r = job.request
+            for job in batch:
+                pred, r = noise[id(job)], job.request
                 if r.uses_guidance:
                     pred = sampling.apply_guidance(pred, r.guidance_scale)
                 t = job.timestep_values[job.index]
@@ -558,8 +730,19 @@ class DenoiseEngine:
                 if job.index == len(job.timesteps):
                     done.append(job)
         for job in done:
+            job.features = None
             self.stats.finished += 1
             self.observer.request_done("finished")
             with self._cond:
                 self._active.remove(job)
             job.events.put(Finished(job.latents.to("cpu"), job.index))
+
+
+def _compiled_for(rows: set[int], forward: Any) -> Any:
+    """``forward`` through torch.compile (static shapes) for batches of exactly ``rows`` rows, eager otherwise."""
+    compiled = torch.compile(forward, dynamic=False)
+
+    def call(*inputs: torch.Tensor) -> Any:
+        return compiled(*inputs) if inputs[0].shape[0] in rows else forward(*inputs)
+
+    return call

@@ -4,7 +4,8 @@ Why: a UNet3D step is hundreds of small kernels; at small batches the GPU waits 
 them. Replaying a captured graph launches them all at once. Batches are padded up to a bucket
 (batching.py chooses which: by default the smallest that fits, a larger one where it was measured
 faster) so a few graphs serve every batch size; padded rows compute on zeros and are dropped. Graphs
-share one memory pool, and only the engine thread replays them.
+share one memory pool, and only the engine thread replays them. The same class graphs the DeepCache
+forwards (deepcache.py), which take and return more tensors, all with the batch's rows first.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -25,10 +26,8 @@ log = logging.getLogger("denoiser.graphs")
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    sample: torch.Tensor
-    timesteps: torch.Tensor
-    embeddings: torch.Tensor
-    output: torch.Tensor
+    inputs: tuple[torch.Tensor, ...]
+    output: torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def buckets_up_to(max_rows: int) -> list[int]:
@@ -36,41 +35,58 @@ def buckets_up_to(max_rows: int) -> list[int]:
     return powers_of_two_up_to(max_rows)
 
 
-class GraphedUNet:
-    """Calls ``forward(sample, timesteps, embeddings) -> noise`` (the UNet, eager or compiled) through
-    CUDA graphs, one per bucket of ``buckets`` rows (or the powers of two up to ``max_rows``)."""
+Shapes = tuple[tuple[int, ...], ...]     # each input's shape without its first (rows) dimension
 
-    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                 max_rows: int | None = None, device: torch.device | None = None,
-                 buckets: Sequence[int] | None = None) -> None:
+
+class GraphedUNet:
+    """Calls ``forward(*inputs) -> output`` (the UNet, eager or compiled: ``forward(sample, timesteps,
+    embeddings) -> noise``, or a DeepCache forward with more inputs or outputs) through CUDA graphs, one
+    per bucket of ``buckets`` rows (or the powers of two up to ``max_rows``) and input shapes. Every
+    input and output has the batch's rows first.
+
+    ``pool`` and ``seconds`` may be another GraphedUNet's: the DeepCache forwards share the exact
+    forward's memory pool (only one graph replays at a time) and its measured times, which choose
+    their padding too (a compiled bucket is about as much faster on each path)."""
+
+    def __init__(self, forward: Callable[..., Any], max_rows: int | None = None, device: torch.device | None = None,
+                 buckets: Sequence[int] | None = None, name: str = "unet", pool: Any = None,
+                 seconds: dict[tuple[int, ...], dict[int, float]] | None = None) -> None:
         if buckets is None and max_rows is None:
             raise ValueError("give the buckets, or max_rows for powers of two")
         self.forward = forward
+        self.name = name
         self.device = device or torch.device("cuda")
         self.buckets = sorted(set(buckets)) if buckets is not None else buckets_up_to(int(max_rows or 1))
-        self._pool = torch.cuda.graph_pool_handle()
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self._graphs: dict[tuple, _Graph] = {}
-        self._seconds: dict[tuple, dict[int, float]] = {}   # (sample shape, embedding shape) -> rows -> s
+        # first input's per-row shape (the sample's) -> rows -> seconds a replay
+        self._seconds: dict[tuple[int, ...], dict[int, float]] = seconds if seconds is not None else {}
 
-    def bucket(self, rows: int, shapes: tuple | None = None) -> int | None:
-        """The bucket a batch of ``rows`` runs in, for inputs of ``shapes`` (per-row sample shape,
-        per-row embedding shape): the smallest that fits unless one measured by ``time`` is faster."""
-        return choose_bucket(rows, self.buckets, self._seconds.get(shapes) if shapes else None)
+    def bucket(self, rows: int, sample_shape: tuple[int, ...] | None = None) -> int | None:
+        """The bucket a batch of ``rows`` runs in, for samples of ``sample_shape`` (per row): the
+        smallest that fits unless one measured by ``time`` is faster."""
+        measured = self._seconds.get(tuple(sample_shape)) if sample_shape is not None else None
+        return choose_bucket(rows, self.buckets, measured)
 
-    def seconds(self, sample_shape: tuple[int, ...], embedding_shape: tuple[int, ...]) -> dict[int, float]:
-        """What ``time`` measured for these shapes: bucket rows -> seconds a replay."""
-        return dict(self._seconds.get((tuple(sample_shape), tuple(embedding_shape)), {}))
+    def seconds(self, sample_shape: tuple[int, ...], *_: Any) -> dict[int, float]:
+        """What ``time`` measured for samples of this per-row shape: bucket rows -> seconds a replay."""
+        return dict(self._seconds.get(tuple(sample_shape), {}))
 
-    def time(self, rows: int, sample_shape: tuple[int, ...], embedding_shape: tuple[int, ...],
-             dtype: torch.dtype, repeat: int = 3) -> float:
+    def remember(self, sample_shape: tuple[int, ...], seconds: dict[int, float]) -> None:
+        """Take bucket times measured earlier (e.g. by a previous start, stored with the compile cache)."""
+        self._seconds.setdefault(tuple(sample_shape), {}).update(seconds)
+
+    def time(self, rows: int, shapes: Shapes, dtypes: Sequence[torch.dtype], repeat: int = 3) -> float:
         """Capture (if needed) and time the ``rows`` bucket's replay on random inputs (median of
         ``repeat``, CUDA events); remembered, so ``bucket`` may pad to a faster larger bucket."""
-        sample_shape, embedding_shape = tuple(sample_shape), tuple(embedding_shape)
-        self.capture(rows, sample_shape, embedding_shape, dtype)
-        g = self._graphs[(rows, sample_shape, embedding_shape)]
-        g.sample.normal_()
-        g.embeddings.normal_()
-        g.timesteps.random_(0, 1000)
+        shapes = tuple(tuple(s) for s in shapes)
+        self.capture(rows, shapes, dtypes)
+        g = self._graphs[(rows, shapes)]
+        for tensor in g.inputs:
+            if tensor.is_floating_point():
+                tensor.normal_()
+            else:
+                tensor.random_(0, 1000)
         times = []
         for _ in range(repeat):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -80,44 +96,46 @@ class GraphedUNet:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         seconds = statistics.median(times)
-        self._seconds.setdefault((sample_shape, embedding_shape), {})[rows] = seconds
+        self._seconds.setdefault(shapes[0], {})[rows] = seconds
         return seconds
 
-    def capture(self, rows: int, sample_shape: tuple[int, ...], embedding_shape: tuple[int, ...],
-                dtype: torch.dtype) -> None:
-        key = (rows, sample_shape, embedding_shape)
+    def capture(self, rows: int, shapes: Shapes, dtypes: Sequence[torch.dtype], warmups: int = 1) -> None:
+        """Capture the ``rows`` bucket for inputs of ``shapes`` (per row) and ``dtypes``, after ``warmups``
+        forwards outside the capture (one is enough for cuDNN/cuBLAS to choose and load their kernels and
+        for a compiled forward to compile; two were run before 2026-12, a forward's time more at start)."""
+        shapes = tuple(tuple(s) for s in shapes)
+        key = (rows, shapes)
         if key in self._graphs:
             return
         device = self.device
-        sample = torch.zeros((rows, *sample_shape), device=device, dtype=dtype)
-        timesteps = torch.full((rows,), 999, device=device, dtype=torch.long)
-        embeddings = torch.zeros((rows, *embedding_shape), device=device, dtype=dtype)
+        inputs = tuple(torch.full((rows, *shape), 999, device=device, dtype=dtype) if not dtype.is_floating_point
+                       else torch.zeros((rows, *shape), device=device, dtype=dtype)
+                       for shape, dtype in zip(shapes, dtypes))
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # warm-up: cuDNN/cuBLAS pick their kernels outside the capture
-                self.forward(sample, timesteps, embeddings)
+            for _ in range(warmups):
+                self.forward(*inputs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
-            output = self.forward(sample, timesteps, embeddings)
-        self._graphs[key] = _Graph(graph, sample, timesteps, embeddings, output)
-        log.info(kv("graph_captured", rows=rows, sample=list(sample_shape)))
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+            output = self.forward(*inputs)
+        self._graphs[key] = _Graph(graph, inputs, output)
+        log.info(kv("graph_captured", forward=self.name, rows=rows, sample=list(shapes[0])))
 
-    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor
-                 ) -> torch.Tensor:
-        rows = sample.shape[0]
-        shapes = (tuple(sample.shape[1:]), tuple(encoder_hidden_states.shape[1:]))
-        bucket = self.bucket(rows, shapes)
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        rows = inputs[0].shape[0]
+        shapes = tuple(tuple(x.shape[1:]) for x in inputs)
+        bucket = self.bucket(rows, shapes[0])
         if bucket is None:
-            return self.forward(sample, timesteps, encoder_hidden_states)
-        self.capture(bucket, *shapes, sample.dtype)
-        g = self._graphs[(bucket, *shapes)]
-        g.sample[:rows].copy_(sample)
-        g.timesteps[:rows].copy_(timesteps)
-        g.embeddings[:rows].copy_(encoder_hidden_states)
-        if bucket > rows:
-            g.sample[rows:].zero_()
-            g.embeddings[rows:].zero_()
+            return self.forward(*inputs)
+        self.capture(bucket, shapes, [x.dtype for x in inputs])
+        g = self._graphs[(bucket, shapes)]
+        for static, given in zip(g.inputs, inputs):
+            static[:rows].copy_(given)
+            if bucket > rows and static.is_floating_point():
+                static[rows:].zero_()
         g.graph.replay()
+        if isinstance(g.output, tuple):
+            return tuple(out[:rows].clone() for out in g.output)
         return g.output[:rows].clone()

@@ -34,8 +34,13 @@ class DenoiserMetrics(ServiceMetrics, EngineObserver):
                                 "(finished, cancelled, failed)", ["outcome"], registry=r)
         self.active = Gauge("t2v_denoiser_active_requests", "Requests in the engine now (admitted or waiting "
                             "to be), at most --max-jobs", registry=r)
+        self.cache_steps_total = Counter("t2v_denoiser_cache_steps", "Denoising steps of cache=deep requests, by the "
+                                         "path they ran: full (the whole UNet, keeping its deep features) or "
+                                         "shallow (DeepCache's shallow path on them)", ["path"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
+        for path in ("full", "shallow"):
+            self.cache_steps_total.labels(path)
 
     def watch_active(self, count: Callable[[], int]) -> None:
         """Read the active requests from ``count()`` at each scrape."""
@@ -50,3 +55,7 @@ class DenoiserMetrics(ServiceMetrics, EngineObserver):
 
     def request_done(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
+
+    def cache_steps(self, full: int, shallow: int) -> None:
+        self.cache_steps_total.labels("full").inc(full)
+        self.cache_steps_total.labels("shallow").inc(shallow)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -13,7 +14,7 @@ import grpc
 import torch
 
 from services.common.config import ModelConfig, parse_config, setting
-from services.common.contract import TEXT_TOKENS
+from services.common.contract import CACHE_MODES, DEFAULT_CACHE, TEXT_TOKENS
 from services.common.errors import (Cancelled, InvalidArgument, ResourceExhausted, ServiceError, Unavailable,
                                     grpc_errors)
 from services.common.latent_rgb import UNAVAILABLE
@@ -26,6 +27,7 @@ from services.common.tensors import check_finite, dtype_name, from_proto, to_pro
 from services.denoiser import engine as eng
 from services.denoiser.cfg_parallel import CfgParallel, second_device
 from services.denoiser import sampling
+from services.denoiser.compile_cache import load_plans, save_plans
 from services.denoiser.metrics import DenoiserMetrics
 from services.denoiser.sampling import SCHEDULERS
 from t2v.v1 import denoiser_pb2, denoiser_pb2_grpc, generation_pb2, tensor_pb2
@@ -55,6 +57,15 @@ class DenoiserConfig(ModelConfig):
     compile_cache: str = setting("", "folder for torch.compile's caches (Inductor, AOTAutograd, Triton), kept in "
                                      "a subfolder per torch/Triton/CUDA/GPU; a stale or foreign one is rebuilt "
                                      "(empty = torch's default, unkeyed, in /tmp)")
+    deep_cache_interval: int = setting(4, "for requests with cache=deep: the whole UNet every N-th step, DeepCache's "
+                                          "shallow path between (1 = every step full; 0 = refuse cache=deep); 4 "
+                                          "with branch 0 made 1.84x the videos/s on an H200 (docs/benchmarks.md)")
+    deep_cache_branch: int = setting(0, "DeepCache's skip branch: layers of the first resolution the shallow path "
+                                        "runs (0 = the fewest: ~10% of the UNet's FLOPs on the 1.7B model, fastest; "
+                                        "-1 = the whole first down- and last up-block, ~34%, most faithful)")
+    deep_cache_compile: bool = setting(False, "with compile_rows, torch.compile DeepCache's two forwards for those "
+                                              "rows too (four more compilations for two sizes; not measured to the "
+                                              "end on a GPU yet: off, they run as eager CUDA graphs)")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -119,11 +130,17 @@ def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, 
         raise InvalidArgument(f"preview_every is {request.preview_every}; it must be 0 (no previews) or a positive "
                               "number of steps")
     resume = check_resume(request, engine) if request.HasField("resume") else None
+    cache = request.cache or DEFAULT_CACHE
+    if cache not in CACHE_MODES:
+        raise InvalidArgument(f"cache {request.cache!r} is unknown; choose one of {', '.join(CACHE_MODES)}")
+    if cache == "deep" and not engine.deep_interval:
+        raise InvalidArgument("cache is deep, but this denoiser runs with DeepCache off (--deep-cache-interval 0); "
+                              "send cache none, or start the denoiser with --deep-cache-interval 3")
     return eng.Request(request_id=request.request_id, embeddings=embeddings, num_frames=request.num_frames,
                        height=request.height, width=request.width,
                        num_inference_steps=request.num_inference_steps,
                        guidance_scale=request.guidance_scale, seed=request.seed, scheduler=request.scheduler,
-                       checkpoint_every=request.checkpoint_every, resume=resume,
+                       checkpoint_every=request.checkpoint_every, resume=resume, cache=cache,
                        # without a latent -> RGB map, none: Denoise says so in a warning event
                        preview_every=request.preview_every if engine.latent_rgb is not None else 0)
 
@@ -221,7 +238,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         try:
             engine = eng.DenoiseEngine.from_folder(
                 self.config.model, device, resolve_dtype(self.config.dtype, device),
-                max_batch=self.config.max_batch, max_jobs=self.config.max_jobs, observer=self.metrics)
+                max_batch=self.config.max_batch, max_jobs=self.config.max_jobs, observer=self.metrics,
+                deep_cache_interval=self.config.deep_cache_interval,
+                deep_cache_branch=None if self.config.deep_cache_branch < 0 else self.config.deep_cache_branch,
+                deep_cache_compile=self.config.deep_cache_compile)
             loaded = time.monotonic()
             if compile_rows:
                 engine.use_compile(compile_rows)
@@ -230,9 +250,13 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             if self.config.cfg_parallel:
                 self.split = self._start_cfg_parallel(engine, device)
                 engine.use_row_split(self.split.wrap)
-            engine.warm(shapes)
+            # Bucket times measured by the start that wrote this cache: a warm start does not time them again.
+            plan_identity = self._plan_identity(engine)
+            known = load_plans(cache.folder, plan_identity) if cache is not None and cache.status == "warm" else {}
+            spent = engine.warm(shapes, known=known)
             warmed = time.monotonic()
             if cache is not None:
+                save_plans(cache.folder, plan_identity, engine.measured())
                 cache.complete(compile_rows=sorted(compile_rows), warm_shapes=self.config.warm_shapes,
                                warm_seconds=round(warmed - loaded, 1))
         finally:
@@ -240,8 +264,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 cache.close()
         log.info(kv("warm", load_s=round(loaded - started, 1), warm_s=round(warmed - loaded, 1),
                     compile_cache=cache.status if cache else "off", compile_rows=sorted(compile_rows),
-                    buckets=",".join(map(str, engine.warm_rows())),
-                    previews="on" if engine.latent_rgb is not None else "unavailable (no vae/latent_rgb.json)"))
+                    buckets=",".join(map(str, engine.warm_rows())), plans_reused=len(known),
+                    deep_cache=f"every {engine.deep_interval}, branch {engine.deep_branch}" if engine.deep_interval
+                    else "off",
+                    previews="on" if engine.latent_rgb is not None else "unavailable (no vae/latent_rgb.json)",
+                    **spent))
         self.engine = engine.start()
         self.metrics.watch_active(self.engine.active_jobs)
 
@@ -250,6 +277,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         split = CfgParallel.start(self.config.model, device, other, engine.dtype)
         log.info(kv("cfg_parallel", devices=f"{device},{other}"))
         return split
+
+    def _plan_identity(self, engine: eng.DenoiseEngine) -> dict:
+        """What the engine's bucket times depend on besides the GPU and software (the cache folder's key)."""
+        return {"unet": json.loads(json.dumps(dict(engine.unet.config), sort_keys=True, default=str)),
+                "dtype": str(engine.dtype), "buckets": engine.warm_rows(), "compile_rows": sorted(engine.compile_rows)}
 
     def close(self, timeout: float) -> None:
         if self.engine is not None:
@@ -272,7 +304,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         context.add_callback(job.cancel)
         log.info(kv("accepted", job_id=checked.request_id, frames=checked.num_frames, height=checked.height,
                     width=checked.width, steps=checked.num_inference_steps, scheduler=checked.scheduler,
-                    checkpoint_every=checked.checkpoint_every, preview_every=checked.preview_every,
+                    checkpoint_every=checked.checkpoint_every, cache=checked.cache,
+                    preview_every=checked.preview_every,
                     resume_step=checked.resume.step if checked.resume else 0))
         if request.preview_every > 0 and checked.preview_every == 0:
             yield denoiser_pb2.DenoiseEvent(warning=UNAVAILABLE)

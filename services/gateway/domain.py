@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from services.common.contract import DEFAULT_VAE_SCALE_FACTOR
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 
@@ -47,6 +47,10 @@ class JobStatus(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+    # Deleted by its owner (HTTP DELETE /v1/videos/{id}, gRPC DeleteJob): the row stays, so every gateway and a
+    # list's cursor still know the id, but the job is gone for its callers: get / watch / its video answer
+    # NOT_FOUND saying it was deleted, and no listing shows it. Never shown as a status.
+    DELETED = "deleted"
 
     @property
     def is_terminal(self) -> bool:
@@ -114,6 +118,7 @@ class ParamsInput:
     seed: Optional[int] = None
     fps: int = 0
     scheduler: str = ""
+    cache: str = ""
     preview: bool = False
 
 
@@ -131,6 +136,7 @@ class Params:
     seed: int
     fps: int
     scheduler: str
+    cache: str = "none"           # "none" (exact) or "deep" (DeepCache); rows stored before it read "none"
     preview: bool = False          # live previews while it denoises; changes nothing of the video
 
     @property
@@ -212,6 +218,10 @@ class JobView:
     @property
     def status(self) -> JobStatus:
         return self.record.status
+
+
+class JobDeleted(NotFound):
+    """NOT_FOUND for a job its owner deleted (the sentence says so, where an unknown id's says "does not exist")."""
 
 
 class QueueFull(ResourceExhausted):

@@ -12,12 +12,18 @@ functions on ``router``; each finds the gateway's ``Backend`` on ``request.app.s
     GET    /healthz                   200 when the job system runs and the stages are SERVING, else 503
     GET    /openapi.json              the contract
     POST   /v1/videos                 create (JSON, multipart or urlencoded form) -> video object
-    GET    /v1/videos                 list, newest first (limit, after)
+    POST   /v1/videos/sync            create and wait: the MP4 itself (vLLM-Omni's synchronous endpoint)
+    GET    /v1/videos                 list, newest first (limit, after, order)
     GET    /v1/videos/{id}            the video object
-    DELETE /v1/videos/{id}            cancel -> the video object
+    DELETE /v1/videos/{id}            delete (a queued or running job is cancelled first) -> {"deleted": true}
+    POST   /v1/videos/{id}/cancel     cancel, keeping the video object -> the video object
     GET    /v1/videos/{id}/content    the MP4 (Range requests: 206 / 416)
     GET    /v1/videos/{id}/events     server-sent events until the job ends
     GET    /v1/videos/{id}/preview    the latest live preview of a running job (PNG), for jobs that ask
+    GET    /v1/models[/{id}]          the served model, in OpenAI's shape
+    POST   /v1/videos/{id}/remix, /v1/videos/edits, /v1/videos/extensions, /v1/videos/characters,
+    GET    /v1/videos/characters/{id}, /content?variant=thumbnail|spritesheet
+                                      OpenAI's, not done here: 501 with a sentence saying what to use
 
 Errors are OpenAI-shaped ({"error": {message, type, param, code}}), ``code`` being the gRPC status
 in lower case; the status mapping is ``HTTP_STATUS`` below (docs/api.md has the table).
@@ -26,6 +32,7 @@ in lower case; the status mapping is ``HTTP_STATUS`` below (docs/api.md has the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -49,11 +56,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.common.auth import key_matches, presented_key
-from services.common.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from services.common.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, ServiceError,
+                                    Unavailable, Unimplemented)
 from services.common.logs import kv
 from services.common.tls import ServerTls
-from services.gateway import videos
-from services.gateway.domain import JOB_ID_PATTERN, Finished, Interrupted, JobStatus, JobView, Limits, QueueFull
+from services.gateway import messages, videos
+from services.gateway.domain import (JOB_ID_PATTERN, Finished, Interrupted, JobDeleted, JobRequest, JobStatus, JobView,
+                                     Limits, QueueFull)
 from services.gateway.jobs import JobService, Video as OpenVideo, Watch
 from services.gateway.metrics import GatewayMetrics, HttpRequestMetrics
 from services.gateway.ratelimit import RateLimited, RateLimiter, identity
@@ -77,7 +86,7 @@ HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.CANCELLED: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNIMPLEMENTED: 501,
 }
 MISSING_KEY = ("this gateway needs an API key: send the header 'Authorization: Bearer <key>' "
                "(or 'X-API-Key: <key>')")
@@ -118,6 +127,8 @@ def _error_type(status: int) -> str:
         return "authentication_error"
     if status == 429:
         return "rate_limit_error"
+    if status == 501:                     # the request asks for what this server does not do: not its fault
+        return "invalid_request_error"
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
@@ -131,6 +142,8 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
 def service_error_response(error: ServiceError) -> JSONResponse:
     status = error.http_status or HTTP_STATUS.get(error.code, 500)
     headers = {"Retry-After": str(error.retry_after_seconds)} if isinstance(error, QueueFull) else None
+    if status == 501:        # OpenAI's SDKs retry any 5xx unless told: asking again will not make it supported
+        headers = {"x-should-retry": "false"}
     return error_response(status, error.message, error.code.name.lower(), error.field, headers)
 
 
@@ -209,14 +222,24 @@ def _check_id(video_id: str) -> str:
     return video_id
 
 
-def _get(jobs: JobService, video_id: str, caller: Caller, expired_ok: bool = False) -> JobView:
-    """The job, or 404 (unknown, another key's, or expired unless ``expired_ok``) / 400 (malformed) in HTTP's
-    words."""
+@contextlib.contextmanager
+def _in_http_words(video_id: str, field: str | None = None) -> Iterator[None]:
+    """The job system's NotFound as this API says it: the video was deleted, or it does not exist (an unknown id
+    and another key's video alike, so ids cannot be probed)."""
     try:
-        view = jobs.get(_check_id(video_id), caller)
+        yield
+    except JobDeleted:
+        raise NotFound(videos.deleted_sentence(video_id), field=field) from None
     except NotFound:
         raise NotFound(f"video {video_id} does not exist on this gateway; GET /v1/videos lists the videos "
-                       "it knows") from None
+                       "it knows", field=field) from None
+
+
+def _get(jobs: JobService, video_id: str, caller: Caller, expired_ok: bool = False) -> JobView:
+    """The job, or 404 (unknown, another key's, deleted, or expired unless ``expired_ok``) / 400 (malformed) in
+    HTTP's words."""
+    with _in_http_words(video_id):
+        view = jobs.get(_check_id(video_id), caller)
     if view.status == JobStatus.EXPIRED and not expired_ok:
         raise NotFound(videos.expired_sentence(view))
     return view
@@ -364,13 +387,25 @@ class EventStreamResponse(StreamingResponse):
 _ERRORS = {status: {"model": videos.ErrorResponse, "description": text} for status, text in [
     (400, "Bad input: `error.message` says what to change, `error.param` names the field."),
     (401, "API keys are on and the request has no valid `Authorization: Bearer <key>`."),
-    (404, "No such video, or its MP4 expired (the message says which)."),
+    (404, "No such video, it was deleted, or its MP4 expired (the message says which)."),
     (429, "The queue is full; `Retry-After` says when to come back."),
     (503, "The gateway is starting or stopping, or a stage is down.")]}
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: _ERRORS[status] for status in statuses}
+
+
+_NOT_HERE = {"model": videos.ErrorResponse,
+             "description": "OpenAI's API has this; this gateway does not: the sentence says what to use instead.",
+             "headers": {"x-should-retry": {"description": "`false`: asking again will not make it supported.",
+                                            "schema": {"type": "string", "enum": ["false"]}}}}
+
+
+def _unsupported(what: str, instead: str) -> Unimplemented:
+    """The one answer of every OpenAI endpoint (or variant) this gateway does not have: 501, in a sentence."""
+    return Unimplemented(f"{what} is not supported by this gateway, which makes videos from text prompts only; "
+                         f"{instead}")
 
 
 # --- errors as answers ---------------------------------------------------------------------------------
@@ -447,11 +482,26 @@ def healthz(backend: Backend = Depends(_backend)) -> JSONResponse:
 router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
 
 
+_CREATE_BODY = {"requestBody": {"required": True, "content": {
+    media: {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}}
+    for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")}}}
+
+
+def _job_request(body: Any, typed: bool, backend: Backend, caller: Caller
+                 ) -> tuple[videos.CreateVideoRequest, JobRequest]:
+    """The body read as POST /v1/videos reads it, and its job request (the caller's tenant set)."""
+    parsed = videos.parse_request(body, strict=typed)
+    return parsed, dataclasses.replace(videos.to_job_request(parsed, backend.limits), tenant=caller.tenant)
+
+
+def _log_user(parsed: videos.CreateVideoRequest, job_id: str) -> None:
+    """OpenAI's and vLLM-Omni's ``user``: a line of the log beside the job, never stored, never an identity."""
+    if parsed.user:
+        log.info(kv("video_user", job_id=job_id, user=parsed.user[:64]))
+
+
 @router.post("/v1/videos", response_model=videos.Video, dependencies=_V1, summary="Create a video",
-             responses=_errors(400, 401, 429, 503),
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 media: {"schema": {"$ref": "#/components/schemas/CreateVideoRequest"}}
-                 for media in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded")}}})
+             responses=_errors(400, 401, 429, 503), openapi_extra=_CREATE_BODY)
 async def create_video(request: Request, backend: Backend = Depends(_backend),
                        caller: Caller = Depends(_caller)) -> videos.Video:
     """Queue a job; the answer comes at once (status queued, or in_progress when a slot was free, or
@@ -460,27 +510,106 @@ async def create_video(request: Request, backend: Backend = Depends(_backend),
 
     def submit() -> videos.Video:
         jobs = backend.jobs()
-        job_request = dataclasses.replace(videos.to_job_request(videos.parse_request(body, strict=typed), backend.limits),
-                                          tenant=caller.tenant)
-        return videos.video_object(jobs.submit(job_request), backend.model_name)
+        parsed, job_request = _job_request(body, typed, backend, caller)
+        view = jobs.submit(job_request)
+        _log_user(parsed, view.job_id)
+        return videos.video_object(view, backend.model_name)
     return await run_in_threadpool(submit)
+
+
+def _failure(view: JobView) -> ServiceError:
+    """The error a synchronous create answers with when its job did not complete: the job's own code and
+    sentence (deadline_exceeded 504, unavailable 503, cancelled 409, a full result store 507, ...)."""
+    error = messages.error_for(Finished(view))
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        error.http_status = 507          # the job failed for want of room: retrying at once does not help
+    return error
+
+
+@router.post("/v1/videos/sync", response_class=Mp4Response, dependencies=_V1,
+             summary="Create a video and wait for its MP4", openapi_extra=_CREATE_BODY,
+             responses={200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+                              "description": "The whole MP4 once the job completed, as vLLM-Omni's /v1/videos/sync "
+                                             "answers.",
+                              "headers": {name: {"description": text, "schema": {"type": "string"}} for name, text in [
+                                  ("X-Video-Id", "The video's id: GET /v1/videos/{id} shows it like any other."),
+                                  ("X-Request-Id", "The same id (vLLM-Omni's name for it)."),
+                                  ("X-Model", "The model that made it."),
+                                  ("X-Inference-Time-S", "Seconds from the request to the video, queue time "
+                                                         "included."),
+                                  ("X-Seed", "The seed used: send it back for the same video.")]}},
+                        409: {"model": videos.ErrorResponse, "description": "The job was cancelled (e.g. by "
+                                                                            "DELETE) before it completed."},
+                        500: {"model": videos.ErrorResponse, "description": "The job failed: the message says why."},
+                        504: {"model": videos.ErrorResponse, "description": "The job's `timeout_seconds` passed."},
+                        507: {"model": videos.ErrorResponse, "description": "No room to keep the video."},
+                        **_errors(400, 401, 429, 503)})
+async def create_video_sync(request: Request, backend: Backend = Depends(_backend),
+                            caller: Caller = Depends(_caller)) -> Response:
+    """The body of POST /v1/videos; the answer waits for the job and is its MP4 (video/mp4), as vLLM-Omni's
+    /v1/videos/sync answers. The job is an ordinary one: queued by priority, cached, listed, deletable; an error
+    answer carries `X-Video-Id` when a job was made. A client that goes away cancels the job."""
+    body, typed = await _read_body(request)
+    started = time.monotonic()
+
+    def submit() -> Watch:
+        jobs = backend.jobs()
+        parsed, job_request = _job_request(body, typed, backend, caller)
+        watch = jobs.submit_and_watch(job_request)
+        _log_user(parsed, watch.job_id)
+        return watch
+
+    watch = await run_in_threadpool(submit)
+    job_id, ids = watch.job_id, {"X-Video-Id": watch.job_id, "X-Request-Id": watch.job_id}
+    try:
+        with watch:
+            while not isinstance(update := watch.next(timeout=0), (Finished, Interrupted)):
+                if update is None:
+                    if await request.is_disconnected():
+                        await run_in_threadpool(backend.jobs().abandon, job_id)
+                        return Response(status_code=499)      # nobody reads it: the client is gone
+                    await asyncio.sleep(SSE_POLL_SECONDS)
+        if isinstance(update, Interrupted):
+            raise Unavailable(update.message)
+        if update.job.status != JobStatus.COMPLETED:
+            raise _failure(update.job)
+        video = await run_in_threadpool(backend.jobs().open_video, job_id, caller)
+    except ServiceError as error:
+        answer = service_error_response(error)
+        answer.headers.update(ids)
+        if (error.http_status or HTTP_STATUS.get(error.code, 500)) >= 500:
+            log.info(kv("http_refused", path=request.url.path, job_id=job_id, code=error.code.name,
+                        reason=error.message))
+        return answer
+    record = update.job.record
+    headers = {**ids, "X-Model": backend.model_name, "X-Inference-Time-S": f"{time.monotonic() - started:.3f}",
+               "X-Seed": str(record.params.seed), "Content-Length": str(video.size),
+               "Content-Disposition": f'inline; filename="{job_id}.mp4"'}
+    return Mp4Response(_file_part(video, 0, video.size), headers=headers, media_type=video.mime_type)
 
 
 @router.get("/v1/videos", response_model=videos.VideoList, dependencies=_V1, summary="List videos",
             responses=_errors(400, 401, 404, 503))
-def list_videos(limit: int = Query(20, ge=1, le=100, description="Videos per page."),
-                after: Optional[str] = Query(None, description="The `last_id` of the previous page."),
-                order: Literal["desc"] = Query("desc", description="Newest first (the only order)."),
+def list_videos(limit: int = Query(20, ge=0, le=100, description="Videos per page (0: none; `has_more` then says "
+                                                                 "whether there are any)."),
+                after: Optional[str] = Query(None, description="The `last_id` of the previous page: this page goes "
+                                                               "on after that video, in the same `order` (a video "
+                                                               "deleted since is still a valid `after`)."),
+                order: Literal["asc", "desc"] = Query("desc", description="By creation: `desc` newest first (the "
+                                                                          "default), `asc` oldest first."),
                 backend: Backend = Depends(_backend), caller: Caller = Depends(_caller)) -> videos.VideoList:
     jobs = backend.jobs()
     token = ""
     if after:
         try:
-            token = str(_get(jobs, after, caller, expired_ok=True).record.seq)
+            with _in_http_words(after, field="after"):
+                token = str(jobs.seq_of(_check_id(after), caller))
         except ServiceError as error:
             error.field = "after"
             raise
-    views, next_token = jobs.list(None, limit, token, caller)
+    views, next_token = jobs.list(None, max(limit, 1), token, caller, oldest_first=order == "asc")
+    if limit == 0:                       # OpenAI's range starts at 0: an empty page that says whether any follow
+        return videos.VideoList(data=[], has_more=bool(views))
     data = [videos.video_object(view, backend.model_name) for view in views]
     return videos.VideoList(data=data, first_id=data[0].id if data else None,
                             last_id=data[-1].id if data else None, has_more=bool(next_token))
@@ -493,16 +622,32 @@ def get_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
     return videos.video_object(_get(backend.jobs(), video_id, caller), backend.model_name)
 
 
-@router.delete("/v1/videos/{video_id}", response_model=videos.Video, dependencies=_V1,
-               summary="Cancel a video", responses=_errors(400, 401, 404, 503))
+@router.delete("/v1/videos/{video_id}", response_model=videos.VideoDeleted, dependencies=_V1,
+               summary="Delete a video", responses=_errors(400, 401, 404, 503))
+def delete_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
+                 caller: Caller = Depends(_caller)) -> videos.VideoDeleted:
+    """Deletes the video and its job, as OpenAI's DELETE does: a queued job is removed and a running one
+    stopped first (wherever it runs; a client following /events sees it cancelled), then its MP4 is
+    deleted. From then on GET, /content and DELETE answer 404 saying it was deleted, and the list leaves
+    it out. To stop a job but keep it, POST /v1/videos/{id}/cancel."""
+    jobs = backend.jobs()
+    with _in_http_words(_check_id(video_id)):
+        jobs.delete(video_id, caller, "deleted by DELETE /v1/videos/{id}")
+    return videos.VideoDeleted(id=video_id)
+
+
+@router.post("/v1/videos/{video_id}/cancel", response_model=videos.Video, dependencies=_V1,
+             summary="Cancel a video", responses=_errors(400, 401, 404, 503))
 def cancel_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
                  caller: Caller = Depends(_caller)) -> videos.Video:
-    """Removes a queued job or stops a running one (status failed, error.code cancelled), wherever it
-    runs. A finished job is returned unchanged: videos are deleted when they expire."""
+    """This gateway's own, in the shape of OpenAI's other `/cancel` endpoints: removes a queued job or stops
+    a running one (status failed, error.code cancelled), wherever it runs, and keeps it (GET shows it). A
+    finished job is returned unchanged. DELETE /v1/videos/{id} cancels and deletes."""
     jobs = backend.jobs()
     _get(jobs, video_id, caller)
-    return videos.video_object(jobs.cancel(video_id, "cancelled by DELETE /v1/videos/{id}", caller),
-                               backend.model_name)
+    with _in_http_words(video_id):
+        return videos.video_object(jobs.cancel(video_id, "cancelled by POST /v1/videos/{id}/cancel", caller),
+                                   backend.model_name)
 
 
 @router.get("/v1/videos/{video_id}/content", response_class=Mp4Response, dependencies=_V1,
@@ -513,10 +658,14 @@ def cancel_video(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)
                              "description": "The bytes of a `Range: bytes=a-b` request, with `Content-Range`."},
                        409: {"model": videos.ErrorResponse, "description": "Not completed (yet)."},
                        416: {"model": videos.ErrorResponse, "description": "The range starts past the end."},
-                       **_errors(400, 401, 404, 503)})
+                       501: _NOT_HERE, **_errors(400, 401, 404, 503)})
 def video_content(request: Request, video_id: str = _VIDEO_ID,
-                  variant: Literal["video"] = Query("video", description="Only `video` is stored."),
+                  variant: Literal["video", "thumbnail", "spritesheet"] = Query(
+                      "video", description="Only `video` is stored; OpenAI's `thumbnail` and `spritesheet` are 501."),
                   backend: Backend = Depends(_backend), caller: Caller = Depends(_caller)) -> Response:
+    if variant != "video":
+        raise _unsupported(f"variant={variant} (a {variant} image of the video)",
+                           f"fetch the MP4 itself (variant=video, the default) and take its frames from it")
     jobs = backend.jobs()
     view = _get(jobs, video_id, caller)
     if view.status != JobStatus.COMPLETED:
@@ -551,6 +700,60 @@ def video_events(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend)
     watch = jobs.watch(video_id, caller)          # here, in the thread pool: it may ask the job store
     return EventStreamResponse(_event_stream(watch, backend.model_name),
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+@router.get("/v1/models", response_model=videos.ModelList, dependencies=_V1, summary="List models",
+            responses=_errors(401))
+def list_models(backend: Backend = Depends(_backend)) -> videos.ModelList:
+    """The one model this mesh serves (every stage loads the same folder), as OpenAI lists models."""
+    return videos.ModelList(data=[videos.model_object(backend.model)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=videos.Model, dependencies=_V1, summary="Get a model",
+            responses=_errors(401, 404))
+def get_model(model_id: str = Path(description="A model's `id`, as GET /v1/models lists it."),
+              backend: Backend = Depends(_backend)) -> videos.Model:
+    if model_id != backend.model_name:
+        shown = model_id if len(model_id) <= 64 else model_id[:64] + "..."
+        raise NotFound(f"model {shown!r} is not served here; this gateway serves {backend.model_name!r} "
+                       "(GET /v1/models)", field="model_id")
+    return videos.model_object(backend.model)
+
+
+# --- OpenAI's endpoints that this gateway does not have: one answer, 501 with what to use ----------------------
+_UNSUPPORTED_ROUTE = {"dependencies": _V1, "status_code": 501, "response_model": videos.ErrorResponse,
+                      "response_description": _NOT_HERE["description"], "responses": {501: _NOT_HERE, **_errors(401)}}
+
+
+@router.post("/v1/videos/{video_id}/remix", summary="Remix a video (not supported)", **_UNSUPPORTED_ROUTE)
+def remix_video(video_id: str = Path(description="The video OpenAI would remix.")) -> None:
+    raise _unsupported("remixing a video (POST /v1/videos/{id}/remix)", "create a new video with POST /v1/videos and "
+                       "the changed prompt (send the first one's seed and parameters for a video close to it)")
+
+
+@router.post("/v1/videos/edits", summary="Edit a video (not supported)", **_UNSUPPORTED_ROUTE)
+def edit_video() -> None:
+    raise _unsupported("editing a video (POST /v1/videos/edits)", "create a new video with POST /v1/videos and a "
+                       "prompt that describes the result")
+
+
+@router.post("/v1/videos/extensions", summary="Extend a video (not supported)", **_UNSUPPORTED_ROUTE)
+def extend_video() -> None:
+    raise _unsupported("extending a video (POST /v1/videos/extensions)", "create a longer one with POST /v1/videos "
+                       "(more seconds or num_frames, the same seed and prompt)")
+
+
+@router.post("/v1/videos/characters", summary="Create a character (not supported)", **_UNSUPPORTED_ROUTE)
+def create_character() -> None:
+    raise _unsupported("characters (POST /v1/videos/characters)", "describe the character in the prompt of "
+                       "POST /v1/videos")
+
+
+@router.get("/v1/videos/characters/{character_id}", summary="Get a character (not supported)", **_UNSUPPORTED_ROUTE)
+def get_character(character_id: str = Path(description="The character OpenAI would return.")) -> None:
+    raise _unsupported("characters (GET /v1/videos/characters/{id})", "describe the character in the prompt of "
+                       "POST /v1/videos")
 
 
 @router.get("/v1/videos/{video_id}/preview", response_class=Response, dependencies=_V1,

@@ -51,9 +51,9 @@ from services.common.errors import (Cancelled, FailedPrecondition, InsufficientS
 from services.common.logs import kv
 from services.common.tracing import JOB_ID, TENANT, Tracing
 from services.gateway.dispatcher import Dispatcher
-from services.gateway.domain import (ACTIVE, Checkpoint, Finished, Interrupted, JobRecord, JobRequest, JobStatus,
-                                     JobUpdate, JobView, Params, Preview, Priority, Progress, Queued, QueueFull, Result,
-                                     RunControl, RunEvent, Stage, StageRetried, StageStarted, Waiting, Warning,
+from services.gateway.domain import (ACTIVE, Checkpoint, Finished, Interrupted, JobDeleted, JobRecord, JobRequest,
+                                     JobStatus, JobUpdate, JobView, Params, Preview, Priority, Progress, Queued, QueueFull,
+                                     Result, RunControl, RunEvent, Stage, StageRetried, StageStarted, Waiting, Warning,
                                      check_job_id, new_job_id)
 from services.gateway.observer import JobObserver, SafeObserver
 from services.gateway.queue import DepartureRate, QueuePolicy
@@ -77,6 +77,8 @@ _EVERY = 2**31 - 1                 # a list limit that is no limit
 UNWRITTEN_RETRY_SECONDS = 1.0      # between tries of the ends a full store had no room for
 STORE_RETRY_SECONDS = 0.5          # between tries of a write that must land (a job's end) while the store is down
 JOB_SPAN, QUEUE_SPAN, STORE_SPAN = "job", "queue_wait", "store_video"     # the job system's span names
+# What DELETE may delete once the job has ended (a queued or running job is cancelled first).
+DELETABLE = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED)
 
 
 @dataclass(frozen=True)
@@ -229,9 +231,15 @@ class UnwrittenEnd:
 
 def cache_key(model: str, params: Params, tenant: str = "") -> str:
     """Same model folder and every parameter (seed included) -> same key -> same video; one cache per tenant,
-    so a hit never tells one key what another asked for. Previews change nothing of the video: not in the key."""
+    so a hit never tells one key what another asked for.
+
+    ``cache`` counts only when it is not "none": an exact request keeps the key it had before the
+    field existed, so videos stored then still answer it, and never answers a deep one (or back).
+    ``preview`` never counts: previews change nothing of the video."""
     fields = dataclasses.asdict(params)
     del fields["preview"]
+    if fields.get("cache") == "none":
+        del fields["cache"]
     blob = json.dumps({"model": model, "params": fields, **({"tenant": tenant} if tenant else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -436,31 +444,43 @@ class JobService:
 
     def get(self, job_id: str, caller: Caller = EVERYONE) -> JobView:
         """The job now; NotFound if no gateway of this store had it or it is not the caller's to see (the
-        same sentence: ids cannot be probed), InvalidArgument if the id is malformed."""
+        same sentence: ids cannot be probed), JobDeleted (a NotFound) if it was deleted, InvalidArgument if the
+        id is malformed."""
         return self._view(self._record_for(job_id, caller))
 
-    def _record_for(self, job_id: str, caller: Caller) -> JobRecord:
+    def _record_for(self, job_id: str, caller: Caller, deleted_ok: bool = False) -> JobRecord:
         check_job_id(job_id)
         record = self._store_call(lambda: self.store.get(job_id))
         if not isinstance(record, JobRecord) or not caller.sees(record.tenant):
             raise NotFound(f"job {job_id} does not exist on this gateway; ListJobs shows the jobs it knows")
+        if record.status == JobStatus.DELETED and not deleted_ok:
+            raise JobDeleted(f"job {job_id} was deleted, and its video with it; submit it again (the same seed and "
+                             "parameters give the same video)")
         return record
 
+    def seq_of(self, job_id: str, caller: Caller = EVERYONE) -> int:
+        """Where a job stands in the listings (its store seq), a deleted one too: what a page cursor that names a
+        job by id (the HTTP API's ``after``) continues from. NotFound as ``get``, but never for a deletion."""
+        return self._record_for(job_id, caller, deleted_ok=True).seq
+
     def list(self, status: JobStatus | None = None, page_size: int = 0, page_token: str = "",
-             caller: Caller = EVERYONE) -> tuple[list[JobView], str]:
-        """The caller's jobs, newest first, ``page_size`` (0 = 50, at most 1000) at a time; returns (jobs,
-        next_page_token)."""
+             caller: Caller = EVERYONE, oldest_first: bool = False) -> tuple[list[JobView], str]:
+        """The caller's jobs, newest first (``oldest_first``: in the order they came), ``page_size`` (0 = 50, at
+        most 1000) at a time; returns (jobs, next_page_token). A token continues in the order it was made in;
+        ``str(seq_of(job_id))`` is the token of the page after that job. Deleted jobs are not listed."""
         if page_size < 0:
             raise InvalidArgument(f"page_size is {page_size}; use 0 for the default ({DEFAULT_PAGE_SIZE}) "
                                   f"or up to {MAX_PAGE_SIZE}")
         limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        before = None
+        cursor = None
         if page_token:
             if not (page_token.isascii() and page_token.isdigit()) or len(page_token) > 18:   # not '²'
                 raise InvalidArgument(f"page_token {page_token[:40]!r} is not one this gateway gave; pass the "
                                       "next_page_token of the previous answer, or nothing for the first page")
-            before = int(page_token)
-        records = self._store_call(lambda: self.store.list(status, limit + 1, before, caller.scope))
+            cursor = int(page_token)
+        after, before = (cursor, None) if oldest_first else (None, cursor)
+        records = self._store_call(lambda: self.store.list(status, limit + 1, before, caller.scope, after,
+                                                           oldest_first))
         places = self._places() if any(r.status == JobStatus.QUEUED for r in records[:limit]) else {}
         views = [self._view(r, places) for r in records[:limit]]
         token = str(records[limit - 1].seq) if len(records) > limit else ""
@@ -471,6 +491,25 @@ class JobService:
         self.get(job_id, caller)
         self._end(job_id, JobStatus.CANCELLED, "CANCELLED", f"the job was {reason}")
         return self.get(job_id, caller)
+
+    def delete(self, job_id: str, caller: Caller = EVERYONE, reason: str = "deleted by DeleteJob") -> JobRecord:
+        """Delete a job and its video, wherever it runs; return its record as it was. A queued or running job is
+        cancelled first (its run stops, its watchers see it CANCELLED, with ``reason``), then its video leaves the
+        result store and its row becomes DELETED: kept (every gateway, a running copy of it, a page cursor still
+        know the id), but from then on ``get``, ``watch``, ``open_video``, ``cancel`` and ``delete`` answer
+        JobDeleted and no listing shows it. NotFound as ``get`` (a deleted job too: it was deleted once)."""
+        record = self._record_for(job_id, caller)
+        if record.status in ACTIVE:
+            self._end(job_id, JobStatus.CANCELLED, "CANCELLED", f"the job was {reason}")
+        # The video first: should the store fail in between, the job is still there to delete again. A run that
+        # stores its video after this finds its end refused (the job ended) and deletes that video itself.
+        self._store_call(lambda: self.results.delete(job_id))
+        if not self._store_call(lambda: self.store.transition(job_id, JobStatus.DELETED, DELETABLE)):
+            self._record_for(job_id, caller)          # another call deleted it meanwhile: JobDeleted
+            raise ServiceError(f"job {job_id} could not be deleted; try again")   # (nothing else leaves an end)
+        log.info(kv("job_deleted", job_id=job_id, was=record.status.value))
+        self._notify(Notice("finished", job_id))
+        return record
 
     def abandon(self, job_id: str) -> None:
         """The client waiting for the job went away: cancel it, or fail it if its deadline has come."""
@@ -824,9 +863,10 @@ class JobService:
 
     def _run_stages(self, run: LocalRun) -> Result | None:
         result = None
+        # preview_every only for a job that asks: a run without previews is the call it was before they existed
+        previews = {"preview_every": self.settings.preview_every} if run.record.params.preview else {}
         events = self.runner.run(run.job_id, run.record.params, run.control, run.deadline, resume=run.resume,
-                                 checkpoint_every=self.settings.checkpoint_every,
-                                 preview_every=self.settings.preview_every if run.record.params.preview else 0)
+                                 checkpoint_every=self.settings.checkpoint_every, **previews)
         for event in events:
             if isinstance(event, Result):
                 result = event

@@ -28,7 +28,7 @@ def params_input(params: generation_pb2.GenerationParams) -> ParamsInput:
         height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale if params.HasField("guidance_scale") else None,
         seed=params.seed if params.HasField("seed") else None, fps=params.fps, scheduler=params.scheduler,
-        preview=params.preview)
+        cache=params.cache, preview=params.preview)
 
 
 def stage_to_proto(stage: Stage) -> int:
@@ -66,7 +66,7 @@ def params_message(params: Params) -> generation_pb2.GenerationParams:
         prompt=params.prompt, negative_prompt=params.negative_prompt, num_frames=params.num_frames,
         height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale, seed=params.seed, fps=params.fps, scheduler=params.scheduler,
-        preview=params.preview)
+        cache=params.cache, preview=params.preview)
 
 
 def preview_message(preview: Preview) -> generation_pb2.Preview:
@@ -97,7 +97,7 @@ def result_message(record: JobRecord, video: bytes) -> gateway_pb2.VideoResult:
     return gateway_pb2.VideoResult(
         video=video, mime_type=record.mime_type or "video/mp4", seed=p.seed, num_frames=p.num_frames,
         height=p.height, width=p.width, fps=p.fps, num_inference_steps=p.num_inference_steps,
-        guidance_scale=p.guidance_scale, scheduler=p.scheduler)
+        guidance_scale=p.guidance_scale, scheduler=p.scheduler, cache=p.cache)
 
 
 def event_message(job_id: str, update: JobUpdate) -> gateway_pb2.GenerateEvent | None:
@@ -123,6 +123,8 @@ def error_for(finished: Finished) -> ServiceError:
     code = getattr(grpc.StatusCode, record.error_code, None) if record.error_code else None
     if record.status == JobStatus.CANCELLED:
         code = grpc.StatusCode.CANCELLED
+    elif record.status == JobStatus.DELETED:
+        code = grpc.StatusCode.NOT_FOUND
     error = ServiceError(record.error_message or f"job {record.job_id} ended {record.status.name}")
     error.code = code or grpc.StatusCode.INTERNAL
     return error

@@ -160,11 +160,15 @@ class Orchestrator:
                 yield Warning(f"{which} has {info.num_tokens} tokens; the model reads 77, so this was "
                               f"dropped: {info.dropped_text!r}")
 
+        if params.cache == "deep":     # DESIGN section 5: anything approximate is reported as such
+            yield Warning("cache is deep: DeepCache makes this video close to, not equal to, the exact one of "
+                          "this seed (docs/api.md gives its measured fidelity); send cache none for the exact video")
+
         yield StageStarted(Stage.DENOISER)
         denoise = denoiser_pb2.DenoiseRequest(
             request_id=job_id, embeddings=encoded.embeddings, num_frames=params.num_frames,
             height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale, seed=params.seed, scheduler=params.scheduler,
+            guidance_scale=params.guidance_scale, seed=params.seed, scheduler=params.scheduler, cache=params.cache,
             checkpoint_every=max(0, checkpoint_every), preview_every=max(0, preview_every))
         if resume:
             denoise.resume.ParseFromString(resume)

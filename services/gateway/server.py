@@ -2,7 +2,7 @@
 system's plain values, and decides nothing.
 
 Every request is a job (``jobs.JobService``). Generate is SubmitJob + watching the job, streamed;
-SubmitJob / GetJob / ListJobs / CancelJob / GetVideo expose the same jobs one call at a time. The
+SubmitJob / GetJob / ListJobs / CancelJob / DeleteJob / GetVideo expose the same jobs one call at a time. The
 rules live in jobs.py, queue.py, store/ and validation.py; ``app.Gateway`` builds this servicer and its
 sibling, the HTTP API (http.py), over one job system.
 """
@@ -121,6 +121,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @grpc_errors
     def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.ServicerContext) -> gateway_pb2.Job:
         return messages.job_message(self._jobs().cancel(request.job_id, caller=self._caller(context)))
+
+    @grpc_errors
+    def DeleteJob(self, request: gateway_pb2.DeleteJobRequest, context: grpc.ServicerContext
+                  ) -> gateway_pb2.DeleteJobResponse:
+        record = self._jobs().delete(request.job_id, self._caller(context))
+        return gateway_pb2.DeleteJobResponse(job_id=record.job_id, deleted=True)
 
     @grpc_errors
     def GetVideo(self, request: gateway_pb2.GetVideoRequest, context: grpc.ServicerContext

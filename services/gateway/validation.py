@@ -12,8 +12,8 @@ import math
 import secrets
 import unicodedata
 
-from services.common.contract import (DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SCHEDULER,
-                                      DEFAULT_STEPS, SCHEDULERS)
+from services.common.contract import (CACHE_MODES, DEFAULT_CACHE, DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE,
+                                      DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS)
 from services.common.errors import InvalidArgument
 from services.gateway.domain import Limits, Params, ParamsInput
 
@@ -76,6 +76,10 @@ def validate(params: ParamsInput, limits: Limits) -> Params:
     if scheduler not in SCHEDULERS:
         raise InvalidArgument(f"scheduler {params.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}",
                               field="scheduler")
+    cache = (params.cache or DEFAULT_CACHE).strip().lower()
+    if cache not in CACHE_MODES:
+        raise InvalidArgument(f"cache {params.cache!r} is unknown; choose none (exact, the default) or deep "
+                              "(DeepCache: faster, approximate)", field="cache")
     if params.seed is not None:
         if params.seed < 0:
             raise InvalidArgument(f"seed is {params.seed}; it must be >= 0", field="seed")
@@ -84,5 +88,5 @@ def validate(params: ParamsInput, limits: Limits) -> Params:
         seed = secrets.randbelow(2**31)
     return Params(prompt=prompt, negative_prompt=params.negative_prompt, num_frames=frames,
                   height=sizes["height"], width=sizes["width"], num_inference_steps=steps,
-                  guidance_scale=float(guidance), seed=seed, fps=fps, scheduler=scheduler,
+                  guidance_scale=float(guidance), seed=seed, fps=fps, scheduler=scheduler, cache=cache,
                   preview=bool(params.preview))

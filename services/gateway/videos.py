@@ -16,6 +16,7 @@ Status mapping (``status`` is what OpenAI clients switch on; ``job_status`` is o
     failed       failed        error.code is the gRPC code in lower case, e.g. "deadline_exceeded"
     cancelled    failed        error.code "cancelled" (DELETE, or the client of a Generate went away)
     expired      completed     the MP4 was deleted after the retention time: GET answers 404 saying so
+    (deleted)    -             DELETE /v1/videos/{id}: GET and /content answer 404 saying so; not listed
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.common.contract import DEFAULT_FPS, SCHEDULERS
+from services.common.contract import CACHE_MODES, DEFAULT_FPS, SCHEDULERS
 from services.common.errors import InvalidArgument
 from services.gateway.domain import (Finished, Interrupted, JobRequest, JobStatus, JobUpdate, JobView, Limits,
                                      ParamsInput, Preview, Priority, Progress as StepProgress, Queued, Stage,
@@ -38,6 +39,8 @@ from services.gateway.domain import (Finished, Interrupted, JobRequest, JobStatu
 from services.gateway.validation import validate
 
 VideoStatus = Literal["queued", "in_progress", "completed", "failed"]
+# The job statuses a video object shows (a deleted job has none: it answers 404).
+JobStatusName = Literal["queued", "running", "completed", "failed", "cancelled", "expired"]
 PriorityName = Literal["low", "normal", "high"]
 StageName = Literal["text_encoder", "denoiser", "decoder"]
 
@@ -52,7 +55,9 @@ _UNSUPPORTED = {"input_reference": "input_reference is not supported: this model
 
 # --- request ------------------------------------------------------------------------------------------
 class CreateVideoRequest(BaseModel):
-    """POST /v1/videos: OpenAI's fields (prompt, model, size, seconds) plus this gateway's own.
+    """POST /v1/videos (and /v1/videos/sync): OpenAI's fields (prompt, model, size, seconds, user), the names
+    vLLM-Omni's /v1/videos adds (width, height, num_frames, fps, num_inference_steps, guidance_scale,
+    negative_prompt, seed), and this gateway's own (scheduler, priority, timeout_seconds).
 
     Sent as JSON, or as multipart/form-data or a urlencoded form as OpenAI's SDKs do. Unset fields take
     the defaults of diffusers' TextToVideoSDPipeline."""
@@ -70,6 +75,12 @@ class CreateVideoRequest(BaseModel):
                                             "(8 for text-to-video-ms-1.7b; default: the model's own size, e.g. "
                                             "256x256 for text-to-video-ms-1.7b).",
                                 examples=["256x256"])
+    width: Optional[int] = Field(None, description="Pixels across, as vLLM-Omni names it: the width of `size`. Give "
+                                                   "`size`, or `width` and `height`, or both agreeing (the other of "
+                                                   "the two left out takes the model's size).",
+                                 json_schema_extra={"minimum": 1, "maximum": 1024})
+    height: Optional[int] = Field(None, description="Pixels down, as vLLM-Omni names it: the height of `size`.",
+                                  json_schema_extra={"minimum": 1, "maximum": 1024})
     seconds: Optional[Union[str, float]] = Field(
         None, description="Length of the video; with `fps` it gives `num_frames` = round(seconds x fps). "
                           "A number or a numeric string as OpenAI sends it (\"4\"). Give `seconds` or "
@@ -92,12 +103,19 @@ class CreateVideoRequest(BaseModel):
                                 json_schema_extra={"minimum": 0})
     scheduler: Optional[str] = Field(None, description="Sampling scheduler (default ddim).",
                                      json_schema_extra={"enum": list(SCHEDULERS)})
+    cache: Optional[str] = Field(None, description="Step caching: none (default: the exact UNet every step) or "
+                                                   "deep (DeepCache: the whole UNet every few steps, its shallow "
+                                                   "part between them; faster, approximate, see docs/api.md).",
+                                 json_schema_extra={"enum": list(CACHE_MODES)})
     priority: PriorityName = Field("normal", description="Queue priority: high jobs run first; a waiting job "
                                                          "rises one level per aging period, so low never starves.")
     timeout_seconds: Optional[float] = Field(None, description="Seconds the job may take from now, queue time "
                                                                "included; then it fails with deadline_exceeded. "
                                                                "Unset or 0 = no limit.",
                                              json_schema_extra={"minimum": 0})
+    user: Optional[str] = Field(None, description="Your end user, as OpenAI and vLLM-Omni take it: written to the "
+                                                  "gateway's log beside the job id (its first 64 characters), never "
+                                                  "stored and never an identity (the API key is).")
     preview: Optional[bool] = Field(None, description="Live previews while it denoises (default false): a small "
                                                       "PNG of the latents every few steps (the gateway's "
                                                       "preview_every) as `preview` events on /events and at "
@@ -108,7 +126,8 @@ def schema_limits(limits: Limits) -> dict[str, dict[str, int]]:
     """The request schema's bounds that come from the gateway's settings, by property name."""
     return {"num_frames": {"maximum": limits.max_frames}, "num_inference_steps": {"maximum": limits.max_steps},
             "fps": {"maximum": limits.max_fps}, "prompt": {"maxLength": limits.max_prompt_chars},
-            "negative_prompt": {"maxLength": limits.max_prompt_chars}}
+            "negative_prompt": {"maxLength": limits.max_prompt_chars}, "width": {"maximum": limits.max_size},
+            "height": {"maximum": limits.max_size}}
 
 
 def _shown(value: Any) -> str:
@@ -158,11 +177,12 @@ def _sentence(field: str, error: Any) -> str:
 def to_job_request(body: CreateVideoRequest, limits: Limits) -> JobRequest:
     """The job request of a POST /v1/videos body: size and seconds resolved, then ``validate``."""
     for name, most in (("num_frames", limits.max_frames), ("fps", limits.max_fps),
-                       ("num_inference_steps", limits.max_steps)):
+                       ("num_inference_steps", limits.max_steps), ("width", limits.max_size),
+                       ("height", limits.max_size)):
         value = getattr(body, name)          # 0 means "the default" over gRPC; here a number must be one
         if value is not None and not 1 <= value <= most:
             raise InvalidArgument(f"{name} is {value}; it must be between 1 and {most}", field=name)
-    width = height = 0
+    width, height = body.width or 0, body.height or 0
     if body.size is not None:
         match = _SIZE.fullmatch(body.size)
         assert match is not None                 # the model's pattern checked it
@@ -170,12 +190,16 @@ def to_job_request(body: CreateVideoRequest, limits: Limits) -> JobRequest:
         if not width or not height:
             raise InvalidArgument(f"size is {body.size!r}; width and height must be positive multiples of "
                                   f"{limits.vae_scale_factor}, e.g. \"256x256\"", field="size")
+        for name, given, meant in (("width", body.width, width), ("height", body.height, height)):
+            if given is not None and given != meant:
+                raise InvalidArgument(f"size is {body.size!r} but {name} is {given}; they say two different sizes: "
+                                      f"send size, or width and height, or make them agree", field=name)
     if body.seed is not None and not 0 <= body.seed < 2**63:
         raise InvalidArgument(f"seed is {body.seed}; it must be between 0 and 2**63 - 1", field="seed")
     params = ParamsInput(prompt=body.prompt, negative_prompt=body.negative_prompt or "",
                          num_frames=_frames(body, limits), height=height, width=width,
                          num_inference_steps=body.num_inference_steps or 0, guidance_scale=body.guidance_scale,
-                         seed=body.seed, fps=body.fps or 0, scheduler=body.scheduler or "",
+                         seed=body.seed, fps=body.fps or 0, scheduler=body.scheduler or "", cache=body.cache or "",
                          preview=bool(body.preview))
     try:
         resolved = validate(params, limits)
@@ -239,7 +263,7 @@ class Video(BaseModel):
     seconds: str = Field(description="Length of the video: num_frames / fps, as a string like OpenAI's.")
     prompt: str
     error: Optional[VideoError] = Field(None, description="Why the job failed or was cancelled.")
-    job_status: JobStatus = Field(description="The job system's exact status.")
+    job_status: JobStatusName = Field(description="The job system's exact status.")
     priority: PriorityName
     queue_position: Optional[int] = Field(None, ge=1, description="1 = next to run; null when not queued.")
     queue_length: Optional[int] = Field(None, ge=1, description="Jobs waiting in all; null when not queued.")
@@ -255,6 +279,7 @@ class Video(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     scheduler: str
+    cache: str = Field(description="none (exact) or deep (DeepCache step caching).")
     negative_prompt: str
     cached: bool = Field(description="Completed at once from the result cache (same explicit seed and params).")
     video_size: Optional[int] = Field(None, description="Bytes of the MP4, once completed.")
@@ -265,13 +290,21 @@ class Video(BaseModel):
 
 
 class VideoList(BaseModel):
-    """A page of videos, newest first, as OpenAI lists them."""
+    """A page of videos, newest first (or oldest first with `order=asc`), as OpenAI lists them."""
 
     object: Literal["list"] = "list"
     data: list[Video]
     first_id: Optional[str] = None
     last_id: Optional[str] = Field(None, description="Pass it as `after` for the next page.")
     has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    """DELETE /v1/videos/{id}: the video and its job are gone (a queued or running job was cancelled first)."""
+
+    id: str = Field(description="The id of the deleted video.")
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = Field(True, description="Always true: a video that cannot be deleted is an error answer.")
 
 
 class ErrorBody(BaseModel):
@@ -311,19 +344,54 @@ def video_object(view: JobView, model: str) -> Video:
         completed_at=_seconds(r.finished_ms), expires_at=_seconds(r.expires_ms), status=_STATUS[r.status],
         progress=progress_percent(r.status, r.stage, r.step, r.total_steps), model=model,
         size=f"{p.width}x{p.height}", seconds=f"{p.num_frames / p.fps:g}", prompt=p.prompt, error=error,
-        job_status=r.status, priority=r.priority.label,
+        job_status=r.status.value, priority=r.priority.label,
         queue_position=view.queue_position or None, queue_length=view.queue_length or None,
         stage=(r.stage.label or None) if r.status == JobStatus.RUNNING else None,
         step=r.step, total_steps=r.total_steps, started_at=_seconds(r.started_ms),
         seed=p.seed, num_frames=p.num_frames, fps=p.fps, width=p.width, height=p.height,
         num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, scheduler=p.scheduler,
-        negative_prompt=p.negative_prompt, cached=r.cached, video_size=r.video_size or None,
-        warnings=list(r.warnings), waiting_for=view.waiting_for or None, preview=p.preview)
+        cache=p.cache, negative_prompt=p.negative_prompt, cached=r.cached, video_size=r.video_size or None,
+        warnings=list(r.warnings), waiting_for=view.waiting_for or None,
+        preview=p.preview)
 
 
 def model_name(model: str) -> str:
     """What ``model`` says in responses: the model folder's name."""
     return Path(model).name or model
+
+
+class Model(BaseModel):
+    """The model this gateway serves, in the shape of OpenAI's model object."""
+
+    id: str = Field(description="The model folder's name: what `model` says in every video.", examples=["t2v-world"])
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds when the model folder was written (its model_index.json); 0 "
+                                     "when the gateway has no copy of the folder to look at.")
+    owned_by: str = Field("t2v-mesh", description="Who serves it.")
+
+
+class ModelList(BaseModel):
+    """GET /v1/models: one model, the one every stage of this mesh loads."""
+
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+def model_object(model: str) -> Model:
+    """The model folder ``model`` as OpenAI's model object."""
+    created = 0
+    for path in (Path(model) / "model_index.json", Path(model)):
+        try:
+            created = int(path.stat().st_mtime)
+            break
+        except OSError:
+            continue
+    return Model(id=model_name(model), created=created)
+
+
+def deleted_sentence(video_id: str) -> str:
+    return (f"video {video_id} was deleted (DELETE /v1/videos/{{id}}), and its MP4 with it; create it again (the same "
+            "seed and parameters give the same video)")
 
 
 def expired_sentence(view: JobView) -> str:
@@ -357,8 +425,9 @@ def event_of(job_id: str, update: JobUpdate, seen: Progress, model: str) -> tupl
 
     Events: ``queued`` {queue_position, queue_length}; ``stage`` {stage}; ``progress`` {step, total_steps};
     ``preview`` {step, total_steps, image (a data: URL of the PNG), num_frames, columns, rows, frame_width,
-    frame_height} for a job that asked for previews; ``warning`` {message}; then one of ``completed`` / ``failed`` (the whole video object) or ``error``
-    (the gateway stopped first; the job runs again after its restart). Every event but ``error`` carries
+    frame_height} for a job that asked for previews; ``warning`` {message}; then one of ``completed`` / ``failed``
+    (the whole video object) or ``error`` (the gateway stopped first: the job runs again after its restart; or the
+    video was deleted). Every event but ``error`` carries
     ``id``, ``status`` and ``progress``.
     """
     if isinstance(update, Queued):
@@ -378,6 +447,9 @@ def event_of(job_id: str, update: JobUpdate, seen: Progress, model: str) -> tupl
     if isinstance(update, Warning):
         return "warning", {"id": job_id, "status": "in_progress", "progress": seen.percent(),
                            "message": update.text}
+    if isinstance(update, Finished) and update.job.status == JobStatus.DELETED:
+        return "error", {"error": {"message": deleted_sentence(job_id), "type": "invalid_request_error",
+                                   "param": None, "code": "not_found"}}
     if isinstance(update, Finished):
         video = video_object(update.job, model)
         return ("completed" if video.status == "completed" else "failed"), video.model_dump(mode="json")

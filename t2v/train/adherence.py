@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.contract import SCHEDULERS
+from services.common.contract import CACHE_MODES, SCHEDULERS
 from t2v.train import checker, world
 
 
@@ -55,15 +55,16 @@ def decode_mp4(data: bytes) -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
-def generate(gateway: str, case: Case, steps: int = 0, scheduler: str = "", timeout: float = 600.0) -> np.ndarray:
-    """One video of ``case`` through the gateway's Generate at the model's defaults (steps 0 and
-    scheduler "" = the defaults: 50 DDIM steps)."""
+def generate(gateway: str, case: Case, steps: int = 0, scheduler: str = "", timeout: float = 600.0,
+             cache: str = "") -> np.ndarray:
+    """One video of ``case`` through the gateway's Generate at the model's defaults (steps 0, scheduler
+    "" and cache "" = the defaults: 50 exact DDIM steps)."""
     import grpc
 
     from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 
     params = generation_pb2.GenerationParams(prompt=case.prompt, seed=case.seed, num_inference_steps=steps,
-                                             scheduler=scheduler)
+                                             scheduler=scheduler, cache=cache)
     with grpc.insecure_channel(gateway) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for event in stub.Generate(gateway_pb2.GenerateRequest(params=params), timeout=timeout):
@@ -72,10 +73,14 @@ def generate(gateway: str, case: Case, steps: int = 0, scheduler: str = "", time
     raise RuntimeError(f"the gateway sent no video for {case.prompt!r}")
 
 
-def measure(gateway: str, chosen: list[Case], clients: int = 2, steps: int = 0, scheduler: str = "") -> dict:
-    """Checker accuracy per attribute (and all three) over ``chosen``, plus each case's verdict."""
+def measure(gateway: str, chosen: list[Case], clients: int = 2, steps: int = 0, scheduler: str = "",
+            cache: str = "", videos_out: list | None = None) -> dict:
+    """Checker accuracy per attribute (and all three) over ``chosen``, plus each case's verdict (the
+    videos are appended to ``videos_out`` when one is given)."""
     with ThreadPoolExecutor(clients) as pool:
-        videos = list(pool.map(lambda case: generate(gateway, case, steps, scheduler), chosen))
+        videos = list(pool.map(lambda case: generate(gateway, case, steps, scheduler, cache=cache), chosen))
+    if videos_out is not None:
+        videos_out.extend(videos)
     verdicts = []
     for case, video in zip(chosen, videos):
         guess = checker.classify(video)
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="denoising steps (0 = the default, 50)")
     parser.add_argument("--scheduler", default="", choices=("", *SCHEDULERS), help="sampler (default: ddim)")
     parser.add_argument("--clients", type=int, default=2, help="requests in flight (the denoiser batches them)")
+    parser.add_argument("--cache", default="", choices=("", *CACHE_MODES), help="step caching (default: none, exact)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures and every verdict as JSON")
     args = parser.parse_args(argv)
 
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             split, paraphrase = SETS[name]
             started = time.perf_counter()
             results[name] = measure(gateway, cases(split, paraphrase, args.count), args.clients, args.steps,
-                                    args.scheduler)
+                                    args.scheduler, args.cache)
             results[name]["seconds"] = round(time.perf_counter() - started, 1)
             print(f"{name}: " + " ".join(f"{k} {results[name][k]:.3f}" for k in ("colour", "shape", "motion", "all"))
                   + f" (n={args.count}, {results[name]['seconds']} s)", flush=True)

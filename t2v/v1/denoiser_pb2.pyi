@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "embeddings", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler", "checkpoint_every", "resume", "preview_every")
+    __slots__ = ("request_id", "embeddings", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler", "checkpoint_every", "resume", "cache", "preview_every")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class DenoiseRequest(_message.Message):
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     embeddings: _tensor_pb2.Tensor
@@ -33,8 +34,9 @@ class DenoiseRequest(_message.Message):
     scheduler: str
     checkpoint_every: int
     resume: DenoiseCheckpoint
+    cache: str
     preview_every: int
-    def __init__(self, request_id: _Optional[str] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., resume: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., preview_every: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., resume: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., cache: _Optional[str] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class DenoiseCheckpoint(_message.Message):
     __slots__ = ("step", "latents", "scheduler", "num_inference_steps", "model_outputs", "lower_order_nums")

@@ -70,7 +70,7 @@ class QueuePosition(_message.Message):
     def __init__(self, position: _Optional[int] = ..., queue_length: _Optional[int] = ...) -> None: ...
 
 class VideoResult(_message.Message):
-    __slots__ = ("video", "mime_type", "seed", "num_frames", "height", "width", "fps", "num_inference_steps", "guidance_scale", "scheduler")
+    __slots__ = ("video", "mime_type", "seed", "num_frames", "height", "width", "fps", "num_inference_steps", "guidance_scale", "scheduler", "cache")
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class VideoResult(_message.Message):
     NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     video: bytes
     mime_type: str
     seed: int
@@ -91,7 +92,8 @@ class VideoResult(_message.Message):
     num_inference_steps: int
     guidance_scale: float
     scheduler: str
-    def __init__(self, video: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., fps: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ...) -> None: ...
+    cache: str
+    def __init__(self, video: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., fps: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., cache: _Optional[str] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("job_id", "stage", "progress", "result", "queue", "preview", "warnings")
@@ -200,6 +202,20 @@ class CancelJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DeleteJobResponse(_message.Message):
+    __slots__ = ("job_id", "deleted")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    deleted: bool
+    def __init__(self, job_id: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
 
 class GetVideoRequest(_message.Message):
     __slots__ = ("job_id", "offset")

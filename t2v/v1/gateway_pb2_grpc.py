@@ -62,6 +62,11 @@ class GatewayStub:
                 request_serializer=t2v_dot_v1_dot_gateway__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=t2v_dot_v1_dot_gateway__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/t2v.v1.Gateway/DeleteJob',
+                request_serializer=t2v_dot_v1_dot_gateway__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=t2v_dot_v1_dot_gateway__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.GetVideo = channel.unary_stream(
                 '/t2v.v1.Gateway/GetVideo',
                 request_serializer=t2v_dot_v1_dot_gateway__pb2.GetVideoRequest.SerializeToString,
@@ -108,6 +113,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Deletes a job and its video (a queued or running one is cancelled first): from then on GetJob, CancelJob,
+        GetVideo and DeleteJob answer NOT_FOUND saying it was deleted, and ListJobs leaves it out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetVideo(self, request, context):
         """The MP4 of a COMPLETED job, in chunks (1 MiB each).
         """
@@ -142,6 +155,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=t2v_dot_v1_dot_gateway__pb2.CancelJobRequest.FromString,
                     response_serializer=t2v_dot_v1_dot_gateway__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=t2v_dot_v1_dot_gateway__pb2.DeleteJobRequest.FromString,
+                    response_serializer=t2v_dot_v1_dot_gateway__pb2.DeleteJobResponse.SerializeToString,
             ),
             'GetVideo': grpc.unary_stream_rpc_method_handler(
                     servicer.GetVideo,
@@ -287,6 +305,33 @@ class Gateway:
             '/t2v.v1.Gateway/CancelJob',
             t2v_dot_v1_dot_gateway__pb2.CancelJobRequest.SerializeToString,
             t2v_dot_v1_dot_gateway__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/t2v.v1.Gateway/DeleteJob',
+            t2v_dot_v1_dot_gateway__pb2.DeleteJobRequest.SerializeToString,
+            t2v_dot_v1_dot_gateway__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,7 @@ from services.gateway.domain import JOB_ID_PATTERN
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
 from tests.conftest import RunningStage
 from tests.fuzzing import (CALL_TIMEOUT, INT32, Outcome, check_refusal, fuzz_settings, hostile_texts, int32s, int64s,
-                           job_ids, odd_floats, outcome)
+                           job_ids, odd_floats, outcome, shows_something)
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +55,12 @@ def params_cases(draw: Draw, limits: Any) -> tuple[generation_pb2.GenerationPara
     most = limits.max_prompt_chars
     text_ok = hostile_texts(200, nul=False)
     if bad("prompt"):
-        prompt = draw(st.one_of(st.text(alphabet=" \t\n\r\u3000\u00a0", max_size=10),
+        invisible = " \t\n\r\u3000\u00a0\u200b\u200d\ufeff\u2060\u3164\x1b"
+        prompt = draw(st.one_of(st.text(alphabet=invisible, max_size=10),
                                 text_ok.map(lambda t: t + "\x00"),
                                 st.sampled_from(["x" * (most + 1), "x" * 100_000, "\U0001F600" * 25_000])))
     else:
-        prompt = draw(st.one_of(hostile_texts(200, min_size=1, nul=False).filter(str.strip),
+        prompt = draw(st.one_of(hostile_texts(200, min_size=1, nul=False).filter(shows_something),
                                 st.just("a red ball " * (most // 11))))
     negative = draw(st.sampled_from(["\x00", "a\x00b", "n" * (most + 1)]) if bad("negative_prompt") else text_ok)
     params = generation_pb2.GenerationParams(

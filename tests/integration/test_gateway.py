@@ -60,6 +60,7 @@ def test_a_long_prompt_is_truncated_with_a_warning(gateway_stage):
     ({"prompt": "x", "num_inference_steps": 100000}, "num_inference_steps"),
     ({"prompt": "x", "guidance_scale": -2.0}, "guidance_scale"),
     ({"prompt": "x", "scheduler": "karras"}, "scheduler"),
+    ({"prompt": "x", "cache": "turbo"}, "cache 'turbo' is unknown"),
 ])
 def test_bad_input_is_refused_with_a_sentence_and_the_gateway_keeps_serving(gateway_stage, fields, words):
     with pytest.raises(grpc.RpcError) as info:

@@ -336,6 +336,41 @@ def test_list_pages_newest_first_with_a_filter(stores: Stores) -> None:
     assert (stores.jobs.count(QUEUED), stores.jobs.count(RUNNING), stores.jobs.count(FAILED)) == (6, 1, 0)
 
 
+def test_list_pages_oldest_first_with_after_seq(stores: Stores) -> None:
+    records = submit(stores.jobs, *[job(tenant="a" * 32 if i % 3 else "") for i in range(7)])
+    claim(stores.jobs)                                        # records[0] runs
+    oldest_first = [r.job_id for r in records]
+    page = stores.jobs.list(limit=3, oldest_first=True)
+    assert [r.job_id for r in page] == oldest_first[:3]
+    page = stores.jobs.list(limit=3, after_seq=page[-1].seq, oldest_first=True)
+    assert [r.job_id for r in page] == oldest_first[3:6]
+    assert [r.job_id for r in stores.jobs.list(limit=3, after_seq=page[-1].seq, oldest_first=True)] == oldest_first[6:]
+    assert stores.jobs.list(after_seq=records[-1].seq, oldest_first=True) == []
+    assert [r.job_id for r in stores.jobs.list(QUEUED, oldest_first=True)] == oldest_first[1:]
+    alices = [r.job_id for r in records if r.tenant]
+    assert [r.job_id for r in stores.jobs.list(tenant="a" * 32, oldest_first=True)] == alices
+    assert [r.job_id for r in stores.jobs.list(tenant="a" * 32, after_seq=records[1].seq, oldest_first=True)] \
+        == alices[1:]
+    # the bounds hold in either order: after_seq newest first, both at once
+    assert [r.job_id for r in stores.jobs.list(after_seq=records[4].seq)] == oldest_first[:4:-1]
+    between = stores.jobs.list(after_seq=records[1].seq, before_seq=records[5].seq, oldest_first=True)
+    assert [r.job_id for r in between] == oldest_first[2:5]
+
+
+def test_deleted_jobs_are_never_listed_unless_asked_for(stores: Stores) -> None:
+    kept, gone, other = submit(stores.jobs, job(), job(tenant="a" * 32), job(tenant="a" * 32))
+    assert stores.jobs.transition(gone.job_id, CANCELLED, ACTIVE)
+    assert stores.jobs.transition(gone.job_id, JobStatus.DELETED, [CANCELLED, COMPLETED, FAILED])
+    assert not stores.jobs.transition(gone.job_id, JobStatus.DELETED, [CANCELLED, COMPLETED, FAILED])   # once
+    for listing in (stores.jobs.list(), stores.jobs.list(oldest_first=True), stores.jobs.list(tenant="a" * 32),
+                    stores.jobs.list(before_seq=other.seq), stores.jobs.list(after_seq=kept.seq, oldest_first=True)):
+        assert gone.job_id not in [r.job_id for r in listing]
+    assert [r.job_id for r in stores.jobs.list()] == [other.job_id, kept.job_id]
+    assert [r.job_id for r in stores.jobs.list(JobStatus.DELETED)] == [gone.job_id]
+    assert stores.jobs.get(gone.job_id).status == JobStatus.DELETED          # the row stays: its seq, its tenant
+    assert stores.jobs.count(QUEUED) == 2 and gone.job_id not in [w.job_id for w in stores.jobs.waiting()]
+
+
 def test_find_cached_and_due_to_expire(stores: Stores) -> None:
     key = "cd" * 32
 

@@ -157,7 +157,7 @@ def test_sse_getjob_and_the_preview_route_carry_the_latest_and_only_to_its_key(g
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND
         assert Http(gateway.http_url).call("GET", f"/v1/videos/{job_id}/preview").status == 401   # no key
     finally:
-        alice.call("DELETE", f"/v1/videos/{job_id}")
+        alice.call("POST", f"/v1/videos/{job_id}/cancel")
     alice.wait(job_id, "cancelled")
     gone = alice.call("GET", f"/v1/videos/{job_id}/preview")
     assert gone.status == 404 and "only while a video is made" in gone.error["message"]
@@ -168,7 +168,7 @@ def test_a_job_without_previews_gets_none_and_shares_the_cache_with_one_that_ask
     alice = Http(gateway.http_url, ALICE)
     long = alice.create(steps=LONG, num_frames=FRAMES)["id"]
     before = alice.call("GET", f"/v1/videos/{long}/preview")
-    alice.call("DELETE", f"/v1/videos/{long}")
+    alice.call("POST", f"/v1/videos/{long}/cancel")
     plain = alice.create(steps=4, num_frames=FRAMES, size=f"{SIZE}x{SIZE}", seed=11)
     assert plain["preview"] is False
     names = [name for name, _ in events(alice, plain["id"])]

@@ -1,12 +1,17 @@
-"""Each real server on a loopback port, called over gRPC: answers, bad input, health, reflection."""
+"""Each real server on a loopback port, called over gRPC: answers, bad input, health, reflection (v1 and v1alpha)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 import pytest
 import torch
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_tools import protoc
 
 from services.common.tensors import from_proto, to_proto
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, tensor_pb2, text_encoder_pb2,
@@ -145,6 +150,102 @@ def test_health_and_reflection(request, fixture, service):
                                                    timeout=5))
     names = {s.name for s in answers[0].list_services_response.service}
     assert {service, "grpc.health.v1.Health"} <= names
+
+
+# grpc-proto's grpc/reflection/v1/reflection.proto, the parts a client uses: compiled here by protoc, so the v1
+# client below owes nothing to how the server makes its own v1 descriptor.
+REFLECTION_V1_PROTO = """
+syntax = "proto3";
+package grpc.reflection.v1;
+service ServerReflection {
+  rpc ServerReflectionInfo(stream ServerReflectionRequest) returns (stream ServerReflectionResponse);
+}
+message ServerReflectionRequest {
+  string host = 1;
+  oneof message_request {
+    string file_by_filename = 3;
+    string file_containing_symbol = 4;
+    ExtensionRequest file_containing_extension = 5;
+    string all_extension_numbers_of_type = 6;
+    string list_services = 7;
+  }
+}
+message ExtensionRequest { string containing_type = 1; int32 extension_number = 2; }
+message ServerReflectionResponse {
+  string valid_host = 1;
+  ServerReflectionRequest original_request = 2;
+  oneof message_response {
+    FileDescriptorResponse file_descriptor_response = 4;
+    ExtensionNumberResponse all_extension_numbers_response = 5;
+    ListServiceResponse list_services_response = 6;
+    ErrorResponse error_response = 7;
+  }
+}
+message FileDescriptorResponse { repeated bytes file_descriptor_proto = 1; }
+message ExtensionNumberResponse { string base_type_name = 1; repeated int32 extension_number = 2; }
+message ListServiceResponse { repeated ServiceResponse service = 1; }
+message ServiceResponse { string name = 1; }
+message ErrorResponse { int32 error_code = 1; string error_message = 2; }
+"""
+
+
+@pytest.fixture(scope="module")
+def reflection_v1(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pb2.FileDescriptorProto:
+    """The upstream v1 proto above, compiled by protoc (grpcio-tools)."""
+    folder = tmp_path_factory.mktemp("reflection-v1")
+    (folder / "grpc" / "reflection" / "v1").mkdir(parents=True)
+    (folder / "grpc" / "reflection" / "v1" / "reflection.proto").write_text(REFLECTION_V1_PROTO)
+    out = folder / "set.pb"
+    assert protoc.main(["protoc", f"-I{folder}", f"--descriptor_set_out={out}",
+                        "grpc/reflection/v1/reflection.proto"]) == 0
+    return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+
+
+def _classes(files: list[descriptor_pb2.FileDescriptorProto], *names: str) -> list[Any]:
+    pool = descriptor_pool.DescriptorPool()
+    for file in files:
+        pool.Add(file)
+    return [message_factory.GetMessageClass(pool.FindMessageTypeByName(name)) for name in names]
+
+
+@pytest.mark.parametrize("fixture,service,method", [("text_encoder_stage", "t2v.v1.TextEncoder", "Encode"),
+                                                    ("denoiser_stage", "t2v.v1.Denoiser", "Denoise"),
+                                                    ("decoder_stage", "t2v.v1.Decoder", "Decode"),
+                                                    ("gateway_stage", "t2v.v1.Gateway", "DeleteJob")])
+def test_reflection_answers_as_v1_and_as_v1alpha(request, reflection_v1, fixture, service, method):
+    """A v1 client (messages from the upstream proto, over a raw stream of the loopback channel) and
+    grpcio-reflection's own v1alpha client both list the services and describe them."""
+    channel = request.getfixturevalue(fixture).channel()
+    Request, Response = _classes([reflection_v1], "grpc.reflection.v1.ServerReflectionRequest",
+                                 "grpc.reflection.v1.ServerReflectionResponse")
+    info = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=Request.SerializeToString,
+                                 response_deserializer=Response.FromString)
+    listed, described, itself = info(iter([Request(list_services=""), Request(file_containing_symbol=service),
+                                           Request(file_containing_symbol="grpc.reflection.v1.ServerReflection")]),
+                                     timeout=10)
+    names = {s.name for s in listed.list_services_response.service}
+    assert {service, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in described.file_descriptor_response.file_descriptor_proto]
+    pool = descriptor_pool.DescriptorPool()
+    for file in sorted(files, key=lambda f: len(f.dependency)):     # dependencies first
+        pool.Add(file)
+    assert method in pool.FindServiceByName(service).methods_by_name
+    served = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+              for raw in itself.file_descriptor_response.file_descriptor_proto]
+    assert [(f.name, f.package) for f in served] == [("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1")]
+
+    def fields(file: descriptor_pb2.FileDescriptorProto) -> dict[str, list[tuple[str, int, int, str]]]:
+        return {m.name: [(f.name, f.number, f.type, f.type_name) for f in m.field] for m in file.message_type}
+    assert fields(served[0]) == fields(reflection_v1)          # the server's v1 is the upstream v1, field for field
+    assert served[0].service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+
+    database = ProtoReflectionDescriptorDatabase(channel)        # grpcio-reflection's own client: v1alpha
+    assert {service, "grpc.reflection.v1alpha.ServerReflection"} <= set(database.get_services())
+    v1alpha_pool = descriptor_pool.DescriptorPool(database)
+    assert method in v1alpha_pool.FindServiceByName(service).methods_by_name
 
 
 def test_a_server_is_not_serving_until_its_model_is_loaded():

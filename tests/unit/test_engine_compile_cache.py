@@ -152,3 +152,19 @@ def test_a_second_process_waits_for_the_lock_or_compiles_privately(tmp_path: Pat
     after = cc.CompileCache(tmp_path, HERE)
     assert after.open(lock_timeout=5.0).startswith("rebuilt: incomplete")
     after.close()
+
+
+def test_bucket_times_are_kept_for_the_identity_that_measured_them(tmp_path) -> None:
+    """A warm start reuses the bucket times the start before it measured (engine.warm(known=...)), but
+    only for the same UNet, dtype, buckets and compiled sizes; anything else is measured again."""
+    from services.denoiser.compile_cache import load_plans, save_plans
+
+    who = {"unet": {"block_out_channels": [320, 640]}, "dtype": "torch.float16", "buckets": [1, 2, 4],
+           "compile_rows": [2]}
+    plans = {(16, 256, 256): {1: 0.0363, 2: 0.0369, 4: 0.0941}}
+    save_plans(tmp_path, who, plans)
+    assert load_plans(tmp_path, who) == plans
+    assert load_plans(tmp_path, {**who, "compile_rows": [2, 32]}) == {}
+    assert load_plans(tmp_path / "elsewhere", who) == {}
+    (tmp_path / "plans.json").write_text("{not json")
+    assert load_plans(tmp_path, who) == {}

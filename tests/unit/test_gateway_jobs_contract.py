@@ -58,6 +58,9 @@ def test_priorities_and_statuses_map_both_ways() -> None:
         messages.priority_from_proto(42)
     assert messages.status_from_proto(gateway_pb2.JOB_STATUS_UNSPECIFIED) is None
     for status in JobStatus:
+        if status == JobStatus.DELETED:           # never shown: a deleted job answers NOT_FOUND (GetJob), unlisted
+            assert "JOB_STATUS_DELETED" not in gateway_pb2.JobStatus.keys()
+            continue
         assert messages.status_from_proto(messages.status_to_proto(status)) == status
     with pytest.raises(InvalidArgument):
         messages.status_from_proto(42)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unimplemented
 from services.gateway import domain
 from services.gateway.http import HTTP_STATUS, error_response, service_error_response
 from services.gateway.domain import (Finished, Interrupted, JobRecord, JobStatus, JobView, Limits, Params, Priority,
@@ -126,18 +126,24 @@ def test_events_of_a_run() -> None:
     assert name == "error" and data["error"]["code"] == "unavailable"
     cancelled = videos.event_of("a" * 32, Finished(JobView(record(JobStatus.CANCELLED))), seen, "m")
     assert cancelled[0] == "failed" and cancelled[1]["job_status"] == "cancelled"
+    name, data = videos.event_of("a" * 32, Finished(JobView(record(JobStatus.DELETED))), seen, "m")
+    assert name == "error" and data["error"]["code"] == "not_found" and "was deleted" in data["error"]["message"]
 
 
 def test_grpc_codes_map_to_http_statuses() -> None:
     assert {code.name: status for code, status in HTTP_STATUS.items()} == {
         "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "FAILED_PRECONDITION": 409,
-        "CANCELLED": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+        "CANCELLED": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504,
+        "UNIMPLEMENTED": 501}
     full = service_error_response(QueueFull(3, 12))
     assert full.status_code == 429 and full.headers["retry-after"] == "12"
     assert b'"type":"rate_limit_error"' in full.body and b'"code":"resource_exhausted"' in full.body
     assert b'"param":"num_frames"' in service_error_response(InvalidArgument("bad", field="num_frames")).body
     assert b'"type":"server_error"' in error_response(503, "down", "unavailable").body
     assert grpc.StatusCode.OK not in HTTP_STATUS
+    unsupported = service_error_response(Unimplemented("remixing is not supported"))
+    assert unsupported.status_code == 501 and unsupported.headers["x-should-retry"] == "false"   # SDKs: ask once
+    assert b'"type":"invalid_request_error"' in unsupported.body and b'"code":"unimplemented"' in unsupported.body
 
 
 def test_t2v_up_serves_the_web_page_at_the_gateway_port_plus_30() -> None:

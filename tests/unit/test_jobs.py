@@ -268,6 +268,48 @@ def test_cancel_a_queued_job_a_running_job_and_a_finished_one(make_service) -> N
     assert recorder.count("cancelled") == 2 and recorder.count("completed") == 1
 
 
+class StubbornRunner(FakeRunner):
+    """A run that does not notice a cancel: it goes on to its video once released (a stage that finishes the
+    call it started)."""
+
+    def run(self, job_id: str, params: Params, control: domain.RunControl | None = None,
+            deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0
+            ) -> Iterator[domain.RunEvent]:
+        return super().run(job_id, params, None, deadline, resume, checkpoint_every)
+
+
+def test_delete_a_finished_job_a_running_one_and_a_queued_one(make_service) -> None:
+    runner = StubbornRunner(hold=True)
+    recorder = Recorder()
+    service = make_service(runner, observer=recorder)
+    running = service.submit(JobRequest(params())).job_id
+    queued = service.submit(JobRequest(params())).job_id
+    wait_for(lambda: running in runner.started, what="the first job to start")
+
+    before = service.delete(queued)
+    assert (before.job_id, before.status) == (queued, JobStatus.QUEUED)
+    assert service.store.get(queued).status == JobStatus.DELETED and service.store.count(JobStatus.QUEUED) == 0
+    assert service.delete(running).status == JobStatus.RUNNING
+    runner.release()                                 # its video comes after all, for a job that is gone
+    wait_for(lambda: running in runner.finished and service.running_count() == 0, what="the run to end")
+    assert not service.results.exists(running) and service.store.get(running).status == JobStatus.DELETED
+    for job_id in (running, queued):
+        for call in (service.get, service.open_video, service.watch, service.cancel, service.delete):
+            with pytest.raises(domain.JobDeleted, match="was deleted"):
+                call(job_id)
+    assert service.list() == ([], "") and service.seq_of(running) > 0
+    assert recorder.count("cancelled") == 2 and recorder.count("completed") == 0
+
+    done = service.submit(JobRequest(params(seed=5), seed_given=True)).job_id
+    wait_status(service, done, JobStatus.COMPLETED)
+    assert service.results.exists(done) and service.delete(done).status == JobStatus.COMPLETED
+    assert not service.results.exists(done)
+    again = service.submit(JobRequest(params(seed=5), seed_given=True))      # the cache no longer has it
+    assert not again.record.cached
+    with pytest.raises(NotFound, match="does not exist"):
+        service.delete(new_job_id())
+
+
 def test_a_deadline_fails_a_queued_job_and_frees_its_place(make_service) -> None:
     runner = FakeRunner(hold=True)
     service = make_service(runner)
@@ -336,9 +378,20 @@ def test_cache_key_covers_the_model_and_every_param() -> None:
     keys = {cache_key("/m", base), cache_key("/other", base)}
     for name, value in [("prompt", "x"), ("negative_prompt", "y"), ("num_frames", 3), ("height", 40),
                         ("width", 40), ("num_inference_steps", 9), ("guidance_scale", 1.0), ("seed", 2),
-                        ("fps", 9), ("scheduler", "dpmsolver++")]:
+                        ("fps", 9), ("scheduler", "dpmsolver++"), ("cache", "deep")]:
         keys.add(cache_key("/m", dataclasses.replace(base, **{name: value})))
-    assert len(keys) == 12
+    assert len(keys) == 13
+
+
+def test_an_exact_request_keeps_the_cache_key_it_had_before_the_cache_field() -> None:
+    """Videos stored before ``cache`` existed still answer exact requests: the key leaves "none" out."""
+    import hashlib
+    import json
+
+    base = params()
+    before = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("cache", "preview")}   # neither then
+    blob = json.dumps({"model": "/m", "params": before}, sort_keys=True)
+    assert base.cache == "none" and cache_key("/m", base) == hashlib.sha256(blob.encode()).hexdigest()
 
 
 def test_expired_videos_are_deleted_and_say_so(make_service) -> None:
@@ -378,7 +431,7 @@ def test_unknown_and_malformed_ids(make_service) -> None:
             call("../../etc/passwd")
 
 
-def test_list_pages_newest_first(make_service) -> None:
+def test_list_pages_newest_first_or_oldest_first(make_service) -> None:
     service = make_service()
     ids = [service.submit(JobRequest(params())).job_id for _ in range(5)]
     wait_for(lambda: all(status_of(service, j) == JobStatus.COMPLETED for j in ids), what="all jobs")
@@ -391,6 +444,15 @@ def test_list_pages_newest_first(make_service) -> None:
     assert seen == ids[::-1]
     assert [v.job_id for v in service.list(JobStatus.COMPLETED)[0]] == ids[::-1]
     assert service.list(JobStatus.FAILED) == ([], "")
+    seen, token = [], ""
+    while True:
+        page, token = service.list(page_size=2, page_token=token, oldest_first=True)
+        seen += [v.job_id for v in page]
+        if not token:
+            break
+    assert seen == ids
+    page, _ = service.list(page_token=str(service.seq_of(ids[2])), oldest_first=True)
+    assert [v.job_id for v in page] == ids[3:]
     with pytest.raises(InvalidArgument, match="page_token"):
         service.list(page_token="abc")
     with pytest.raises(InvalidArgument, match="page_size"):

@@ -41,6 +41,7 @@ def test_defaults_are_filled_in() -> None:
     assert params.guidance_scale == 9.0
     assert params.fps == 8
     assert params.scheduler == "ddim"
+    assert params.cache == "none"
     assert isinstance(params.seed, int)
     assert 0 <= params.seed < 2**31
     assert params.uses_guidance
@@ -155,6 +156,18 @@ def test_bad_input_is_refused_naming_the_field(fields: dict, field_name: str) ->
     if field_name == "prompt":
         assert not message.startswith("negative_prompt")
     assert len(message.split()) >= 4, f"not a sentence: {message!r}"
+
+
+@pytest.mark.parametrize(("given", "expected"), [("", "none"), ("none", "none"), ("deep", "deep"), (" Deep ", "deep")])
+def test_cache_defaults_to_none_and_is_case_insensitive(given: str, expected: str) -> None:
+    assert validate(make(cache=given), LIMITS).cache == expected
+
+
+def test_an_unknown_cache_is_refused_naming_the_field_and_the_choices() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate(make(cache="turbo"), LIMITS)
+    assert info.value.field == "cache"
+    assert "'turbo'" in info.value.message and "none" in info.value.message and "deep" in info.value.message
 
 
 def test_unknown_scheduler_lists_the_choices() -> None:

@@ -107,9 +107,11 @@ class JobStore(Protocol):
 
     # --- many jobs -----------------------------------------------------------------------------------------
     def list(self, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None,
-             tenant: str | None = None) -> list[JobRecord]:
-        """Newest first; ``before_seq`` continues after the last row of a previous page; ``tenant`` keeps only
-        that tenant's jobs (None = everyone's)."""
+             tenant: str | None = None, after_seq: int | None = None, oldest_first: bool = False) -> list[JobRecord]:
+        """Newest first (``oldest_first``: in the order they came); ``before_seq`` / ``after_seq`` keep only the
+        rows with a smaller / larger seq (exclusive), so a page continues after the last row of the previous one
+        (``before_seq`` newest first, ``after_seq`` oldest first); ``tenant`` keeps only that tenant's jobs (None =
+        everyone's). DELETED jobs are never listed unless ``status`` asks for them."""
 
     def waiting(self) -> list[Waiting]:
         """Every QUEUED job (for queue places; the policy orders them)."""

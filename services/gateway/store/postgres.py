@@ -476,19 +476,20 @@ class PostgresJobStore:
 
     # --- many jobs ------------------------------------------------------------------------------
     def list(self, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None,
-             tenant: str | None = None) -> list[JobRecord]:
-        where, args = [], []
-        if status is not None:
-            where.append("status = %s")
-            args.append(status.value)
+             tenant: str | None = None, after_seq: int | None = None, oldest_first: bool = False) -> list[JobRecord]:
+        where, args = ["status = %s" if status is not None else "status <> %s"], [(status or JobStatus.DELETED).value]
         if tenant is not None:
             where.append("tenant = %s")
             args.append(tenant)
         if before_seq is not None:
             where.append("seq < %s")
             args.append(before_seq)
-        sql = f"SELECT {_SELECT} FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
-        return [from_row(r) for r in self._rows(sql + " ORDER BY seq DESC LIMIT %s", (*args, limit))]
+        if after_seq is not None:
+            where.append("seq > %s")
+            args.append(after_seq)
+        sql = (f"SELECT {_SELECT} FROM jobs WHERE {' AND '.join(where)} "
+               f"ORDER BY seq {'ASC' if oldest_first else 'DESC'} LIMIT %s")
+        return [from_row(r) for r in self._rows(sql, (*args, limit))]
 
     def waiting(self) -> list[Waiting]:
         rows = self._rows("SELECT job_id, priority, created_ms, seq FROM jobs WHERE status = %s", (_QUEUED,))

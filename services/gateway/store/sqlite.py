@@ -246,19 +246,19 @@ class SqliteJobStore:
 
     # --- many jobs ------------------------------------------------------------------------------
     def list(self, status: JobStatus | None = None, limit: int = 50, before_seq: int | None = None,
-             tenant: str | None = None) -> list[JobRecord]:
-        where, args = [], []
-        if status is not None:
-            where.append("status = ?")
-            args.append(status.value)
+             tenant: str | None = None, after_seq: int | None = None, oldest_first: bool = False) -> list[JobRecord]:
+        where, args = ["status = ?" if status is not None else "status != ?"], [(status or JobStatus.DELETED).value]
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
         if before_seq is not None:
             where.append("seq < ?")
             args.append(before_seq)
-        sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
-        return [from_row(r) for r in self._query(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit))]
+        if after_seq is not None:
+            where.append("seq > ?")
+            args.append(after_seq)
+        sql = f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq {'ASC' if oldest_first else 'DESC'} LIMIT ?"
+        return [from_row(r) for r in self._query(sql, (*args, limit))]
 
     def waiting(self) -> list[Waiting]:
         rows = self._query("SELECT job_id, priority, created_ms, seq FROM jobs WHERE status = ?",
