@@ -6,6 +6,7 @@
     t2v generate "a prompt" -o v.mp4     call a running gateway, with a progress bar
                                          (the gateway: --gateway HOST:PORT, else $T2V_GATEWAY, else 127.0.0.1:50050)
     t2v make-model --preset tiny -o DIR  write a random-weight model folder (tiny, world or full 1.7B layout)
+    t2v fit-preview MODEL_FOLDER         fit the latent -> RGB map of live previews (MODEL/vae/latent_rgb.json)
     t2v jobs list|show|cancel|download   follow the gateway's jobs
     t2v ops status|scale|drain           look after the mesh on Kubernetes (deploy/k8s, docs/deploy.md)
 """
@@ -148,6 +149,17 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_preview(args: argparse.Namespace) -> int:
+    from services.common.model_folder import ModelFolderError
+    from t2v.fit_preview import main as fit_main
+
+    try:
+        return fit_main(args)
+    except (ModelFolderError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2v", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -231,6 +243,24 @@ port) follow it. Every address is printed on the service's SERVING line.""")
     make.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                       help="dtype of the saved weights")
     make.set_defaults(func=cmd_make_model)
+
+    fit = sub.add_parser(
+        "fit-preview", help="fit the latent -> RGB map of live previews into a model folder",
+        description="Fit the small linear map from latent channels to RGB that the denoiser's live previews use, "
+                    "by least squares against the model's VAE (its decoded frames average-pooled to latent "
+                    "resolution), and write it as MODEL_FOLDER/vae/latent_rgb.json. Without that file the "
+                    "denoiser serves, but says previews are unavailable.")
+    fit.add_argument("model", metavar="MODEL_FOLDER", help="a diffusers text-to-video model folder")
+    fit.add_argument("--source", choices=("denoise", "random"), default="denoise",
+                     help="denoise: latents of videos the model makes of a dozen prompts (default); random: "
+                          "N(0, 1) latents, for a folder of random weights")
+    fit.add_argument("--seeds", type=int, default=1, help="videos per prompt (denoise; default 1)")
+    fit.add_argument("--steps", type=int, default=25, help="denoising steps per video (denoise; default 25)")
+    fit.add_argument("--frames", type=int, default=16, help="frames per video (denoise; default 16)")
+    fit.add_argument("--device", default="cpu", help="torch device (cpu, cuda, auto)")
+    fit.add_argument("--dtype", default="float32", help="float32, float16, bfloat16 or auto")
+    fit.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
+    fit.set_defaults(func=cmd_fit_preview)
 
     from t2v.jobs_cli import add_parser as add_jobs_parser   # t2v jobs list|show|cancel|download
     add_jobs_parser(sub)

@@ -4,7 +4,8 @@ Why: no weights can be downloaded here, yet every service must load a real folde
 code that loads the real snapshot. ``world`` is the embedded default's architecture
 (models/t2v-world holds it trained, see docs/model.md), ``tiny`` a smaller one for quick checks, ``full``
 has the real 1.7B configs, so a benchmark's FLOPs are the real ones.
-The tokenizer is always the real CLIP BPE (49408 tokens), copied from ``--tokenizer-from``.
+The tokenizer is always the real CLIP BPE (49408 tokens), copied from ``--tokenizer-from``. The folder gets
+the latent -> RGB map of live previews too (vae/latent_rgb.json, t2v/fit_preview.py).
 """
 
 from __future__ import annotations
@@ -129,7 +130,13 @@ def make_model(preset: str | dict, out_dir: Path, seed: int = 0, tokenizer_from:
 
     with torch.device(device):
         _build(spec, save)
-    return _finish(out_dir, tokenizer_from, spec.get("scheduler"))
+    _finish(out_dir, tokenizer_from, spec.get("scheduler"))
+    # The latent -> RGB map of live previews (vae/latent_rgb.json), fitted on random latents: the weights are
+    # random, so the model's own videos would teach it nothing more (t2v fit-preview refits any folder).
+    from t2v.fit_preview import fit_folder
+
+    fit_folder(out_dir, source="random", device=device, seed=seed)
+    return out_dir
 
 
 def _build(spec: dict, save: Callable[[Any, str], None]) -> None:

@@ -24,6 +24,10 @@ with no deep request in its batch, the very same forward; beside deep requests a
 the DeepCache full forward, which computes the same operations (bit for bit on the CPU, up to float
 rounding on compiled GPU kernels, as any change of batch does). Features are not checkpointed: a
 resumed deep request starts its cache again with a full step.
+
+A request may also ask for a Preview every N steps (``Request.preview_every``): its latents mapped to RGB by
+the model's fixed linear map (services/common/latent_rgb.py), computed on the device and handed over as a
+device tensor like a Checkpoint's, so the step never waits for it. Requests that did not ask pay nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from diffusers import DDIMScheduler, UNet3DConditionModel
 
 from services.common.logs import kv
 from services.common.contract import DEFAULT_VAE_SCALE_FACTOR
+from services.common.latent_rgb import LatentRgb
 from services.common.model_folder import model_part, vae_scale_factor
 from services.denoiser import batching, sampling
 from services.denoiser.deepcache import DeepCacheUNet
@@ -85,6 +90,7 @@ class Request:
     checkpoint_every: int = 0            # 0 = never; N = a Checkpoint after steps N, 2N, ... but the last
     resume: Checkpoint | None = None     # None = start from the seed's noise
     cache: str = "none"                  # "none" = the exact UNet every step; "deep" = DeepCache
+    preview_every: int = 0               # 0 = never; N = a Preview after steps N, 2N, ... and the last
 
     @property
     def uses_guidance(self) -> bool:
@@ -96,6 +102,18 @@ class Step:
     step: int          # 1-based
     total: int
     timestep: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A request's latents after ``step`` steps as RGB, at latent resolution (``DenoiseEngine.preview``).
+
+    Like a Checkpoint's, ``rgb`` is a tensor on the engine's device that it never writes into again: the
+    reader moves it to the CPU in its own thread, so the engine does not wait for the GPU."""
+
+    step: int                  # steps done, 1-based
+    total: int
+    rgb: torch.Tensor          # uint8 [F, h, w, 3]
 
 
 @dataclass(frozen=True)
@@ -114,7 +132,7 @@ class Cancelled:
     steps_run: int
 
 
-Event = Union[Step, Checkpoint, Finished, Failed, Cancelled]
+Event = Union[Step, Checkpoint, Preview, Finished, Failed, Cancelled]
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (sample, timesteps, embeddings)
 
 
@@ -149,6 +167,11 @@ class Job:
         whole run, never the last (the latents come then anyway)."""
         every = self.request.checkpoint_every
         return every > 0 and self.index % every == 0 and self.index < len(self.timestep_values)
+
+    def wants_preview(self) -> bool:
+        """Whether a Preview follows the step just done: every ``preview_every``-th step, and the last."""
+        every = self.request.preview_every
+        return every > 0 and (self.index % every == 0 or self.index == len(self.timestep_values))
 
     @property
     def shape_key(self) -> tuple[int, int, int]:
@@ -235,10 +258,13 @@ class DenoiseEngine:
                  dtype: torch.dtype, max_batch: int = 8, max_jobs: int = 64,
                  observer: EngineObserver | None = None, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR,
                  deep_cache_interval: int = 4, deep_cache_branch: int | None = 0,
-                 deep_cache_compile: bool = False) -> None:
+                 deep_cache_compile: bool = False, latent_rgb: LatentRgb | None = None) -> None:
         """``vae_scale_factor``: pixels per latent along a side, the model's VAE's (``from_folder`` reads it
-        from the folder); latents are height / factor x width / factor."""
+        from the folder); latents are height / factor x width / factor. ``latent_rgb``: the model's latent ->
+        RGB map for previews (``from_folder`` reads vae/latent_rgb.json); None = previews unavailable."""
         self.unet = unet
+        self.latent_rgb = latent_rgb
+        self._rgb = latent_rgb.tensors(device) if latent_rgb is not None else None   # (weights, bias) there
         self.vae_scale_factor = vae_scale_factor
         self.scheduler_config = scheduler_config
         self.device, self.dtype = device, dtype
@@ -437,7 +463,8 @@ class DenoiseEngine:
         unet = UNet3DConditionModel.from_pretrained(model_part(model, "unet"), dtype=dtype)
         unet.to(device).eval().requires_grad_(False)
         scheduler_config = dict(DDIMScheduler.load_config(model_part(model, "scheduler")))
-        return cls(unet, scheduler_config, device, dtype, vae_scale_factor=vae_scale_factor(model), **kwargs)
+        return cls(unet, scheduler_config, device, dtype, vae_scale_factor=vae_scale_factor(model),
+                   latent_rgb=LatentRgb.load(model), **kwargs)
 
     # --- what the model accepts ------------------------------------------------------------
     @property
@@ -452,6 +479,15 @@ class DenoiseEngine:
     def default_size(self) -> int:
         """diffusers' default height and width: unet sample_size * the VAE scale factor."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """[1, C, F, h, w] latents -> uint8 [F, h, w, 3]: the latent -> RGB map, on the latents' device, with
+        no wait for it (a few kernels on a few thousand numbers)."""
+        if self._rgb is None:
+            raise ValueError("previews are unavailable: this engine has no latent -> RGB map")
+        weights, bias = self._rgb
+        rgb = torch.einsum("kc,cfhw->fhwk", weights, latents[0].float()) + bias
+        return rgb.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the latents of a height x width video; raises ValueError unless both are multiples
@@ -528,6 +564,8 @@ class DenoiseEngine:
                 raise ValueError(f"cache {r.cache!r} is unknown; choose none or deep")
             if r.cache == "deep" and self._deep is None:
                 raise ValueError("cache is deep, but this engine runs with DeepCache off (deep_cache_interval 0)")
+            if r.preview_every and self._rgb is None:
+                raise ValueError("previews are unavailable: the model folder has no vae/latent_rgb.json")
             job.scheduler = sampling.make_scheduler(r.scheduler, self.scheduler_config)
             job.scheduler.set_timesteps(r.num_inference_steps, device=self.device)
             job.timesteps = job.scheduler.timesteps
@@ -687,6 +725,8 @@ class DenoiseEngine:
                 job.index += 1
                 if job.wants_checkpoint():
                     job.events.put(Checkpoint(job.index, job.latents, sampling.save_history(job.scheduler)))
+                if job.wants_preview():
+                    job.events.put(Preview(job.index, len(job.timesteps), self.preview(job.latents)))
                 if job.index == len(job.timesteps):
                     done.append(job)
         for job in done:

@@ -17,8 +17,10 @@ from services.common.config import ModelConfig, parse_config, setting
 from services.common.contract import CACHE_MODES, DEFAULT_CACHE, TEXT_TOKENS
 from services.common.errors import (Cancelled, InvalidArgument, ResourceExhausted, ServiceError, Unavailable,
                                     grpc_errors)
+from services.common.latent_rgb import UNAVAILABLE
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
+from services.common.png import encode_png, frame_grid
 from services.common.server import ReadyGate, run_stage
 from services.common.tracing import Tracing
 from services.common.tensors import check_finite, dtype_name, from_proto, to_proto
@@ -124,6 +126,9 @@ def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, 
     if request.checkpoint_every < 0:
         raise InvalidArgument(f"checkpoint_every is {request.checkpoint_every}; it must be 0 (no checkpoints) "
                               "or a positive number of steps")
+    if request.preview_every < 0:
+        raise InvalidArgument(f"preview_every is {request.preview_every}; it must be 0 (no previews) or a positive "
+                              "number of steps")
     resume = check_resume(request, engine) if request.HasField("resume") else None
     cache = request.cache or DEFAULT_CACHE
     if cache not in CACHE_MODES:
@@ -135,7 +140,9 @@ def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, 
                        height=request.height, width=request.width,
                        num_inference_steps=request.num_inference_steps,
                        guidance_scale=request.guidance_scale, seed=request.seed, scheduler=request.scheduler,
-                       checkpoint_every=request.checkpoint_every, resume=resume, cache=cache)
+                       checkpoint_every=request.checkpoint_every, resume=resume, cache=cache,
+                       # without a latent -> RGB map, none: Denoise says so in a warning event
+                       preview_every=request.preview_every if engine.latent_rgb is not None else 0)
 
 
 _RESTART = "or start over without resume"
@@ -198,6 +205,16 @@ def checkpoint_to_proto(checkpoint: eng.Checkpoint, request: eng.Request) -> den
         lower_order_nums=checkpoint.history.lower_order_nums)
 
 
+def preview_to_proto(preview: eng.Preview) -> generation_pb2.Preview:
+    """The engine's preview as a PNG of its frames in a grid; moves the pixels to the CPU here, in the gRPC
+    thread, so the engine never waits for the copy."""
+    frames = preview.rgb.cpu().numpy()
+    picture, columns, rows = frame_grid(frames)
+    return generation_pb2.Preview(step=preview.step, total_steps=preview.total, png=encode_png(picture),
+                                  num_frames=frames.shape[0], columns=columns, rows=rows,
+                                  frame_width=frames.shape[2], frame_height=frames.shape[1])
+
+
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def __init__(self, config: DenoiserConfig) -> None:
         self.config = config
@@ -249,7 +266,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     compile_cache=cache.status if cache else "off", compile_rows=sorted(compile_rows),
                     buckets=",".join(map(str, engine.warm_rows())), plans_reused=len(known),
                     deep_cache=f"every {engine.deep_interval}, branch {engine.deep_branch}" if engine.deep_interval
-                    else "off", **spent))
+                    else "off",
+                    previews="on" if engine.latent_rgb is not None else "unavailable (no vae/latent_rgb.json)",
+                    **spent))
         self.engine = engine.start()
         self.metrics.watch_active(self.engine.active_jobs)
 
@@ -286,7 +305,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         log.info(kv("accepted", job_id=checked.request_id, frames=checked.num_frames, height=checked.height,
                     width=checked.width, steps=checked.num_inference_steps, scheduler=checked.scheduler,
                     checkpoint_every=checked.checkpoint_every, cache=checked.cache,
+                    preview_every=checked.preview_every,
                     resume_step=checked.resume.step if checked.resume else 0))
+        if request.preview_every > 0 and checked.preview_every == 0:
+            yield denoiser_pb2.DenoiseEvent(warning=UNAVAILABLE)
         while True:
             event = job.events.get()
             if isinstance(event, eng.Step):
@@ -294,6 +316,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     step=event.step, total_steps=event.total, timestep=event.timestep))
             elif isinstance(event, eng.Checkpoint):
                 yield denoiser_pb2.DenoiseEvent(checkpoint=checkpoint_to_proto(event, checked))
+            elif isinstance(event, eng.Preview):
+                yield denoiser_pb2.DenoiseEvent(preview=preview_to_proto(event))
             elif isinstance(event, eng.Finished):
                 log.info(kv("finished", job_id=checked.request_id, steps_run=event.steps_run))
                 if not torch.isfinite(event.latents).all():     # else the decoder would refuse them, less clearly

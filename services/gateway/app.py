@@ -72,6 +72,9 @@ class GatewayConfig(ServerConfig):
                                          "this long after its last renewal")
     checkpoint_every: int = setting(10, "denoising steps between checkpoints of a running job, from which a "
                                         "gateway that takes it over resumes (0 = none: it restarts)")
+    preview_every: int = setting(5, "denoising steps between live previews of a job that asks for them "
+                                    "(GenerationParams.preview, \"preview\": true over HTTP; the web page does), and "
+                                    "one after the last step (0 = previews off for every job)")
     result_ttl_hours: float = setting(24.0, "hours a finished video is kept; then GetVideo says it expired")
     cleanup_interval_seconds: float = setting(60.0, "how often expired videos are deleted, in seconds")
     api_keys_file: str = setting("", "file with one API key per line; set (or T2V_API_KEYS=k1,k2) to require "
@@ -122,6 +125,7 @@ def settings_from(config: GatewayConfig) -> JobSettings:
     for name, value, least in [("slots", config.slots, 1), ("max-queue", config.max_queue, 1),
                                ("aging-seconds", config.aging_seconds, 0), ("lease-seconds", config.lease_seconds, 0.1),
                                ("checkpoint-every", config.checkpoint_every, 0),
+                               ("preview-every", config.preview_every, 0),
                                ("result-ttl-hours", config.result_ttl_hours, 0),
                                ("cleanup-interval-seconds", config.cleanup_interval_seconds, 0.01)]:
         if not value >= least:
@@ -130,7 +134,7 @@ def settings_from(config: GatewayConfig) -> JobSettings:
                        result_ttl_seconds=config.result_ttl_hours * 3600,
                        cleanup_interval_seconds=config.cleanup_interval_seconds,
                        model=os.path.realpath(config.model), lease_seconds=config.lease_seconds,
-                       checkpoint_every=config.checkpoint_every,
+                       checkpoint_every=config.checkpoint_every, preview_every=config.preview_every,
                        poll_seconds=min(1.0, max(0.05, config.lease_seconds / 4)))
 
 

@@ -119,6 +119,7 @@ class ParamsInput:
     fps: int = 0
     scheduler: str = ""
     cache: str = ""
+    preview: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Params:
     fps: int
     scheduler: str
     cache: str = "none"           # "none" (exact) or "deep" (DeepCache); rows stored before it read "none"
+    preview: bool = False          # live previews while it denoises; changes nothing of the video
 
     @property
     def uses_guidance(self) -> bool:
@@ -207,6 +209,7 @@ class JobView:
     queue_position: int = 0                 # 1 = next; 0 when not queued
     queue_length: int = 0                   # jobs waiting in all, when queued
     waiting_for: str = ""                   # RUNNING but not moving: what it waits for, in a sentence
+    preview: Optional["Preview"] = None     # RUNNING here, asked for previews: the latest one
 
     @property
     def job_id(self) -> str:
@@ -272,6 +275,21 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """The latents after ``step`` steps as a small PNG (the denoiser's; protos/t2v/v1/generation.proto says how
+    its frames are laid out). Kept by the gateway running the job, the latest only; never stored."""
+
+    step: int
+    total: int
+    png: bytes
+    num_frames: int
+    columns: int
+    rows: int
+    frame_width: int
+    frame_height: int
+
+
+@dataclass(frozen=True)
 class Result:
     video: bytes
     mime_type: str
@@ -281,7 +299,7 @@ class Result:
     frames: object | None = None   # float frames from the decoder, only when asked for (parity checks)
 
 
-RunEvent = Union[StageStarted, Progress, Warning, Waiting, Checkpoint, Result]
+RunEvent = Union[StageStarted, Progress, Warning, Waiting, Checkpoint, Preview, Result]
 
 
 # --- what a watcher receives, besides StageStarted / Progress / Warning ----------------------------------
@@ -308,7 +326,7 @@ class Interrupted:
     message: str
 
 
-JobUpdate = Union[Queued, StageStarted, Progress, Warning, Finished, Interrupted]
+JobUpdate = Union[Queued, StageStarted, Progress, Preview, Warning, Finished, Interrupted]
 
 
 class RunControl:

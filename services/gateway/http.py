@@ -19,6 +19,7 @@ functions on ``router``; each finds the gateway's ``Backend`` on ``request.app.s
     POST   /v1/videos/{id}/cancel     cancel, keeping the video object -> the video object
     GET    /v1/videos/{id}/content    the MP4 (Range requests: 206 / 416)
     GET    /v1/videos/{id}/events     server-sent events until the job ends
+    GET    /v1/videos/{id}/preview    the latest live preview of a running job (PNG), for jobs that ask
     GET    /v1/models[/{id}]          the served model, in OpenAI's shape
     POST   /v1/videos/{id}/remix, /v1/videos/edits, /v1/videos/extensions, /v1/videos/characters,
     GET    /v1/videos/characters/{id}, /content?variant=thumbnail|spritesheet
@@ -688,9 +689,9 @@ def video_content(request: Request, video_id: str = _VIDEO_ID,
 @router.get("/v1/videos/{video_id}/events", response_class=EventStreamResponse, dependencies=_V1,
             summary="Follow a video's progress",
             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                             "description": "Server-sent events: `queued`, `stage`, `progress`, `warning`, "
-                                            "then `completed` or `failed` (the video object) or `error`; "
-                                            "then the stream closes."},
+                             "description": "Server-sent events: `queued`, `stage`, `progress`, `preview` "
+                                            "(jobs that asked for previews), `warning`, then `completed` or "
+                                            "`failed` (the video object) or `error`; then the stream closes."},
                        **_errors(400, 401, 404, 503)})
 def video_events(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
                  caller: Caller = Depends(_caller)) -> Response:
@@ -753,6 +754,33 @@ def create_character() -> None:
 def get_character(character_id: str = Path(description="The character OpenAI would return.")) -> None:
     raise _unsupported("characters (GET /v1/videos/characters/{id})", "describe the character in the prompt of "
                        "POST /v1/videos")
+
+
+@router.get("/v1/videos/{video_id}/preview", response_class=Response, dependencies=_V1,
+            summary="The latest live preview",
+            responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "The latents after `X-Preview-Step` of `X-Preview-Total-Steps` steps: "
+                                            "an RGB PNG of the frames in a grid (`X-Preview-Columns` x "
+                                            "`X-Preview-Rows`), a pixel per latent."},
+                       **_errors(400, 401, 404, 503)})
+def video_preview(video_id: str = _VIDEO_ID, backend: Backend = Depends(_backend),
+                  caller: Caller = Depends(_caller)) -> Response:
+    """The latest preview of a job that asked for them (`"preview": true`) while it runs on this gateway; 404
+    before the first one and once the job ended (its video is then at /content)."""
+    view = _get(backend.jobs(), video_id, caller)
+    preview = view.preview
+    if preview is None:
+        if view.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            why = ("it was not created with \"preview\": true" if not view.record.params.preview else
+                   "none has come yet (one comes every few denoising steps, to the gateway that runs "
+                   "the job)")
+            raise NotFound(f"video {video_id} has no preview: {why}")
+        raise NotFound(f"video {video_id} has no preview: previews are kept only while a video is made, and this "
+                       f"one is {videos.video_object(view, backend.model_name).status}")
+    return Response(preview.png, media_type="image/png", headers={
+        "Cache-Control": "no-store", "X-Preview-Step": str(preview.step),
+        "X-Preview-Total-Steps": str(preview.total), "X-Preview-Columns": str(preview.columns),
+        "X-Preview-Rows": str(preview.rows)})
 
 
 # --- the app ----------------------------------------------------------------------------------------------

@@ -52,8 +52,8 @@ from services.common.logs import kv
 from services.common.tracing import JOB_ID, TENANT, Tracing
 from services.gateway.dispatcher import Dispatcher
 from services.gateway.domain import (ACTIVE, Checkpoint, Finished, Interrupted, JobDeleted, JobRecord, JobRequest,
-                                     JobStatus, JobUpdate, JobView, Params, Priority, Progress, Queued, QueueFull, Result,
-                                     RunControl, RunEvent, Stage, StageRetried, StageStarted, Waiting, Warning,
+                                     JobStatus, JobUpdate, JobView, Params, Preview, Priority, Progress, Queued, QueueFull,
+                                     Result, RunControl, RunEvent, Stage, StageRetried, StageStarted, Waiting, Warning,
                                      check_job_id, new_job_id)
 from services.gateway.observer import JobObserver, SafeObserver
 from services.gateway.queue import DepartureRate, QueuePolicy
@@ -96,6 +96,7 @@ class JobSettings:
                                             # SERVING before running the recovered jobs
     lease_seconds: float = 10.0             # a running job's lease; its gateway renews it every third
     checkpoint_every: int = 10              # denoising steps between checkpoints (0 = none)
+    preview_every: int = 5                  # denoising steps between previews, for jobs that ask (0 = none)
     poll_seconds: float = 1.0               # an idle worker looks for leases run out this often
 
 
@@ -103,7 +104,7 @@ class Runner(Protocol):
     """What runs one job: ``orchestrator.Orchestrator`` (tests pass fakes)."""
 
     def run(self, job_id: str, params: Params, control: RunControl | None = None, deadline: float | None = None,
-            resume: bytes | None = None, checkpoint_every: int = 0) -> Iterator[RunEvent]: ...
+            resume: bytes | None = None, checkpoint_every: int = 0, preview_every: int = 0) -> Iterator[RunEvent]: ...
 
 
 class Watch:
@@ -196,6 +197,7 @@ class LocalRun:
     warnings: list[str] = field(default_factory=list)
     waiting_for: str = ""                       # a Waiting's sentence, until the run moves again
     history: list[JobUpdate] = field(default_factory=list)   # this run's events, replayed to late watchers
+    preview: Preview | None = None              # the latest preview (only the latest is kept, and never stored)
     last_progress_write: float = 0.0
     interrupted: bool = False                   # this gateway is stopping: leave the job to the next one
     ended: bool = False                         # its end is written (by this run or by anyone else)
@@ -232,8 +234,10 @@ def cache_key(model: str, params: Params, tenant: str = "") -> str:
     so a hit never tells one key what another asked for.
 
     ``cache`` counts only when it is not "none": an exact request keeps the key it had before the
-    field existed, so videos stored then still answer it, and never answers a deep one (or back)."""
+    field existed, so videos stored then still answer it, and never answers a deep one (or back).
+    ``preview`` never counts: previews change nothing of the video."""
     fields = dataclasses.asdict(params)
+    del fields["preview"]
     if fields.get("cache") == "none":
         del fields["cache"]
     blob = json.dumps({"model": model, "params": fields, **({"tenant": tenant} if tenant else {})}, sort_keys=True)
@@ -532,6 +536,8 @@ class JobService:
             if run is not None and not run.ended and caller.sees(run.record.tenant):
                 for update in run.history:
                     watch.put(update)
+                if run.preview is not None:      # the latest only: previews are not kept in the history
+                    watch.put(run.preview)
                 return watch
         try:
             record = self._record_for(job_id, caller)
@@ -857,8 +863,10 @@ class JobService:
 
     def _run_stages(self, run: LocalRun) -> Result | None:
         result = None
+        # preview_every only for a job that asks: a run without previews is the call it was before they existed
+        previews = {"preview_every": self.settings.preview_every} if run.record.params.preview else {}
         events = self.runner.run(run.job_id, run.record.params, run.control, run.deadline, resume=run.resume,
-                                 checkpoint_every=self.settings.checkpoint_every)
+                                 checkpoint_every=self.settings.checkpoint_every, **previews)
         for event in events:
             if isinstance(event, Result):
                 result = event
@@ -877,6 +885,12 @@ class JobService:
 
     def _publish(self, run: LocalRun, event: RunEvent) -> None:
         """A running job's event: remember it, store it (throttled), tell the watchers here and elsewhere."""
+        if isinstance(event, Preview):     # the latest is kept for GetJob and late watchers; never written
+            with self._lock:
+                if not run.ended:
+                    run.preview = event
+                    self._deliver(run.job_id, event)
+            return
         now = self._clock()
         write = False
         if isinstance(event, StageStarted):
@@ -1117,8 +1131,7 @@ class JobService:
         if run is not None and record.status == JobStatus.RUNNING:
             record = dataclasses.replace(record, stage=run.stage, step=run.step, total_steps=run.total_steps,
                                          warnings=tuple(run.warnings) or record.warnings)
-            if run.waiting_for:
-                return JobView(record, waiting_for=run.waiting_for)
+            return JobView(record, waiting_for=run.waiting_for, preview=run.preview)
         elif record.status == JobStatus.QUEUED:
             places = places if places is not None else self._places()
             return JobView(record, places.get(record.job_id, 0), len(places) if record.job_id in places else 0)

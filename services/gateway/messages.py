@@ -9,8 +9,8 @@ from __future__ import annotations
 import grpc
 
 from services.common.errors import InvalidArgument, ServiceError
-from services.gateway.domain import (Finished, JobRecord, JobStatus, JobUpdate, JobView, Params, ParamsInput, Priority,
-                                     Progress, Queued, Stage, StageStarted, Warning)
+from services.gateway.domain import (Finished, JobRecord, JobStatus, JobUpdate, JobView, Params, ParamsInput, Preview,
+                                     Priority, Progress, Queued, Stage, StageStarted, Warning)
 from t2v.v1 import gateway_pb2, generation_pb2
 
 _PRIORITY_FROM_PROTO = {gateway_pb2.PRIORITY_UNSPECIFIED: Priority.NORMAL, gateway_pb2.PRIORITY_LOW: Priority.LOW,
@@ -28,7 +28,7 @@ def params_input(params: generation_pb2.GenerationParams) -> ParamsInput:
         height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale if params.HasField("guidance_scale") else None,
         seed=params.seed if params.HasField("seed") else None, fps=params.fps, scheduler=params.scheduler,
-        cache=params.cache)
+        cache=params.cache, preview=params.preview)
 
 
 def stage_to_proto(stage: Stage) -> int:
@@ -66,7 +66,13 @@ def params_message(params: Params) -> generation_pb2.GenerationParams:
         prompt=params.prompt, negative_prompt=params.negative_prompt, num_frames=params.num_frames,
         height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale, seed=params.seed, fps=params.fps, scheduler=params.scheduler,
-        cache=params.cache)
+        cache=params.cache, preview=params.preview)
+
+
+def preview_message(preview: Preview) -> generation_pb2.Preview:
+    return generation_pb2.Preview(
+        step=preview.step, total_steps=preview.total, png=preview.png, num_frames=preview.num_frames,
+        columns=preview.columns, rows=preview.rows, frame_width=preview.frame_width, frame_height=preview.frame_height)
 
 
 def job_message(view: JobView) -> gateway_pb2.Job:
@@ -79,6 +85,8 @@ def job_message(view: JobView) -> gateway_pb2.Job:
         created_unix_ms=r.created_ms, started_unix_ms=r.started_ms, finished_unix_ms=r.finished_ms,
         cached=r.cached, video_size=r.video_size, mime_type=r.mime_type, expires_unix_ms=r.expires_ms,
         warnings=list(r.warnings), waiting_for=view.waiting_for)
+    if view.preview is not None:
+        job.preview.CopyFrom(preview_message(view.preview))
     if r.error_code:
         job.error.CopyFrom(gateway_pb2.JobError(code=r.error_code, message=r.error_message))
     return job
@@ -93,7 +101,7 @@ def result_message(record: JobRecord, video: bytes) -> gateway_pb2.VideoResult:
 
 
 def event_message(job_id: str, update: JobUpdate) -> gateway_pb2.GenerateEvent | None:
-    """A GenerateEvent for a queue / stage / progress / warning update; None for the others."""
+    """A GenerateEvent for a queue / stage / progress / preview / warning update; None for the others."""
     if isinstance(update, Queued):
         return gateway_pb2.GenerateEvent(job_id=job_id, queue=gateway_pb2.QueuePosition(
             position=update.position, queue_length=update.length))
@@ -102,6 +110,8 @@ def event_message(job_id: str, update: JobUpdate) -> gateway_pb2.GenerateEvent |
     if isinstance(update, Progress):
         return gateway_pb2.GenerateEvent(job_id=job_id, progress=generation_pb2.StepProgress(
             step=update.step, total_steps=update.total, timestep=update.timestep))
+    if isinstance(update, Preview):
+        return gateway_pb2.GenerateEvent(job_id=job_id, preview=preview_message(update))
     if isinstance(update, Warning):
         return gateway_pb2.GenerateEvent(job_id=job_id, warnings=[update.text])
     return None

@@ -32,7 +32,7 @@ from services.common.logs import kv
 from services.common.server import message_options
 from services.common.tls import ClientTls, channel as tls_channel
 from services.common.tracing import JOB_ID, Tracing, rpc_attributes, span_name
-from services.gateway.domain import (Checkpoint, Params, Progress, Result, RunControl, RunEvent, Stage,
+from services.gateway.domain import (Checkpoint, Params, Preview, Progress, Result, RunControl, RunEvent, Stage,
                                      StageRetried, StageStarted, Waiting, Warning)
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
                     text_encoder_pb2_grpc)
@@ -141,12 +141,13 @@ class Orchestrator:
 
     def run(self, job_id: str, params: Params, control: RunControl | None = None,
             deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0,
-            return_frames: bool = False) -> Iterator[RunEvent]:
+            preview_every: int = 0, return_frames: bool = False) -> Iterator[RunEvent]:
         """Encode, denoise, decode; yield events; the last one is the Result. Raises ServiceError.
 
         With ``checkpoint_every`` N > 0 the denoiser's state comes back every N steps as a Checkpoint; with
         ``resume`` (a Checkpoint's data) denoising goes on from that step. A denoiser replica that dies
-        mid-call is retried from the last checkpoint too, not from step 1."""
+        mid-call is retried from the last checkpoint too, not from step 1. With ``preview_every`` N > 0 a
+        Preview comes every N steps and after the last (or one Warning, if the denoiser has no map for them)."""
         control = control or RunControl()
         yield StageStarted(Stage.TEXT_ENCODER)
         prompts = [params.negative_prompt, params.prompt] if params.uses_guidance else [params.prompt]
@@ -168,11 +169,12 @@ class Orchestrator:
             request_id=job_id, embeddings=encoded.embeddings, num_frames=params.num_frames,
             height=params.height, width=params.width, num_inference_steps=params.num_inference_steps,
             guidance_scale=params.guidance_scale, seed=params.seed, scheduler=params.scheduler, cache=params.cache,
-            checkpoint_every=max(0, checkpoint_every))
+            checkpoint_every=max(0, checkpoint_every), preview_every=max(0, preview_every))
         if resume:
             denoise.resume.ParseFromString(resume)
+        warned: set[str] = set()            # the denoiser's warnings, told once however many attempts
         latents = yield from self._call(job_id, Stage.DENOISER, control, deadline,
-                                        lambda timeout, call: self._denoise(denoise, timeout, control, call),
+                                        lambda timeout, call: self._denoise(denoise, timeout, control, call, warned),
                                         lambda: (f"; denoising resumes after step {denoise.resume.step}"
                                                  if denoise.HasField("resume") else "; denoising restarts from step 1"))
 
@@ -253,9 +255,10 @@ class Orchestrator:
             raise Cancelled("the job was cancelled") from None
 
     def _denoise(self, request: denoiser_pb2.DenoiseRequest, timeout: float, control: RunControl,
-                 traced: "StageCall") -> Generator[RunEvent, None, Any]:
-        """The Denoise stream: yields a Progress per step and a Checkpoint when one comes, returns the
-        latents. The last checkpoint becomes the request's ``resume``, so a retry goes on from there."""
+                 traced: "StageCall", warned: set[str]) -> Generator[RunEvent, None, Any]:
+        """The Denoise stream: yields a Progress per step, a Checkpoint or a Preview when one comes, and a
+        Warning for each of the denoiser's not in ``warned`` yet; returns the latents. The last checkpoint becomes
+        the request's ``resume``, so a retry goes on from there."""
         if request.HasField("resume"):
             traced.span.add_event("resume", {"t2v.step": request.resume.step})
         call = self.denoiser.Denoise(request, timeout=timeout, wait_for_ready=True, metadata=traced.metadata)
@@ -270,6 +273,13 @@ class Orchestrator:
                 traced.span.add_event("checkpoint", {"t2v.step": event.checkpoint.step})
                 request.resume.CopyFrom(event.checkpoint)
                 yield Checkpoint(event.checkpoint.step, event.checkpoint.SerializeToString())
+            elif kind == "preview":
+                p = event.preview
+                yield Preview(p.step, p.total_steps, p.png, p.num_frames, p.columns, p.rows, p.frame_width,
+                              p.frame_height)
+            elif kind == "warning" and event.warning not in warned:
+                warned.add(event.warning)
+                yield Warning(event.warning)
             elif kind == "latents":
                 latents = event.latents
         if latents is None:

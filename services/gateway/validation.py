@@ -88,4 +88,5 @@ def validate(params: ParamsInput, limits: Limits) -> Params:
         seed = secrets.randbelow(2**31)
     return Params(prompt=prompt, negative_prompt=params.negative_prompt, num_frames=frames,
                   height=sizes["height"], width=sizes["width"], num_inference_steps=steps,
-                  guidance_scale=float(guidance), seed=seed, fps=fps, scheduler=scheduler, cache=cache)
+                  guidance_scale=float(guidance), seed=seed, fps=fps, scheduler=scheduler, cache=cache,
+                  preview=bool(params.preview))

@@ -21,6 +21,7 @@ Status mapping (``status`` is what OpenAI clients switch on; ``job_status`` is o
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -33,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.common.contract import CACHE_MODES, DEFAULT_FPS, SCHEDULERS
 from services.common.errors import InvalidArgument
 from services.gateway.domain import (Finished, Interrupted, JobRequest, JobStatus, JobUpdate, JobView, Limits,
-                                     ParamsInput, Priority, Progress as StepProgress, Queued, Stage, StageStarted,
-                                     Warning)
+                                     ParamsInput, Preview, Priority, Progress as StepProgress, Queued, Stage,
+                                     StageStarted, Warning)
 from services.gateway.validation import validate
 
 VideoStatus = Literal["queued", "in_progress", "completed", "failed"]
@@ -115,6 +116,10 @@ class CreateVideoRequest(BaseModel):
     user: Optional[str] = Field(None, description="Your end user, as OpenAI and vLLM-Omni take it: written to the "
                                                   "gateway's log beside the job id (its first 64 characters), never "
                                                   "stored and never an identity (the API key is).")
+    preview: Optional[bool] = Field(None, description="Live previews while it denoises (default false): a small "
+                                                      "PNG of the latents every few steps (the gateway's "
+                                                      "preview_every) as `preview` events on /events and at "
+                                                      "GET /v1/videos/{id}/preview. The video is the same.")
 
 
 def schema_limits(limits: Limits) -> dict[str, dict[str, int]]:
@@ -194,7 +199,8 @@ def to_job_request(body: CreateVideoRequest, limits: Limits) -> JobRequest:
     params = ParamsInput(prompt=body.prompt, negative_prompt=body.negative_prompt or "",
                          num_frames=_frames(body, limits), height=height, width=width,
                          num_inference_steps=body.num_inference_steps or 0, guidance_scale=body.guidance_scale,
-                         seed=body.seed, fps=body.fps or 0, scheduler=body.scheduler or "", cache=body.cache or "")
+                         seed=body.seed, fps=body.fps or 0, scheduler=body.scheduler or "", cache=body.cache or "",
+                         preview=bool(body.preview))
     try:
         resolved = validate(params, limits)
     except InvalidArgument as error:
@@ -280,6 +286,7 @@ class Video(BaseModel):
     warnings: list[str] = Field(description="E.g. a prompt cut at 77 tokens.")
     waiting_for: Optional[str] = Field(None, description="In progress but not moving: what the job waits for, "
                                                          "in a sentence (e.g. a replica of the denoiser stage).")
+    preview: bool = Field(False, description="The job asked for live previews (GET /v1/videos/{id}/preview).")
 
 
 class VideoList(BaseModel):
@@ -344,7 +351,8 @@ def video_object(view: JobView, model: str) -> Video:
         seed=p.seed, num_frames=p.num_frames, fps=p.fps, width=p.width, height=p.height,
         num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, scheduler=p.scheduler,
         cache=p.cache, negative_prompt=p.negative_prompt, cached=r.cached, video_size=r.video_size or None,
-        warnings=list(r.warnings), waiting_for=view.waiting_for or None)
+        warnings=list(r.warnings), waiting_for=view.waiting_for or None,
+        preview=p.preview)
 
 
 def model_name(model: str) -> str:
@@ -392,6 +400,13 @@ def expired_sentence(view: JobView) -> str:
             "create it again (the same seed and parameters give the same video)")
 
 
+def preview_fields(preview: Preview) -> dict[str, Any]:
+    """A preview's picture as a data: URL (an <img> shows it as it is) and how its frames are laid out."""
+    return {"image": "data:image/png;base64," + base64.b64encode(preview.png).decode("ascii"),
+            "num_frames": preview.num_frames, "columns": preview.columns, "rows": preview.rows,
+            "frame_width": preview.frame_width, "frame_height": preview.frame_height}
+
+
 # --- server-sent events -------------------------------------------------------------------------------
 class Progress:
     """What a watcher has seen so far of a running job, to put a percentage on each event."""
@@ -409,9 +424,10 @@ def event_of(job_id: str, update: JobUpdate, seen: Progress, model: str) -> tupl
     """The (event name, data) of a watch update for GET /v1/videos/{id}/events; None to send nothing.
 
     Events: ``queued`` {queue_position, queue_length}; ``stage`` {stage}; ``progress`` {step, total_steps};
-    ``warning`` {message}; then one of ``completed`` / ``failed`` (the whole video object) or ``error``
-    (the gateway stopped first: the job runs again after its restart; or the video was deleted). Every event but
-    ``error`` carries
+    ``preview`` {step, total_steps, image (a data: URL of the PNG), num_frames, columns, rows, frame_width,
+    frame_height} for a job that asked for previews; ``warning`` {message}; then one of ``completed`` / ``failed``
+    (the whole video object) or ``error`` (the gateway stopped first: the job runs again after its restart; or the
+    video was deleted). Every event but ``error`` carries
     ``id``, ``status`` and ``progress``.
     """
     if isinstance(update, Queued):
@@ -425,6 +441,9 @@ def event_of(job_id: str, update: JobUpdate, seen: Progress, model: str) -> tupl
         seen.step, seen.total = update.step, update.total
         return "progress", {"id": job_id, "status": "in_progress", "progress": seen.percent(),
                             "stage": "denoiser", "step": update.step, "total_steps": update.total}
+    if isinstance(update, Preview):
+        return "preview", {"id": job_id, "status": "in_progress", "progress": seen.percent(), "step": update.step,
+                           "total_steps": update.total, **preview_fields(update)}
     if isinstance(update, Warning):
         return "warning", {"id": job_id, "status": "in_progress", "progress": seen.percent(),
                            "message": update.text}

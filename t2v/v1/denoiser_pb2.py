@@ -26,7 +26,7 @@ from t2v.v1 import generation_pb2 as t2v_dot_v1_dot_generation__pb2
 from t2v.v1 import tensor_pb2 as t2v_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15t2v/v1/denoiser.proto\x12\x06t2v.v1\x1a\x17t2v/v1/generation.proto\x1a\x13t2v/v1/tensor.proto\"\xa5\x02\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\nembeddings\x18\x02 \x01(\x0b\x32\x0e.t2v.v1.Tensor\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x11\n\tscheduler\x18\t \x01(\t\x12\x18\n\x10\x63heckpoint_every\x18\n \x01(\x05\x12)\n\x06resume\x18\x0b \x01(\x0b\x32\x19.t2v.v1.DenoiseCheckpoint\x12\r\n\x05\x63\x61\x63he\x18\x0c \x01(\t\"\xb3\x01\n\x11\x44\x65noiseCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x1f\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.t2v.v1.Tensor\x12\x11\n\tscheduler\x18\x03 \x01(\t\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12%\n\rmodel_outputs\x18\x05 \x03(\x0b\x32\x0e.t2v.v1.Tensor\x12\x18\n\x10lower_order_nums\x18\x06 \x01(\x05\"\x95\x01\n\x0c\x44\x65noiseEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.t2v.v1.StepProgressH\x00\x12!\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.t2v.v1.TensorH\x00\x12/\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x19.t2v.v1.DenoiseCheckpointH\x00\x42\x07\n\x05\x65vent2E\n\x08\x44\x65noiser\x12\x39\n\x07\x44\x65noise\x12\x16.t2v.v1.DenoiseRequest\x1a\x14.t2v.v1.DenoiseEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15t2v/v1/denoiser.proto\x12\x06t2v.v1\x1a\x17t2v/v1/generation.proto\x1a\x13t2v/v1/tensor.proto\"\xbc\x02\n\x0e\x44\x65noiseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\nembeddings\x18\x02 \x01(\x0b\x32\x0e.t2v.v1.Tensor\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x11\n\tscheduler\x18\t \x01(\t\x12\x18\n\x10\x63heckpoint_every\x18\n \x01(\x05\x12)\n\x06resume\x18\x0b \x01(\x0b\x32\x19.t2v.v1.DenoiseCheckpoint\x12\r\n\x05\x63\x61\x63he\x18\x0c \x01(\t\x12\x15\n\rpreview_every\x18\r \x01(\x05\"\xb3\x01\n\x11\x44\x65noiseCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x1f\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.t2v.v1.Tensor\x12\x11\n\tscheduler\x18\x03 \x01(\t\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12%\n\rmodel_outputs\x18\x05 \x03(\x0b\x32\x0e.t2v.v1.Tensor\x12\x18\n\x10lower_order_nums\x18\x06 \x01(\x05\"\xcc\x01\n\x0c\x44\x65noiseEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.t2v.v1.StepProgressH\x00\x12!\n\x07latents\x18\x02 \x01(\x0b\x32\x0e.t2v.v1.TensorH\x00\x12/\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x19.t2v.v1.DenoiseCheckpointH\x00\x12\"\n\x07preview\x18\x04 \x01(\x0b\x32\x0f.t2v.v1.PreviewH\x00\x12\x11\n\x07warning\x18\x05 \x01(\tH\x00\x42\x07\n\x05\x65vent2E\n\x08\x44\x65noiser\x12\x39\n\x07\x44\x65noise\x12\x16.t2v.v1.DenoiseRequest\x1a\x14.t2v.v1.DenoiseEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 't2v.v1.denoiser_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISEREQUEST']._serialized_start=80
-  _globals['_DENOISEREQUEST']._serialized_end=373
-  _globals['_DENOISECHECKPOINT']._serialized_start=376
-  _globals['_DENOISECHECKPOINT']._serialized_end=555
-  _globals['_DENOISEEVENT']._serialized_start=558
-  _globals['_DENOISEEVENT']._serialized_end=707
-  _globals['_DENOISER']._serialized_start=709
-  _globals['_DENOISER']._serialized_end=778
+  _globals['_DENOISEREQUEST']._serialized_end=396
+  _globals['_DENOISECHECKPOINT']._serialized_start=399
+  _globals['_DENOISECHECKPOINT']._serialized_end=578
+  _globals['_DENOISEEVENT']._serialized_start=581
+  _globals['_DENOISEEVENT']._serialized_end=785
+  _globals['_DENOISER']._serialized_start=787
+  _globals['_DENOISER']._serialized_end=856
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("request_id", "embeddings", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler", "checkpoint_every", "resume", "cache")
+    __slots__ = ("request_id", "embeddings", "num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "scheduler", "checkpoint_every", "resume", "cache", "preview_every")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class DenoiseRequest(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     embeddings: _tensor_pb2.Tensor
     num_frames: int
@@ -34,7 +35,8 @@ class DenoiseRequest(_message.Message):
     checkpoint_every: int
     resume: DenoiseCheckpoint
     cache: str
-    def __init__(self, request_id: _Optional[str] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., resume: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., cache: _Optional[str] = ...) -> None: ...
+    preview_every: int
+    def __init__(self, request_id: _Optional[str] = ..., embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., scheduler: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., resume: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., cache: _Optional[str] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class DenoiseCheckpoint(_message.Message):
     __slots__ = ("step", "latents", "scheduler", "num_inference_steps", "model_outputs", "lower_order_nums")
@@ -53,11 +55,15 @@ class DenoiseCheckpoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., scheduler: _Optional[str] = ..., num_inference_steps: _Optional[int] = ..., model_outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., lower_order_nums: _Optional[int] = ...) -> None: ...
 
 class DenoiseEvent(_message.Message):
-    __slots__ = ("progress", "latents", "checkpoint")
+    __slots__ = ("progress", "latents", "checkpoint", "preview", "warning")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     progress: _generation_pb2.StepProgress
     latents: _tensor_pb2.Tensor
     checkpoint: DenoiseCheckpoint
-    def __init__(self, progress: _Optional[_Union[_generation_pb2.StepProgress, _Mapping]] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., checkpoint: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ...) -> None: ...
+    preview: _generation_pb2.Preview
+    warning: str
+    def __init__(self, progress: _Optional[_Union[_generation_pb2.StepProgress, _Mapping]] = ..., latents: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., checkpoint: _Optional[_Union[DenoiseCheckpoint, _Mapping]] = ..., preview: _Optional[_Union[_generation_pb2.Preview, _Mapping]] = ..., warning: _Optional[str] = ...) -> None: ...

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from t2v.v1 import generation_pb2 as t2v_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14t2v/v1/gateway.proto\x12\x06t2v.v1\x1a\x17t2v/v1/generation.proto\"_\n\x0fGenerateRequest\x12(\n\x06params\x18\x01 \x01(\x0b\x32\x18.t2v.v1.GenerationParams\x12\"\n\x08priority\x18\x02 \x01(\x0e\x32\x10.t2v.v1.Priority\",\n\x0cStageStarted\x12\x1c\n\x05stage\x18\x01 \x01(\x0e\x32\r.t2v.v1.Stage\"7\n\rQueuePosition\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x14\n\x0cqueue_length\x18\x02 \x01(\x05\"\xd4\x01\n\x0bVideoResult\x12\r\n\x05video\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x12\n\nnum_frames\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x08 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\t \x01(\x02\x12\x11\n\tscheduler\x18\n \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x0b \x01(\t\"\xda\x01\n\rGenerateEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05stage\x18\x02 \x01(\x0b\x32\x14.t2v.v1.StageStartedH\x00\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x14.t2v.v1.StepProgressH\x00\x12%\n\x06result\x18\x04 \x01(\x0b\x32\x13.t2v.v1.VideoResultH\x00\x12&\n\x05queue\x18\x06 \x01(\x0b\x32\x15.t2v.v1.QueuePositionH\x00\x12\x10\n\x08warnings\x18\x05 \x03(\tB\x07\n\x05\x65vent\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xde\x03\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.t2v.v1.JobStatus\x12\"\n\x08priority\x18\x03 \x01(\x0e\x32\x10.t2v.v1.Priority\x12(\n\x06params\x18\x04 \x01(\x0b\x32\x18.t2v.v1.GenerationParams\x12&\n\x08progress\x18\x05 \x01(\x0b\x32\x14.t2v.v1.StepProgress\x12\x1c\n\x05stage\x18\x06 \x01(\x0e\x32\r.t2v.v1.Stage\x12\x16\n\x0equeue_position\x18\x07 \x01(\x05\x12\x1f\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x10.t2v.v1.JobError\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\n \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\x0b \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x0c \x01(\x08\x12\x12\n\nvideo_size\x18\r \x01(\x03\x12\x11\n\tmime_type\x18\x0e \x01(\t\x12\x17\n\x0f\x65xpires_unix_ms\x18\x0f \x01(\x03\x12\x10\n\x08warnings\x18\x10 \x03(\t\x12\x14\n\x0cqueue_length\x18\x11 \x01(\x05\x12\x13\n\x0bwaiting_for\x18\x12 \x01(\t\"y\n\x10SubmitJobRequest\x12(\n\x06params\x18\x01 \x01(\x0b\x32\x18.t2v.v1.GenerationParams\x12\"\n\x08priority\x18\x02 \x01(\x0e\x32\x10.t2v.v1.Priority\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"[\n\x0fListJobsRequest\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.t2v.v1.JobStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"F\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.t2v.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x44\x65leteJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"1\n\x0fGetVideoRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"Q\n\nVideoChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x11\n\tmime_type\x18\x04 \x01(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*]\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x16\n\x12STAGE_TEXT_ENCODER\x10\x01\x12\x12\n\x0eSTAGE_DENOISER\x10\x02\x12\x11\n\rSTAGE_DECODER\x10\x03*\xb9\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x12\x16\n\x12JOB_STATUS_EXPIRED\x10\x06\x32\x99\x03\n\x07Gateway\x12<\n\x08Generate\x12\x17.t2v.v1.GenerateRequest\x1a\x15.t2v.v1.GenerateEvent0\x01\x12\x32\n\tSubmitJob\x12\x18.t2v.v1.SubmitJobRequest\x1a\x0b.t2v.v1.Job\x12,\n\x06GetJob\x12\x15.t2v.v1.GetJobRequest\x1a\x0b.t2v.v1.Job\x12=\n\x08ListJobs\x12\x17.t2v.v1.ListJobsRequest\x1a\x18.t2v.v1.ListJobsResponse\x12\x32\n\tCancelJob\x12\x18.t2v.v1.CancelJobRequest\x1a\x0b.t2v.v1.Job\x12@\n\tDeleteJob\x12\x18.t2v.v1.DeleteJobRequest\x1a\x19.t2v.v1.DeleteJobResponse\x12\x39\n\x08GetVideo\x12\x17.t2v.v1.GetVideoRequest\x1a\x12.t2v.v1.VideoChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14t2v/v1/gateway.proto\x12\x06t2v.v1\x1a\x17t2v/v1/generation.proto\"_\n\x0fGenerateRequest\x12(\n\x06params\x18\x01 \x01(\x0b\x32\x18.t2v.v1.GenerationParams\x12\"\n\x08priority\x18\x02 \x01(\x0e\x32\x10.t2v.v1.Priority\",\n\x0cStageStarted\x12\x1c\n\x05stage\x18\x01 \x01(\x0e\x32\r.t2v.v1.Stage\"7\n\rQueuePosition\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x14\n\x0cqueue_length\x18\x02 \x01(\x05\"\xd4\x01\n\x0bVideoResult\x12\r\n\x05video\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x12\n\nnum_frames\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x08 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\t \x01(\x02\x12\x11\n\tscheduler\x18\n \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x0b \x01(\t\"\xfe\x01\n\rGenerateEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05stage\x18\x02 \x01(\x0b\x32\x14.t2v.v1.StageStartedH\x00\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x14.t2v.v1.StepProgressH\x00\x12%\n\x06result\x18\x04 \x01(\x0b\x32\x13.t2v.v1.VideoResultH\x00\x12&\n\x05queue\x18\x06 \x01(\x0b\x32\x15.t2v.v1.QueuePositionH\x00\x12\"\n\x07preview\x18\x07 \x01(\x0b\x32\x0f.t2v.v1.PreviewH\x00\x12\x10\n\x08warnings\x18\x05 \x03(\tB\x07\n\x05\x65vent\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x80\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x06status\x18\x02 \x01(\x0e\x32\x11.t2v.v1.JobStatus\x12\"\n\x08priority\x18\x03 \x01(\x0e\x32\x10.t2v.v1.Priority\x12(\n\x06params\x18\x04 \x01(\x0b\x32\x18.t2v.v1.GenerationParams\x12&\n\x08progress\x18\x05 \x01(\x0b\x32\x14.t2v.v1.StepProgress\x12\x1c\n\x05stage\x18\x06 \x01(\x0e\x32\r.t2v.v1.Stage\x12\x16\n\x0equeue_position\x18\x07 \x01(\x05\x12\x1f\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x10.t2v.v1.JobError\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x03\x12\x17\n\x0fstarted_unix_ms\x18\n \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\x0b \x01(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x0c \x01(\x08\x12\x12\n\nvideo_size\x18\r \x01(\x03\x12\x11\n\tmime_type\x18\x0e \x01(\t\x12\x17\n\x0f\x65xpires_unix_ms\x18\x0f \x01(\x03\x12\x10\n\x08warnings\x18\x10 \x03(\t\x12\x14\n\x0cqueue_length\x18\x11 \x01(\x05\x12\x13\n\x0bwaiting_for\x18\x12 \x01(\t\x12 \n\x07preview\x18\x13 \x01(\x0b\x32\x0f.t2v.v1.Preview\"y\n\x10SubmitJobRequest\x12(\n\x06params\x18\x01 \x01(\x0b\x32\x18.t2v.v1.GenerationParams\x12\"\n\x08priority\x18\x02 \x01(\x0e\x32\x10.t2v.v1.Priority\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"[\n\x0fListJobsRequest\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.t2v.v1.JobStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"F\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.t2v.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x44\x65leteJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\"1\n\x0fGetVideoRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"Q\n\nVideoChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x11\n\tmime_type\x18\x04 \x01(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03*]\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x16\n\x12STAGE_TEXT_ENCODER\x10\x01\x12\x12\n\x0eSTAGE_DENOISER\x10\x02\x12\x11\n\rSTAGE_DECODER\x10\x03*\xb9\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x12\x16\n\x12JOB_STATUS_EXPIRED\x10\x06\x32\x99\x03\n\x07Gateway\x12<\n\x08Generate\x12\x17.t2v.v1.GenerateRequest\x1a\x15.t2v.v1.GenerateEvent0\x01\x12\x32\n\tSubmitJob\x12\x18.t2v.v1.SubmitJobRequest\x1a\x0b.t2v.v1.Job\x12,\n\x06GetJob\x12\x15.t2v.v1.GetJobRequest\x1a\x0b.t2v.v1.Job\x12=\n\x08ListJobs\x12\x17.t2v.v1.ListJobsRequest\x1a\x18.t2v.v1.ListJobsResponse\x12\x32\n\tCancelJob\x12\x18.t2v.v1.CancelJobRequest\x1a\x0b.t2v.v1.Job\x12@\n\tDeleteJob\x12\x18.t2v.v1.DeleteJobRequest\x1a\x19.t2v.v1.DeleteJobResponse\x12\x39\n\x08GetVideo\x12\x17.t2v.v1.GetVideoRequest\x1a\x12.t2v.v1.VideoChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 't2v.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1798
-  _globals['_PRIORITY']._serialized_end=1892
-  _globals['_STAGE']._serialized_start=1894
-  _globals['_STAGE']._serialized_end=1987
-  _globals['_JOBSTATUS']._serialized_start=1990
-  _globals['_JOBSTATUS']._serialized_end=2175
+  _globals['_PRIORITY']._serialized_start=1868
+  _globals['_PRIORITY']._serialized_end=1962
+  _globals['_STAGE']._serialized_start=1964
+  _globals['_STAGE']._serialized_end=2057
+  _globals['_JOBSTATUS']._serialized_start=2060
+  _globals['_JOBSTATUS']._serialized_end=2245
   _globals['_GENERATEREQUEST']._serialized_start=57
   _globals['_GENERATEREQUEST']._serialized_end=152
   _globals['_STAGESTARTED']._serialized_start=154
@@ -47,29 +47,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VIDEORESULT']._serialized_start=258
   _globals['_VIDEORESULT']._serialized_end=470
   _globals['_GENERATEEVENT']._serialized_start=473
-  _globals['_GENERATEEVENT']._serialized_end=691
-  _globals['_JOBERROR']._serialized_start=693
-  _globals['_JOBERROR']._serialized_end=734
-  _globals['_JOB']._serialized_start=737
-  _globals['_JOB']._serialized_end=1215
-  _globals['_SUBMITJOBREQUEST']._serialized_start=1217
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1338
-  _globals['_GETJOBREQUEST']._serialized_start=1340
-  _globals['_GETJOBREQUEST']._serialized_end=1371
-  _globals['_LISTJOBSREQUEST']._serialized_start=1373
-  _globals['_LISTJOBSREQUEST']._serialized_end=1464
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1466
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1536
-  _globals['_CANCELJOBREQUEST']._serialized_start=1538
-  _globals['_CANCELJOBREQUEST']._serialized_end=1572
-  _globals['_DELETEJOBREQUEST']._serialized_start=1574
-  _globals['_DELETEJOBREQUEST']._serialized_end=1608
-  _globals['_DELETEJOBRESPONSE']._serialized_start=1610
-  _globals['_DELETEJOBRESPONSE']._serialized_end=1662
-  _globals['_GETVIDEOREQUEST']._serialized_start=1664
-  _globals['_GETVIDEOREQUEST']._serialized_end=1713
-  _globals['_VIDEOCHUNK']._serialized_start=1715
-  _globals['_VIDEOCHUNK']._serialized_end=1796
-  _globals['_GATEWAY']._serialized_start=2178
-  _globals['_GATEWAY']._serialized_end=2587
+  _globals['_GENERATEEVENT']._serialized_end=727
+  _globals['_JOBERROR']._serialized_start=729
+  _globals['_JOBERROR']._serialized_end=770
+  _globals['_JOB']._serialized_start=773
+  _globals['_JOB']._serialized_end=1285
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1287
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1408
+  _globals['_GETJOBREQUEST']._serialized_start=1410
+  _globals['_GETJOBREQUEST']._serialized_end=1441
+  _globals['_LISTJOBSREQUEST']._serialized_start=1443
+  _globals['_LISTJOBSREQUEST']._serialized_end=1534
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1536
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1606
+  _globals['_CANCELJOBREQUEST']._serialized_start=1608
+  _globals['_CANCELJOBREQUEST']._serialized_end=1642
+  _globals['_DELETEJOBREQUEST']._serialized_start=1644
+  _globals['_DELETEJOBREQUEST']._serialized_end=1678
+  _globals['_DELETEJOBRESPONSE']._serialized_start=1680
+  _globals['_DELETEJOBRESPONSE']._serialized_end=1732
+  _globals['_GETVIDEOREQUEST']._serialized_start=1734
+  _globals['_GETVIDEOREQUEST']._serialized_end=1783
+  _globals['_VIDEOCHUNK']._serialized_start=1785
+  _globals['_VIDEOCHUNK']._serialized_end=1866
+  _globals['_GATEWAY']._serialized_start=2248
+  _globals['_GATEWAY']._serialized_end=2657
 # @@protoc_insertion_point(module_scope)

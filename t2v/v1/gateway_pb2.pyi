@@ -96,20 +96,22 @@ class VideoResult(_message.Message):
     def __init__(self, video: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., fps: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[str] = ..., cache: _Optional[str] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("job_id", "stage", "progress", "result", "queue", "warnings")
+    __slots__ = ("job_id", "stage", "progress", "result", "queue", "preview", "warnings")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     stage: StageStarted
     progress: _generation_pb2.StepProgress
     result: VideoResult
     queue: QueuePosition
+    preview: _generation_pb2.Preview
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[_Union[StageStarted, _Mapping]] = ..., progress: _Optional[_Union[_generation_pb2.StepProgress, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., queue: _Optional[_Union[QueuePosition, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[_Union[StageStarted, _Mapping]] = ..., progress: _Optional[_Union[_generation_pb2.StepProgress, _Mapping]] = ..., result: _Optional[_Union[VideoResult, _Mapping]] = ..., queue: _Optional[_Union[QueuePosition, _Mapping]] = ..., preview: _Optional[_Union[_generation_pb2.Preview, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "message")
@@ -120,7 +122,7 @@ class JobError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "status", "priority", "params", "progress", "stage", "queue_position", "error", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "cached", "video_size", "mime_type", "expires_unix_ms", "warnings", "queue_length", "waiting_for")
+    __slots__ = ("job_id", "status", "priority", "params", "progress", "stage", "queue_position", "error", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "cached", "video_size", "mime_type", "expires_unix_ms", "warnings", "queue_length", "waiting_for", "preview")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +141,7 @@ class Job(_message.Message):
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: JobStatus
     priority: Priority
@@ -157,7 +160,8 @@ class Job(_message.Message):
     warnings: _containers.RepeatedScalarFieldContainer[str]
     queue_length: int
     waiting_for: str
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., priority: _Optional[_Union[Priority, str]] = ..., params: _Optional[_Union[_generation_pb2.GenerationParams, _Mapping]] = ..., progress: _Optional[_Union[_generation_pb2.StepProgress, _Mapping]] = ..., stage: _Optional[_Union[Stage, str]] = ..., queue_position: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., cached: _Optional[bool] = ..., video_size: _Optional[int] = ..., mime_type: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., queue_length: _Optional[int] = ..., waiting_for: _Optional[str] = ...) -> None: ...
+    preview: _generation_pb2.Preview
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., priority: _Optional[_Union[Priority, str]] = ..., params: _Optional[_Union[_generation_pb2.GenerationParams, _Mapping]] = ..., progress: _Optional[_Union[_generation_pb2.StepProgress, _Mapping]] = ..., stage: _Optional[_Union[Stage, str]] = ..., queue_position: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., cached: _Optional[bool] = ..., video_size: _Optional[int] = ..., mime_type: _Optional[str] = ..., expires_unix_ms: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., queue_length: _Optional[int] = ..., waiting_for: _Optional[str] = ..., preview: _Optional[_Union[_generation_pb2.Preview, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("params", "priority", "timeout_seconds")

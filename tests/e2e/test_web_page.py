@@ -44,6 +44,21 @@ RECORDER = """() => {
   new MutationObserver(note).observe(document.querySelector('.progress'),
                                      {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
+# Every live preview the stage showed, as it loaded: its picture's own size, how big and how it is drawn, the
+# note over it, and what the status line said then.
+PREVIEW_RECORDER = """() => {
+  window.__previews = [];
+  const img = document.getElementById('preview');
+  img.addEventListener('load', () => {
+    const box = img.getBoundingClientRect();
+    window.__previews.push({src: img.src.slice(0, 22), width: img.naturalWidth, height: img.naturalHeight,
+                            shownWidth: box.width, shown: img.classList.contains('shown'),
+                            visible: getComputedStyle(img).display !== 'none',
+                            rendering: getComputedStyle(img).imageRendering,
+                            note: document.getElementById('preview-note').textContent,
+                            status: document.getElementById('status-text').textContent});
+  });
+}"""
 # Every control of the page that a person uses, as CSS selectors.
 CONTROLS = ["#prompt", "button.example", "#negative", "#frames", "#steps", "#guidance", "#seed", "#size", "#priority",
             "#generate", "#cancel", "#download", "#recent button"]
@@ -162,11 +177,24 @@ def test_generate_shows_progress_and_plays_the_video(make_gateway, page, tmp_pat
     page.goto(make_gateway().http_url + "/")
     page.wait_for_selector("#health-dot.ok", timeout=15_000)
     page.evaluate(RECORDER)
+    page.evaluate(PREVIEW_RECORDER)
     at_the_defaults(page, 0)
     page.select_option("#priority", "high")
     page.click("#generate")
 
     wait_done(page)
+    # While it denoised, the latest live preview took the checkerboard's place: 16 frames of 8x8 latents in a
+    # 4 x 4 grid, drawn pixel for pixel at many times its size; once the video plays, it is gone.
+    previews = page.evaluate("window.__previews")
+    assert len(previews) >= 3, f"fewer than 3 previews were shown in 50 steps: {previews}"
+    for preview in previews:
+        assert preview["src"] == "data:image/png;base64," and (preview["width"], preview["height"]) == (32, 32)
+        assert preview["shown"] and preview["visible"] and preview["shownWidth"] >= 4 * 32, preview
+        assert preview["rendering"] == "pixelated", preview
+        assert re.fullmatch(r"preview · step \d+ / 50", preview["note"]), preview
+    steps_shown = [int(p["note"].split()[3]) for p in previews]
+    assert steps_shown == sorted(steps_shown) and all(step % 5 == 0 for step in steps_shown), steps_shown
+    assert not page.is_visible("#preview") and not page.is_visible("#preview-note") and page.is_visible("#video")
     seen = page.evaluate("window.__seen")
     steps = [side for _, side, _, _ in seen if re.fullmatch(r"step \d+ / 50", side)]
     assert steps, f"no 'step N / 50' was shown; the page showed {seen}"   # (the observer sees batches)

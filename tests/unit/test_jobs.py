@@ -57,8 +57,8 @@ class FakeRunner:
         self._go.set()
 
     def run(self, job_id: str, params: Params, control: domain.RunControl | None = None,
-            deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0
-            ) -> Iterator[domain.RunEvent]:
+            deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0,
+            preview_every: int = 0) -> Iterator[domain.RunEvent]:
         control = control or domain.RunControl()
         self.started.append(job_id)
         yield domain.StageStarted(domain.Stage.TEXT_ENCODER)
@@ -389,7 +389,7 @@ def test_an_exact_request_keeps_the_cache_key_it_had_before_the_cache_field() ->
     import json
 
     base = params()
-    before = {k: v for k, v in dataclasses.asdict(base).items() if k != "cache"}
+    before = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("cache", "preview")}   # neither then
     blob = json.dumps({"model": "/m", "params": before}, sort_keys=True)
     assert base.cache == "none" and cache_key("/m", base) == hashlib.sha256(blob.encode()).hexdigest()
 
@@ -569,3 +569,67 @@ def test_a_run_that_loses_its_lease_stops_and_its_watchers_keep_following(make_s
     assert status_of(service, job) == JobStatus.RUNNING and runner.finished == []
     seen = list(iter(lambda: watch.next(0.2), None))
     assert not any(isinstance(update, Finished) for update in seen), seen
+
+
+# --- live previews ------------------------------------------------------------------------------------------
+class PreviewRunner:
+    """Stages and steps like FakeRunner, and a Preview after every ``preview_every``-th step as the orchestrator
+    passes the denoiser's on; holds after step ``hold_at`` until ``release()``. Records what each run asked."""
+
+    def __init__(self, hold_at: int) -> None:
+        self.hold_at = hold_at
+        self.asked: list[int] = []
+        self.held = threading.Event()
+        self._go = threading.Event()
+
+    def release(self) -> None:
+        self._go.set()
+
+    def run(self, job_id: str, params: Params, control: domain.RunControl | None = None,
+            deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0,
+            preview_every: int = 0) -> Iterator[domain.RunEvent]:
+        control = control or domain.RunControl()
+        self.asked.append(preview_every)
+        yield domain.StageStarted(domain.Stage.DENOISER)
+        for step in range(1, params.num_inference_steps + 1):
+            yield domain.Progress(step, params.num_inference_steps, 0)
+            if preview_every and step % preview_every == 0:
+                yield domain.Preview(step, params.num_inference_steps, b"PNG%d" % step, 2, 2, 1, 4, 4)
+            if step == self.hold_at:
+                self.held.set()
+                while not self._go.wait(0.002):
+                    if control.cancelled.is_set():
+                        raise Cancelled("the job was cancelled")
+        yield domain.Result(video=b"MP4", mime_type="video/mp4", num_frames=2, height=32, width=32)
+
+
+def test_previews_only_when_asked_the_latest_kept_for_get_and_late_watchers_never_stored(make_service) -> None:
+    runner = PreviewRunner(hold_at=5)
+    service = make_service(runner, preview_every=2)
+    asked = dataclasses.replace(params(steps=6), preview=True)
+    with service.submit_and_watch(JobRequest(asked)) as early:
+        wait_for(runner.held.is_set, what="the run to reach step 5")
+        job_id = early.job_id
+        view = service.get(job_id)
+        assert view.preview is not None and view.preview.step == 4 and view.preview.png == b"PNG4"
+        with service.watch(job_id) as late:                  # the run so far, then the latest preview only
+            replayed = [late.next(timeout=1) for _ in range(7)]
+            assert [type(u).__name__ for u in replayed] == ["StageStarted"] + ["Progress"] * 5 + ["Preview"]
+            assert replayed[-1].step == 4 and late.next(timeout=0.05) is None
+        runner.release()
+        updates = list(early)
+    assert [u.step for u in updates if isinstance(u, domain.Preview)] == [2, 4, 6]
+    assert runner.asked == [2]
+    done = service.get(job_id)
+    assert done.status == JobStatus.COMPLETED and done.preview is None       # kept only while it runs
+    row = sqlite3.connect(service.store.path).execute("SELECT params FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    assert "PNG" not in row[0] and '"preview": true' in row[0] and done.record.params.preview
+
+    runner.hold_at = 0
+    plain = service.submit(JobRequest(params(steps=4)))
+    wait_status(service, plain.job_id, JobStatus.COMPLETED)
+    assert runner.asked == [2, 0]                            # a job that did not ask: the denoiser is asked for none
+    row = sqlite3.connect(service.store.path).execute("SELECT params FROM jobs WHERE job_id = ?",
+                                                      (plain.job_id,)).fetchone()
+    assert "preview" not in row[0]                            # its row is as it was before previews existed
+    assert cache_key("/m", asked) == cache_key("/m", dataclasses.replace(asked, preview=False))

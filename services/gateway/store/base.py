@@ -194,7 +194,10 @@ def to_row(record: JobRecord) -> dict[str, Any]:
     row = dataclasses.asdict(record)
     row["status"] = record.status.value
     row["priority"] = record.priority.label
-    row["params"] = json.dumps(dataclasses.asdict(record.params), sort_keys=True)
+    params = dataclasses.asdict(record.params)
+    if not params["preview"]:
+        del params["preview"]      # a job without previews is the row it was before they existed
+    row["params"] = json.dumps(params, sort_keys=True)
     row["warnings"] = json.dumps(list(record.warnings))
     row["stage"] = int(record.stage)
     row["seed_given"], row["cached"] = int(record.seed_given), int(record.cached)
