@@ -1,0 +1,355 @@
+"""Where the compiled UNet forward's time goes on a GPU, and what the kernel levers left do to it.
+
+Why: at 16 concurrent requests the mesh and a diffusers user who compiles run the same Inductor kernels for
+the same 32 rows (docs/benchmarks.md, issue 15), so more throughput must come from faster kernels, not from
+batching. This probe measures, on the full 1.7B UNet (fp16, 16x256x256: latents 4x16x32x32, 77 tokens), in
+one process and one call, each step guarded by a time budget:
+
+1. ``profile``: the compiled 32-row forward's GPU time by kernel family (convolutions, matrix products,
+   Inductor's fused Triton kernels, attention, the rest), from torch.profiler's kernel records;
+2. ``cudnn``: the same compiled forward replayed as a CUDA graph with cuDNN's benchmark mode off (PyTorch's
+   default: cuDNN's heuristics pick each convolution's algorithm) and on (each algorithm timed once per
+   shape, before the capture); Inductor leaves convolutions to aten, which asks cuDNN at run time;
+3. ``fp8``: every large linear layer as an FP8 (e4m3) matrix product (``torch._scaled_mm``, the activations
+   scaled per row or per tensor at run time, the weights once), compiled for 32 rows and replayed as a
+   graph; its error against the fp16 output on the same inputs (relative norm and max);
+4. ``rows64``: the exact forward compiled for 64 rows, a row's time against 32;
+5. ``aoti``: whether the UNet exports and packages with AOTInductor for 2 rows (a warm start would load
+   that instead of tracing the UNet again), what that costs, how long loading takes, and whether the loaded
+   model captures as a CUDA graph and how fast it replays;
+6. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
+   CUDA events, against a 32-row step.
+
+    python bench/probe_unet.py --model /tmp/t2v-full --out /tmp/probe --budget-s 420
+
+Prints one JSON line per step as it finishes and writes probe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+FRAMES, LATENT, TOKENS = 16, 32, 77
+
+
+def event_median(fn: Callable[[], Any], repeat: int = 10, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` over ``repeat`` calls, timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def random_inputs(rows: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    sample = torch.randn(rows, 4, FRAMES, LATENT, LATENT, device="cuda", dtype=torch.float16, generator=g)
+    timesteps = torch.randint(1, 999, (rows,), device="cuda", generator=g)
+    embeddings = torch.randn(rows, TOKENS, dim, device="cuda", dtype=torch.float16, generator=g)
+    return sample, timesteps, embeddings
+
+
+def graphed(forward: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:
+    """``forward(*inputs)`` captured as a CUDA graph (a warm-up on a side stream first, as graphs.py does)."""
+    static = tuple(x.clone() for x in inputs)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward(*static)
+    return graph.replay
+
+
+def family(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("conv", "implicit", "winograd", "fprop", "dgrad", "xmma_fprop")):
+        return "convolution"
+    if any(k in n for k in ("flash", "fmha", "attention", "attn", "sdpa")):
+        return "attention"
+    if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "matmul", "nvjet", "cublas", "scaled_mm")):
+        return "matmul"
+    if n.startswith("triton"):
+        return "triton (fused by inductor)"
+    return "other"
+
+
+def kernel_families(fn: Callable[[], None]) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+        totals[family(event.name)] = totals.get(family(event.name), 0.0) + us
+        top[event.name] = top.get(event.name, 0.0) + us
+    whole = sum(totals.values()) or 1.0
+    return {"ms": {k: round(v / 1e3, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+            "share": {k: round(v / whole, 3) for k, v in totals.items()},
+            "top_kernels_ms": {k[:110]: round(v / 1e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]}}
+
+
+class Fp8Linear(torch.nn.Module):
+    """``linear`` as an e4m3 matrix product: the weight scaled once (per output row), the input per row
+    (``rowwise``, bf16 out) or per tensor (fp16 out) at each call; the bias added after."""
+
+    def __init__(self, linear: torch.nn.Linear, rowwise: bool) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.rowwise = rowwise
+        if rowwise:
+            scale = (w.abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=1e-12)     # [out, 1]
+            self.register_buffer("scale_w", scale.t().contiguous())                   # [1, out]
+        else:
+            scale = (w.abs().amax() / 448.0).clamp(min=1e-12)
+            self.register_buffer("scale_w", scale.reshape(()))
+        self.register_buffer("w8", (w / scale).to(torch.float8_e4m3fn))               # [out, in]
+        self.bias = linear.bias
+        self.out_dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if self.rowwise:
+            scale_x = (flat.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+            out = torch._scaled_mm((flat / scale_x).to(torch.float8_e4m3fn), self.w8.t(), scale_x, self.scale_w,
+                                   out_dtype=torch.bfloat16).to(self.out_dtype)
+        else:
+            scale_x = (flat.abs().amax().float() / 448.0).clamp(min=1e-12)
+            out = torch._scaled_mm((flat / scale_x).to(torch.float8_e4m3fn), self.w8.t(), scale_x, self.scale_w,
+                                   out_dtype=self.out_dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def to_fp8(unet: torch.nn.Module, rowwise: bool, min_features: int = 256) -> int:
+    """Swap every nn.Linear of at least ``min_features`` in and out (multiples of 16) for Fp8Linear."""
+    swapped = 0
+    for parent in list(unet.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, torch.nn.Linear) and child.in_features >= min_features
+                    and child.out_features >= min_features and child.in_features % 16 == 0
+                    and child.out_features % 16 == 0):
+                setattr(parent, name, Fp8Linear(child, rowwise))
+                swapped += 1
+    return swapped
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
+
+
+def aoti_probe(unet: torch.nn.Module, dim: int, eager: Callable[..., torch.Tensor], folder: Path) -> dict[str, Any]:
+    """Export + AOTInductor-package the 2-row forward, load it, compare, capture, time (see the docstring)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {}
+    x2 = random_inputs(2, dim)
+    wrapped = _Wrapped(unet)
+    try:
+        started = time.perf_counter()
+        program = torch.export.export(wrapped, x2, strict=False)
+        result["export_s"] = round(time.perf_counter() - started, 1)
+        configs: dict[str, Any] = {}
+        aot = torch._inductor.config.aot_inductor
+        if hasattr(aot, "package_constants_in_so"):
+            configs["aot_inductor.package_constants_in_so"] = False
+        result["constants_in_so"] = not configs
+        started = time.perf_counter()
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(folder / "unet-2.pt2"),
+                                                        inductor_configs=configs)
+        result["package_s"] = round(time.perf_counter() - started, 1)
+        result["package_mb"] = round(Path(path).stat().st_size / 1e6, 1)
+        started = time.perf_counter()
+        loaded = torch._inductor.aoti_load_package(path)
+        if configs:
+            loaded.load_constants(dict(wrapped.state_dict()), check_full_update=True, user_managed=True)
+        result["load_s"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        out = loaded(*x2)
+        torch.cuda.synchronize()
+        result["first_call_s"] = round(time.perf_counter() - started, 2)
+        ref = eager(*x2).float()
+        result["rel_err"] = float((out.float() - ref).norm() / ref.norm())
+        result["eager_graph_ms"] = round(event_median(graphed(eager, x2)) * 1e3, 2)
+        result["aoti_ms"] = round(event_median(lambda: loaded(*x2)) * 1e3, 2)
+        result["aoti_graph_ms"] = round(event_median(graphed(lambda x, t, e: loaded(x, t, e), x2)) * 1e3, 2)
+    except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
+        result["failed"] = f"{type(exc).__name__}: {exc}"[:800]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="/tmp/t2v-full")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--steps", default="profile,cudnn,preview,aoti,fp8,rows64")
+    parser.add_argument("--compile-s", type=float, default=130.0, help="what one compilation is expected to take")
+    a = parser.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def left() -> float:
+        return a.budget_s - (time.monotonic() - began)
+
+    def done(step: str, result: Any) -> None:
+        report[step] = result
+        print(json.dumps({step: result}), flush=True)
+        (a.out / "probe.json").write_text(json.dumps(report, indent=2))
+
+    from diffusers import UNet3DConditionModel
+
+    if not Path(a.model, "unet").exists():
+        from t2v.modelgen import make_model
+
+        started = time.perf_counter()
+        make_model("full", Path(a.model), device="cuda", dtype="float16")
+        done("make_model_s", round(time.perf_counter() - started, 1))
+    import platform
+    import subprocess
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo; nproc"], capture_output=True, text=True)
+    report["host"] = {"cpu": cpu.stdout.strip(), "python": platform.python_version()}
+    unet = UNet3DConditionModel.from_pretrained(f"{a.model}/unet", dtype=torch.float16).to("cuda").eval()
+    dim = unet.config.cross_attention_dim
+    steps = a.steps.split(",")
+
+    def call(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        return lambda x, t, e: module(x, t, encoder_hidden_states=e, return_dict=False)[0]
+
+    with torch.inference_mode():
+        x32 = random_inputs(32, dim)
+        reference = call(unet)(*x32).float()
+        compiled = torch.compile(unet, dynamic=False)
+        started = time.perf_counter()
+        call(compiled)(*x32)
+        torch.cuda.synchronize()
+        compile_32 = time.perf_counter() - started
+        done("compile_32_s", round(compile_32, 1))
+        if "profile" in steps:
+            done("profile_32_compiled", kernel_families(lambda: call(compiled)(*x32)))
+        if "cudnn" in steps:
+            result: dict[str, Any] = {}
+            for benchmark in (False, True):
+                torch.backends.cudnn.benchmark = benchmark
+                call(compiled)(*x32)                        # with benchmark on: cuDNN times its algorithms here
+                replay = graphed(call(compiled), x32)
+                result[f"benchmark_{'on' if benchmark else 'off'}_graph_ms"] = round(event_median(replay) * 1e3, 2)
+                result[f"benchmark_{'on' if benchmark else 'off'}_ms"] = round(
+                    event_median(lambda: call(compiled)(*x32)) * 1e3, 2)
+            result["profile_benchmark_on"] = kernel_families(lambda: call(compiled)(*x32))
+            torch.backends.cudnn.benchmark = False
+            done("cudnn_32", result)
+        if "preview" in steps:
+            from services.common.latent_rgb import LatentRgb
+
+            rgb = LatentRgb.load(a.model)
+            if rgb is None:
+                done("preview", "no vae/latent_rgb.json in the model folder")
+            else:
+                weights, bias = rgb.tensors(torch.device("cuda"))
+                latents = x32[0][:1]
+
+                def preview() -> torch.Tensor:      # engine.DenoiseEngine.preview, as it is
+                    out = torch.einsum("kc,cfhw->fhwk", weights, latents[0].float()) + bias
+                    return out.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+
+                one = event_median(preview, repeat=200, warmup=10)
+                step = event_median(lambda: call(compiled)(*x32), repeat=5)
+                started = time.perf_counter()
+                for _ in range(200):
+                    preview()
+                host_us = (time.perf_counter() - started) / 200 * 1e6
+                torch.cuda.synchronize()
+                done("preview", {"map_gpu_us": round(one * 1e6, 1), "map_host_launch_us": round(host_us, 1),
+                                 "step_32_rows_ms": round(step * 1e3, 2),
+                                 "two_previews_share_of_step": round(2 * one / step, 6)})
+        if "aoti" in steps:
+            if left() < 2 * a.compile_s:
+                done("aoti_2", f"skipped: {left():.0f} s left")
+            else:
+                done("aoti_2", aoti_probe(unet, dim, call(unet), Path("/tmp/probe-aoti")))
+        for rowwise in (True, False):
+            if "fp8" not in steps:
+                break
+            if left() < a.compile_s + 30:
+                done(f"fp8_{'rowwise' if rowwise else 'tensorwise'}", f"skipped: {left():.0f} s left")
+                continue
+            try:
+                fp8 = UNet3DConditionModel.from_pretrained(f"{a.model}/unet", dtype=torch.float16).to("cuda").eval()
+                swapped = to_fp8(fp8, rowwise)
+                eager_out = call(fp8)(*x32).float()
+                fp8c = torch.compile(fp8, dynamic=False)
+                started = time.perf_counter()
+                out = call(fp8c)(*x32).float()
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - started
+                replay = graphed(call(fp8c), x32)
+                fresh = random_inputs(32, dim, seed=7)
+                ref_fresh = call(unet)(*fresh).float()
+                out_fresh = call(fp8c)(*fresh).float()
+                done(f"fp8_{'rowwise' if rowwise else 'tensorwise'}", {
+                    "linears": swapped, "compile_s": round(seconds, 1),
+                    "graph_ms": round(event_median(replay) * 1e3, 2),
+                    "rel_err": round(float((out - reference).norm() / reference.norm()), 5),
+                    "rel_err_eager_fp8": round(float((eager_out - reference).norm() / reference.norm()), 5),
+                    "rel_err_fresh_inputs": round(float((out_fresh - ref_fresh).norm() / ref_fresh.norm()), 5),
+                    "max_abs_err": round(float((out - reference).abs().max()), 4),
+                    "finite": bool(torch.isfinite(out).all()),
+                    "profile": kernel_families(lambda: call(fp8c)(*x32))})
+                del fp8, fp8c, replay
+                break                                      # rowwise worked: tensorwise is the fallback only
+            except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
+                done(f"fp8_{'rowwise' if rowwise else 'tensorwise'}", f"failed: {type(exc).__name__}: {exc}"[:600])
+        if "rows64" in steps:
+            if left() < a.compile_s + 20:
+                done("rows64", f"skipped: {left():.0f} s left")
+            else:
+                x64 = random_inputs(64, dim)
+                started = time.perf_counter()
+                call(compiled)(*x64)
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - started
+                ms64 = event_median(graphed(call(compiled), x64)) * 1e3
+                ms32 = event_median(graphed(call(compiled), x32)) * 1e3
+                done("rows64", {"compile_s": round(seconds, 1), "graph_ms_64": round(ms64, 2),
+                                "graph_ms_32": round(ms32, 2), "ms_a_row_64": round(ms64 / 64, 3),
+                                "ms_a_row_32": round(ms32 / 32, 3)})
+    done("seconds", round(time.monotonic() - began, 1))
+
+
+if __name__ == "__main__":
+    main()
