@@ -163,6 +163,74 @@ def to_fp8(unet: torch.nn.Module, rowwise: bool, min_features: int = 256) -> int
     return swapped
 
 
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+SHORT = 32          # sequences of at most this many keys go through plain matmuls in the "short" variant
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v as two matrix products, the softmax in float32."""
+    weights = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    return weights.float().softmax(-1).to(q.dtype) @ v
+
+
+def short_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):  # type: ignore[no-untyped-def]
+    """scaled_dot_product_attention, but short sequences (the temporal attention's 16 frames) as plain
+    matrix products: the fused kernels' tiles (64 queries x 128 keys) waste most of their work on 16."""
+    if k.shape[-2] <= SHORT and attn_mask is None and not is_causal and scale is None and not kw:
+        return math_attention(q, k, v)
+    return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+
+def attention_shapes(forward: Callable[[], Any]) -> dict[tuple, int]:
+    """(q shape, k shape) -> how many calls one forward makes."""
+    seen: dict[tuple, int] = {}
+
+    def record(q, k, v, *args, **kwargs):  # type: ignore[no-untyped-def]
+        key = (tuple(q.shape), tuple(k.shape))
+        seen[key] = seen.get(key, 0) + 1
+        return _SDPA(q, k, v, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = record
+    try:
+        forward()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = _SDPA
+    return seen
+
+
+def attention_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
+    """Each attention shape of a forward through each way to compute it; totals a forward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ways: dict[str, Callable[..., torch.Tensor]] = {"sdpa_default": _SDPA, "math_eager": math_attention,
+                                                    "math_compiled": torch.compile(math_attention, dynamic=False)}
+    for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        if hasattr(SDPBackend, backend):
+            def way(q, k, v, _b=getattr(SDPBackend, backend)):  # type: ignore[no-untyped-def]
+                with sdpa_kernel([_b]):
+                    return _SDPA(q, k, v)
+            ways[backend.lower()] = way
+    rows, totals = [], {name: 0.0 for name in ways}
+    for (q_shape, k_shape), count in shapes.items():
+        b, h, sq, d = q_shape
+        q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.float16).transpose(1, 2)
+        k = torch.randn(b, k_shape[2], h, d, device="cuda", dtype=torch.float16).transpose(1, 2)
+        v = torch.randn_like(k)
+        ref = _SDPA(q.float(), k.float(), v.float())
+        row: dict[str, Any] = {"q": list(q_shape), "k": list(k_shape), "calls": count}
+        for name, fn in ways.items():
+            try:
+                ms = event_median(lambda: fn(q, k, v), repeat=10) * 1e3
+                err = float((fn(q, k, v).float() - ref).norm() / ref.norm())
+                row[name] = {"ms": round(ms, 3), "rel_err": round(err, 6)}
+                totals[name] += ms * count
+            except Exception as exc:  # noqa: BLE001 - a backend that does not take this shape
+                row[name] = f"failed: {type(exc).__name__}"
+                totals[name] = float("nan")
+        rows.append(row)
+    return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
+
+
 class _Wrapped(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module) -> None:
         super().__init__()
@@ -212,11 +280,14 @@ def aoti_probe(unet: torch.nn.Module, dim: int, eager: Callable[..., torch.Tenso
 
 
 def main() -> None:
+    import faulthandler
+
+    faulthandler.enable()
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="/tmp/t2v-full")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=420.0)
-    parser.add_argument("--steps", default="profile,cudnn,preview,aoti,fp8,rows64")
+    parser.add_argument("--steps", default="profile,cudnn,preview,attention,short,aoti,layout,fp8,rows64")
     parser.add_argument("--compile-s", type=float, default=130.0, help="what one compilation is expected to take")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -254,11 +325,12 @@ def main() -> None:
         x32 = random_inputs(32, dim)
         reference = call(unet)(*x32).float()
         compiled = torch.compile(unet, dynamic=False)
-        started = time.perf_counter()
-        call(compiled)(*x32)
-        torch.cuda.synchronize()
-        compile_32 = time.perf_counter() - started
-        done("compile_32_s", round(compile_32, 1))
+        if set(steps) & {"profile", "cudnn", "short", "layout", "preview", "rows64", "baseline"}:
+            started = time.perf_counter()
+            call(compiled)(*x32)
+            torch.cuda.synchronize()
+            done("compile_32_s", round(time.perf_counter() - started, 1))
+            done("baseline_32_graph_ms", round(event_median(graphed(call(compiled), x32)) * 1e3, 2))
         if "profile" in steps:
             done("profile_32_compiled", kernel_families(lambda: call(compiled)(*x32)))
         if "cudnn" in steps:
@@ -273,6 +345,48 @@ def main() -> None:
             result["profile_benchmark_on"] = kernel_families(lambda: call(compiled)(*x32))
             torch.backends.cudnn.benchmark = False
             done("cudnn_32", result)
+        if "attention" in steps:
+            shapes = attention_shapes(lambda: call(unet)(*x32))
+            done("attention_32", attention_bench(shapes))
+        if "short" in steps and left() > a.compile_s + 30:
+            torch.nn.functional.scaled_dot_product_attention = short_attention
+            try:
+                torch._dynamo.reset()
+                short = torch.compile(unet, dynamic=False)
+                started = time.perf_counter()
+                out = call(short)(*x32).float()
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - started
+                done("short_attention_32", {
+                    "compile_s": round(seconds, 1), "graph_ms": round(event_median(graphed(call(short), x32)) * 1e3, 2),
+                    "baseline_graph_ms": report.get("baseline_32_graph_ms"),
+                    "rel_err": round(float((out - reference).norm() / reference.norm()), 6),
+                    "profile": kernel_families(lambda: call(short)(*x32))})
+            except Exception as exc:  # noqa: BLE001
+                done("short_attention_32", f"failed: {type(exc).__name__}: {exc}"[:800])
+            finally:
+                torch.nn.functional.scaled_dot_product_attention = _SDPA
+        if "layout" in steps and left() > a.compile_s + 30:
+            import torch._inductor.config as inductor_config
+
+            torch.nn.functional.scaled_dot_product_attention = short_attention
+            inductor_config.force_layout_optimization = True
+            try:
+                torch._dynamo.reset()
+                laid = torch.compile(unet, dynamic=False)
+                started = time.perf_counter()
+                out = call(laid)(*x32).float()
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - started
+                done("short_attention_layout_32", {
+                    "compile_s": round(seconds, 1), "graph_ms": round(event_median(graphed(call(laid), x32)) * 1e3, 2),
+                    "rel_err": round(float((out - reference).norm() / reference.norm()), 6),
+                    "profile": kernel_families(lambda: call(laid)(*x32))})
+            except Exception as exc:  # noqa: BLE001
+                done("short_attention_layout_32", f"failed: {type(exc).__name__}: {exc}"[:800])
+            finally:
+                torch.nn.functional.scaled_dot_product_attention = _SDPA
+                inductor_config.force_layout_optimization = False
         if "preview" in steps:
             from services.common.latent_rgb import LatentRgb
 
