@@ -255,7 +255,9 @@ def start_mesh(model: str, a, log_dir: Path, extra_env: dict[str, str] | None = 
     env = {**os.environ, **(extra_env or {}), "HF_HUB_OFFLINE": "1", "T2V_MAX_BATCH": str(a.max_batch), "T2V_MAX_JOBS": "256",
            "T2V_WARM_SHAPES": f"{a.frames}x{a.size}x{a.size}", "T2V_SLOTS": str(a.max_batch),
            "T2V_MAX_QUEUE": "1024", "T2V_STATE_DIR": "/tmp/t2v-bench-state", "T2V_COMPILE_ROWS": a.compile_rows,
-           "T2V_COMPILE_CACHE": str(a.compile_cache)}
+           "T2V_COMPILE_CACHE": str(a.compile_cache),
+           # 64 clients stream at once: above the default cap of 48 streams (three quarters of 64 workers)
+           "T2V_MAX_WORKERS": "160", "T2V_MAX_STREAMS": "128"}
     device = "cpu" if a.quick else "cuda"
     dtype = "float32" if a.quick else "float16"
     cmd = [sys.executable, "-m", "t2v", "up", "--model", model, "--device", device, "--dtype", dtype,
@@ -287,7 +289,7 @@ def denoiser_events(log_dir: Path) -> dict:
         return found
     for line in path.read_text(errors="replace").splitlines():
         fields = {k: v.strip('"') for k, v in KV.findall(line)}
-        if fields.get("event") in {"compile_cache", "warm", "batch_plan"}:
+        if fields.get("event") in {"compile_cache", "warm", "batch_plan", "compile_times"}:
             found[fields["event"]] = {k: v for k, v in fields.items() if k != "event"}
         elif fields.get("event") == "config" and "config_ts" not in found:   # its imports are done by then
             found["config_ts"] = fields.get("ts")

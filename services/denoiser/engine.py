@@ -746,3 +746,18 @@ def _compiled_for(rows: set[int], forward: Any) -> Any:
         return compiled(*inputs) if inputs[0].shape[0] in rows else forward(*inputs)
 
     return call
+
+
+def compile_seconds(top: int = 12) -> dict[str, float]:
+    """Where this process's torch.compile time went, by Dynamo's own timers (seconds, summed over every
+    compilation; the largest ``top``): a warm start's log says how much was tracing (``_compile.compile_inner``
+    less the backend's ``compile_fx``), Inductor loading cached graphs, and Triton loading kernels. Empty if
+    nothing was compiled or the timers cannot be read (they are torch internals)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        seconds = {str(n): round(float(v), 2) for n, v in zip(names, values)}
+    except Exception:  # noqa: BLE001 - a diagnostic only: no timers, no line
+        return {}
+    return dict(sorted(seconds.items(), key=lambda kv: -kv[1])[:top])

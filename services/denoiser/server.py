@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +270,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                     else "off",
                     previews="on" if engine.latent_rgb is not None else "unavailable (no vae/latent_rgb.json)",
                     **spent))
+        if compile_rows:
+            log.info(kv("compile_times", **{re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_"): s
+                                            for name, s in eng.compile_seconds().items()}))
         self.engine = engine.start()
         self.metrics.watch_active(self.engine.active_jobs)
 
