@@ -9,8 +9,9 @@ Builds the full text-to-video-ms-1.7b architecture with random weights (the real
      compiles): one video at a time, and --compiled-peer-batch prompts in one call
   3. floor: text encoder + denoise engine + VAE in this process, no gRPC, no MP4
   4. mesh: `t2v up` (four processes, gRPC over loopback), driven through the gateway: its start
-     (with --cold-start on an empty compile cache, then --restarts on the warm one), latency at
-     concurrency 1, throughput at each --concurrency, the batch sizes the denoiser ran
+     (with --cold-start on an empty compile cache, then --restarts on the warm one; --compile-rows
+     through --compile-backend inductor or aoti), latency at concurrency 1, throughput at each
+     --concurrency, the batch sizes the denoiser ran
   levers: one UNet forward as CUDA graphs, NCHW against channels-last, at a few batch sizes
 Each phase and each mesh round is skipped if it would end past --budget-s (the device tool stops a
 command at 10 minutes); what was skipped is written down. Writes results.json (after every phase),
@@ -255,7 +256,7 @@ def start_mesh(model: str, a, log_dir: Path, extra_env: dict[str, str] | None = 
     env = {**os.environ, **(extra_env or {}), "HF_HUB_OFFLINE": "1", "T2V_MAX_BATCH": str(a.max_batch), "T2V_MAX_JOBS": "256",
            "T2V_WARM_SHAPES": f"{a.frames}x{a.size}x{a.size}", "T2V_SLOTS": str(a.max_batch),
            "T2V_MAX_QUEUE": "1024", "T2V_STATE_DIR": "/tmp/t2v-bench-state", "T2V_COMPILE_ROWS": a.compile_rows,
-           "T2V_COMPILE_CACHE": str(a.compile_cache),
+           "T2V_COMPILE_CACHE": str(a.compile_cache), "T2V_COMPILE_BACKEND": a.compile_backend,
            # 64 clients stream at once: above the default cap of 48 streams (three quarters of 64 workers)
            "T2V_MAX_WORKERS": "160", "T2V_MAX_STREAMS": "128"}
     device = "cpu" if a.quick else "cuda"
@@ -281,8 +282,9 @@ KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 
 
 def denoiser_events(log_dir: Path) -> dict:
-    """The denoiser's start as its log says it: compile-cache status, load and warm-up seconds, and the
-    batch plan (each bucket's measured forward, the row cap)."""
+    """The denoiser's start as its log says it: compile-cache status, load and warm-up seconds, the
+    batch plan (each bucket's measured forward, the row cap), and with --compile-backend aoti each compiled
+    bucket's package (loaded, built, rebuilt or fallen back to torch.compile, in how many seconds)."""
     found: dict = {}
     path = log_dir / "denoiser.log"
     if not path.exists():
@@ -291,6 +293,8 @@ def denoiser_events(log_dir: Path) -> dict:
         fields = {k: v.strip('"') for k, v in KV.findall(line)}
         if fields.get("event") in {"compile_cache", "warm", "batch_plan", "compile_times"}:
             found[fields["event"]] = {k: v for k, v in fields.items() if k != "event"}
+        elif fields.get("event") in {"aoti_bucket", "aoti_fallback", "aoti_package_unusable"}:   # one per bucket
+            found.setdefault("aoti", []).append({k: v for k, v in fields.items() if k != "event"})
         elif fields.get("event") == "config" and "config_ts" not in found:   # its imports are done by then
             found["config_ts"] = fields.get("ts")
     return found
@@ -462,6 +466,9 @@ def main() -> None:
     parser.add_argument("--compiled-peer-batch", type=int, default=16, help="prompts in one compiled call (0 = skip)")
     parser.add_argument("--latency-runs", type=int, default=3, help="mesh videos one after another")
     parser.add_argument("--compile-rows", default="", help="denoiser batch sizes (rows) to torch.compile, e.g. 2,32")
+    parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aoti"],
+                        help="the denoiser's T2V_COMPILE_BACKEND: torch.compile, or AOTInductor packages in "
+                             "--compile-cache (built on the first start, loaded on the next)")
     parser.add_argument("--compile-cache", type=Path, default=Path("/tmp/t2v-compile-cache"),
                         help="the denoiser's T2V_COMPILE_CACHE")
     parser.add_argument("--cold-start", action="store_true", help="empty --compile-cache before the mesh starts")
@@ -520,6 +527,7 @@ def run_phases(a, phases: list[str], device, dtype, report: dict) -> None:
 
     save()
     report["compile_rows"] = a.compile_rows
+    report["compile_backend"] = a.compile_backend
     from services.denoiser.compile_cache import CompileCache, identity, read_manifest, verdict
 
     cache = CompileCache(a.compile_cache, identity(device))
@@ -567,7 +575,8 @@ def summarise(r: dict) -> str:
              f"{r['frames']}x{r['size']}x{r['size']}, {r['steps']} steps; host CPU {host.get('Model name')} "
              f"({host.get('cpus')} CPUs); GPU {host.get('gpu')}",
              f"denoiser: CUDA graphs (on a GPU), max batch {r.get('max_batch')}"
-             + (f", torch.compile for {r['compile_rows']} rows" if r.get("compile_rows") else ""),
+             + (f", {'AOTInductor packages' if r.get('compile_backend') == 'aoti' else 'torch.compile'} for "
+                f"{r['compile_rows']} rows" if r.get("compile_rows") else ""),
              f"UNet {flops / 1e12:.2f} TFLOP per CFG step; bf16 matmul ceiling {ceiling:.0f} TFLOP/s",
              "", "| measure | value | ratio to the eager peer |", "| --- | --- | --- |"]
 

@@ -55,6 +55,9 @@ from services.denoiser.deepcache import DeepCacheUNet
 log = logging.getLogger("denoiser.engine")
 
 
+COMPILE_BACKENDS = ("inductor", "aoti")     # use_compile's: torch.compile, or AOTInductor packages (aot.py)
+
+
 class EngineFull(RuntimeError):
     """More requests are active than ``max_jobs``."""
 
@@ -280,6 +283,8 @@ class DenoiseEngine:
         self._thread = threading.Thread(target=self._loop, name="denoise-engine", daemon=True)
         self._forward = self._eager_forward
         self.compile_rows: set[int] = set()
+        self.compile_backend = "inductor"
+        self._aot: Any = None                                  # aot.AotBuckets, with use_compile(backend="aoti")
         self._graphed: Any = None                              # GraphedUNet, once use_cuda_graphs()
         self.plans: dict[tuple[int, int, int], dict[str, Any]] = {}   # shape -> measured buckets, cap
         self._cap_rows: dict[tuple[int, int, int], int] = {}
@@ -325,29 +330,57 @@ class DenoiseEngine:
                                              name="deep_shallow", pool=graphed.pool, seconds=graphed._seconds)
             self._deep_graphs = [self._deep_full, self._deep_shallow]
 
-    def use_compile(self, rows: set[int]) -> None:
-        """torch.compile the UNet for batches of exactly these row counts (CUDA-graph buckets); call
-        before use_cuda_graphs(). Other batch sizes stay eager.
+    def use_compile(self, rows: set[int], backend: str = "inductor", folder: str | Path | None = None) -> None:
+        """Compile the UNet for batches of exactly these row counts (CUDA-graph buckets); call before
+        use_cuda_graphs(), which then captures the compiled forward. Other batch sizes stay eager.
+
+        ``backend``: "inductor" = torch.compile (static shapes); "aoti" = an AOTInductor package per bucket
+        in ``folder/aoti`` (the compile cache's folder, which ``folder`` must be), built on the first start
+        and loaded without tracing on the next (aot.py; torch.compile for a bucket whose model does not
+        export). DeepCache's forwards, with deep_cache_compile, are torch.compile'd with either.
 
         Why per bucket: compiling fuses the GroupNorm/SiLU/elementwise traffic; replayed as CUDA
         graphs on an H200 (docs/benchmarks.md, 2026-12-01) a compiled 2-row forward took 36.9 ms
         against 55.2 ms eager and a 32-row one 446 ms against 641 ms. Each compiled size costs ~100 s
-        of warm-up on an empty compile cache (~20 s on a warm one, see compile_cache.py), and a
-        dynamic-batch compilation took over 8 minutes. warm() pays the compilations before SERVING.
+        of warm-up on an empty compile cache (~20 s on a warm one, see compile_cache.py, most of it
+        Dynamo tracing again: what "aoti" removes), and a dynamic-batch compilation took over 8 minutes.
+        warm() pays the compilations before SERVING.
         """
+        if backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile backend {backend!r} is unknown; choose inductor or aoti")
+        if backend == "aoti" and folder is None:
+            raise ValueError("the aoti compile backend keeps its packages in the compile cache: give its folder "
+                             "(--compile-cache)")
         eager = self._forward
-        compiled = torch.compile(self.unet, dynamic=False)
         self.compile_rows = set(rows)
+        self.compile_backend = backend
+        if backend == "aoti":
+            from services.denoiser.aot import AotBuckets
 
-        def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-            if sample.shape[0] not in rows:
-                return eager(sample, timesteps, embeddings)
-            return compiled(sample, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+            self._aot = buckets = AotBuckets(self.unet, folder, embedding_dim=self.embedding_dim)
+
+            def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+                if sample.shape[0] not in rows:
+                    return eager(sample, timesteps, embeddings)
+                return buckets(sample, timesteps, embeddings)
+        else:
+            compiled = torch.compile(self.unet, dynamic=False)
+
+            def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+                if sample.shape[0] not in rows:
+                    return eager(sample, timesteps, embeddings)
+                return compiled(sample, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
 
         self._forward = forward
         if self._deep is not None and self.deep_compile:
             self._deep_full = _compiled_for(rows, self._deep_full)
             self._deep_shallow = _compiled_for(rows, self._deep_shallow)
+
+    @property
+    def aot_counts(self) -> dict[str, int]:
+        """With use_compile(backend="aoti"): how many buckets' packages were loaded, built, rebuilt (the one
+        there did not load) or fell back to torch.compile; empty otherwise."""
+        return dict(self._aot.counts) if self._aot is not None else {}
 
     def use_row_split(self, split: Callable[[Forward], Forward]) -> None:
         """Wrap the UNet forward as it stands (eager, compiled or graphed) in ``split``: CFG-parallel

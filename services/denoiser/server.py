@@ -55,6 +55,10 @@ class DenoiserConfig(ModelConfig):
                                         "conditional half) on a second device at once, for lower latency")
     cfg_parallel_device: str = setting("auto", "the second device of --cfg-parallel (auto = the next GPU after "
                                                "--device, or cpu on a CPU)")
+    compile_backend: str = setting("inductor", "how --compile-rows are compiled: inductor (torch.compile; a warm "
+                                               "--compile-cache still traces the UNet again at each start) or aoti "
+                                               "(an AOTInductor package per bucket, built into --compile-cache on the "
+                                               "first start and loaded without tracing after; needs --compile-cache)")
     compile_cache: str = setting("", "folder for torch.compile's caches (Inductor, AOTAutograd, Triton), kept in "
                                      "a subfolder per torch/Triton/CUDA/GPU; a stale or foreign one is rebuilt "
                                      "(empty = torch's default, unkeyed, in /tmp)")
@@ -90,6 +94,16 @@ def parse_rows(text: str) -> set[int]:
     if any(r < 1 for r in rows):
         raise ValueError(f"compile_rows {text!r}: every row count must be at least 1")
     return rows
+
+
+def check_compile(config: DenoiserConfig) -> None:
+    """Raise ValueError (one line at start) for compile settings that cannot work together."""
+    if config.compile_backend not in eng.COMPILE_BACKENDS:
+        raise ValueError(f"--compile-backend {config.compile_backend!r} is unknown; choose "
+                         f"{' or '.join(eng.COMPILE_BACKENDS)}")
+    if config.compile_backend == "aoti" and parse_rows(config.compile_rows) and not config.compile_cache:
+        raise ValueError("--compile-backend aoti keeps its packages in the compile cache: give --compile-cache DIR "
+                         "(T2V_COMPILE_CACHE), or use --compile-backend inductor")
 
 
 def check_request(request: denoiser_pb2.DenoiseRequest, config: DenoiserConfig, engine: eng.DenoiseEngine
@@ -224,6 +238,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         self.tracing = Tracing.for_service("t2v-denoiser", config.otlp_endpoint)   # off unless an endpoint is set
         self.engine: eng.DenoiseEngine | None = None
         self.split: CfgParallel | None = None          # --cfg-parallel: the second device's process
+        check_compile(config)
 
     def load(self) -> None:
         started = time.monotonic()
@@ -245,7 +260,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 deep_cache_compile=self.config.deep_cache_compile)
             loaded = time.monotonic()
             if compile_rows:
-                engine.use_compile(compile_rows)
+                engine.use_compile(compile_rows, backend=self.config.compile_backend,
+                                   folder=cache.folder if cache is not None else None)
             if self.config.cuda_graphs == "on" or (self.config.cuda_graphs == "auto" and device.type == "cuda"):
                 engine.use_cuda_graphs()
             if self.config.cfg_parallel:
@@ -258,13 +274,16 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             warmed = time.monotonic()
             if cache is not None:
                 save_plans(cache.folder, plan_identity, engine.measured())
-                cache.complete(compile_rows=sorted(compile_rows), warm_shapes=self.config.warm_shapes,
+                cache.complete(compile_rows=sorted(compile_rows), compile_backend=engine.compile_backend,
+                               warm_shapes=self.config.warm_shapes,
                                warm_seconds=round(warmed - loaded, 1))
         finally:
             if cache is not None:
                 cache.close()
         log.info(kv("warm", load_s=round(loaded - started, 1), warm_s=round(warmed - loaded, 1),
                     compile_cache=cache.status if cache else "off", compile_rows=sorted(compile_rows),
+                    compile_backend=self.config.compile_backend,
+                    **{f"aoti_{status}": count for status, count in engine.aot_counts.items()},
                     buckets=",".join(map(str, engine.warm_rows())), plans_reused=len(known),
                     deep_cache=f"every {engine.deep_interval}, branch {engine.deep_branch}" if engine.deep_interval
                     else "off",
@@ -285,7 +304,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def _plan_identity(self, engine: eng.DenoiseEngine) -> dict:
         """What the engine's bucket times depend on besides the GPU and software (the cache folder's key)."""
         return {"unet": json.loads(json.dumps(dict(engine.unet.config), sort_keys=True, default=str)),
-                "dtype": str(engine.dtype), "buckets": engine.warm_rows(), "compile_rows": sorted(engine.compile_rows)}
+                "dtype": str(engine.dtype), "buckets": engine.warm_rows(), "compile_rows": sorted(engine.compile_rows),
+                "compile_backend": engine.compile_backend}
 
     def close(self, timeout: float) -> None:
         if self.engine is not None:

@@ -1,0 +1,306 @@
+"""Compiled UNet buckets as AOTInductor packages: built once into the compile cache, loaded without tracing.
+
+Why: a denoiser restarted on a warm torch.compile cache still spent 43.6 s of its 83 s start in Dynamo
+tracing the UNet again for its two compiled batch sizes, although every FX graph and Triton kernel came
+from the cache (docs/benchmarks.md, "Cold start"). An AOTInductor package (``torch.export`` then
+``torch._inductor.aoti_compile_and_package``) is the compiled forward itself: loading it traces nothing.
+
+One package per compiled bucket, ``<compile-cache folder>/aoti/<name>.pt2``. It holds code, never weights:
+compiled with ``aot_inductor.package_constants_in_so = False`` (and ``always_keep_tensor_constants``, so
+no small parameter is inlined into a kernel as a literal), and the live module's parameters and buffers
+are handed to the loaded model (``load_constants(..., user_managed=True)``: the model keeps pointers to
+them, no copy). So a package is keyed by what the compiled code depends on: the module's config (its
+architecture), the names, shapes and dtypes of its parameters, the version of the package that holds its
+code (diffusers for the UNet), dtype, device type, rows, sample shape and tokens, and ``FORMAT``; never by
+the weights. The folder it lives in is keyed by torch, Triton, CUDA and the GPU and trusted only with a
+complete manifest (compile_cache.py), so a stale or foreign package goes with its folder.
+
+A package that does not load, or fails its first call (corrupt, truncated), is deleted and built again,
+with a log line. A model that does not export or compile, or whose package would not take its weights
+from outside (a parameter baked into the code, or constants of its own), runs that bucket through
+torch.compile instead, with a log line saying why: it serves, only with the slower start.
+
+The loaded model runs single-threaded (``run_single_threaded=True``): the AOTI runtime's multi-threaded
+container synchronises on CUDA events, which a CUDA-graph capture (graphs.py) does not allow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from services.common.logs import kv
+
+log = logging.getLogger("denoiser.aot")
+
+FORMAT = 1              # this module's way of building packages; a change makes every older package unused
+SUBFOLDER = "aoti"
+# Inductor settings every package is compiled with: code only, no constant inlined into it.
+WEIGHTS_FREE = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NotWeightsFree(RuntimeError):
+    """The compiled package would not take all of its weights from the live module."""
+
+
+class UNetForward(torch.nn.Module):
+    """``unet(sample, timestep, encoder_hidden_states=e, return_dict=False)[0]`` as a module of three
+    tensors, the form torch.export takes; its parameters are the UNet's, under ``unet.``."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+
+
+# --- the key -------------------------------------------------------------------------------------------
+def code_version(module: torch.nn.Module) -> str:
+    """The top-level package of ``module``'s class and its version ("diffusers 0.36.0"): its forward is that
+    package's code, and another version may trace to another graph."""
+    top = type(module).__module__.split(".")[0]
+    try:
+        version = getattr(importlib.import_module(top), "__version__", "none")
+    except ImportError:
+        version = "none"
+    return f"{top} {version}"
+
+
+def weight_layout(module: torch.nn.Module) -> list[list[str]]:
+    """Every parameter's and buffer's name, shape and dtype (never its values)."""
+    tensors = {**dict(module.named_parameters(remove_duplicate=False)),
+               **dict(module.named_buffers(remove_duplicate=False))}
+    return [[name, "x".join(map(str, t.shape)), str(t.dtype).removeprefix("torch.")]
+            for name, t in sorted(tensors.items())]
+
+
+def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config without diffusers' bookkeeping (``_name_or_path``, ``_diffusers_version``, ...) but with the
+    class name: where the model was read from, or which version wrote its file, is not its architecture."""
+    return {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
+
+
+def package_name(config: Mapping[str, Any], *, rows: int, sample_shape: Sequence[int], tokens: int,
+                 dtype: torch.dtype, device_type: str, timestep_dtype: torch.dtype = torch.long,
+                 code: str = "", layout: Sequence[Sequence[str]] = (), name: str = "") -> str:
+    """The file name of one bucket's package: readable parts, then a hash of everything it depends on.
+
+    ``config``: the module's config (architecture); ``code``: ``code_version``; ``layout``: ``weight_layout``;
+    ``name``: the module's class name (the readable prefix)."""
+    key = {"config": json.loads(json.dumps(_architecture(config), sort_keys=True, default=str)),
+           "dtype": str(dtype), "timestep_dtype": str(timestep_dtype), "device": device_type, "rows": int(rows),
+           "sample": [int(s) for s in sample_shape], "tokens": int(tokens), "code": code,
+           "layout": [list(item) for item in layout], "format": FORMAT}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    readable = (f"{name or 'module'}-r{rows}-{'x'.join(map(str, sample_shape))}-t{tokens}-"
+                f"{str(dtype).removeprefix('torch.')}-{device_type}")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", readable)[:120] + f"-{digest}.pt2"
+
+
+# --- the steps (module-level, so a test can replace one) -------------------------------------------------
+def export_forward(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """torch.export of ``module`` at exactly these input shapes (non-strict: the Python runs as Python)."""
+    with torch.inference_mode():
+        return torch.export.export(module, inputs, strict=False)
+
+
+def used_weights(exported: Any) -> set[str]:
+    """The names of the parameters and buffers the exported graph reads (unused ones are compiled away)."""
+    signature = exported.graph_signature
+    by_input = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    return {by_input[node.name] for node in exported.graph.nodes
+            if node.op == "placeholder" and node.name in by_input and node.users}
+
+
+def compile_package(exported: Any, path: Path, options: Mapping[str, Any] | None = None) -> None:
+    """AOTInductor-compile ``exported`` into the package ``path`` (a name ending in .pt2), without weights."""
+    if exported.constants:
+        raise NotWeightsFree(f"the model has constants of its own ({', '.join(sorted(exported.constants)[:3])}), "
+                             "which a package without weights cannot carry")
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
+                                             inductor_configs={**WEIGHTS_FREE, **(options or {})})
+
+
+def load_package(path: Path, device: torch.device, weights: Mapping[str, torch.Tensor],
+                 expected: set[str] | None = None) -> Any:
+    """Load the package at ``path`` for ``device`` and hand it ``weights`` (name -> the live tensor).
+
+    ``expected``: the weights the package must take from outside (``used_weights`` at build time); one it
+    lacks was compiled into its code, so the package is refused (NotWeightsFree)."""
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    model = torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
+    names = list(model.get_constant_fqns())
+    unknown = [n for n in names if n not in weights]
+    if unknown:
+        raise NotWeightsFree(f"the package wants {len(unknown)} constants the module does not have, e.g. "
+                             f"{', '.join(unknown[:3])}")
+    baked = sorted((expected or set()) - set(names))
+    if baked:
+        raise NotWeightsFree(f"{len(baked)} weights were compiled into the package's code, e.g. {', '.join(baked[:3])}")
+    model.load_constants({n: weights[n] for n in names}, check_full_update=True, user_managed=True)
+    return model
+
+
+# --- the provider -----------------------------------------------------------------------------------------
+class AotBuckets:
+    """Compiled forwards of ``unet`` (called as diffusers' UNets are: ``unet(sample, t, encoder_hidden_states=e,
+    return_dict=False)[0]``) per bucket, from AOTInductor packages under ``folder/aoti``.
+
+    ``bucket(rows, sample_shape, tokens, dtype, device)`` returns the bucket's forward ``(sample, t, e) ->
+    noise``: the package loaded if one is there and works, else built now (export, compile, package, atomically
+    renamed into place) and loaded; torch.compile for this bucket if that fails. ``__call__`` picks the bucket
+    from its inputs. ``info`` says per package what happened and in how many seconds; ``counts`` adds them up.
+
+    ``options``: more Inductor settings to compile with (the tests ask for a quicker C++ build);
+    ``fallback``: makes the torch.compile forward of the wrapped module (torch.compile, static shapes)."""
+
+    def __init__(self, unet: torch.nn.Module, folder: str | Path, embedding_dim: int,
+                 config: Mapping[str, Any] | None = None, options: Mapping[str, Any] | None = None,
+                 fallback: Callable[[torch.nn.Module], Forward] | None = None) -> None:
+        self.module = UNetForward(unet)
+        self.folder = Path(folder) / SUBFOLDER
+        self.embedding_dim = int(embedding_dim)
+        self.config = dict(config if config is not None else getattr(unet, "config", {}) or {})
+        self.options = dict(options or {})
+        self._make_fallback = fallback or (lambda module: torch.compile(module, dynamic=False))
+        self._fallback: Forward | None = None
+        self._code = code_version(unet)
+        self._layout = weight_layout(unet)
+        self._forwards: dict[tuple, Forward] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.counts = {"loaded": 0, "built": 0, "rebuilt": 0, "fallback": 0}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The live module's parameters and buffers by the names the exported program gives them."""
+        return {**dict(self.module.named_parameters(remove_duplicate=False)),
+                **dict(self.module.named_buffers(remove_duplicate=False))}
+
+    def name(self, rows: int, sample_shape: Sequence[int], tokens: int, dtype: torch.dtype,
+             device: torch.device, timestep_dtype: torch.dtype = torch.long) -> str:
+        return package_name(self.config, rows=rows, sample_shape=sample_shape, tokens=tokens, dtype=dtype,
+                            device_type=torch.device(device).type, timestep_dtype=timestep_dtype,
+                            code=self._code, layout=self._layout, name=type(self.module.unet).__name__)
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        forward = self.bucket(sample.shape[0], tuple(sample.shape[1:]), embeddings.shape[1], sample.dtype,
+                              sample.device, timesteps.dtype)
+        return forward(sample, timesteps, embeddings)
+
+    def bucket(self, rows: int, sample_shape: Sequence[int], tokens: int, dtype: torch.dtype,
+               device: torch.device, timestep_dtype: torch.dtype = torch.long) -> Forward:
+        device = torch.device(device)
+        key = (int(rows), tuple(int(s) for s in sample_shape), int(tokens), dtype, device, timestep_dtype)
+        if key not in self._forwards:
+            self._forwards[key] = self._get(*key)
+        return self._forwards[key]
+
+    # --- one bucket ---------------------------------------------------------------------------------------
+    def _inputs(self, rows: int, sample_shape: tuple[int, ...], tokens: int, dtype: torch.dtype,
+                device: torch.device, timestep_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros((rows, *sample_shape), dtype=dtype, device=device),
+                torch.full((rows,), 999, dtype=timestep_dtype, device=device),
+                torch.zeros((rows, tokens, self.embedding_dim), dtype=dtype, device=device))
+
+    def _get(self, rows: int, sample_shape: tuple[int, ...], tokens: int, dtype: torch.dtype,
+             device: torch.device, timestep_dtype: torch.dtype) -> Forward:
+        name = self.name(rows, sample_shape, tokens, dtype, device, timestep_dtype)
+        path = self.folder / name
+        inputs = self._inputs(rows, sample_shape, tokens, dtype, device, timestep_dtype)
+        started = time.perf_counter()
+        status, facts = "built", {}
+        if path.exists():
+            try:
+                model = load_package(path, device, self.weights())
+                loaded_at = time.perf_counter()
+                self._trial(model, inputs)
+                return self._done(name, rows, "loaded", started, model, size=path.stat().st_size,
+                                  load_s=round(loaded_at - started, 2))
+            except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is built again
+                log.warning(kv("aoti_package_unusable", name=name, rows=rows, reason=_reason(exc),
+                               action="deleted, building it again"))
+                path.unlink(missing_ok=True)
+                status, facts = "rebuilt", {"why": _reason(exc)}
+        try:
+            model, timings = self._build(path, inputs, device)
+        except Exception as exc:  # noqa: BLE001 - the bucket still serves, through torch.compile
+            log.warning(kv("aoti_fallback", name=name, rows=rows, reason=_reason(exc),
+                           action="torch.compile for this bucket"))
+            self.counts["fallback"] += 1
+            self.info[name] = {"rows": rows, "status": "fallback", "why": _reason(exc),
+                               "seconds": round(time.perf_counter() - started, 2)}
+            return self._compiled()
+        return self._done(name, rows, status, started, model, size=path.stat().st_size, **timings, **facts)
+
+    def _build(self, path: Path, inputs: tuple[torch.Tensor, ...], device: torch.device
+               ) -> tuple[Any, dict[str, float]]:
+        """Export, compile into a temporary package beside ``path``, load and try it, then rename it into place."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        try:
+            started = time.perf_counter()
+            exported = export_forward(self.module, inputs)
+            expected = used_weights(exported)
+            exported_at = time.perf_counter()
+            compile_package(exported, tmp, self.options)
+            del exported
+            compiled_at = time.perf_counter()
+            model = load_package(tmp, device, self.weights(), expected=expected)
+            self._trial(model, inputs)
+            os.replace(tmp, path)
+            return model, {"export_s": round(exported_at - started, 2), "compile_s": round(compiled_at - exported_at, 2),
+                           "load_s": round(time.perf_counter() - compiled_at, 2)}
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _trial(model: Any, inputs: tuple[torch.Tensor, ...]) -> None:
+        """One call on the bucket's zeros: a package that loads but cannot run fails here, not in a user's step."""
+        with torch.inference_mode():
+            out = model(*inputs)
+        if not isinstance(out, torch.Tensor) or out.shape != inputs[0].shape:
+            raise RuntimeError(f"the package's output is {type(out).__name__} "
+                               f"{list(getattr(out, 'shape', []))}, not the sample's shape {list(inputs[0].shape)}")
+
+    def _done(self, name: str, rows: int, status: str, started: float, model: Any, **facts: Any) -> Forward:
+        seconds = round(time.perf_counter() - started, 2)
+        self.counts[status] += 1
+        self.info[name] = {"rows": rows, "status": status, "seconds": seconds, **facts}
+        log.info(kv("aoti_bucket", name=name, rows=rows, status=status, seconds=seconds, **facts))
+
+        def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+            return model(_dense(sample), _dense(timesteps), _dense(embeddings))
+
+        forward.package = model  # type: ignore[attr-defined] - for whoever wants the loaded model itself
+        return forward
+
+    def _compiled(self) -> Forward:
+        if self._fallback is None:
+            self._fallback = self._make_fallback(self.module)
+        return self._fallback
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of a fresh contiguous tensor, which the package checks its inputs against (an
+    expanded or sliced input would be refused); no copy when it has them already."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(int(size), 1)
+    return t if tuple(reversed(expected)) == t.stride() else t.clone(memory_format=torch.contiguous_format)
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:300]}"
