@@ -83,10 +83,12 @@ def graphed(forward: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ..
 
 def family(name: str) -> str:
     n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "attn", "sdpa")):     # before "fprop": cuDNN's SDPA
+        return "attention"                                                       # kernels are named *_fprop_*
+    if any(k in n for k in ("nchwtonhwc", "nhwctonchw")):
+        return "layout transposes (cuDNN)"
     if any(k in n for k in ("conv", "implicit", "winograd", "fprop", "dgrad", "xmma_fprop")):
         return "convolution"
-    if any(k in n for k in ("flash", "fmha", "attention", "attn", "sdpa")):
-        return "attention"
     if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "matmul", "nvjet", "cublas", "scaled_mm")):
         return "matmul"
     if n.startswith("triton"):
