@@ -83,6 +83,8 @@ def graphed(forward: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ..
 
 def family(name: str) -> str:
     n = name.lower()
+    if n.startswith("triton"):                     # Inductor's, even when named triton_*_fused_convolution_*
+        return "triton (fused by inductor)"
     if any(k in n for k in ("flash", "fmha", "attention", "attn", "sdpa")):     # before "fprop": cuDNN's SDPA
         return "attention"                                                       # kernels are named *_fprop_*
     if any(k in n for k in ("nchwtonhwc", "nhwctonchw")):
@@ -91,8 +93,6 @@ def family(name: str) -> str:
         return "convolution"
     if any(k in n for k in ("gemm", "cutlass", "sm90_xmma", "matmul", "nvjet", "cublas", "scaled_mm")):
         return "matmul"
-    if n.startswith("triton"):
-        return "triton (fused by inductor)"
     return "other"
 
 
@@ -233,13 +233,30 @@ def attention_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
     return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
 
 
-class _Wrapped(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
+def compiled_variant(unet: torch.nn.Module, call: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
+                     reference: torch.Tensor, layout: bool, baseline_ms: float | None) -> dict[str, Any] | str:
+    """The UNet compiled with short sequences' attention as matrix products (and, with ``layout``, Inductor's
+    channels-last layout forced): its compile time, graph replay, error against the eager output, kernels."""
+    import torch._inductor.config as inductor_config
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
+    torch.nn.functional.scaled_dot_product_attention = short_attention
+    inductor_config.force_layout_optimization = layout
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(unet, dynamic=False)
+        started = time.perf_counter()
+        out = call(compiled)(*inputs).float()
+        torch.cuda.synchronize()
+        return {"compile_s": round(time.perf_counter() - started, 1),
+                "graph_ms": round(event_median(graphed(call(compiled), inputs)) * 1e3, 2),
+                "baseline_graph_ms": baseline_ms,
+                "rel_err": round(float((out - reference).norm() / reference.norm()), 6),
+                "profile": kernel_families(lambda: call(compiled)(*inputs))}
+    except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
+        return f"failed: {type(exc).__name__}: {exc}"[:800]
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = _SDPA
+        inductor_config.force_layout_optimization = False
 
 
 def aoti_probe(unet: torch.nn.Module, dim: int, eager: Callable[..., torch.Tensor], folder: Path) -> dict[str, Any]:
@@ -247,7 +264,9 @@ def aoti_probe(unet: torch.nn.Module, dim: int, eager: Callable[..., torch.Tenso
     folder.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {}
     x2 = random_inputs(2, dim)
-    wrapped = _Wrapped(unet)
+    from services.denoiser.aot import UNetForward
+
+    wrapped = UNetForward(unet)
     try:
         started = time.perf_counter()
         program = torch.export.export(wrapped, x2, strict=False)
@@ -350,45 +369,10 @@ def main() -> None:
         if "attention" in steps:
             shapes = attention_shapes(lambda: call(unet)(*x32))
             done("attention_32", attention_bench(shapes))
-        if "short" in steps and left() > a.compile_s + 30:
-            torch.nn.functional.scaled_dot_product_attention = short_attention
-            try:
-                torch._dynamo.reset()
-                short = torch.compile(unet, dynamic=False)
-                started = time.perf_counter()
-                out = call(short)(*x32).float()
-                torch.cuda.synchronize()
-                seconds = time.perf_counter() - started
-                done("short_attention_32", {
-                    "compile_s": round(seconds, 1), "graph_ms": round(event_median(graphed(call(short), x32)) * 1e3, 2),
-                    "baseline_graph_ms": report.get("baseline_32_graph_ms"),
-                    "rel_err": round(float((out - reference).norm() / reference.norm()), 6),
-                    "profile": kernel_families(lambda: call(short)(*x32))})
-            except Exception as exc:  # noqa: BLE001
-                done("short_attention_32", f"failed: {type(exc).__name__}: {exc}"[:800])
-            finally:
-                torch.nn.functional.scaled_dot_product_attention = _SDPA
-        if "layout" in steps and left() > a.compile_s + 30:
-            import torch._inductor.config as inductor_config
-
-            torch.nn.functional.scaled_dot_product_attention = short_attention
-            inductor_config.force_layout_optimization = True
-            try:
-                torch._dynamo.reset()
-                laid = torch.compile(unet, dynamic=False)
-                started = time.perf_counter()
-                out = call(laid)(*x32).float()
-                torch.cuda.synchronize()
-                seconds = time.perf_counter() - started
-                done("short_attention_layout_32", {
-                    "compile_s": round(seconds, 1), "graph_ms": round(event_median(graphed(call(laid), x32)) * 1e3, 2),
-                    "rel_err": round(float((out - reference).norm() / reference.norm()), 6),
-                    "profile": kernel_families(lambda: call(laid)(*x32))})
-            except Exception as exc:  # noqa: BLE001
-                done("short_attention_layout_32", f"failed: {type(exc).__name__}: {exc}"[:800])
-            finally:
-                torch.nn.functional.scaled_dot_product_attention = _SDPA
-                inductor_config.force_layout_optimization = False
+        variants = {"short": ("short_attention_32", False), "layout": ("short_attention_layout_32", True)}
+        for step, (name, layout) in variants.items():
+            if step in steps and left() > a.compile_s + 30:
+                done(name, compiled_variant(unet, call, x32, reference, layout, report.get("baseline_32_graph_ms")))
         if "preview" in steps:
             from services.common.latent_rgb import LatentRgb
 
@@ -396,12 +380,13 @@ def main() -> None:
             if rgb is None:
                 done("preview", "no vae/latent_rgb.json in the model folder")
             else:
+                from services.common.latent_rgb import map_to_rgb
+
                 weights, bias = rgb.tensors(torch.device("cuda"))
                 latents = x32[0][:1]
 
-                def preview() -> torch.Tensor:      # engine.DenoiseEngine.preview, as it is
-                    out = torch.einsum("kc,cfhw->fhwk", weights, latents[0].float()) + bias
-                    return out.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+                def preview() -> torch.Tensor:      # what engine.DenoiseEngine.preview runs
+                    return map_to_rgb(weights, bias, latents[0])
 
                 one = event_median(preview, repeat=200, warmup=10)
                 step = event_median(lambda: call(compiled)(*x32), repeat=5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -16,20 +16,14 @@ import torch
 from diffusers import UNet3DConditionModel
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.probe_unet import event_median  # noqa: E402
 
 
 def event_time(fn, repeat: int = 5) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return event_median(fn, repeat=repeat)
 
 
 def inputs(rows: int, dim: int, frames: int, size: int, factor: int = 8):
@@ -41,8 +35,6 @@ def inputs(rows: int, dim: int, frames: int, size: int, factor: int = 8):
 
 
 def main() -> None:
-    import sys
-    sys.path.insert(0, str(ROOT))
     from services.common.model_folder import vae_scale_factor
     from services.denoiser.graphs import GraphedUNet
 

@@ -7,7 +7,7 @@
                                          (the gateway: --gateway HOST:PORT, else $T2V_GATEWAY, else 127.0.0.1:50050)
     t2v make-model --preset tiny -o DIR  write a random-weight model folder (tiny, world or full 1.7B layout)
     t2v fit-preview MODEL_FOLDER         fit the latent -> RGB map of live previews (MODEL/vae/latent_rgb.json)
-    t2v jobs list|show|cancel|download   follow the gateway's jobs
+    t2v jobs list|show|cancel|delete|download  follow (and delete) the gateway's jobs
     t2v ops status|scale|drain           look after the mesh on Kubernetes (deploy/k8s, docs/deploy.md)
 """
 
@@ -158,6 +158,11 @@ def cmd_fit_preview(args: argparse.Namespace) -> int:
     except (ModelFolderError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:        # e.g. the folder became unwritable, or the disk filled, during the fit
+        from services.common.latent_rgb import FILE
+
+        print(f"error: could not write {Path(args.model) / FILE}: {error.strerror or error}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +267,7 @@ port) follow it. Every address is printed on the service's SERVING line.""")
     fit.add_argument("--dry-run", action="store_true", help="fit and report, write nothing")
     fit.set_defaults(func=cmd_fit_preview)
 
-    from t2v.jobs_cli import add_parser as add_jobs_parser   # t2v jobs list|show|cancel|download
+    from t2v.jobs_cli import add_parser as add_jobs_parser   # t2v jobs list|show|cancel|delete|download
     add_jobs_parser(sub)
     from t2v.ops import add_parser as add_ops_parser   # t2v ops status|scale|drain (Kubernetes)
     add_ops_parser(sub)

@@ -169,6 +169,8 @@ def fit_folder(model: str | Path, source: str = "denoise", device: str = "cpu", 
 
 
 def main(args: Any) -> int:
+    if not args.dry_run:
+        LatentRgb.check_writable(args.model)
     latent_rgb = fit_folder(args.model, source=args.source, device=args.device, dtype=args.dtype, seeds=args.seeds,
                             steps=args.steps, frames=args.frames, write=not args.dry_run)
     fit = latent_rgb.fit

@@ -1,4 +1,4 @@
-"""``t2v jobs``: follow the gateway's jobs from a terminal (list, show, cancel, download).
+"""``t2v jobs``: follow the gateway's jobs from a terminal (list, show, cancel, delete, download).
 
 Why a command: a backend that submits jobs over HTTP or SubmitJob needs an operator-side view of
 the same queue without writing code; this is a thin client of the gateway's job RPCs. Times are shown
@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
             elif args.action == "cancel":
                 print(describe(stub.CancelJob(gateway_pb2.CancelJobRequest(job_id=args.job_id), timeout=30,
                                               metadata=metadata)))
+            elif args.action == "delete":
+                deleted = stub.DeleteJob(gateway_pb2.DeleteJobRequest(job_id=args.job_id), timeout=30,
+                                         metadata=metadata)
+                print(f"{deleted.job_id}  deleted")
             else:  # download
                 chunks = stub.GetVideo(gateway_pb2.GetVideoRequest(job_id=args.job_id), timeout=300,
                                        metadata=metadata)
@@ -142,8 +146,9 @@ def _connection_args(parser: argparse.ArgumentParser, suppress: bool = False) ->
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    jobs = sub.add_parser("jobs", help="list, show, cancel or download the gateway's jobs",
-                          description="Follow the gateway's jobs: t2v jobs list | show ID | cancel ID | download ID. "
+    jobs = sub.add_parser("jobs", help="list, show, cancel, delete or download the gateway's jobs",
+                          description="Follow the gateway's jobs: t2v jobs list | show ID | cancel ID | delete ID | "
+                                      "download ID. "
                                       "The connection options (--gateway, --api-key, TLS) go before or after the "
                                       f"action; the gateway is $T2V_GATEWAY when set, else {DEFAULT_GATEWAY}.")
     _connection_args(jobs)
@@ -157,9 +162,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--raw", action="store_true", help="the Job message as protobuf text (Unix milliseconds)")
     cancel = actions.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id", help="the job's id (32 hex characters)")
+    delete = actions.add_parser("delete", help="delete a job and its video (a queued or running one is cancelled "
+                                               "first); its id answers NOT_FOUND afterwards")
+    delete.add_argument("job_id", help="the job's id (32 hex characters)")
     download = actions.add_parser("download", help="write a completed job's MP4")
     download.add_argument("job_id", help="the job's id")
     download.add_argument("-o", "--output", type=Path, default=Path("out/video.mp4"), help="where to write it")
-    for action in (listing, show, cancel, download):
+    for action in (listing, show, cancel, delete, download):
         _connection_args(action, suppress=True)
     jobs.set_defaults(func=run)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,15 @@ if TYPE_CHECKING:
 
 FILE = Path("vae") / "latent_rgb.json"
 FORMAT = "t2v-latent-rgb/1"
+
+
+def map_to_rgb(weights: "torch.Tensor", bias: "torch.Tensor", latents: "torch.Tensor") -> "torch.Tensor":
+    """[C, F, h, w] latents -> uint8 [F, h, w, 3] through the map's (weights [3, C], bias [3]) tensors, on the
+    latents' device (a few kernels; nothing waits for them)."""
+    import torch
+
+    rgb = torch.einsum("kc,cfhw->fhwk", weights, latents.float()) + bias
+    return rgb.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -58,9 +68,25 @@ class LatentRgb:
         }, indent=2) + "\n"
 
     def save(self, model: str | Path) -> Path:
+        """Write the map into the model folder through a temporary file, so a denoiser starting meanwhile
+        reads the old map or the new one, never half of one."""
         path = Path(model) / FILE
-        path.write_text(self.to_json())
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            tmp.write_text(self.to_json())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
+
+    @staticmethod
+    def check_writable(model: str | Path) -> None:
+        """ModelFolderError, with a sentence, unless the map can be written into ``model`` (checked before a
+        fit of minutes, not after it)."""
+        folder = (Path(model) / FILE).parent
+        if folder.is_dir() and not os.access(folder, os.W_OK):     # no folder: the fit's own checks say so
+            raise ModelFolderError(f"{folder} is not writable here: copy the model folder somewhere writable, "
+                                   "or fit with --dry-run to see the fit without writing it")
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "the latent -> RGB map") -> "LatentRgb":

@@ -179,6 +179,7 @@ class AotBuckets:
         self._code = code_version(unet)
         self._layout = weight_layout(unet)
         self._forwards: dict[tuple, Forward] = {}
+        self._sealed: Forward | None = None       # after seal(): what a bucket not built by then runs
         self.info: dict[str, dict[str, Any]] = {}
         self.counts = {"loaded": 0, "built": 0, "rebuilt": 0, "fallback": 0}
 
@@ -203,8 +204,19 @@ class AotBuckets:
         device = torch.device(device)
         key = (int(rows), tuple(int(s) for s in sample_shape), int(tokens), dtype, device, timestep_dtype)
         if key not in self._forwards:
-            self._forwards[key] = self._get(*key)
+            if self._sealed is not None:
+                log.warning(kv("aoti_bucket_unbuilt", rows=rows, sample="x".join(map(str, key[1])), tokens=tokens,
+                               action="eager: packages are built at start only (add the shape to --warm-shapes)"))
+                self._forwards[key] = self._sealed
+            else:
+                self._forwards[key] = self._get(*key)
         return self._forwards[key]
+
+    def seal(self, eager: Forward) -> None:
+        """No more builds: a bucket first asked for after this runs ``eager`` (with a log line). The engine
+        seals once its warm-up is done, so a shape nobody warmed never builds a package (minutes) in the
+        serving thread while every running request waits."""
+        self._sealed = eager
 
     # --- one bucket ---------------------------------------------------------------------------------------
     def _inputs(self, rows: int, sample_shape: tuple[int, ...], tokens: int, dtype: torch.dtype,

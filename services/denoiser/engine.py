@@ -47,7 +47,7 @@ from diffusers import DDIMScheduler, UNet3DConditionModel
 
 from services.common.logs import kv
 from services.common.contract import DEFAULT_VAE_SCALE_FACTOR
-from services.common.latent_rgb import LatentRgb
+from services.common.latent_rgb import LatentRgb, map_to_rgb
 from services.common.model_folder import model_part, vae_scale_factor
 from services.denoiser import batching, sampling
 from services.denoiser.deepcache import DeepCacheUNet
@@ -266,6 +266,12 @@ class DenoiseEngine:
         from the folder); latents are height / factor x width / factor. ``latent_rgb``: the model's latent ->
         RGB map for previews (``from_folder`` reads vae/latent_rgb.json); None = previews unavailable."""
         self.unet = unet
+        if latent_rgb is not None and latent_rgb.channels != int(unet.config.in_channels):
+            # a map fitted for another model: previews unavailable (each asking job is told), the videos are made
+            log.warning(kv("latent_rgb_unusable", map_channels=latent_rgb.channels,
+                           unet_channels=int(unet.config.in_channels),
+                           fix="fit the map for this model: t2v fit-preview MODEL_FOLDER"))
+            latent_rgb = None
         self.latent_rgb = latent_rgb
         self._rgb = latent_rgb.tensors(device) if latent_rgb is not None else None   # (weights, bias) there
         self.vae_scale_factor = vae_scale_factor
@@ -358,6 +364,7 @@ class DenoiseEngine:
             from services.denoiser.aot import AotBuckets
 
             self._aot = buckets = AotBuckets(self.unet, folder, embedding_dim=self.embedding_dim)
+            self._eager_for_aot = eager        # what warm() seals the packages with
 
             def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
                 if sample.shape[0] not in rows:
@@ -448,6 +455,8 @@ class DenoiseEngine:
                     self._deep_shallow(sample, timesteps, embeddings, features)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self._aot is not None:
+            self._aot.seal(self._eager_for_aot)
         return {k: round(v, 2) for k, v in spent.items()}
 
     @contextmanager
@@ -518,9 +527,14 @@ class DenoiseEngine:
         no wait for it (a few kernels on a few thousand numbers)."""
         if self._rgb is None:
             raise ValueError("previews are unavailable: this engine has no latent -> RGB map")
-        weights, bias = self._rgb
-        rgb = torch.einsum("kc,cfhw->fhwk", weights, latents[0].float()) + bias
-        return rgb.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+        return map_to_rgb(*self._rgb, latents[0])
+
+    def _send_preview(self, job: Job) -> None:
+        """A preview for ``job`` now; one that fails is logged and left out: it never fails the batch."""
+        try:
+            job.events.put(Preview(job.index, len(job.timesteps), self.preview(job.latents)))
+        except Exception:  # noqa: BLE001 - a preview is a courtesy; the video goes on
+            log.exception(kv("preview_failed", job_id=job.request.request_id, step=job.index))
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the latents of a height x width video; raises ValueError unless both are multiples
@@ -759,7 +773,7 @@ class DenoiseEngine:
                 if job.wants_checkpoint():
                     job.events.put(Checkpoint(job.index, job.latents, sampling.save_history(job.scheduler)))
                 if job.wants_preview():
-                    job.events.put(Preview(job.index, len(job.timesteps), self.preview(job.latents)))
+                    self._send_preview(job)
                 if job.index == len(job.timesteps):
                     done.append(job)
         for job in done:

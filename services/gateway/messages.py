@@ -75,7 +75,9 @@ def preview_message(preview: Preview) -> generation_pb2.Preview:
         columns=preview.columns, rows=preview.rows, frame_width=preview.frame_width, frame_height=preview.frame_height)
 
 
-def job_message(view: JobView) -> gateway_pb2.Job:
+def job_message(view: JobView, preview: bool = True) -> gateway_pb2.Job:
+    """The Job message; ``preview=False`` leaves the live preview out (ListJobs: a page of running jobs'
+    PNGs could pass a client's 4 MiB message limit; GetJob carries it)."""
     r = view.record
     job = gateway_pb2.Job(
         job_id=r.job_id, status=status_to_proto(r.status), priority=priority_to_proto(r.priority),
@@ -85,7 +87,7 @@ def job_message(view: JobView) -> gateway_pb2.Job:
         created_unix_ms=r.created_ms, started_unix_ms=r.started_ms, finished_unix_ms=r.finished_ms,
         cached=r.cached, video_size=r.video_size, mime_type=r.mime_type, expires_unix_ms=r.expires_ms,
         warnings=list(r.warnings), waiting_for=view.waiting_for)
-    if view.preview is not None:
+    if preview and view.preview is not None:
         job.preview.CopyFrom(preview_message(view.preview))
     if r.error_code:
         job.error.CopyFrom(gateway_pb2.JobError(code=r.error_code, message=r.error_message))

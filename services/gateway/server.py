@@ -116,7 +116,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                  ) -> gateway_pb2.ListJobsResponse:
         views, token = self._jobs().list(messages.status_from_proto(request.status), request.page_size,
                                          request.page_token, self._caller(context))
-        return gateway_pb2.ListJobsResponse(jobs=[messages.job_message(v) for v in views], next_page_token=token)
+        return gateway_pb2.ListJobsResponse(jobs=[messages.job_message(v, preview=False) for v in views], next_page_token=token)
 
     @grpc_errors
     def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.ServicerContext) -> gateway_pb2.Job:

@@ -126,6 +126,11 @@ def test_up_generate_and_ctrl_c(tmp_path):
         download = subprocess.run(T2V + ["jobs", *gateway, "download", job_id, "-o", str(copy)], env=ENV,
                                   capture_output=True, text=True, timeout=60)
         assert download.returncode == 0 and copy.read_bytes() == output.read_bytes()
+        deleted = run(["jobs", "delete", job_id], env=with_env)
+        assert deleted.returncode == 0 and deleted.stdout.split() == [job_id, "deleted"], deleted.stdout + deleted.stderr
+        gone = run(["jobs", "show", job_id], env=with_env)
+        assert gone.returncode == 1 and gone.stderr.startswith("error: NOT_FOUND: ") and "deleted" in gone.stderr
+        assert "Traceback" not in gone.stderr
         unknown = subprocess.run(T2V + ["jobs", *gateway, "show", "0" * 32], env=ENV, capture_output=True,
                                  text=True, timeout=60)
         assert unknown.returncode == 1 and unknown.stderr.startswith("error: NOT_FOUND: ")
@@ -202,7 +207,8 @@ def test_every_command_explains_itself_with_help():
     assert "HTTP API and web page: P+30 (http://127.0.0.1:50080/)" in text, up.stdout
     assert "/metrics: its gRPC port + 100 (50150-50153)" in text, up.stdout
 
-    for command in (["generate"], ["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "download"]):
+    for command in (["generate"], ["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "delete"],
+                    ["jobs", "download"]):
         default = " ".join(run([*command, "--help"]).stdout.split())
         assert "--gateway HOST:PORT the gateway's gRPC address (default: 127.0.0.1:50050" in default, (command, default)
         assert "T2V_GATEWAY" in default, default

@@ -84,6 +84,8 @@ class Http:
     def events(self, video_id: str, timeout: float = 60) -> Iterator[tuple[str, dict[str, Any]]]:
         """(event, data) pairs of GET /v1/videos/{id}/events, parsed from text/event-stream as it comes."""
         request = urllib.request.Request(f"{self.base}/v1/videos/{video_id}/events")
+        if self.key is not None:
+            request.add_header("Authorization", f"Bearer {self.key}")
         with urllib.request.urlopen(request, timeout=timeout) as response:
             assert response.status == 200
             assert response.headers["Content-Type"].startswith("text/event-stream")

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import shutil
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -74,23 +72,6 @@ def check_preview(preview: Any, step: int, total: int) -> None:
     assert png_size(preview.png) == (GRID[0] * CELL, GRID[1] * CELL)
 
 
-def events(http: Http, video_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Http.events with the key."""
-    request = urllib.request.Request(f"{http.base}/v1/videos/{video_id}/events",
-                                     headers={"Authorization": f"Bearer {http.key}"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        name, data = None, []
-        for raw in response:
-            line = raw.decode().rstrip("\r\n")
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-            elif line == "" and data:
-                yield name or "message", json.loads("\n".join(data))
-                name, data = None, []
-
-
 def test_a_generate_stream_with_previews_gets_one_every_n_steps_and_after_the_last(gateway: RunningStage) -> None:
     steps = 5
     stream = stub(gateway).Generate(S.GenerateRequest(params=params(steps, True)), metadata=metadata(), timeout=120)
@@ -117,7 +98,7 @@ def test_sse_getjob_and_the_preview_route_carry_the_latest_and_only_to_its_key(g
     assert video["preview"] is True
     job_id = video["id"]
     try:
-        stream = events(alice, job_id)
+        stream = alice.events(job_id)
         got = []
         for name, data in stream:
             if name == "preview":
@@ -139,6 +120,10 @@ def test_sse_getjob_and_the_preview_route_carry_the_latest_and_only_to_its_key(g
         assert job.HasField("preview") and job.preview.step >= got[-1]["step"]
         check_preview(job.preview, job.preview.step, LONG)
         assert job.preview.step % EVERY == 0 and job.progress.step >= job.preview.step
+        # a ListJobs page carries no PNGs (GetJob does): many running jobs' previews could pass 4 MiB
+        listed = stub(gateway).ListJobs(S.ListJobsRequest(), metadata=metadata(), timeout=30).jobs
+        assert [j.job_id for j in listed if j.job_id == job_id] == [job_id]
+        assert not any(j.HasField("preview") for j in listed)
 
         answer = alice.call("GET", f"/v1/videos/{job_id}/preview")
         assert answer.status == 200 and answer.headers["Content-Type"] == "image/png", answer.body[:300]
@@ -171,7 +156,7 @@ def test_a_job_without_previews_gets_none_and_shares_the_cache_with_one_that_ask
     alice.call("POST", f"/v1/videos/{long}/cancel")
     plain = alice.create(steps=4, num_frames=FRAMES, size=f"{SIZE}x{SIZE}", seed=11)
     assert plain["preview"] is False
-    names = [name for name, _ in events(alice, plain["id"])]
+    names = [name for name, _ in alice.events(plain["id"])]
     assert "progress" in names and "preview" not in names and names[-1] == "completed"
     job = stub(gateway).GetJob(S.GetJobRequest(job_id=plain["id"]), metadata=metadata(), timeout=30)
     assert not job.HasField("preview") and not job.params.preview

@@ -257,6 +257,32 @@ def test_the_engine_runs_its_compiled_rows_through_the_packages(built) -> None:
     assert engine.aot_counts == {"loaded": 1, "built": 0, "rebuilt": 0, "fallback": 0}
 
 
+@pytest.mark.slow
+def test_after_the_warm_up_a_bucket_not_built_runs_eager_and_builds_nothing(built, monkeypatch, caplog) -> None:
+    """A package takes minutes to build on a GPU: once sealed (the engine's warm() does it), a shape nobody
+    warmed must not build one in the serving thread while every running request waits."""
+    folder, _ = built
+    module = TinyUNet(0)
+    buckets = provider(module, folder)
+    bucket(buckets)                                        # the warmed bucket: loaded
+    calls: list[int] = []
+    buckets.seal(lambda x, t, e: calls.append(x.shape[0]) or eager(module, x, t, e))
+
+    def no_build(*_: Any) -> None:
+        raise AssertionError("a sealed provider must not export")
+
+    monkeypatch.setattr(aot, "export_forward", no_build)
+    x, t, e = inputs(ROWS + 1)                              # rows never warmed
+    with caplog.at_level("WARNING", logger="denoiser.aot"):
+        out = run(buckets, x, t, e)
+    assert calls == [ROWS + 1] and torch.allclose(out, eager(module, x, t, e), atol=1e-5, rtol=0)
+    assert "aoti_bucket_unbuilt" in caplog.text
+    assert len(list((folder / aot.SUBFOLDER).glob("*.pt2"))) == 1
+    x, t, e = inputs()
+    run(buckets, x, t, e)                                  # the built one still runs its package
+    assert calls == [ROWS + 1] and buckets.counts["loaded"] == 1
+
+
 def test_the_denoiser_setting_and_its_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from dataclasses import replace
 

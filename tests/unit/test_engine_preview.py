@@ -111,6 +111,26 @@ def test_requests_that_did_not_ask_cost_no_preview_work(monkeypatch: pytest.Monk
 
 
 @pytest.mark.slow
+def test_a_map_for_other_latents_is_not_used_and_a_failing_preview_fails_no_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a map fitted for a 3-channel model on this 4-channel UNet: previews are unavailable, as without a map
+    three = LatentRgb(weights=((0.3, -0.2, 0.1), (-0.1, 0.25, 0.2), (0.05, 0.1, -0.3)), bias=(0.5, 0.45, 0.55))
+    engine = make_engine(latent_rgb=three)
+    assert engine.latent_rgb is None
+    wire = denoiser_pb2.DenoiseRequest(
+        request_id="w", embeddings=to_proto(request(9).embeddings), num_frames=2, height=32, width=32,
+        num_inference_steps=STEPS, guidance_scale=7.0, seed=9, scheduler="ddim", preview_every=2)
+    assert check_request(wire, DenoiserConfig(device="cpu", dtype="float32"), engine).preview_every == 0
+
+    # a preview that raises in the step: logged and left out; both requests of the batch still finish
+    engine = make_engine()
+    monkeypatch.setattr(engine, "preview", lambda latents: 1 / 0)
+    asked, plain = run(engine, [request(10, preview_every=1, checkpoint_every=0), request(11, checkpoint_every=0)])
+    assert isinstance(asked[-1], eng.Finished) and isinstance(plain[-1], eng.Finished)
+    assert not [e for e in asked if isinstance(e, eng.Preview)] and asked[-1].steps_run == STEPS
+
+
+@pytest.mark.slow
 def test_without_a_map_the_engine_refuses_previews_and_the_server_asks_for_none() -> None:
     engine = make_engine(latent_rgb=None)
     asked, plain = run(engine, [request(6, preview_every=2), request(7)])

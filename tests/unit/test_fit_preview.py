@@ -5,6 +5,7 @@ colours (encoded by its own VAE, then mapped), and `t2v make-model` writes one."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,33 @@ def test_make_model_writes_a_map(tmp_path: Path) -> None:
     assert latent_rgb is not None and latent_rgb.channels == 4
     assert latent_rgb.fit["source"] == "random" and latent_rgb.fit["pixels"] > 0
     assert latent_rgb.scaling_factor == pytest.approx(0.18215)
+
+
+@pytest.mark.slow
+def test_fit_preview_says_in_a_sentence_where_it_cannot_write(tmp_path: Path) -> None:
+    """A folder that is no model is refused at once; a map the fit cannot write (here
+    vae/latent_rgb.json is a folder; a read-only volume answers the same way) is an error line, exit 1,
+    never a traceback, and leaves no temporary file behind."""
+    import shutil
+    import subprocess
+    import sys
+
+    from services.common.config import DEFAULT_MODEL
+
+    def fit(folder: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "t2v", "fit-preview", "--source", "random", str(folder)],
+                              capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", **os.environ})
+
+    (tmp_path / "empty").mkdir()
+    nothing = fit(tmp_path / "empty")
+    assert nothing.returncode == 1 and "Traceback" not in nothing.stderr
+    assert nothing.stderr.strip().endswith("has no model_index.json; it is not a diffusers model folder")
+
+    model = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, model, ignore=shutil.ignore_patterns("unet", "text_encoder"))
+    (model / FILE).unlink()
+    (model / FILE).mkdir()
+    blocked = fit(model)
+    assert blocked.returncode == 1 and "Traceback" not in blocked.stderr
+    assert blocked.stderr.strip().splitlines()[-1] == f"error: could not write {model / FILE}: Is a directory"
+    assert sorted(p.name for p in (model / "vae").iterdir() if p.name.startswith(".")) == []

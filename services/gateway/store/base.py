@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, ContextManager, Iterable, Mapping, Protocol
 
+from services.common.logs import kv
 from services.gateway.domain import JobRecord, JobStatus, Params, Priority, Stage
 from services.gateway.queue import QueuePolicy, Waiting
+
+log = logging.getLogger("gateway.store")
+PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(Params))
 
 
 class StoreQueueFull(Exception):
@@ -204,11 +209,22 @@ def to_row(record: JobRecord) -> dict[str, Any]:
     return row
 
 
+def params_from_json(text: str, job_id: str) -> Params:
+    """A row's params; a field this gateway does not know (written by a newer one sharing the store during a
+    rolling update) is left out with a log line, so the row still reads instead of failing every list."""
+    fields = json.loads(text)
+    unknown = sorted(set(fields) - PARAM_NAMES)
+    if unknown:
+        log.warning(kv("params_unknown", job_id=job_id, fields=",".join(unknown),
+                       action="read without them: a newer gateway wrote this job; upgrade every gateway of the store"))
+    return Params(**{k: v for k, v in fields.items() if k in PARAM_NAMES})
+
+
 def from_row(row: Mapping[str, Any]) -> JobRecord:
     values = {name: row[name] for name in COLUMNS}
     values["status"] = JobStatus(values["status"])
     values["priority"] = Priority.parse(values["priority"])
-    values["params"] = Params(**json.loads(values["params"]))
+    values["params"] = params_from_json(values["params"], values["job_id"])
     values["warnings"] = tuple(json.loads(values["warnings"]))
     values["stage"] = Stage.of(int(values["stage"]))
     values["seed_given"], values["cached"] = bool(values["seed_given"]), bool(values["cached"])
