@@ -206,7 +206,8 @@ def bench_levers(model: str, device, dtype, a) -> dict:
                 channels_last(unet)
             graphed = GraphedUNet(lambda x, t, e: unet(x, t, encoder_hidden_states=e, return_dict=False)[0],
                                   device=device, buckets=rows)
-            result[name] = {r: graphed.time(r, shape, (77, unet.config.cross_attention_dim), dtype) * 1e3
+            result[name] = {r: graphed.time(r, (shape, (), (77, unet.config.cross_attention_dim)),
+                                            (dtype, torch.long, dtype)) * 1e3
                             for r in rows}
             log("lever", name, {r: f"{ms:.1f} ms" for r, ms in result[name].items()})
             del graphed
