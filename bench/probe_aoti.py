@@ -232,6 +232,11 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    # aot.py's lines (exported, built, loaded) on stderr as they come: a call cut by its time limit still says
+    # how far the build got
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     a = parse(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.child:

@@ -265,6 +265,9 @@ class AotBuckets:
             exported = export_forward(self.module, inputs)
             expected = used_weights(exported)
             exported_at = time.perf_counter()
+            # a build takes minutes on a GPU: say where it stands (an operator watching a long first start)
+            log.info(kv("aoti_exported", name=path.name, export_s=round(exported_at - started, 2),
+                        next="compiling the package"))
             compile_package(exported, tmp, self.options)
             del exported
             compiled_at = time.perf_counter()
