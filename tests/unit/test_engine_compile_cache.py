@@ -114,6 +114,36 @@ def test_a_spoiled_folder_is_deleted_and_rebuilt(tmp_path: Path, spoil, why: str
     again.close()
 
 
+def test_an_unfinished_warm_up_keeps_its_finished_aoti_packages_and_nothing_else(tmp_path: Path) -> None:
+    """A first start cut short (a pod killed by its startup probe while building packages for minutes): the
+    next start of the same software and GPU keeps the packages it finished, so the build makes progress
+    across restarts; Inductor's and Triton's caches go as before. Another identity keeps nothing."""
+    from services.denoiser import aot
+
+    assert cc.KEPT_WHEN_UNFINISHED == aot.SUBFOLDER, "the kept folder is the one aot.py writes its packages in"
+    cache = cc.CompileCache(tmp_path, HERE)
+    cache.open()
+    for part in ("aoti/UNet-r2.pt2", "aoti/.UNet-r32.1234.tmp.pt2", "triton/kernel.cubin", "inductor/fxgraph/entry"):
+        (cache.folder / part).parent.mkdir(parents=True, exist_ok=True)
+        (cache.folder / part).write_text(part)
+    cache.close()                                           # never completed
+
+    again = cc.CompileCache(tmp_path, HERE)
+    status = again.open()
+    assert status.startswith("rebuilt: incomplete") and "AOTInductor packages kept" in status, status
+    assert [p.name for p in (again.folder / "aoti").iterdir()] == ["UNet-r2.pt2"], "a half-written one goes"
+    assert (again.folder / "aoti" / "UNet-r2.pt2").read_text() == "aoti/UNet-r2.pt2"
+    assert not (again.folder / "triton").exists() and not (again.folder / "inductor").exists()
+    assert cc.read_manifest(again.folder)["complete"] is False
+    again.close()
+
+    (again.folder / cc.MANIFEST).write_text(json.dumps(manifest(replace(HERE, torch="2.9.1"), complete=False)))
+    other = cc.CompileCache(tmp_path, HERE)
+    assert "torch '2.9.1'" in other.open()
+    assert not (other.folder / "aoti").exists(), "another torch's packages are never kept"
+    other.close()
+
+
 def test_a_folder_of_another_gpu_stays_beside_this_one(tmp_path: Path) -> None:
     """Pools of different GPUs may share one volume: each key has its own folder."""
     h100 = replace(HERE, gpu="NVIDIA H100 80GB HBM3")
