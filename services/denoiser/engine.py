@@ -348,7 +348,7 @@ class DenoiseEngine:
         Why per bucket: compiling fuses the GroupNorm/SiLU/elementwise traffic; replayed as CUDA
         graphs on an H200 (docs/benchmarks.md, 2026-12-01) a compiled 2-row forward took 36.9 ms
         against 55.2 ms eager and a 32-row one 446 ms against 641 ms. Each compiled size costs ~100 s
-        of warm-up on an empty compile cache (~20 s on a warm one, see compile_cache.py, most of it
+        of warm-up on an empty compile cache (~27 s on a warm one, see compile_cache.py, most of it
         Dynamo tracing again: what "aoti" removes), and a dynamic-batch compilation took over 8 minutes.
         warm() pays the compilations before SERVING.
         """
