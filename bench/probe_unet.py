@@ -14,11 +14,12 @@ one process and one call, each step guarded by a time budget:
    scaled per row or per tensor at run time, the weights once), compiled for 32 rows and replayed as a
    graph; its error against the fp16 output on the same inputs (relative norm and max);
 4. ``rows64``: the exact forward compiled for 64 rows, a row's time against 32;
-5. ``aoti``: whether the UNet exports and packages with AOTInductor for 2 rows (a warm start would load
-   that instead of tracing the UNet again), what that costs, how long loading takes, and whether the loaded
-   model captures as a CUDA graph and how fast it replays;
+5. ``attention``: every attention shape of one 32-row forward through each kernel (cuDNN, flash, efficient,
+   two matrix products eager and compiled), ms a call and a forward; ``short`` / ``layout``: the whole UNet
+   compiled with short sequences' attention as matrix products (and Inductor's channels-last layout forced);
 6. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
    CUDA events, against a 32-row step.
+(AOTInductor packages: bench/probe_aoti.py, which builds them through services/denoiser/aot.py itself.)
 
     python bench/probe_unet.py --model /tmp/t2v-full --out /tmp/probe --budget-s 420
 
@@ -259,47 +260,6 @@ def compiled_variant(unet: torch.nn.Module, call: Callable[..., Any], inputs: tu
         inductor_config.force_layout_optimization = False
 
 
-def aoti_probe(unet: torch.nn.Module, dim: int, eager: Callable[..., torch.Tensor], folder: Path) -> dict[str, Any]:
-    """Export + AOTInductor-package the 2-row forward, load it, compare, capture, time (see the docstring)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {}
-    x2 = random_inputs(2, dim)
-    from services.denoiser.aot import UNetForward
-
-    wrapped = UNetForward(unet)
-    try:
-        started = time.perf_counter()
-        program = torch.export.export(wrapped, x2, strict=False)
-        result["export_s"] = round(time.perf_counter() - started, 1)
-        configs: dict[str, Any] = {}
-        aot = torch._inductor.config.aot_inductor
-        if hasattr(aot, "package_constants_in_so"):
-            configs["aot_inductor.package_constants_in_so"] = False
-        result["constants_in_so"] = not configs
-        started = time.perf_counter()
-        path = torch._inductor.aoti_compile_and_package(program, package_path=str(folder / "unet-2.pt2"),
-                                                        inductor_configs=configs)
-        result["package_s"] = round(time.perf_counter() - started, 1)
-        result["package_mb"] = round(Path(path).stat().st_size / 1e6, 1)
-        started = time.perf_counter()
-        loaded = torch._inductor.aoti_load_package(path)
-        if configs:
-            loaded.load_constants(dict(wrapped.state_dict()), check_full_update=True, user_managed=True)
-        result["load_s"] = round(time.perf_counter() - started, 2)
-        started = time.perf_counter()
-        out = loaded(*x2)
-        torch.cuda.synchronize()
-        result["first_call_s"] = round(time.perf_counter() - started, 2)
-        ref = eager(*x2).float()
-        result["rel_err"] = float((out.float() - ref).norm() / ref.norm())
-        result["eager_graph_ms"] = round(event_median(graphed(eager, x2)) * 1e3, 2)
-        result["aoti_ms"] = round(event_median(lambda: loaded(*x2)) * 1e3, 2)
-        result["aoti_graph_ms"] = round(event_median(graphed(lambda x, t, e: loaded(x, t, e), x2)) * 1e3, 2)
-    except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
-        result["failed"] = f"{type(exc).__name__}: {exc}"[:800]
-    return result
-
-
 def main() -> None:
     import faulthandler
 
@@ -308,7 +268,7 @@ def main() -> None:
     parser.add_argument("--model", default="/tmp/t2v-full")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=420.0)
-    parser.add_argument("--steps", default="profile,cudnn,preview,attention,short,aoti,layout,fp8,rows64")
+    parser.add_argument("--steps", default="profile,cudnn,preview,attention,short,layout,fp8,rows64")
     parser.add_argument("--compile-s", type=float, default=130.0, help="what one compilation is expected to take")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -398,11 +358,6 @@ def main() -> None:
                 done("preview", {"map_gpu_us": round(one * 1e6, 1), "map_host_launch_us": round(host_us, 1),
                                  "step_32_rows_ms": round(step * 1e3, 2),
                                  "two_previews_share_of_step": round(2 * one / step, 6)})
-        if "aoti" in steps:
-            if left() < 2 * a.compile_s:
-                done("aoti_2", f"skipped: {left():.0f} s left")
-            else:
-                done("aoti_2", aoti_probe(unet, dim, call(unet), Path("/tmp/probe-aoti")))
         for rowwise in (True, False):
             if "fp8" not in steps:
                 break

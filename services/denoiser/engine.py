@@ -46,7 +46,7 @@ import torch
 from diffusers import DDIMScheduler, UNet3DConditionModel
 
 from services.common.logs import kv
-from services.common.contract import DEFAULT_VAE_SCALE_FACTOR
+from services.common.contract import CACHE_MODES, DEFAULT_VAE_SCALE_FACTOR
 from services.common.latent_rgb import LatentRgb, map_to_rgb
 from services.common.model_folder import model_part, vae_scale_factor
 from services.denoiser import batching, sampling
@@ -607,8 +607,8 @@ class DenoiseEngine:
     def _admit(self, job: Job) -> None:
         r = job.request
         try:
-            if r.cache not in ("none", "deep"):
-                raise ValueError(f"cache {r.cache!r} is unknown; choose none or deep")
+            if r.cache not in CACHE_MODES:
+                raise ValueError(f"cache {r.cache!r} is unknown; choose {' or '.join(CACHE_MODES)}")
             if r.cache == "deep" and self._deep is None:
                 raise ValueError("cache is deep, but this engine runs with DeepCache off (deep_cache_interval 0)")
             if r.preview_every and self._rgb is None:
