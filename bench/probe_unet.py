@@ -19,7 +19,7 @@ one process and one call, each step guarded by a time budget:
    compiled with short sequences' attention as matrix products (and Inductor's channels-last layout forced);
 6. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
    CUDA events, against a 32-row step.
-(AOTInductor packages: bench/probe_aoti.py, which builds them through services/denoiser/aot.py itself.)
+(Packages of compiled buckets: bench/probe_packages.py, which builds them through services/denoiser/aot.py itself.)
 
     python bench/probe_unet.py --model /tmp/t2v-full --out /tmp/probe --budget-s 420
 

@@ -1,26 +1,36 @@
-"""Compiled UNet buckets as AOTInductor packages: built once into the compile cache, loaded without tracing.
+"""Compiled UNet buckets as packages: built once into the compile cache, loaded without tracing.
 
-Why: a denoiser restarted on a warm torch.compile cache still spent 43.6 s of its 83 s start in Dynamo
+Why: a denoiser restarted on a warm torch.compile cache still spent 36.6 s of its 94 s start in Dynamo
 tracing the UNet again for its two compiled batch sizes, although every FX graph and Triton kernel came
-from the cache (docs/benchmarks.md, "Cold start"). An AOTInductor package (``torch.export`` then
-``torch._inductor.aoti_compile_and_package``) is the compiled forward itself: loading it traces nothing.
+from the cache (docs/benchmarks.md, run D). A package is the compiled forward itself: loading it traces
+nothing. Two kinds (``KINDS``), the same provider:
 
-One package per compiled bucket, ``<compile-cache folder>/aoti/<name>.pt2``. It holds code, never weights:
+- ``precompile``: Dynamo's ahead-of-time compile (``torch.compile(fullgraph=True)`` of the module, then
+  its experimental ``_aot_compile`` / ``_save_aot_compiled_module``, torch 2.11-2.13): the same Dynamo ->
+  AOTAutograd -> Inductor pipeline as ``--compile-backend inductor`` (so the same kernels and the same
+  build time), serialised with its guards; loading it runs the saved bytecode on the live module. Its
+  guards are the portable ones only (tensor metadata, grad mode: ``keep_portable_guards_unsafe``): the
+  identity of Python objects cannot be saved, and the key below stands for them.
+- ``aoti``: an AOTInductor package (``torch.export`` then ``aoti_compile_and_package``), C++ around the
+  same kernels; its build took longer than 255 s for one 2-row bucket of the 1.7B UNet on an H200.
+
+One package per compiled bucket, ``<compile-cache folder>/packages/<name>.precompile`` or ``.pt2``. It holds code, never
+weights: a precompiled forward reads the live module's parameters as inputs of its graph; an AOTI one is
 compiled with ``aot_inductor.package_constants_in_so = False`` (and ``always_keep_tensor_constants``, so
 no small parameter is inlined into a kernel as a literal), and the live module's parameters and buffers
-are handed to the loaded model (``load_constants(..., user_managed=True)``: the model keeps pointers to
-them, no copy). So a package is keyed by what the compiled code depends on: the module's config (its
-architecture), the names, shapes and dtypes of its parameters, the version of the package that holds its
-code (diffusers for the UNet), dtype, device type, rows, sample shape and tokens, and ``FORMAT``; never by
-the weights. The folder it lives in is keyed by torch, Triton, CUDA and the GPU and trusted only with a
-complete manifest (compile_cache.py), so a stale or foreign package goes with its folder.
+are handed to it (``load_constants(..., user_managed=True)``: pointers, no copy). So a package is keyed by
+what the compiled code depends on: its kind, the module's config (its architecture), the names, shapes and
+dtypes of its parameters, the version of the package that holds its code (diffusers for the UNet), dtype,
+device type, rows, sample shape and tokens, and ``FORMAT``; never by the weights. The folder it lives in is
+keyed by torch, Triton, CUDA and the GPU and trusted only with a complete manifest (compile_cache.py), so a
+stale or foreign package goes with its folder.
 
 A package that does not load, or fails its first call (corrupt, truncated), is deleted and built again,
 with a log line. A model that does not export or compile, or whose package would not take its weights
 from outside (a parameter baked into the code, or constants of its own), runs that bucket through
 torch.compile instead, with a log line saying why: it serves, only with the slower start.
 
-The loaded model runs single-threaded (``run_single_threaded=True``): the AOTI runtime's multi-threaded
+A loaded AOTI model runs single-threaded (``run_single_threaded=True``): the AOTI runtime's multi-threaded
 container synchronises on CUDA events, which a CUDA-graph capture (graphs.py) does not allow.
 """
 
@@ -43,7 +53,9 @@ from services.common.logs import kv
 log = logging.getLogger("denoiser.aot")
 
 FORMAT = 1              # this module's way of building packages; a change makes every older package unused
-SUBFOLDER = "aoti"
+SUBFOLDER = "packages"
+KINDS = ("precompile", "aoti")
+SUFFIX = {"precompile": ".precompile", "aoti": ".pt2"}     # each kind's file name ends so (AOTI requires .pt2)
 # Inductor settings every package is compiled with: code only, no constant inlined into it.
 WEIGHTS_FREE = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
 
@@ -94,19 +106,22 @@ def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def package_name(config: Mapping[str, Any], *, rows: int, sample_shape: Sequence[int], tokens: int,
                  dtype: torch.dtype, device_type: str, timestep_dtype: torch.dtype = torch.long,
-                 code: str = "", layout: Sequence[Sequence[str]] = (), name: str = "") -> str:
-    """The file name of one bucket's package: readable parts, then a hash of everything it depends on.
+                 code: str = "", layout: Sequence[Sequence[str]] = (), name: str = "", kind: str = "aoti") -> str:
+    """The file name of one bucket's package: readable parts, then a hash of everything it depends on, then
+    the kind's ``SUFFIX``.
 
     ``config``: the module's config (architecture); ``code``: ``code_version``; ``layout``: ``weight_layout``;
     ``name``: the module's class name (the readable prefix)."""
+    if kind not in KINDS:
+        raise ValueError(f"package kind {kind!r} is unknown; choose {' or '.join(KINDS)}")
     key = {"config": json.loads(json.dumps(_architecture(config), sort_keys=True, default=str)),
            "dtype": str(dtype), "timestep_dtype": str(timestep_dtype), "device": device_type, "rows": int(rows),
            "sample": [int(s) for s in sample_shape], "tokens": int(tokens), "code": code,
-           "layout": [list(item) for item in layout], "format": FORMAT}
+           "layout": [list(item) for item in layout], "format": FORMAT, "kind": kind}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     readable = (f"{name or 'module'}-r{rows}-{'x'.join(map(str, sample_shape))}-t{tokens}-"
                 f"{str(dtype).removeprefix('torch.')}-{device_type}")
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", readable)[:120] + f"-{digest}.pt2"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", readable)[:120] + f"-{digest}{SUFFIX[kind]}"
 
 
 # --- the steps (module-level, so a test can replace one) -------------------------------------------------
@@ -153,22 +168,80 @@ def load_package(path: Path, device: torch.device, weights: Mapping[str, torch.T
     return model
 
 
+def dynamo_module(unet: torch.nn.Module) -> Any:
+    """``unet`` under torch.compile as a precompiled package needs it: one graph (fullgraph), static shapes,
+    and only the guards that can be saved (tensor metadata, grad mode); the key of its file stands for the
+    rest (the module's code and architecture)."""
+    return torch.compile(unet, fullgraph=True, dynamic=False,
+                         options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+
+
+def precompile_forward(unet: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Dynamo's ahead-of-time compile of ``unet(sample, t, encoder_hidden_states=e, return_dict=False)`` at
+    exactly these inputs: the compiled module, whose ``forward`` can be saved (``save_precompiled``)."""
+    from torch._dynamo.aot_compile import ModelInput
+
+    sample, timesteps, embeddings = inputs
+    compiled = dynamo_module(unet)
+    with torch._dynamo.config.patch(enable_aot_compile=True), torch.inference_mode():
+        compiled._aot_compile([ModelInput((sample, timesteps), {"encoder_hidden_states": embeddings,
+                                                                 "return_dict": False}, [])])
+    return compiled
+
+
+def save_precompiled(compiled: Any, path: Path) -> None:
+    """Write ``precompile_forward``'s result to ``path``."""
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        path.write_bytes(compiled._save_aot_compiled_module())
+
+
+def load_precompiled(unet: torch.nn.Module, path: Path) -> Forward:
+    """The forward ``save_precompiled`` wrote, running on the live ``unet`` (its weights, read as the graph's
+    inputs at every call): no tracing, no compiling."""
+    compiled = dynamo_module(unet)
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        compiled._load_aot_compiled_module(path.read_bytes())
+    return precompiled_forward(unet, compiled)
+
+
+def precompiled_forward(unet: torch.nn.Module, compiled: Any) -> Forward:
+    """``(sample, t, e) -> noise`` of a module precompiled for one input (built or loaded).
+
+    Its guards are not checked at each call: the provider picks the bucket by its inputs' shapes and dtypes,
+    and the file's key stands for the module. (They would refuse a normal tensor where the build saw an
+    inference tensor, which the CUDA-graph capture's inputs are, although the compiled code is the same.)"""
+    results = getattr(compiled.forward, "compiled_results", None)
+    if not results or len(results) != 1:
+        raise RuntimeError(f"the precompiled file holds {len(results or [])} compiled forwards, not one")
+    (function,) = results
+    function.disable_guard_check()
+
+    def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return function(unet, sample, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+
+    return forward
+
+
 # --- the provider -----------------------------------------------------------------------------------------
 class AotBuckets:
     """Compiled forwards of ``unet`` (called as diffusers' UNets are: ``unet(sample, t, encoder_hidden_states=e,
-    return_dict=False)[0]``) per bucket, from AOTInductor packages under ``folder/aoti``.
+    return_dict=False)[0]``) per bucket, from packages of ``kind`` (``KINDS``) under ``folder/packages``.
 
     ``bucket(rows, sample_shape, tokens, dtype, device)`` returns the bucket's forward ``(sample, t, e) ->
-    noise``: the package loaded if one is there and works, else built now (export, compile, package, atomically
-    renamed into place) and loaded; torch.compile for this bucket if that fails. ``__call__`` picks the bucket
-    from its inputs. ``info`` says per package what happened and in how many seconds; ``counts`` adds them up.
+    noise``: the package loaded if one is there and works, else built now (written under a temporary name,
+    loaded and tried, then renamed into place); torch.compile for this bucket if that fails. ``__call__``
+    picks the bucket from its inputs. ``info`` says per package what happened and in how many seconds;
+    ``counts`` adds them up.
 
-    ``options``: more Inductor settings to compile with (the tests ask for a quicker C++ build);
+    ``options``: more Inductor settings to compile AOTI packages with (the tests ask for a quicker C++ build);
     ``fallback``: makes the torch.compile forward of the wrapped module (torch.compile, static shapes)."""
 
-    def __init__(self, unet: torch.nn.Module, folder: str | Path, embedding_dim: int,
+    def __init__(self, unet: torch.nn.Module, folder: str | Path, embedding_dim: int, kind: str = "aoti",
                  config: Mapping[str, Any] | None = None, options: Mapping[str, Any] | None = None,
                  fallback: Callable[[torch.nn.Module], Forward] | None = None) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"package kind {kind!r} is unknown; choose {' or '.join(KINDS)}")
+        self.kind = kind
         self.module = UNetForward(unet)
         self.folder = Path(folder) / SUBFOLDER
         self.embedding_dim = int(embedding_dim)
@@ -192,7 +265,8 @@ class AotBuckets:
              device: torch.device, timestep_dtype: torch.dtype = torch.long) -> str:
         return package_name(self.config, rows=rows, sample_shape=sample_shape, tokens=tokens, dtype=dtype,
                             device_type=torch.device(device).type, timestep_dtype=timestep_dtype,
-                            code=self._code, layout=self._layout, name=type(self.module.unet).__name__)
+                            code=self._code, layout=self._layout, name=type(self.module.unet).__name__,
+                            kind=self.kind)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         forward = self.bucket(sample.shape[0], tuple(sample.shape[1:]), embeddings.shape[1], sample.dtype,
@@ -205,7 +279,8 @@ class AotBuckets:
         key = (int(rows), tuple(int(s) for s in sample_shape), int(tokens), dtype, device, timestep_dtype)
         if key not in self._forwards:
             if self._sealed is not None:
-                log.warning(kv("aoti_bucket_unbuilt", rows=rows, sample="x".join(map(str, key[1])), tokens=tokens,
+                log.warning(kv("package_bucket_unbuilt", kind=self.kind, rows=rows, sample="x".join(map(str, key[1])),
+                               tokens=tokens,
                                action="eager: packages are built at start only (add the shape to --warm-shapes)"))
                 self._forwards[key] = self._sealed
             else:
@@ -234,70 +309,97 @@ class AotBuckets:
         status, facts = "built", {}
         if path.exists():
             try:
-                model = load_package(path, device, self.weights())
+                forward = self._load(path, device)
                 loaded_at = time.perf_counter()
-                self._trial(model, inputs)
-                return self._done(name, rows, "loaded", started, model, size=path.stat().st_size,
+                self._trial(forward, inputs)
+                return self._done(name, rows, "loaded", started, forward, size=path.stat().st_size,
                                   load_s=round(loaded_at - started, 2))
             except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is built again
-                log.warning(kv("aoti_package_unusable", name=name, rows=rows, reason=_reason(exc),
+                log.warning(kv("package_unusable", kind=self.kind, name=name, rows=rows, reason=_reason(exc),
                                action="deleted, building it again"))
                 path.unlink(missing_ok=True)
                 status, facts = "rebuilt", {"why": _reason(exc)}
         try:
-            model, timings = self._build(path, inputs, device)
+            forward, timings = self._build(path, inputs, device)
         except Exception as exc:  # noqa: BLE001 - the bucket still serves, through torch.compile
-            log.warning(kv("aoti_fallback", name=name, rows=rows, reason=_reason(exc),
+            log.warning(kv("package_fallback", kind=self.kind, name=name, rows=rows, reason=_reason(exc),
                            action="torch.compile for this bucket"))
             self.counts["fallback"] += 1
             self.info[name] = {"rows": rows, "status": "fallback", "why": _reason(exc),
                                "seconds": round(time.perf_counter() - started, 2)}
             return self._compiled()
-        return self._done(name, rows, status, started, model, size=path.stat().st_size, **timings, **facts)
+        return self._done(name, rows, status, started, forward, size=path.stat().st_size, **timings, **facts)
+
+    def _load(self, path: Path, device: torch.device, expected: set[str] | None = None) -> Forward:
+        """The forward of the package at ``path``, on the live module's weights."""
+        if self.kind == "precompile":
+            return self._wrap(load_precompiled(self.module.unet, path))
+        return self._wrap(load_package(path, device, self.weights(), expected=expected))
+
+    @staticmethod
+    def _wrap(run: Callable[..., torch.Tensor]) -> Forward:
+        def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+            return run(_dense(sample), _dense(timesteps), _dense(embeddings))
+
+        return forward
 
     def _build(self, path: Path, inputs: tuple[torch.Tensor, ...], device: torch.device
-               ) -> tuple[Any, dict[str, float]]:
-        """Export, compile into a temporary package beside ``path``, load and try it, then rename it into place."""
+               ) -> tuple[Forward, dict[str, float]]:
+        """Build into a temporary file beside ``path``, try the bucket's forward, then rename the file into place."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{SUFFIX[self.kind]}")
         try:
-            started = time.perf_counter()
-            exported = export_forward(self.module, inputs)
-            expected = used_weights(exported)
-            exported_at = time.perf_counter()
-            # a build takes minutes on a GPU: say where it stands (an operator watching a long first start)
-            log.info(kv("aoti_exported", name=path.name, export_s=round(exported_at - started, 2),
-                        next="compiling the package"))
-            compile_package(exported, tmp, self.options)
-            del exported
-            compiled_at = time.perf_counter()
-            model = load_package(tmp, device, self.weights(), expected=expected)
-            self._trial(model, inputs)
+            if self.kind == "precompile":
+                forward, timings = self._build_precompiled(tmp, inputs)
+            else:
+                forward, timings = self._build_aoti(tmp, inputs, device)
+            tried = time.perf_counter()
+            self._trial(forward, inputs)
             os.replace(tmp, path)
-            return model, {"export_s": round(exported_at - started, 2), "compile_s": round(compiled_at - exported_at, 2),
-                           "load_s": round(time.perf_counter() - compiled_at, 2)}
+            return forward, {**timings, "trial_s": round(time.perf_counter() - tried, 2)}
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _build_precompiled(self, tmp: Path, inputs: tuple[torch.Tensor, ...]) -> tuple[Forward, dict[str, float]]:
+        """The compiled forward in hand runs (loading the file back took 16-19 s on an H200); the file is
+        checked when the next start loads it, and built again there if it does not load."""
+        started = time.perf_counter()
+        compiled = precompile_forward(self.module.unet, inputs)
+        save_precompiled(compiled, tmp)
+        return (self._wrap(precompiled_forward(self.module.unet, compiled)),
+                {"compile_s": round(time.perf_counter() - started, 2)})
+
+    def _build_aoti(self, tmp: Path, inputs: tuple[torch.Tensor, ...], device: torch.device
+                    ) -> tuple[Forward, dict[str, float]]:
+        """Export, compile the package, then load it back (an AOTI package runs only loaded)."""
+        started = time.perf_counter()
+        exported = export_forward(self.module, inputs)
+        expected = used_weights(exported)
+        exported_at = time.perf_counter()
+        # a build takes minutes on a GPU: say where it stands (an operator watching a long first start)
+        log.info(kv("aoti_exported", name=tmp.name, export_s=round(exported_at - started, 2),
+                    next="compiling the package"))
+        compile_package(exported, tmp, self.options)
+        del exported
+        compiled_at = time.perf_counter()
+        forward = self._load(tmp, device, expected=expected)
+        return forward, {"export_s": round(exported_at - started, 2), "compile_s": round(compiled_at - exported_at, 2),
+                         "load_s": round(time.perf_counter() - compiled_at, 2)}
+
     @staticmethod
-    def _trial(model: Any, inputs: tuple[torch.Tensor, ...]) -> None:
+    def _trial(forward: Forward, inputs: tuple[torch.Tensor, ...]) -> None:
         """One call on the bucket's zeros: a package that loads but cannot run fails here, not in a user's step."""
         with torch.inference_mode():
-            out = model(*inputs)
+            out = forward(*inputs)
         if not isinstance(out, torch.Tensor) or out.shape != inputs[0].shape:
             raise RuntimeError(f"the package's output is {type(out).__name__} "
                                f"{list(getattr(out, 'shape', []))}, not the sample's shape {list(inputs[0].shape)}")
 
-    def _done(self, name: str, rows: int, status: str, started: float, model: Any, **facts: Any) -> Forward:
+    def _done(self, name: str, rows: int, status: str, started: float, forward: Forward, **facts: Any) -> Forward:
         seconds = round(time.perf_counter() - started, 2)
         self.counts[status] += 1
         self.info[name] = {"rows": rows, "status": status, "seconds": seconds, **facts}
-        log.info(kv("aoti_bucket", name=name, rows=rows, status=status, seconds=seconds, **facts))
-
-        def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-            return model(_dense(sample), _dense(timesteps), _dense(embeddings))
-
-        forward.package = model  # type: ignore[attr-defined] - for whoever wants the loaded model itself
+        log.info(kv("package_bucket", kind=self.kind, name=name, rows=rows, status=status, seconds=seconds, **facts))
         return forward
 
     def _compiled(self) -> Forward:

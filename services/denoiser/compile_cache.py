@@ -8,8 +8,9 @@ key names torch, Triton, CUDA, Python and the GPU (name and compute capability),
 ``manifest.json`` saying who wrote it and whether the warm-up that wrote it finished. A folder whose
 manifest is missing, unreadable, names other software or another GPU, or says the warm-up did not
 finish, is stale or foreign: it is deleted and rebuilt, never used (but for one thing: a folder of this very
-software and GPU whose warm-up was cut short keeps its finished AOTInductor packages, ``aoti/``, which are
-written whole and checked when loaded, so a long first start makes progress across restarts). A lock file per key makes a second
+software and GPU whose warm-up was cut short keeps its finished packages of compiled buckets, ``packages/``
+(aot.py), which are written whole and checked when loaded, so a long first start makes progress across
+restarts). A lock file per key makes a second
 process with the same key (another replica on a shared volume) wait until the first has finished
 compiling, then use its cache.
 
@@ -39,7 +40,7 @@ log = logging.getLogger("denoiser.compile_cache")
 
 FORMAT = 1              # this module's layout; a change makes every older folder foreign
 MANIFEST = "manifest.json"
-KEPT_WHEN_UNFINISHED = "aoti"     # aot.SUBFOLDER: packages written whole (renamed into place), checked on load
+KEPT_WHEN_UNFINISHED = "packages"     # aot.SUBFOLDER: packages written whole (renamed into place), checked on load
 
 
 @dataclass(frozen=True)
@@ -189,14 +190,14 @@ class CompileCache:
                 self.status = "warm"
             elif why.startswith("incomplete") and (self.folder / KEPT_WHEN_UNFINISHED).is_dir():
                 # this software on this GPU, its warm-up cut short (a pod killed by its startup probe, say):
-                # the AOTInductor packages it finished stay, each checked by a trial call when loaded
+                # the packages of compiled buckets it finished stay, each checked by a trial call when loaded
                 # (aot.py), so a first start longer than the probe allows still gets there over restarts
                 for child in self.folder.iterdir():
                     if child.name != KEPT_WHEN_UNFINISHED:
                         shutil.rmtree(child) if child.is_dir() else child.unlink(missing_ok=True)
                 for partial in (self.folder / KEPT_WHEN_UNFINISHED).glob(".*"):     # a build cut mid-write
                     partial.unlink(missing_ok=True)
-                self.status = f"rebuilt: {why}; its finished AOTInductor packages kept"
+                self.status = f"rebuilt: {why}; its finished packages kept"
             else:
                 shutil.rmtree(self.folder, ignore_errors=True)
                 self.status = f"rebuilt: {why}"

@@ -55,7 +55,7 @@ from services.denoiser.deepcache import DeepCacheUNet
 log = logging.getLogger("denoiser.engine")
 
 
-COMPILE_BACKENDS = ("inductor", "aoti")     # use_compile's: torch.compile, or AOTInductor packages (aot.py)
+COMPILE_BACKENDS = ("inductor", "precompile", "aoti")   # use_compile's: torch.compile, or packages (aot.py KINDS)
 
 
 class EngineFull(RuntimeError):
@@ -290,7 +290,7 @@ class DenoiseEngine:
         self._forward = self._eager_forward
         self.compile_rows: set[int] = set()
         self.compile_backend = "inductor"
-        self._aot: Any = None                                  # aot.AotBuckets, with use_compile(backend="aoti")
+        self._aot: Any = None                     # aot.AotBuckets, with use_compile(backend="precompile" or "aoti")
         self._graphed: Any = None                              # GraphedUNet, once use_cuda_graphs()
         self.plans: dict[tuple[int, int, int], dict[str, Any]] = {}   # shape -> measured buckets, cap
         self._cap_rows: dict[tuple[int, int, int], int] = {}
@@ -305,6 +305,8 @@ class DenoiseEngine:
         self._deep_shallow: Any = self._deep.shallow if self._deep is not None else None
         self._deep_graphs: list[Any] = []
         self._deep_clock: dict[tuple[int, int, int], int] = {}    # shape -> its steps with deep requests
+        self._later: list[tuple[str, Callable[[], None]]] = []    # warm(defer=True)'s captures, run when idle
+        self._later_seconds = 0.0
 
     @property
     def max_rows(self) -> int:
@@ -340,30 +342,31 @@ class DenoiseEngine:
         """Compile the UNet for batches of exactly these row counts (CUDA-graph buckets); call before
         use_cuda_graphs(), which then captures the compiled forward. Other batch sizes stay eager.
 
-        ``backend``: "inductor" = torch.compile (static shapes); "aoti" = an AOTInductor package per bucket
-        in ``folder/aoti`` (the compile cache's folder, which ``folder`` must be), built on the first start
-        and loaded without tracing on the next (aot.py; torch.compile for a bucket whose model does not
-        export). DeepCache's forwards, with deep_cache_compile, are torch.compile'd with either.
+        ``backend``: "inductor" = torch.compile (static shapes); "precompile" or "aoti" = a package per
+        bucket in ``folder/packages`` (the compile cache's folder, which ``folder`` must be), built on the
+        first start and loaded without tracing on the next (aot.py: Dynamo's ahead-of-time compile, or
+        AOTInductor; torch.compile for a bucket whose model does not build). DeepCache's forwards, with
+        deep_cache_compile, are torch.compile'd with any.
 
         Why per bucket: compiling fuses the GroupNorm/SiLU/elementwise traffic; replayed as CUDA
         graphs on an H200 (docs/benchmarks.md, 2026-12-01) a compiled 2-row forward took 36.9 ms
         against 55.2 ms eager and a 32-row one 446 ms against 641 ms. Each compiled size costs ~100 s
         of warm-up on an empty compile cache (~27 s on a warm one, see compile_cache.py, most of it
-        Dynamo tracing again: what "aoti" removes), and a dynamic-batch compilation took over 8 minutes.
+        Dynamo tracing again: what the packages remove), and a dynamic-batch compilation took over 8 minutes.
         warm() pays the compilations before SERVING.
         """
         if backend not in COMPILE_BACKENDS:
-            raise ValueError(f"compile backend {backend!r} is unknown; choose inductor or aoti")
-        if backend == "aoti" and folder is None:
-            raise ValueError("the aoti compile backend keeps its packages in the compile cache: give its folder "
-                             "(--compile-cache)")
+            raise ValueError(f"compile backend {backend!r} is unknown; choose {' or '.join(COMPILE_BACKENDS)}")
+        if backend != "inductor" and folder is None:
+            raise ValueError(f"the {backend} compile backend keeps its packages in the compile cache: give its "
+                             "folder (--compile-cache)")
         eager = self._forward
         self.compile_rows = set(rows)
         self.compile_backend = backend
-        if backend == "aoti":
+        if backend != "inductor":
             from services.denoiser.aot import AotBuckets
 
-            self._aot = buckets = AotBuckets(self.unet, folder, embedding_dim=self.embedding_dim)
+            self._aot = buckets = AotBuckets(self.unet, folder, embedding_dim=self.embedding_dim, kind=backend)
             self._eager_for_aot = eager        # what warm() seals the packages with
 
             def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
@@ -385,7 +388,7 @@ class DenoiseEngine:
 
     @property
     def aot_counts(self) -> dict[str, int]:
-        """With use_compile(backend="aoti"): how many buckets' packages were loaded, built, rebuilt (the one
+        """With a package backend (use_compile): how many buckets' packages were loaded, built, rebuilt (the one
         there did not load) or fell back to torch.compile; empty otherwise."""
         return dict(self._aot.counts) if self._aot is not None else {}
 
@@ -403,7 +406,8 @@ class DenoiseEngine:
 
     @torch.inference_mode()
     def warm(self, shapes: list[tuple[int, int, int]], tokens: int = 77,
-             known: dict[tuple[int, int, int], dict[int, float]] | None = None) -> dict[str, float]:
+             known: dict[tuple[int, int, int], dict[int, float]] | None = None, defer: bool = False
+             ) -> dict[str, float]:
         """Run (and capture, with CUDA graphs) every batch size for each (frames, height, width) now,
         so the first users do not pay for compilation, kernel selection or graph capture. With CUDA
         graphs, also time each bucket's replay: the times choose the padding and cap the batch at the
@@ -412,9 +416,15 @@ class DenoiseEngine:
         ``known`` (shape -> bucket rows -> seconds, as ``measured()`` returns them) are the times an
         earlier start measured on this GPU (the server keeps them with the compile cache): a shape
         with times for every bucket is not timed again, and only the buckets a batch can run in
-        (``used_buckets``) are warmed; the others are captured if ever needed. Returns the seconds
-        spent: compiled buckets (compilation included), eager buckets, DeepCache's forwards, timing."""
-        spent = {"compiled_s": 0.0, "eager_s": 0.0, "deep_s": 0.0, "timing_s": 0.0}
+        (``used_buckets``) are warmed; the others are captured if ever needed.
+
+        ``defer``: with such times, only the compiled buckets are warmed now; the eager buckets' and
+        DeepCache's graph captures (~1 s each, 19 s of a 94-s warm start on an H200) are left to the engine
+        thread, which runs them one at a time while it has no request (a request arriving meanwhile waits
+        for at most the one capture under way; one that needs a graph not captured yet captures it
+        itself, as it always could). Returns the seconds spent: compiled buckets (compilation included),
+        eager buckets, DeepCache's forwards, timing, and how many captures were deferred."""
+        spent = {"compiled_s": 0.0, "eager_s": 0.0, "deep_s": 0.0, "timing_s": 0.0, "deferred": 0}
         for frames, height, width in shapes:
             key = (frames, height, width)
             try:
@@ -435,7 +445,12 @@ class DenoiseEngine:
                         torch.full((rows,), 999, device=self.device),
                         torch.zeros((rows, tokens, self.embedding_dim), device=self.device, dtype=self.dtype))
 
+            later = defer and reuse
             for rows in rows_to_warm:
+                if later and rows not in self.compile_rows:
+                    self._defer(f"unet {rows} rows {'x'.join(map(str, key))}",
+                                lambda rows=rows, make=inputs: self._forward(*make(rows)))
+                    continue
                 with self._clock(spent, "compiled_s" if rows in self.compile_rows else "eager_s"):
                     self._forward(*inputs(rows))
                 log.debug(kv("warmed", shape="x".join(map(str, key)), rows=rows, **spent))
@@ -449,15 +464,46 @@ class DenoiseEngine:
             # else the compiled sizes: an eager forward on the CPU has nothing to capture or compile)
             deep_rows = self.used_buckets(key) if self._graphed is not None else sorted(self.compile_rows)
             for rows in deep_rows if self._deep is not None and (self._graphed is not None or self.deep_compile) else ():
-                with self._clock(spent, "deep_s"):
-                    sample, timesteps, embeddings = inputs(rows)
+                def deep(rows: int = rows, make: Callable = inputs) -> None:
+                    sample, timesteps, embeddings = make(rows)
                     _, features = self._deep_full(sample, timesteps, embeddings)
                     self._deep_shallow(sample, timesteps, embeddings, features)
+
+                if later and not self.deep_compile:
+                    self._defer(f"deepcache {rows} rows {'x'.join(map(str, key))}", deep)
+                    continue
+                with self._clock(spent, "deep_s"):
+                    deep()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self._aot is not None:
             self._aot.seal(self._eager_for_aot)
+        spent["deferred"] = len(self._later)
         return {k: round(v, 2) for k, v in spent.items()}
+
+    def _defer(self, what: str, capture: Callable[[], None]) -> None:
+        self._later.append((what, capture))
+
+    @property
+    def deferred(self) -> int:
+        """How many of warm(defer=True)'s captures are still to run."""
+        return len(self._later)
+
+    def _run_one_later(self) -> None:
+        """One deferred capture, in the engine thread while no request waits (_loop calls it). One that fails
+        is logged and dropped: the bucket is then captured when a batch first needs it, as without defer."""
+        what, capture = self._later.pop(0)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                capture()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception:  # noqa: BLE001 - a warm-up left for later must never stop the engine
+            log.exception(kv("warm_later_failed", what=what, then="captured when a batch first needs it"))
+        self._later_seconds += time.perf_counter() - started
+        if not self._later:
+            log.info(kv("warm_later_done", seconds=round(self._later_seconds, 2)))
 
     @contextmanager
     def _clock(self, spent: dict[str, float], name: str) -> Iterator[None]:
@@ -590,8 +636,14 @@ class DenoiseEngine:
                 while not self._inbox and not self._active:
                     if self._stopping:
                         return
+                    if self._later:
+                        break
                     self._cond.wait()
+                idle = not self._inbox and not self._active
                 new, self._inbox = self._inbox, []
+            if idle:
+                self._run_one_later()
+                continue
             for job in new:
                 self._admit(job)
             self._drop_cancelled()

@@ -118,7 +118,9 @@ class GraphedUNet:
                 self.forward(*inputs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a capture may run while the server is up (engine.warm(defer=True)); another thread's
+        # CUDA call then (a gRPC thread copying a preview to the host) must not invalidate it
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = self.forward(*inputs)
         self._graphs[key] = _Graph(graph, inputs, output)
         log.info(kv("graph_captured", forward=self.name, rows=rows, sample=list(shapes[0])))

@@ -123,16 +123,16 @@ def test_an_unfinished_warm_up_keeps_its_finished_aoti_packages_and_nothing_else
     assert cc.KEPT_WHEN_UNFINISHED == aot.SUBFOLDER, "the kept folder is the one aot.py writes its packages in"
     cache = cc.CompileCache(tmp_path, HERE)
     cache.open()
-    for part in ("aoti/UNet-r2.pt2", "aoti/.UNet-r32.1234.tmp.pt2", "triton/kernel.cubin", "inductor/fxgraph/entry"):
+    for part in ("packages/UNet-r2.precompile", "packages/.UNet-r32.1234.tmp.precompile", "triton/kernel.cubin", "inductor/fxgraph/entry"):
         (cache.folder / part).parent.mkdir(parents=True, exist_ok=True)
         (cache.folder / part).write_text(part)
     cache.close()                                           # never completed
 
     again = cc.CompileCache(tmp_path, HERE)
     status = again.open()
-    assert status.startswith("rebuilt: incomplete") and "AOTInductor packages kept" in status, status
-    assert [p.name for p in (again.folder / "aoti").iterdir()] == ["UNet-r2.pt2"], "a half-written one goes"
-    assert (again.folder / "aoti" / "UNet-r2.pt2").read_text() == "aoti/UNet-r2.pt2"
+    assert status.startswith("rebuilt: incomplete") and "packages kept" in status, status
+    assert [p.name for p in (again.folder / "packages").iterdir()] == ["UNet-r2.precompile"], "a half-written one goes"
+    assert (again.folder / "packages" / "UNet-r2.precompile").read_text() == "packages/UNet-r2.precompile"
     assert not (again.folder / "triton").exists() and not (again.folder / "inductor").exists()
     assert cc.read_manifest(again.folder)["complete"] is False
     again.close()
@@ -140,7 +140,7 @@ def test_an_unfinished_warm_up_keeps_its_finished_aoti_packages_and_nothing_else
     (again.folder / cc.MANIFEST).write_text(json.dumps(manifest(replace(HERE, torch="2.9.1"), complete=False)))
     other = cc.CompileCache(tmp_path, HERE)
     assert "torch '2.9.1'" in other.open()
-    assert not (other.folder / "aoti").exists(), "another torch's packages are never kept"
+    assert not (other.folder / "packages").exists(), "another torch's packages are never kept"
     other.close()
 
 

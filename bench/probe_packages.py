@@ -1,7 +1,7 @@
-"""Probe AOTInductor packages of the full UNet on a GPU: build, fresh-process load, CUDA-graph replay, vs eager.
+"""Probe packages of the full UNet on a GPU (precompile or aoti): build, fresh-process load, CUDA-graph replay.
 
-One call answers whether a package (services/denoiser/aot.py, the lever for the 45 s warm start) builds,
-loads fast in a fresh process, replays as a CUDA graph, and matches eager.
+One call answers whether a package of --kind (services/denoiser/aot.py, the lever for the 45 s warm start)
+builds, loads fast in a fresh process, replays as a CUDA graph, and matches eager.
 
 For ``--rows`` rows of the sample shape (4, --frames, --latent, --latent) and --tokens tokens, in fp16:
   1. this process: the UNet eager (its output, the forward's and a CUDA-graph replay's time), then the
@@ -11,12 +11,12 @@ For ``--rows`` rows of the sample shape (4, --frames, --latent, --latent) and --
      to the package loaded (and the load alone), to its first output; the loaded model captured in a CUDA
      graph as graphs.py captures (GraphedUNet: a warm-up on a side stream), the median of 20 replays (CUDA
      events), and the replay's output against this process's eager output.
-Prints ONE JSON line (also written to --out/probe_aoti.json). Builds the full-size random model into
+Prints ONE JSON line (also written to --out/probe_packages.json). Builds the full-size random model into
 --model first if that folder has none (as bench_gpu.py does).
 
-    SCRIPT=bench/probe_aoti.py bash bench/gpu_run.sh --model /tmp/t2v-full --rows 2     # carry .whl
-    python bench/probe_aoti.py --model /tmp/t2v-full --rows 2 --out /tmp/probe           # packages installed
-    python bench/probe_aoti.py --device cpu --model models/t2v-world --frames 2 --latent 8 --out /tmp/probe
+    SCRIPT=bench/probe_packages.py bash bench/gpu_run.sh --model /tmp/t2v-full --rows 2     # carry .whl
+    python bench/probe_packages.py --model /tmp/t2v-full --rows 2 --kind aoti --out /tmp/probe   # installed
+    python bench/probe_packages.py --device cpu --model models/t2v-world --frames 2 --latent 8 --out /tmp/probe
                                                      # the script's own check on a CPU (minutes; no graphs)
 """
 
@@ -44,7 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="/tmp/t2v-full", help="model folder (the full-size random model is "
                                                                  "built there if it has none)")
     parser.add_argument("--rows", type=int, default=2, help="the bucket's rows (2 = one request with guidance)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results (probe_aoti.json)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results (probe_packages.json)")
+    parser.add_argument("--kind", default="precompile", choices=["precompile", "aoti"], help="aot.py's package kind")
     parser.add_argument("--work", type=Path, default=None, help="folder for the package and the inputs (default: "
                                                                 "a temporary one, deleted at the end)")
     parser.add_argument("--frames", type=int, default=16)
@@ -140,7 +141,7 @@ def child(a: argparse.Namespace) -> dict[str, Any]:
     result["unet_loaded_s"] = round(time.time() - t0, 2)
     saved = torch.load(a.work / "probe_inputs.pt", map_location=device)
     x, t, e = saved["inputs"]
-    buckets = AotBuckets(unet, a.work / "cache", embedding_dim=int(unet.config.cross_attention_dim))
+    buckets = AotBuckets(unet, a.work / "cache", embedding_dim=int(unet.config.cross_attention_dim), kind=a.kind)
     started = time.time()
     with torch.inference_mode():
         forward = buckets.bucket(x.shape[0], tuple(x.shape[1:]), e.shape[1], dtype, device)
@@ -166,7 +167,7 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     device = torch.device(a.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    result: dict[str, Any] = {"rows": a.rows, "sample": [4, a.frames, a.latent, a.latent], "tokens": a.tokens,
+    result: dict[str, Any] = {"kind": a.kind, "rows": a.rows, "sample": [4, a.frames, a.latent, a.latent], "tokens": a.tokens,
                               "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
                               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "identity": compile_cache.identity(device).key()}
@@ -194,7 +195,7 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
 
     folder = a.work / "cache"
     shutil.rmtree(folder, ignore_errors=True)
-    buckets = AotBuckets(unet, folder, embedding_dim=dim)
+    buckets = AotBuckets(unet, folder, embedding_dim=dim, kind=a.kind)
     built = time.time()
     with torch.inference_mode():
         forward = buckets.bucket(a.rows, tuple(x.shape[1:]), a.tokens, dtype, device)
@@ -207,14 +208,14 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
             return result
         result["package_mb"] = round(info.get("size", 0) / 2**20, 1)
         result["direct_vs_eager"] = compare(forward(x, t, e), ref)
-    result["aoti_ms"] = forward_ms(forward, (x, t, e), 5 if device.type == "cuda" else 1)
+    result["package_ms"] = forward_ms(forward, (x, t, e), 5 if device.type == "cuda" else 1)
     del forward, buckets
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     spawned = time.time()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", a.model, "--out", str(a.out),
-           "--work", str(a.work), "--device", a.device,
+           "--work", str(a.work), "--device", a.device, "--kind", a.kind,
            "--rows", str(a.rows), "--replays", str(a.replays), "--spawned", repr(spawned)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.child_timeout,
@@ -234,7 +235,7 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     import logging
 
-    # aot.py's lines (exported, built, loaded) on stderr as they come: a call cut by its time limit still says
+    # aot.py's lines (built, loaded) on stderr as they come: a call cut by its time limit still says
     # how far the build got
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     a = parse(argv)
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(a)), flush=True)
         return
     temporary = a.work is None
-    a.work = Path(tempfile.mkdtemp(prefix="probe-aoti-")) if temporary else a.work
+    a.work = Path(tempfile.mkdtemp(prefix="probe-packages-")) if temporary else a.work
     a.work.mkdir(parents=True, exist_ok=True)
     try:
         result = parent(a)
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         if temporary:
             shutil.rmtree(a.work, ignore_errors=True)
     line = json.dumps(result)
-    (a.out / "probe_aoti.json").write_text(line + "\n")
+    (a.out / f"probe_packages-{a.kind}-r{a.rows}.json").write_text(line + "\n")
     print(line, flush=True)
 
 
