@@ -7,15 +7,17 @@ nothing. Two kinds (``KINDS``), the same provider:
 
 - ``precompile``: Dynamo's ahead-of-time compile (``torch.compile(fullgraph=True)`` of the module, then
   its experimental ``_aot_compile`` / ``_save_aot_compiled_module``, torch 2.11-2.13): the same Dynamo ->
-  AOTAutograd -> Inductor pipeline as ``--compile-backend inductor`` (so the same kernels and the same
-  build time), serialised with its guards; loading it runs the saved bytecode on the live module. Its
+  AOTAutograd -> Inductor pipeline as ``--compile-backend inductor`` (so the same kernels; a build took
+  150-175 s a bucket of the 1.7B UNet on an H200, torch.compile 100-130 s), serialised with its guards;
+  loading it runs the saved bytecode on the live module. Its
   guards are the portable ones only (tensor metadata, grad mode: ``keep_portable_guards_unsafe``): the
-  identity of Python objects cannot be saved, and the key below stands for them.
+  identity of Python objects cannot be saved, and the key below stands for them. On an H200 a warm
+  restart loaded two buckets in 12.7-16.8 s instead of tracing for ~50 s (docs/benchmarks.md, run E).
 - ``aoti``: an AOTInductor package (``torch.export`` then ``aoti_compile_and_package``), C++ around the
   same kernels; its build took longer than 255 s for one 2-row bucket of the 1.7B UNet on an H200.
 
-One package per compiled bucket, ``<compile-cache folder>/packages/<name>.precompile`` or ``.pt2``. It holds code, never
-weights: a precompiled forward reads the live module's parameters as inputs of its graph; an AOTI one is
+One package per compiled bucket, ``<compile-cache folder>/packages/<name>.precompile`` (or ``.pt2``). It
+holds code, never weights: a precompiled forward reads the live module's parameters as inputs of its graph; an AOTI one is
 compiled with ``aot_inductor.package_constants_in_so = False`` (and ``always_keep_tensor_constants``, so
 no small parameter is inlined into a kernel as a literal), and the live module's parameters and buffers
 are handed to it (``load_constants(..., user_managed=True)``: pointers, no copy). So a package is keyed by
@@ -361,8 +363,9 @@ class AotBuckets:
             tmp.unlink(missing_ok=True)
 
     def _build_precompiled(self, tmp: Path, inputs: tuple[torch.Tensor, ...]) -> tuple[Forward, dict[str, float]]:
-        """The compiled forward in hand runs (loading the file back took 16-19 s on an H200); the file is
-        checked when the next start loads it, and built again there if it does not load."""
+        """The compiled forward in hand runs; the file is checked when the next start loads it, and built
+        again there if it does not load. (Loading it back here instead cost as much as it proved: the
+        first call of either takes ~12 s on an H200, docs/benchmarks.md run E.)"""
         started = time.perf_counter()
         compiled = precompile_forward(self.module.unet, inputs)
         save_precompiled(compiled, tmp)
