@@ -5,13 +5,13 @@ builds, loads fast in a fresh process, replays as a CUDA graph, and matches eage
 
 For ``--rows`` rows of the sample shape (4, --frames, --latent, --latent) and --tokens tokens, in fp16:
   1. this process: the UNet eager (its output, the forward's and a CUDA-graph replay's time), then the
-     package built through aot.py into a fresh temporary folder (export, compile, load seconds) and its
-     output against eager;
+     package built through aot.py into a fresh temporary folder (its build's seconds) and its output
+     against eager;
   2. a FRESH process (as a restarted denoiser): seconds from its start to its imports, to the UNet loaded,
      to the package loaded (and the load alone), to its first output; the loaded model captured in a CUDA
      graph as graphs.py captures (GraphedUNet: a warm-up on a side stream), the median of 20 replays (CUDA
      events), and the replay's output against this process's eager output.
-Prints ONE JSON line (also written to --out/probe_packages.json). Builds the full-size random model into
+Prints ONE JSON line (also written to --out/probe_packages-KIND-rROWS.json). Builds the full-size random model into
 --model first if that folder has none (as bench_gpu.py does).
 
     SCRIPT=bench/probe_packages.py bash bench/gpu_run.sh --model /tmp/t2v-full --rows 2     # carry .whl
@@ -44,7 +44,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="/tmp/t2v-full", help="model folder (the full-size random model is "
                                                                  "built there if it has none)")
     parser.add_argument("--rows", type=int, default=2, help="the bucket's rows (2 = one request with guidance)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the results (probe_packages.json)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the results (probe_packages-KIND-rROWS.json)")
     parser.add_argument("--kind", default="precompile", choices=["precompile", "aoti"], help="aot.py's package kind")
     parser.add_argument("--work", type=Path, default=None, help="folder for the package and the inputs (default: "
                                                                 "a temporary one, deleted at the end)")

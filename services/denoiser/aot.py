@@ -10,8 +10,9 @@ nothing. Two kinds (``KINDS``), the same provider:
   AOTAutograd -> Inductor pipeline as ``--compile-backend inductor`` (so the same kernels; a build took
   150-175 s a bucket of the 1.7B UNet on an H200, torch.compile 100-130 s), serialised with its guards;
   loading it runs the saved bytecode on the live module. Its
-  guards are the portable ones only (tensor metadata, grad mode: ``keep_portable_guards_unsafe``): the
-  identity of Python objects cannot be saved, and the key below stands for them. On an H200 a warm
+  guards are the portable ones only (tensor metadata, grad mode: ``keep_portable_guards_unsafe``: the
+  identity of Python objects cannot be saved), and loaded back they are not checked
+  (``precompiled_forward`` says why and what stands for them). On an H200 a warm
   restart loaded two buckets in 12.7-16.8 s instead of tracing for ~50 s (docs/benchmarks.md, run E).
 - ``aoti``: an AOTInductor package (``torch.export`` then ``aoti_compile_and_package``), C++ around the
   same kernels; its build took longer than 255 s for one 2-row bucket of the 1.7B UNet on an H200.
@@ -27,8 +28,8 @@ device type, rows, sample shape and tokens, and ``FORMAT``; never by the weights
 keyed by torch, Triton, CUDA and the GPU and trusted only with a complete manifest (compile_cache.py), so a
 stale or foreign package goes with its folder.
 
-A package that does not load, or fails its first call (corrupt, truncated), is deleted and built again,
-with a log line. A model that does not export or compile, or whose package would not take its weights
+A package that does not load, or whose first call fails or differs from eager's (corrupt, truncated,
+built for other code), is deleted and built again, with a log line. A model that does not export or compile, or whose package would not take its weights
 from outside (a parameter baked into the code, or constants of its own), runs that bucket through
 torch.compile instead, with a log line saying why: it serves, only with the slower start.
 
@@ -58,6 +59,9 @@ FORMAT = 1              # this module's way of building packages; a change makes
 SUBFOLDER = "packages"
 KINDS = ("precompile", "aoti")
 SUFFIX = {"precompile": ".precompile", "aoti": ".pt2"}     # each kind's file name ends so (AOTI requires .pt2)
+# A package's first output against eager's, relative L2 error: fp16 compiled code differs by ~4e-4 on the
+# 1.7B UNet (docs/benchmarks.md, run D); a package built for other code or weights by far more.
+TRIAL_TOLERANCE = 0.05
 # Inductor settings every package is compiled with: code only, no constant inlined into it.
 WEIGHTS_FREE = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
 
@@ -100,29 +104,48 @@ def weight_layout(module: torch.nn.Module) -> list[list[str]]:
             for name, t in sorted(tensors.items())]
 
 
+def module_state(module: torch.nn.Module) -> list[str]:
+    """What of ``module``'s Python state its traced graph depends on beyond its config and weights: train or
+    eval mode, and the classes of its attention processors (diffusers' ``set_attn_processor`` swaps them)."""
+    processors = getattr(module, "attn_processors", None)
+    names = sorted({type(p).__name__ for p in processors.values()}) if isinstance(processors, dict) else []
+    return [f"training={bool(module.training)}", *(f"attn={n}" for n in names)]
+
+
+def device_label(device: torch.device) -> str:
+    """"cuda:1", "cpu": the compiled code names the GPU it was built for (Inductor's DeviceGuard and streams),
+    so a package of cuda:0 must never serve cuda:1 (two replicas on one compile-cache volume)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
 def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config without diffusers' bookkeeping (``_name_or_path``, ``_diffusers_version``, ...) but with the
     class name: where the model was read from, or which version wrote its file, is not its architecture."""
     return {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
 
 
-def package_name(config: Mapping[str, Any], *, rows: int, sample_shape: Sequence[int], tokens: int,
-                 dtype: torch.dtype, device_type: str, timestep_dtype: torch.dtype = torch.long,
-                 code: str = "", layout: Sequence[Sequence[str]] = (), name: str = "", kind: str = "aoti") -> str:
+def package_name(config: Mapping[str, Any], *, kind: str, rows: int, sample_shape: Sequence[int], tokens: int,
+                 dtype: torch.dtype, device: str, timestep_dtype: torch.dtype = torch.long,
+                 code: str = "", layout: Sequence[Sequence[str]] = (), state: Sequence[str] = (),
+                 name: str = "") -> str:
     """The file name of one bucket's package: readable parts, then a hash of everything it depends on, then
     the kind's ``SUFFIX``.
 
-    ``config``: the module's config (architecture); ``code``: ``code_version``; ``layout``: ``weight_layout``;
-    ``name``: the module's class name (the readable prefix)."""
+    ``config``: the module's config (architecture); ``device``: ``device_label``; ``code``: ``code_version``;
+    ``layout``: ``weight_layout``; ``state``: ``module_state``; ``name``: the module's class name (the
+    readable prefix)."""
     if kind not in KINDS:
         raise ValueError(f"package kind {kind!r} is unknown; choose {' or '.join(KINDS)}")
     key = {"config": json.loads(json.dumps(_architecture(config), sort_keys=True, default=str)),
-           "dtype": str(dtype), "timestep_dtype": str(timestep_dtype), "device": device_type, "rows": int(rows),
+           "dtype": str(dtype), "timestep_dtype": str(timestep_dtype), "device": device, "rows": int(rows),
            "sample": [int(s) for s in sample_shape], "tokens": int(tokens), "code": code,
-           "layout": [list(item) for item in layout], "format": FORMAT, "kind": kind}
+           "layout": [list(item) for item in layout], "state": list(state), "format": FORMAT, "kind": kind}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     readable = (f"{name or 'module'}-r{rows}-{'x'.join(map(str, sample_shape))}-t{tokens}-"
-                f"{str(dtype).removeprefix('torch.')}-{device_type}")
+                f"{str(dtype).removeprefix('torch.')}-{device}")
     return re.sub(r"[^A-Za-z0-9._-]+", "_", readable)[:120] + f"-{digest}{SUFFIX[kind]}"
 
 
@@ -207,11 +230,14 @@ def load_precompiled(unet: torch.nn.Module, path: Path) -> Forward:
 
 
 def precompiled_forward(unet: torch.nn.Module, compiled: Any) -> Forward:
-    """``(sample, t, e) -> noise`` of a module precompiled for one input (built or loaded).
+    """``(sample, t, e) -> noise`` of a module precompiled for one input, loaded from its file.
 
-    Its guards are not checked at each call: the provider picks the bucket by its inputs' shapes and dtypes,
-    and the file's key stands for the module. (They would refuse a normal tensor where the build saw an
-    inference tensor, which the CUDA-graph capture's inputs are, although the compiled code is the same.)"""
+    Its Dynamo guards are not checked: as loaded back from a file (torch 2.11-2.13) they refuse every input,
+    their tensors' dispatch-key sets matching none made in this process. What they would check stands
+    elsewhere: the provider picks the bucket by rows, sample shape, tokens, dtypes and device; the file's key
+    covers the module's architecture, weight layout, code version, mode and attention processors; Inductor's
+    own code checks its inputs' sizes and strides; and every loaded package's first output is compared
+    with eager (``AotBuckets._trial``)."""
     results = getattr(compiled.forward, "compiled_results", None)
     if not results or len(results) != 1:
         raise RuntimeError(f"the precompiled file holds {len(results or [])} compiled forwards, not one")
@@ -238,7 +264,7 @@ class AotBuckets:
     ``options``: more Inductor settings to compile AOTI packages with (the tests ask for a quicker C++ build);
     ``fallback``: makes the torch.compile forward of the wrapped module (torch.compile, static shapes)."""
 
-    def __init__(self, unet: torch.nn.Module, folder: str | Path, embedding_dim: int, kind: str = "aoti",
+    def __init__(self, unet: torch.nn.Module, folder: str | Path, embedding_dim: int, kind: str,
                  config: Mapping[str, Any] | None = None, options: Mapping[str, Any] | None = None,
                  fallback: Callable[[torch.nn.Module], Forward] | None = None) -> None:
         if kind not in KINDS:
@@ -265,10 +291,10 @@ class AotBuckets:
 
     def name(self, rows: int, sample_shape: Sequence[int], tokens: int, dtype: torch.dtype,
              device: torch.device, timestep_dtype: torch.dtype = torch.long) -> str:
-        return package_name(self.config, rows=rows, sample_shape=sample_shape, tokens=tokens, dtype=dtype,
-                            device_type=torch.device(device).type, timestep_dtype=timestep_dtype,
-                            code=self._code, layout=self._layout, name=type(self.module.unet).__name__,
-                            kind=self.kind)
+        return package_name(self.config, kind=self.kind, rows=rows, sample_shape=sample_shape, tokens=tokens,
+                            dtype=dtype, device=device_label(device), timestep_dtype=timestep_dtype,
+                            code=self._code, layout=self._layout, state=module_state(self.module.unet),
+                            name=type(self.module.unet).__name__)
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         forward = self.bucket(sample.shape[0], tuple(sample.shape[1:]), embeddings.shape[1], sample.dtype,
@@ -298,9 +324,11 @@ class AotBuckets:
     # --- one bucket ---------------------------------------------------------------------------------------
     def _inputs(self, rows: int, sample_shape: tuple[int, ...], tokens: int, dtype: torch.dtype,
                 device: torch.device, timestep_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        return (torch.zeros((rows, *sample_shape), dtype=dtype, device=device),
-                torch.full((rows,), 999, dtype=timestep_dtype, device=device),
-                torch.zeros((rows, tokens, self.embedding_dim), dtype=dtype, device=device))
+        """The bucket's trial inputs: seeded noise (zeros would let a package with the wrong weights pass)."""
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn((rows, *sample_shape), generator=g).to(device, dtype),
+                torch.full((rows,), 500, dtype=timestep_dtype, device=device),
+                torch.randn((rows, tokens, self.embedding_dim), generator=g).to(device, dtype))
 
     def _get(self, rows: int, sample_shape: tuple[int, ...], tokens: int, dtype: torch.dtype,
              device: torch.device, timestep_dtype: torch.dtype) -> Forward:
@@ -352,7 +380,7 @@ class AotBuckets:
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{SUFFIX[self.kind]}")
         try:
             if self.kind == "precompile":
-                forward, timings = self._build_precompiled(tmp, inputs)
+                forward, timings = self._build_precompiled(tmp, inputs, device)
             else:
                 forward, timings = self._build_aoti(tmp, inputs, device)
             tried = time.perf_counter()
@@ -362,15 +390,16 @@ class AotBuckets:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _build_precompiled(self, tmp: Path, inputs: tuple[torch.Tensor, ...]) -> tuple[Forward, dict[str, float]]:
-        """The compiled forward in hand runs; the file is checked when the next start loads it, and built
-        again there if it does not load. (Loading it back here instead cost as much as it proved: the
-        first call of either takes ~12 s on an H200, docs/benchmarks.md run E.)"""
+    def _build_precompiled(self, tmp: Path, inputs: tuple[torch.Tensor, ...], device: torch.device
+                           ) -> tuple[Forward, dict[str, float]]:
+        """Compile, save, then load the file back: what runs is what the next start will load, so a file
+        that does not load fails this build (torch.compile serves the bucket) instead of every restart."""
         started = time.perf_counter()
-        compiled = precompile_forward(self.module.unet, inputs)
-        save_precompiled(compiled, tmp)
-        return (self._wrap(precompiled_forward(self.module.unet, compiled)),
-                {"compile_s": round(time.perf_counter() - started, 2)})
+        save_precompiled(precompile_forward(self.module.unet, inputs), tmp)
+        compiled_at = time.perf_counter()
+        forward = self._load(tmp, device)
+        return forward, {"compile_s": round(compiled_at - started, 2),
+                         "load_s": round(time.perf_counter() - compiled_at, 2)}
 
     def _build_aoti(self, tmp: Path, inputs: tuple[torch.Tensor, ...], device: torch.device
                     ) -> tuple[Forward, dict[str, float]]:
@@ -389,14 +418,19 @@ class AotBuckets:
         return forward, {"export_s": round(exported_at - started, 2), "compile_s": round(compiled_at - exported_at, 2),
                          "load_s": round(time.perf_counter() - compiled_at, 2)}
 
-    @staticmethod
-    def _trial(forward: Forward, inputs: tuple[torch.Tensor, ...]) -> None:
-        """One call on the bucket's zeros: a package that loads but cannot run fails here, not in a user's step."""
+    def _trial(self, forward: Forward, inputs: tuple[torch.Tensor, ...]) -> None:
+        """One call against eager on the bucket's trial inputs: a package that loads but cannot run, or runs
+        to other numbers, fails here (and is built again, or torch.compile serves), not in a user's step."""
         with torch.inference_mode():
             out = forward(*inputs)
-        if not isinstance(out, torch.Tensor) or out.shape != inputs[0].shape:
-            raise RuntimeError(f"the package's output is {type(out).__name__} "
-                               f"{list(getattr(out, 'shape', []))}, not the sample's shape {list(inputs[0].shape)}")
+            if not isinstance(out, torch.Tensor) or out.shape != inputs[0].shape:
+                raise RuntimeError(f"the package's output is {type(out).__name__} "
+                                   f"{list(getattr(out, 'shape', []))}, not the sample's shape {list(inputs[0].shape)}")
+            ref = self.module(*inputs).float()
+        error = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+        if not error < TRIAL_TOLERANCE:       # NaN fails too
+            raise RuntimeError(f"the package's output differs from eager's: relative error {error:.3g} "
+                               f"(allowed {TRIAL_TOLERANCE})")
 
     def _done(self, name: str, rows: int, status: str, started: float, forward: Forward, **facts: Any) -> Forward:
         seconds = round(time.perf_counter() - started, 2)

@@ -306,7 +306,7 @@ class DenoiseEngine:
         self._deep_graphs: list[Any] = []
         self._deep_clock: dict[tuple[int, int, int], int] = {}    # shape -> its steps with deep requests
         self._later: list[tuple[str, Callable[[], None]]] = []    # warm(defer=True)'s captures, run when idle
-        self._later_seconds = 0.0
+        self._later_seconds, self._later_failed = 0.0, 0
 
     @property
     def max_rows(self) -> int:
@@ -424,6 +424,8 @@ class DenoiseEngine:
         for at most the one capture under way; one that needs a graph not captured yet captures it
         itself, as it always could). Returns the seconds spent: compiled buckets (compilation included),
         eager buckets, DeepCache's forwards, timing, and how many captures were deferred."""
+        if defer and self._thread.is_alive():
+            raise RuntimeError("warm(defer=True) must run before start(): the engine thread runs what it defers")
         spent = {"compiled_s": 0.0, "eager_s": 0.0, "deep_s": 0.0, "timing_s": 0.0, "deferred": 0}
         for frames, height, width in shapes:
             key = (frames, height, width)
@@ -469,7 +471,7 @@ class DenoiseEngine:
                     _, features = self._deep_full(sample, timesteps, embeddings)
                     self._deep_shallow(sample, timesteps, embeddings, features)
 
-                if later and not self.deep_compile:
+                if later and not (self.deep_compile and rows in self.compile_rows):   # no compile while serving
                     self._defer(f"deepcache {rows} rows {'x'.join(map(str, key))}", deep)
                     continue
                 with self._clock(spent, "deep_s"):
@@ -500,10 +502,11 @@ class DenoiseEngine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception:  # noqa: BLE001 - a warm-up left for later must never stop the engine
+            self._later_failed += 1
             log.exception(kv("warm_later_failed", what=what, then="captured when a batch first needs it"))
         self._later_seconds += time.perf_counter() - started
         if not self._later:
-            log.info(kv("warm_later_done", seconds=round(self._later_seconds, 2)))
+            log.info(kv("warm_later_done", seconds=round(self._later_seconds, 2), failed=self._later_failed))
 
     @contextmanager
     def _clock(self, spent: dict[str, float], name: str) -> Iterator[None]:
@@ -635,6 +638,8 @@ class DenoiseEngine:
             with self._cond:
                 while not self._inbox and not self._active:
                     if self._stopping:
+                        if self._later:
+                            log.info(kv("warm_later_dropped", captures=len(self._later), why="stopping"))
                         return
                     if self._later:
                         break

@@ -150,14 +150,16 @@ def test_the_weights_are_the_live_modules_never_the_packages(built) -> None:
 
 def test_the_name_changes_with_everything_the_code_depends_on_and_nothing_else() -> None:
     module = TinyUNet(0)
-    base = dict(config=module.config, rows=2, sample_shape=(4, 16, 32, 32), tokens=77, dtype=torch.float16,
-                device_type="cuda", code=aot.code_version(module), layout=aot.weight_layout(module), name="UNet3D")
+    base = dict(config=module.config, kind="aoti", rows=2, sample_shape=(4, 16, 32, 32), tokens=77,
+                dtype=torch.float16, device="cuda:0", code=aot.code_version(module), layout=aot.weight_layout(module),
+                state=aot.module_state(module), name="UNet3D")
     name = aot.package_name(**base)
-    assert name.startswith("UNet3D-r2-4x16x32x32-t77-float16-cuda-") and name.endswith(".pt2")
+    assert name.startswith("UNet3D-r2-4x16x32x32-t77-float16-cuda_0-") and name.endswith(".pt2")
     assert all(c.isalnum() or c in "._-" for c in name), name
     others = [dict(rows=32), dict(sample_shape=(4, 8, 32, 32)), dict(tokens=64), dict(dtype=torch.bfloat16),
-              dict(device_type="cpu"), dict(timestep_dtype=torch.float32), dict(code="diffusers 0.0.1"),
-              dict(config={**module.config, "in_channels": 8}), dict(layout=aot.weight_layout(TinyUNet(0).half())),
+              dict(device="cpu"), dict(device="cuda:1"), dict(timestep_dtype=torch.float32),
+              dict(code="diffusers 0.0.1"), dict(config={**module.config, "in_channels": 8}),
+              dict(layout=aot.weight_layout(TinyUNet(0).half())), dict(state=aot.module_state(TinyUNet(0).train())),
               dict(kind="precompile")]
     names = {aot.package_name(**{**base, **change}) for change in others}
     assert len(names | {name}) == len(others) + 1
@@ -171,6 +173,19 @@ def test_the_name_changes_with_everything_the_code_depends_on_and_nothing_else()
     from diffusers.models.embeddings import TimestepEmbedding
 
     assert aot.code_version(TimestepEmbedding(4, 8)) == f"diffusers {diffusers.__version__}"
+    assert aot.device_label(torch.device("cpu")) == "cpu" and aot.device_label(torch.device("cuda", 1)) == "cuda:1"
+
+
+def test_the_state_names_the_mode_and_the_attention_processors() -> None:
+    from diffusers import UNet3DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    model = UNet3DConditionModel.from_pretrained(Path(__file__).resolve().parents[2] / "models" / "t2v-world" / "unet")
+    model.set_attn_processor(AttnProcessor2_0())
+    assert aot.module_state(model.eval()) == ["training=False", "attn=AttnProcessor2_0"]
+    model.set_attn_processor(AttnProcessor())
+    assert aot.module_state(model.train()) == ["training=True", "attn=AttnProcessor"]
+    assert aot.module_state(TinyUNet(0)) == ["training=False"], "a module without attention processors"
 
 
 @pytest.mark.slow
@@ -191,6 +206,28 @@ def test_a_corrupt_package_is_deleted_and_built_again(built, tmp_path: Path, cap
     fresh = provider(TinyUNet(0), folder, kind)      # the rebuilt package loads in a fresh provider
     bucket(fresh)
     assert fresh.counts["loaded"] == 1
+
+
+@pytest.mark.slow
+def test_a_package_that_runs_to_other_numbers_is_never_served(built, tmp_path: Path, monkeypatch, caplog) -> None:
+    """The trial compares a package's first output with eager: one that loads and runs but computes something
+    else (built for other code) is deleted and built again, and a build whose file still loads wrong falls
+    back to torch.compile at once instead of being rebuilt at every restart."""
+    kind = built[1].kind
+    folder = tmp_path / "cache"
+    shutil.copytree(built[0], folder)
+    loader = "load_precompiled" if kind == "precompile" else "load_package"
+    real = getattr(aot, loader)
+    monkeypatch.setattr(aot, loader, lambda *args, **kw: (lambda *x: real(*args, **kw)(*x) * 1.5))
+    module = TinyUNet(0)
+    buckets = provider(module, folder, kind, fallback=lambda m: (lambda x, t, e: eager(m.unet, x, t, e)))
+    with caplog.at_level(logging.WARNING, logger="denoiser.aot"):
+        forward = bucket(buckets)
+    assert "event=package_unusable" in caplog.text and "differs from eager" in caplog.text
+    assert "event=package_fallback" in caplog.text
+    assert buckets.counts == {"loaded": 0, "built": 0, "rebuilt": 0, "fallback": 1}
+    x, t, e = inputs()
+    assert torch.allclose(run(forward, x, t, e), eager(module, x, t, e), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", aot.KINDS)
@@ -312,6 +349,11 @@ def test_the_denoiser_setting_and_its_one_line_error(monkeypatch: pytest.MonkeyP
     default = parse_config(DenoiserConfig, [], "t2v serve denoiser", "d")
     assert default.compile_backend == "auto" and compile_backend(default) == "inductor", "no cache: torch.compile"
     assert compile_backend(replace(default, compile_cache="/var/cache/t2v")) == "precompile"
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    with monkeypatch.context() as patched:           # a torch without Dynamo's ahead-of-time compile
+        patched.delattr(OptimizedModule, "_aot_compile")
+        assert compile_backend(replace(default, compile_cache="/var/cache/t2v")) == "inductor"
     check_compile(replace(default, compile_rows="2,32"))
     monkeypatch.setenv("T2V_COMPILE_BACKEND", "precompile")
     config = parse_config(DenoiserConfig, ["--compile-rows", "2,32"], "t2v serve denoiser", "d")

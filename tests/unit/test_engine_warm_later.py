@@ -7,6 +7,7 @@ it remembers) and records which bucket each warm-up forward ran, running the rea
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,8 @@ class Graphs:
     def __init__(self, forward: Callable[..., Any], calls: list, name: str, fail: bool = False) -> None:
         self.forward, self.calls, self.name, self.fail = forward, calls, name, fail
         self.buckets = BUCKETS
+        self.hold: threading.Event | None = None       # set: a forward of another row count than 2 waits for it
+        self.holding = threading.Event()
         self._seconds: dict[tuple[int, ...], dict[int, float]] = {}
 
     def remember(self, sample_shape: tuple[int, ...], seconds: dict[int, float]) -> None:
@@ -41,6 +44,9 @@ class Graphs:
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         self.calls.append((self.name, inputs[0].shape[0], time.monotonic()))
+        if self.hold is not None and inputs[0].shape[0] != 2:
+            self.holding.set()
+            self.hold.wait(30)
         if self.fail and self.name == "unet" and inputs[0].shape[0] != 2:
             raise RuntimeError("capture failed")
         return self.forward(*inputs)
@@ -102,6 +108,63 @@ def test_without_defer_or_without_stored_times_everything_is_warmed_before_servi
         expected = engine.used_buckets(SHAPE) if kwargs["known"] else BUCKETS
         assert unet_rows == sorted(expected), kwargs
         assert {name for name, _, _ in calls} == {"unet", "deep_full", "deep_shallow"}
+
+
+def test_a_request_arriving_during_a_capture_waits_for_that_one_only() -> None:
+    """The engine runs one deferred capture at a time and looks at its inbox between them: a request that
+    comes while one runs is stepped next, before any other deferred capture."""
+    engine, calls = engine_with_graphs()
+    engine.warm([SHAPE], known=KNOWN, defer=True)
+    graphs = engine._graphed
+    graphs.hold = threading.Event()
+    engine.start()
+    try:
+        assert graphs.holding.wait(30), "the first deferred capture started"
+        during = len(calls)
+        emb = torch.zeros(2, 77, engine.embedding_dim)
+        job = engine.submit(eng.Request("during", emb, num_frames=2, height=32, width=32, num_inference_steps=2,
+                                        guidance_scale=7.0, seed=3))
+        graphs.hold.set()
+        while isinstance(event := job.events.get(timeout=60), eng.Step):
+            pass
+        assert isinstance(event, eng.Finished)
+        # after the held capture: the request's two steps (2 rows, the unet) come before any other capture
+        after = [(name, rows) for name, rows, _ in calls[during:]]
+        assert after[:2] == [("unet", 2), ("unet", 2)], after
+        wait_for(lambda: engine.deferred == 0)
+    finally:
+        graphs.hold.set()
+        engine.stop(1.0)
+
+
+def test_stopping_drops_the_captures_still_queued(caplog) -> None:
+    engine, calls = engine_with_graphs()
+    engine.warm([SHAPE], known=KNOWN, defer=True)
+    graphs = engine._graphed
+    graphs.hold = threading.Event()
+    with caplog.at_level(logging.INFO, logger="denoiser.engine"):
+        engine.start()
+        assert graphs.holding.wait(30)
+        with pytest.raises(RuntimeError, match="before start"):
+            engine.warm([SHAPE], known=KNOWN, defer=True)   # the engine thread owns what is deferred now
+        with engine._cond:                       # as stop() does, without waiting for the thread yet
+            engine._stopping = True
+            engine._cond.notify_all()
+        graphs.hold.set()
+        engine.stop(1.0)
+    assert not engine._thread.is_alive()
+    assert engine.deferred > 0 and f"event=warm_later_dropped captures={engine.deferred}" in caplog.text
+    assert "warm_later_done" not in caplog.text
+
+
+def test_with_compiled_deepcache_only_the_compiled_rows_warm_before_serving() -> None:
+    engine, calls = engine_with_graphs()
+    engine.deep_compile = True                   # as --deep-cache-compile: the compiled rows' DeepCache forwards
+    spent = engine.warm([SHAPE], known=KNOWN, defer=True)
+    before = sorted((name, rows) for name, rows, _ in calls)
+    assert before == [("deep_full", 2), ("deep_shallow", 2), ("unet", 2)], before
+    used = engine.used_buckets(SHAPE)
+    assert spent["deferred"] == 2 * (len(used) - 1), "the eager rows' unet and DeepCache captures wait"
 
 
 def test_a_request_that_comes_first_is_served_and_the_captures_follow(caplog) -> None:
