@@ -450,8 +450,8 @@ class DenoiseEngine:
             later = defer and reuse
             for rows in rows_to_warm:
                 if later and rows not in self.compile_rows:
-                    self._defer(f"unet {rows} rows {'x'.join(map(str, key))}",
-                                lambda rows=rows, make=inputs: self._forward(*make(rows)))
+                    self._later.append((f"unet {rows} rows {'x'.join(map(str, key))}",
+                                        lambda rows=rows, make=inputs: self._forward(*make(rows))))
                     continue
                 with self._clock(spent, "compiled_s" if rows in self.compile_rows else "eager_s"):
                     self._forward(*inputs(rows))
@@ -472,7 +472,7 @@ class DenoiseEngine:
                     self._deep_shallow(sample, timesteps, embeddings, features)
 
                 if later and not (self.deep_compile and rows in self.compile_rows):   # no compile while serving
-                    self._defer(f"deepcache {rows} rows {'x'.join(map(str, key))}", deep)
+                    self._later.append((f"deepcache {rows} rows {'x'.join(map(str, key))}", deep))
                     continue
                 with self._clock(spent, "deep_s"):
                     deep()
@@ -482,9 +482,6 @@ class DenoiseEngine:
             self._aot.seal(self._eager_for_aot)
         spent["deferred"] = len(self._later)
         return {k: round(v, 2) for k, v in spent.items()}
-
-    def _defer(self, what: str, capture: Callable[[], None]) -> None:
-        self._later.append((what, capture))
 
     @property
     def deferred(self) -> int:

@@ -49,8 +49,31 @@ def free_base_port() -> int:
     raise AssertionError("no free range of ports for `t2v up --port`")
 
 
+def free_ports_at(offsets: tuple[int, ...], taken: set[int]) -> int:
+    """A port P with P + each offset free and not in ``taken``, below Linux's ephemeral range (where the
+    other tests' free_port() draws): a stage's gRPC port, its /metrics (+100), the gateway's HTTP (+30)."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000)
+        wanted = [base + offset for offset in offsets]
+        if taken.intersection(wanted):
+            continue
+        try:
+            for port in wanted:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        taken.update(wanted)
+        return base
+    raise AssertionError("no free ports for a stage of `t2v up`")
+
+
 def port_args() -> tuple[dict[str, int], list[str]]:
-    ports = {stage: free_port() for stage in ("gateway", "text-encoder", "denoiser", "decoder")}
+    """Ports for each stage of `t2v up` whose derived ports are free too (a /metrics port taken by another
+    test once made the gateway exit at start: exit 1, "Address already in use")."""
+    taken: set[int] = set()
+    ports = {stage: free_ports_at((0, 100, 30) if stage == "gateway" else (0, 100), taken)
+             for stage in ("gateway", "text-encoder", "denoiser", "decoder")}
     return ports, [arg for stage, port in ports.items() for arg in (f"--{stage}-port", str(port))]
 
 
