@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,20 @@ from services.common.config import DEFAULT_MODEL  # noqa: E402
 from services.gateway.app import model_default_size  # noqa: E402
 from services.common.server import GrpcServer, message_options  # noqa: E402
 from t2v.up import free_port  # noqa: E402,F401 - tests import it from here
+
+
+def free_base_port() -> int:
+    """A port P with P..P+3 (gRPC), P+30 (HTTP) and P+100..P+103 (metrics) free: what `t2v up --port P` takes."""
+    for _ in range(200):
+        base = random.randrange(20000, 40000)
+        try:
+            for port in (*range(base, base + 4), base + 30, *range(base + 100, base + 104)):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError("no free range of ports for `t2v up --port`")
 
 
 # The embedded model's sizes, read from its folder, so no test hard-codes them.

@@ -19,7 +19,7 @@ import pytest
 from services.common.config import DEFAULT_MODEL
 from services.gateway.app import model_default_size
 from t2v.up import health_status
-from tests.conftest import free_port
+from tests.conftest import free_base_port, free_port
 
 SIZE = model_default_size(DEFAULT_MODEL)   # the embedded model's default height and width
 REPO = Path(__file__).resolve().parents[2]
@@ -33,20 +33,6 @@ T2V = [sys.executable, "-m", "t2v"]
 
 def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(T2V + args, env=env or ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def free_base_port() -> int:
-    """A port P with P..P+3 (gRPC), P+30 (HTTP) and P+100..P+103 (metrics) free: what `t2v up --port P` takes."""
-    for _ in range(200):
-        base = random.randrange(20000, 40000)
-        try:
-            for port in (*range(base, base + 4), base + 30, *range(base + 100, base + 104)):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise AssertionError("no free range of ports for `t2v up --port`")
 
 
 def free_ports_at(offsets: tuple[int, ...], taken: set[int]) -> int:
