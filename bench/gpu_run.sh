@@ -3,6 +3,8 @@
 #   bash bench/gpu_run.sh --phases peer,mesh --compile-rows 2,32 ...     (arguments go to bench_gpu.py)
 #   SCRIPT=bench/bench_deepcache.py RUN_OUT=$OUT/dc bash bench/gpu_run.sh ...   (another script, its --out)
 #   WHL=../../.whl bash bench/gpu_run.sh ...   (the packages elsewhere: a branch's copy under .gl/ in the checkout)
+#   GPU_TESTS="tests/unit/test_short_attention.py" bash bench/gpu_run.sh ...   (then those tests, their CUDA
+#       cases included, under pytest from .whl's pytest/pluggy/iniconfig wheels; output in $RUN_OUT/pytest.txt)
 # Needs, carried as `.whl` (about 29 MB, see docs/benchmarks.md): .whl/site.tar.xz, the packages the
 # device image lacks, installed for Python 3.12 with `pip install --target` (diffusers without its
 # other pipelines, PyAV with its extension modules stripped, grpcio, protobuf, fastapi and the rest),
@@ -24,3 +26,10 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -c "import torch, triton, grpc, diffusers, av, fastapi, pydantic; print('torch', torch.__version__, 'triton', triton.__version__, 'grpc', grpc.__version__, 'diffusers', diffusers.__version__, 'av', av.__version__)" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
 python3 "$SCRIPT" --out "$RUN_OUT" "$@" 2>&1 | tee "$RUN_OUT/log.txt"
+status=${PIPESTATUS[0]}
+if [ -n "${GPU_TESTS:-}" ]; then
+    # shellcheck disable=SC2086 - a list of test paths
+    timeout "${GPU_TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" $GPU_TESTS \
+        2>&1 | tail -60 | tee "$RUN_OUT/pytest.txt"
+fi
+exit "$status"

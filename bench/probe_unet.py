@@ -15,13 +15,18 @@ one process and one call, each step guarded by a time budget:
    graph; its error against the fp16 output on the same inputs (relative norm and max);
 4. ``rows64``: the exact forward compiled for 64 rows, a row's time against 32;
 5. ``attention``: every attention shape of one 32-row forward through each kernel (cuDNN, flash, efficient,
-   two matrix products eager and compiled), ms a call and a forward; ``short`` / ``layout``: the whole UNet
-   compiled with short sequences' attention as matrix products (and Inductor's channels-last layout forced);
+   two matrix products eager and compiled), ms a call and a forward;
+   ``kernel``: the Triton kernel (services/denoiser/short_attention.py) on the temporal shapes at 1, 2 and 4
+   warps; ``--variants``: the whole UNet compiled with a combination of levers, each one compilation:
+   ``math`` (short sequences' attention as matrix products) or ``triton`` (the product's kernel, through
+   its processor), ``layout`` (Inductor's channels-last layout forced), ``fp8`` (as step 3), e.g.
+   ``--variants triton+layout,triton+layout+fp8`` (step ``variants``);
 6. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
    CUDA events, against a 32-row step.
 (Packages of compiled buckets: bench/probe_packages.py, which builds them through services/denoiser/aot.py itself.)
 
     python bench/probe_unet.py --model /tmp/t2v-full --out /tmp/probe --budget-s 420
+    python bench/probe_unet.py --steps kernel,variants --variants triton,triton+layout --budget-s 570
 
 Prints one JSON line per step as it finishes and writes probe.json.
 """
@@ -234,30 +239,80 @@ def attention_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
     return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
 
 
-def compiled_variant(unet: torch.nn.Module, call: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
-                     reference: torch.Tensor, layout: bool, baseline_ms: float | None) -> dict[str, Any] | str:
-    """The UNet compiled with short sequences' attention as matrix products (and, with ``layout``, Inductor's
-    channels-last layout forced): its compile time, graph replay, error against the eager output, kernels."""
+def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
+                     reference: torch.Tensor, baseline_ms: float | None) -> dict[str, Any] | str:
+    """A fresh UNet with ``levers`` (math or triton, layout, fp8; see the module's docstring), compiled for
+    these inputs: its compile time, graph replay, error against the exact eager output, kernels."""
     import torch._inductor.config as inductor_config
+    from diffusers import UNet3DConditionModel
 
-    torch.nn.functional.scaled_dot_product_attention = short_attention
-    inductor_config.force_layout_optimization = layout
+    unknown = set(levers) - {"math", "triton", "layout", "fp8"}
+    if unknown:
+        return f"failed: unknown levers {sorted(unknown)}"
+    if "math" in levers:
+        torch.nn.functional.scaled_dot_product_attention = short_attention
+    inductor_config.force_layout_optimization = "layout" in levers
     try:
+        unet = UNet3DConditionModel.from_pretrained(f"{model}/unet", dtype=torch.float16).to("cuda").eval()
+        facts: dict[str, Any] = {}
+        if "triton" in levers:
+            from services.denoiser import short_attention as sa
+
+            facts["short_attention"] = sa.install(unet, "triton", torch.device("cuda"), torch.float16)
+        if "fp8" in levers:
+            facts["fp8_linears"] = to_fp8(unet, rowwise=True)
         torch._dynamo.reset()
         compiled = torch.compile(unet, dynamic=False)
         started = time.perf_counter()
         out = call(compiled)(*inputs).float()
         torch.cuda.synchronize()
-        return {"compile_s": round(time.perf_counter() - started, 1),
-                "graph_ms": round(event_median(graphed(call(compiled), inputs)) * 1e3, 2),
-                "baseline_graph_ms": baseline_ms,
-                "rel_err": round(float((out - reference).norm() / reference.norm()), 6),
-                "profile": kernel_families(lambda: call(compiled)(*inputs))}
+        facts["compile_s"] = round(time.perf_counter() - started, 1)
+        facts["graph_ms"] = round(event_median(graphed(call(compiled), inputs)) * 1e3, 2)
+        facts["baseline_graph_ms"] = baseline_ms
+        facts["rel_err"] = round(float((out - reference).norm() / reference.norm()), 6)
+        facts["max_abs_err"] = round(float((out - reference).abs().max()), 4)
+        facts["profile"] = kernel_families(lambda: call(compiled)(*inputs))
+        return facts
     except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
         return f"failed: {type(exc).__name__}: {exc}"[:800]
     finally:
         torch.nn.functional.scaled_dot_product_attention = _SDPA
         inductor_config.force_layout_optimization = False
+
+
+def kernel_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
+    """The product's Triton kernel on each short self-attention shape of a forward, at 1, 2 and 4 warps,
+    against SDPA's pick: ms a call, error against float32, and the bandwidth it reaches (q, k, v read once,
+    the output written once)."""
+    from services.denoiser import short_attention as sa
+
+    rows, totals = [], {"sdpa_default": 0.0, **{f"triton_w{w}": 0.0 for w in (1, 2, 4)}}
+    for (q_shape, k_shape), count in shapes.items():
+        b, h, sq, d = q_shape
+        if k_shape[2] != sq or sq > sa.MAX_SEQUENCE:
+            continue
+        qkv = torch.randn(b, sq, 3 * h * d, device="cuda", dtype=torch.float16)
+        q, k, v = (t.view(b, sq, h, d) for t in qkv.chunk(3, dim=-1))
+        reference = _SDPA(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+        row: dict[str, Any] = {"q": list(q_shape), "calls": count}
+        sdpa = lambda: _SDPA(*(t.transpose(1, 2) for t in (q, k, v)))  # noqa: E731
+        ms = event_median(sdpa, repeat=20) * 1e3
+        row["sdpa_default_ms"] = round(ms, 3)
+        totals["sdpa_default"] += ms * count
+        moved = 4 * q.numel() * q.element_size()
+        for warps in (1, 2, 4):
+            sa.NUM_WARPS = warps
+            try:
+                ms = event_median(lambda: sa.short_attention(q, k, v), repeat=20) * 1e3
+                err = float((sa.short_attention(q, k, v).float() - reference).norm() / reference.norm())
+                row[f"triton_w{warps}"] = {"ms": round(ms, 3), "rel_err": round(err, 6),
+                                           "tb_s": round(moved / (ms / 1e3) / 1e12, 2)}
+                totals[f"triton_w{warps}"] += ms * count
+            except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
+                row[f"triton_w{warps}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+        sa.NUM_WARPS = 2
+        rows.append(row)
+    return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
 
 
 def main() -> None:
@@ -268,7 +323,9 @@ def main() -> None:
     parser.add_argument("--model", default="/tmp/t2v-full")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=420.0)
-    parser.add_argument("--steps", default="profile,cudnn,preview,attention,short,layout,fp8,rows64")
+    parser.add_argument("--steps", default="profile,cudnn,preview,attention,kernel,variants,fp8,rows64")
+    parser.add_argument("--variants", default="math,math+layout",
+                        help="comma-separated lever combinations for the step variants: math|triton, layout, fp8")
     parser.add_argument("--compile-s", type=float, default=130.0, help="what one compilation is expected to take")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -306,7 +363,7 @@ def main() -> None:
         x32 = random_inputs(32, dim)
         reference = call(unet)(*x32).float()
         compiled = torch.compile(unet, dynamic=False)
-        if set(steps) & {"profile", "cudnn", "short", "layout", "preview", "rows64", "baseline"}:
+        if set(steps) & {"profile", "cudnn", "variants", "preview", "rows64", "baseline"}:
             started = time.perf_counter()
             call(compiled)(*x32)
             torch.cuda.synchronize()
@@ -329,10 +386,14 @@ def main() -> None:
         if "attention" in steps:
             shapes = attention_shapes(lambda: call(unet)(*x32))
             done("attention_32", attention_bench(shapes))
-        variants = {"short": ("short_attention_32", False), "layout": ("short_attention_layout_32", True)}
-        for step, (name, layout) in variants.items():
-            if step in steps and left() > a.compile_s + 30:
-                done(name, compiled_variant(unet, call, x32, reference, layout, report.get("baseline_32_graph_ms")))
+        if "kernel" in steps:
+            done("kernel_32", kernel_bench(attention_shapes(lambda: call(unet)(*x32))))
+        for variant in (a.variants.split(",") if "variants" in steps else []):
+            if left() < a.compile_s + 30:
+                done(f"variant_{variant}", f"skipped: {left():.0f} s left")
+                continue
+            done(f"variant_{variant}", compiled_variant(a.model, variant.split("+"), call, x32, reference,
+                                                        report.get("baseline_32_graph_ms")))
         if "preview" in steps:
             from services.common.latent_rgb import LatentRgb
 

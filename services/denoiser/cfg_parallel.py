@@ -136,13 +136,15 @@ class CfgParallel:
 
     @classmethod
     def start(cls, model: str, device: torch.device, other: torch.device, dtype: torch.dtype,
-              start_seconds: float = 600.0) -> "CfgParallel":
-        """Start the follower on ``other`` and join it; RuntimeError if it exits or does not join in time."""
+              short_attention: str = "sdpa", start_seconds: float = 600.0) -> "CfgParallel":
+        """Start the follower on ``other`` and join it; RuntimeError if it exits or does not join in time.
+        ``short_attention``: the kind the leader's engine uses (the follower's rows then run the same kernels)."""
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
         command = [sys.executable, "-m", "services.denoiser.cfg_parallel", "--model", model, "--device", str(other),
-                   "--dtype", str(dtype).removeprefix("torch."), "--init-method", init_method]
+                   "--dtype", str(dtype).removeprefix("torch."), "--init-method", init_method,
+                   "--short-attention", "sdpa" if short_attention == "sdpa" else "auto"]   # auto: sdpa on a CPU
         follower = subprocess.Popen(command, start_new_session=True)
         joined: list[BaseException | None] = []
         thread = threading.Thread(target=lambda: joined.append(_try(join, init_method, 0, device)), daemon=True)
@@ -207,12 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", required=True)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--init-method", required=True, help="torch.distributed init method, e.g. tcp://127.0.0.1:P")
+    parser.add_argument("--short-attention", default="sdpa", help="as the denoiser's --short-attention")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="level=%(levelname)s logger=%(name)s %(message)s")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     _exit_with_parent()
-    engine = DenoiseEngine.from_folder(args.model, device, dtype)
+    engine = DenoiseEngine.from_folder(args.model, device, dtype, short_attention=args.short_attention)
     join(args.init_method, FOLLOWER, device)
     log.info(f"event=follower_ready device={device} dtype={dtype}")
     try:

@@ -51,6 +51,7 @@ from services.common.latent_rgb import LatentRgb, map_to_rgb
 from services.common.model_folder import model_part, vae_scale_factor
 from services.denoiser import batching, sampling
 from services.denoiser.deepcache import DeepCacheUNet
+from services.denoiser.short_attention import install as install_short_attention
 
 log = logging.getLogger("denoiser.engine")
 
@@ -261,11 +262,15 @@ class DenoiseEngine:
                  dtype: torch.dtype, max_batch: int = 8, max_jobs: int = 64,
                  observer: EngineObserver | None = None, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR,
                  deep_cache_interval: int = 4, deep_cache_branch: int | None = 0,
-                 deep_cache_compile: bool = False, latent_rgb: LatentRgb | None = None) -> None:
+                 deep_cache_compile: bool = False, latent_rgb: LatentRgb | None = None,
+                 short_attention: str = "sdpa") -> None:
         """``vae_scale_factor``: pixels per latent along a side, the model's VAE's (``from_folder`` reads it
         from the folder); latents are height / factor x width / factor. ``latent_rgb``: the model's latent ->
-        RGB map for previews (``from_folder`` reads vae/latent_rgb.json); None = previews unavailable."""
+        RGB map for previews (``from_folder`` reads vae/latent_rgb.json); None = previews unavailable.
+        ``short_attention``: "triton" runs the self-attention of short sequences (the temporal attention's
+        frames) as one Triton kernel, "auto" where it is available, "sdpa" never (short_attention.py)."""
         self.unet = unet
+        self.short_attention = install_short_attention(unet, short_attention, device, dtype)
         if latent_rgb is not None and latent_rgb.channels != int(unet.config.in_channels):
             # a map fitted for another model: previews unavailable (each asking job is told), the videos are made
             log.warning(kv("latent_rgb_unusable", map_channels=latent_rgb.channels,

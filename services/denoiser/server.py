@@ -31,6 +31,7 @@ from services.denoiser import sampling
 from services.denoiser.compile_cache import load_plans, save_plans
 from services.denoiser.metrics import DenoiserMetrics
 from services.denoiser.sampling import SCHEDULERS
+from services.denoiser.short_attention import KINDS as SHORT_ATTENTION_KINDS
 from t2v.v1 import denoiser_pb2, denoiser_pb2_grpc, generation_pb2, tensor_pb2
 
 SERVICE_NAME = "t2v.v1.Denoiser"
@@ -74,6 +75,11 @@ class DenoiserConfig(ModelConfig):
     deep_cache_branch: int = setting(0, "DeepCache's skip branch: layers of the first resolution the shallow path "
                                         "runs (0 = the fewest: ~10% of the UNet's FLOPs on the 1.7B model, fastest; "
                                         "-1 = the whole first down- and last up-block, ~34%, most faithful)")
+    short_attention: str = setting("sdpa", "self-attention of short sequences (the temporal attention's 16 "
+                                           "frames): sdpa (PyTorch's fused kernels, whose tiles are mostly "
+                                           "padding there), triton (one kernel a position and head, checked "
+                                           "against SDPA at start; not yet timed on a GPU), auto (= triton on "
+                                           "a CUDA device with Triton)")
     deep_cache_compile: bool = setting(False, "with compile_rows, torch.compile DeepCache's two forwards for those "
                                               "rows too (four more compilations for two sizes; not measured to the "
                                               "end on a GPU yet: off, they run as eager CUDA graphs)")
@@ -119,7 +125,10 @@ def precompile_available() -> bool:
 
 
 def check_compile(config: DenoiserConfig) -> None:
-    """Raise ValueError (one line at start) for compile settings that cannot work together."""
+    """Raise ValueError (one line at start) for compile and kernel settings that cannot work together."""
+    if config.short_attention not in SHORT_ATTENTION_KINDS:
+        raise ValueError(f"--short-attention {config.short_attention!r} is unknown; choose "
+                         f"{' or '.join(SHORT_ATTENTION_KINDS)}")
     if config.compile_backend != "auto" and config.compile_backend not in eng.COMPILE_BACKENDS:
         raise ValueError(f"--compile-backend {config.compile_backend!r} is unknown; choose auto or "
                          f"{' or '.join(eng.COMPILE_BACKENDS)}")
@@ -279,7 +288,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 max_batch=self.config.max_batch, max_jobs=self.config.max_jobs, observer=self.metrics,
                 deep_cache_interval=self.config.deep_cache_interval,
                 deep_cache_branch=None if self.config.deep_cache_branch < 0 else self.config.deep_cache_branch,
-                deep_cache_compile=self.config.deep_cache_compile)
+                deep_cache_compile=self.config.deep_cache_compile, short_attention=self.config.short_attention)
             loaded = time.monotonic()
             if compile_rows:
                 engine.use_compile(compile_rows, backend=compile_backend(self.config),
@@ -319,7 +328,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
     def _start_cfg_parallel(self, engine: eng.DenoiseEngine, device: torch.device) -> CfgParallel:
         other = second_device(device, self.config.cfg_parallel_device)
-        split = CfgParallel.start(self.config.model, device, other, engine.dtype)
+        split = CfgParallel.start(self.config.model, device, other, engine.dtype, engine.short_attention)
         log.info(kv("cfg_parallel", devices=f"{device},{other}"))
         return split
 
@@ -327,7 +336,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         """What the engine's bucket times depend on besides the GPU and software (the cache folder's key)."""
         return {"unet": json.loads(json.dumps(dict(engine.unet.config), sort_keys=True, default=str)),
                 "dtype": str(engine.dtype), "buckets": engine.warm_rows(), "compile_rows": sorted(engine.compile_rows),
-                "compile_backend": engine.compile_backend}
+                "compile_backend": engine.compile_backend, "short_attention": engine.short_attention}
 
     def close(self, timeout: float) -> None:
         if self.engine is not None:
