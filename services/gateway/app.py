@@ -190,7 +190,7 @@ class Gateway:
                                self.observer, stages_ready=self.orchestrator.ready, tracing=self.tracing).start()
         self.http = start_http(Backend(self._service, self.limits, self.config.model, self.orchestrator.ready,
                                        api_keys_from(self.config), self.rate_limiter, self.tenancy,
-                                       metrics=self.metrics),
+                                       metrics=self.metrics, tracing=self.tracing),
                                self.config.host, self.config.http_port,
                                load_server_tls(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca))
 

@@ -60,10 +60,12 @@ from services.common.errors import (Cancelled, FailedPrecondition, InvalidArgume
                                     Unavailable, Unimplemented)
 from services.common.logs import kv
 from services.common.tls import ServerTls
+from services.common.tracing import Tracing
 from services.gateway import messages, videos
 from services.gateway.domain import (JOB_ID_PATTERN, Finished, Interrupted, JobDeleted, JobRequest, JobStatus, JobView,
                                      Limits, QueueFull)
 from services.gateway.jobs import JobService, Video as OpenVideo, Watch
+from services.gateway.http_spans import HttpRequestSpans
 from services.gateway.metrics import GatewayMetrics, HttpRequestMetrics
 from services.gateway.ratelimit import RateLimited, RateLimiter, identity
 from services.gateway.ranges import RangeNotSatisfiable, parse_range
@@ -105,6 +107,7 @@ class Backend:
     rate_limiter: RateLimiter | None = None   # shared with the gRPC side: one budget per key
     tenancy: Tenancy = Tenancy()              # whose jobs a key sees
     metrics: GatewayMetrics | None = None     # counts and times every request (HttpRequestMetrics)
+    tracing: Tracing | None = None            # a span per request when it is on (http_spans.py)
 
     @property
     def model_name(self) -> str:
@@ -819,8 +822,10 @@ def create_app(backend: Backend) -> FastAPI:
     app.include_router(router)
     app.openapi = _openapi(app, backend.limits)  # type: ignore[method-assign]
     app.add_middleware(_Front, keys=backend.api_keys, limiter=backend.rate_limiter)
-    if backend.metrics is not None:         # outermost: refusals by _Front are counted too
+    if backend.metrics is not None:         # outside _Front: its refusals are counted too
         app.add_middleware(HttpRequestMetrics, metrics=backend.metrics, routes=router.routes + app.routes)
+    if backend.tracing is not None and backend.tracing.enabled:      # outermost: a span covers all of it
+        app.add_middleware(HttpRequestSpans, tracing=backend.tracing, routes=router.routes + app.routes)
     return app
 
 

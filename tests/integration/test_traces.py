@@ -421,6 +421,68 @@ def test_a_retried_stage_call_is_one_client_span_with_a_retry_event_and_a_server
     assert_no_key_anywhere(receiver)
 
 
+def http_call(gateway: RunningStage, method: str, path: str, body: dict | None = None,
+              headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(gateway.http_url + path, data=data, method=method, headers={
+        "Authorization": f"Bearer {API_KEY}", **({"Content-Type": "application/json"} if data else {}),
+        **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
+def test_http_requests_are_server_spans_in_the_callers_trace_naming_their_job(mesh: Mesh, keys_file: str) -> None:
+    """POST /v1/videos with the caller's traceparent is a SERVER span in the caller's trace, child of its span,
+    named by route template, with the job it made; polls and the download name the job too; a request off any
+    route, or refused (401), is a span with its status; no header, key or raw path in what is exported."""
+    receiver = mesh.receiver
+    gateway = start_gateway(mesh.text_encoder.address, mesh.denoiser.address, mesh.decoder.address,
+                            otlp_endpoint=receiver.endpoint, api_keys_file=keys_file, http_port=0)
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        status, answer = http_call(gateway, "POST", "/v1/videos", {"prompt": "a red ball", "size": "32x32",
+                                                                     "num_frames": 2, "num_inference_steps": 2},
+                                   headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"})
+        assert status == 200, answer
+        video_id = json.loads(answer)["id"]
+        wait_for(lambda: json.loads(http_call(gateway, "GET", f"/v1/videos/{video_id}")[1])["status"]
+                 in ("completed", "failed"), 120, "the video to finish")
+        assert http_call(gateway, "GET", f"/v1/videos/{video_id}/content")[0] == 200
+        assert http_call(gateway, "GET", "/no/such/page")[0] == 404
+        assert http_call(gateway, "GET", "/v1/videos", headers={"Authorization": "Bearer wrong"})[0] == 401
+        record = gateway.servicer.jobs.store.get(video_id)
+        flush(gateway.servicer)
+    finally:
+        stop_gateway(gateway)
+    [post] = wait_for(lambda: receiver.named("POST /v1/videos"), 30, "the POST's span at the receiver")
+    assert post.kind == KIND_SERVER and post.service == "t2v-gateway"
+    assert (post.trace_id, post.parent_id) == (caller_trace, caller_span)          # in the caller's trace
+    assert post.attributes["http.request.method"] == "POST" and post.attributes["http.route"] == "/v1/videos"
+    assert post.attributes["http.response.status_code"] == 200 and post.status != STATUS_ERROR
+    assert post.attributes["t2v.job_id"] == video_id                      # the job it made, as gRPC's SubmitJob
+    assert post.trace_id != trace_ids(record.trace_parent)[0]             # the job is a trace of its own
+    polls = [s for s in receiver.named("GET /v1/videos/{video_id}") if s.attributes.get("t2v.job_id") == video_id]
+    assert polls and all(s.kind == KIND_SERVER and s.parent_id == "" and s.attributes["http.response.status_code"]
+                         == 200 for s in polls)
+    [content] = receiver.named("GET /v1/videos/{video_id}/content")
+    assert content.attributes["t2v.job_id"] == video_id
+    [lost] = [s for s in receiver.named("GET") if s.attributes.get("http.response.status_code") == 404]
+    assert "http.route" not in lost.attributes and lost.status != STATUS_ERROR     # a 4xx is the client's
+    refused = [s for s in receiver.named("GET /v1/videos") if s.attributes.get("http.response.status_code") == 401]
+    assert len(refused) == 1
+    with receiver.lock:
+        bodies = list(receiver.bodies)
+    assert not any(b"/no/such/page" in body or b"Bearer" in body or b"wrong" in body for body in bodies)
+    assert_no_key_anywhere(receiver)
+
+
 def test_with_no_endpoint_nothing_is_exported_and_no_exporter_runs(
         mesh: Mesh, keys_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "T2V_OTLP_ENDPOINT"):

@@ -1,0 +1,90 @@
+"""A SERVER span for every request to the gateway's HTTP API, as its gRPC API has (common/tracing.py).
+
+Why: a backend team that calls ``POST /v1/videos`` from a traced service sends a W3C ``traceparent``
+header and expects the call in its trace, as a gRPC caller gets with ``traceparent`` metadata. The span is
+the child of that header's span (a trace of its own without one), named by OpenTelemetry's HTTP
+conventions (``POST /v1/videos``: the method and the route template, never the raw path), and carries
+the job it made or read (``t2v.job_id``); the job itself stays its own trace (its root is recorded at its
+end, possibly by another gateway), joined to this span by that id, as for gRPC. No header, query,
+body or key is recorded. Installed only when tracing is on; outermost, so refusals (401, 429) are spans too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from services.common.tracing import JOB_ID, TRACEPARENT, TRACESTATE, Tracing
+from services.gateway.domain import JOB_ID_PATTERN
+from services.gateway.metrics import HTTP_METHODS, OTHER, route_template
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_CARRIED = (TRACEPARENT.encode(), TRACESTATE.encode())
+
+
+def span_name(method: str, route: str) -> str:
+    """OpenTelemetry's HTTP server span name: "GET /v1/videos/{video_id}", or the method alone off any route."""
+    return method if route == OTHER else f"{method} {route}"
+
+
+class HttpRequestSpans:
+    """ASGI middleware: one SERVER span per HTTP request, current while the app answers it (so the job it
+    submits names it), ended when its answer ends (just before its last body message, as the metrics count
+    it) or when the app ends without one. Status ERROR for a 5xx answer and for none at all."""
+
+    def __init__(self, app: Any, tracing: Tracing, routes: Iterable[Any] = ()) -> None:
+        self.app = app
+        self.tracing = tracing
+        self.routes = [r for r in routes if isinstance(getattr(r, "path", None), str)]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.tracing.enabled:
+            await self.app(scope, receive, send)
+            return
+        carrier = {name.decode("latin-1"): value.decode("latin-1")
+                   for name, value in scope.get("headers", ()) if name.lower() in _CARRIED}
+        parent = _PROPAGATOR.extract(carrier)
+        method = scope["method"] if scope["method"] in HTTP_METHODS else "_OTHER"
+        span = self.tracing.tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes={
+            "http.request.method": method, "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", "")})
+        status, ended = [0], [False]
+
+        def end() -> None:
+            if ended[0]:
+                return
+            ended[0] = True
+            route = route_template(scope, self.routes)
+            span.update_name(span_name(method, route))
+            if route != OTHER:
+                span.set_attribute("http.route", route)
+            video_id = (scope.get("path_params") or {}).get("video_id")
+            if isinstance(video_id, str) and JOB_ID_PATTERN.fullmatch(video_id):
+                span.set_attribute(JOB_ID, video_id)
+            if status[0]:
+                span.set_attribute("http.response.status_code", status[0])
+            if status[0] >= 500 or not status[0]:
+                span.set_status(Status(StatusCode.ERROR, str(status[0]) if status[0] else "no answer"))
+            span.end()
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                end()
+            await send(message)
+
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            if status[0] == 0:
+                status[0] = 500                # what Starlette's ServerErrorMiddleware, outside this one, answers
+            raise
+        finally:
+            otel_context.detach(token)
+            end()
