@@ -74,7 +74,8 @@ class GatewayConfig(ServerConfig):
                                         "gateway that takes it over resumes (0 = none: it restarts)")
     preview_every: int = setting(5, "denoising steps between live previews of a job that asks for them "
                                     "(GenerationParams.preview, \"preview\": true over HTTP; the web page does), and "
-                                    "one after the last step (0 = previews off for every job)")
+                                    "one after the last step (0 = previews off for every job; one that asks is "
+                                    "told in a warning)")
     result_ttl_hours: float = setting(24.0, "hours a finished video is kept; then GetVideo says it expired")
     cleanup_interval_seconds: float = setting(60.0, "how often expired videos are deleted, in seconds")
     api_keys_file: str = setting("", "file with one API key per line; set (or T2V_API_KEYS=k1,k2) to require "

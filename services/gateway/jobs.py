@@ -77,6 +77,10 @@ _EVERY = 2**31 - 1                 # a list limit that is no limit
 UNWRITTEN_RETRY_SECONDS = 1.0      # between tries of the ends a full store had no room for
 STORE_RETRY_SECONDS = 0.5          # between tries of a write that must land (a job's end) while the store is down
 JOB_SPAN, QUEUE_SPAN, STORE_SPAN = "job", "queue_wait", "store_video"     # the job system's span names
+# What a job that asked for live previews is told when this gateway's --preview-every is 0 (its operator's
+# choice; the web page asks for them always).
+PREVIEWS_OFF = ("live previews are off on this gateway (its --preview-every is 0), so the video is made without "
+                "them")
 # What DELETE may delete once the job has ended (a queued or running job is cancelled first).
 DELETABLE = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED)
 
@@ -865,6 +869,8 @@ class JobService:
         result = None
         # preview_every only for a job that asks: a run without previews is the call it was before they existed
         previews = {"preview_every": self.settings.preview_every} if run.record.params.preview else {}
+        if previews and not self.settings.preview_every and PREVIEWS_OFF not in run.record.warnings:
+            self._publish(run, Warning(PREVIEWS_OFF))        # asked, and off here: told once, not silently none
         events = self.runner.run(run.job_id, run.record.params, run.control, run.deadline, resume=run.resume,
                                  checkpoint_every=self.settings.checkpoint_every, **previews)
         for event in events:

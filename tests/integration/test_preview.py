@@ -192,3 +192,19 @@ def test_a_denoiser_without_a_map_makes_the_video_with_a_warning(gateway_factory
     # and one that did not ask is told nothing
     plain = list(stub(gateway).Generate(S.GenerateRequest(params=params(2, False)), timeout=120))
     assert not [w for event in plain for w in event.warnings]
+
+
+def test_a_gateway_with_previews_off_tells_a_job_that_asks_once(gateway_factory: Callable[..., RunningStage]) -> None:
+    """--preview-every 0 turns previews off for every job: one that asks gets its video and a warning saying
+    so (it once got nothing, silently), one that does not ask is told nothing."""
+    from services.gateway.jobs import PREVIEWS_OFF
+
+    gateway = gateway_factory(preview_every=0)
+    seen = list(stub(gateway).Generate(S.GenerateRequest(params=params(4, True)), timeout=120))
+    kinds = [event.WhichOneof("event") for event in seen]
+    assert kinds[-1] == "result" and "preview" not in kinds
+    assert [w for event in seen for w in event.warnings] == [PREVIEWS_OFF]
+    job = stub(gateway).GetJob(S.GetJobRequest(job_id=seen[-1].job_id), timeout=30)
+    assert job.status == S.JOB_STATUS_COMPLETED and list(job.warnings) == [PREVIEWS_OFF]
+    plain = list(stub(gateway).Generate(S.GenerateRequest(params=params(2, False)), timeout=120))
+    assert not [w for event in plain for w in event.warnings]
