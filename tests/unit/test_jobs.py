@@ -603,6 +603,39 @@ class PreviewRunner:
         yield domain.Result(video=b"MP4", mime_type="video/mp4", num_frames=2, height=32, width=32)
 
 
+class RetriedPreviewRunner(PreviewRunner):
+    """Steps 1-4 with previews, then the denoise call breaks and is tried again from step 1 (no checkpoint), as
+    the orchestrator reports it; holds after step ``hold_at`` of the second attempt."""
+
+    def run(self, job_id: str, params: Params, control: domain.RunControl | None = None,
+            deadline: float | None = None, resume: bytes | None = None, checkpoint_every: int = 0,
+            preview_every: int = 0) -> Iterator[domain.RunEvent]:
+        yield domain.StageStarted(domain.Stage.DENOISER)
+        for step in range(1, 5):
+            yield domain.Progress(step, params.num_inference_steps, 0)
+            if step % preview_every == 0:
+                yield domain.Preview(step, params.num_inference_steps, b"PNG%d" % step, 2, 2, 1, 4, 4)
+        yield domain.StageRetried("the denoiser stage failed during the call; trying again, attempt 2 of 3")
+        yield from super().run(job_id, params, control, deadline, resume, checkpoint_every, preview_every)
+
+
+def test_a_kept_preview_is_never_ahead_of_the_progress_after_a_retry_from_the_start(make_service) -> None:
+    """The latest preview (step 4) was of the attempt that broke; once the retry's progress is behind it, GetJob
+    and a late watcher have none until the retry makes its own (it once showed step 4's picture at step 1)."""
+    runner = RetriedPreviewRunner(hold_at=1)
+    service = make_service(runner, preview_every=2)
+    with service.submit_and_watch(JobRequest(dataclasses.replace(params(steps=6), preview=True))) as early:
+        wait_for(runner.held.is_set, what="the retry to reach its step 1")
+        view = service.get(early.job_id)
+        assert view.preview is None, view.preview
+        with service.watch(early.job_id) as late:
+            replayed = list(iter(lambda: late.next(timeout=0.2), None))
+        assert not [u for u in replayed if isinstance(u, domain.Preview) and u.step > 1], replayed
+        runner.release()
+        updates = list(early)
+    assert [u.step for u in updates if isinstance(u, domain.Preview)] == [2, 4, 2, 4, 6]
+
+
 def test_previews_only_when_asked_the_latest_kept_for_get_and_late_watchers_never_stored(make_service) -> None:
     runner = PreviewRunner(hold_at=5)
     service = make_service(runner, preview_every=2)
