@@ -4,7 +4,7 @@
 #   SCRIPT=bench/bench_deepcache.py RUN_OUT=$OUT/dc bash bench/gpu_run.sh ...   (another script, its --out)
 #   WHL=../../.whl bash bench/gpu_run.sh ...   (the packages elsewhere: a branch's copy under .gl/ in the checkout)
 #   GPU_TESTS="tests/unit/test_short_attention.py" bash bench/gpu_run.sh ...   (then those tests, their CUDA
-#       cases included, under pytest from .whl's pytest/pluggy/iniconfig wheels; output in $RUN_OUT/pytest.txt)
+#       cases included, under the image's pytest, within GPU_TESTS_TIMEOUT s; output in $RUN_OUT/pytest.txt)
 # Needs, carried as `.whl` (about 29 MB, see docs/benchmarks.md): .whl/site.tar.xz, the packages the
 # device image lacks, installed for Python 3.12 with `pip install --target` (diffusers without its
 # other pipelines, PyAV with its extension modules stripped, grpcio, protobuf, fastapi and the rest),
@@ -28,8 +28,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 python3 "$SCRIPT" --out "$RUN_OUT" "$@" 2>&1 | tee "$RUN_OUT/log.txt"
 status=${PIPESTATUS[0]}
 if [ -n "${GPU_TESTS:-}" ]; then
-    # shellcheck disable=SC2086 - a list of test paths
-    timeout "${GPU_TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" $GPU_TESTS \
-        2>&1 | tail -60 | tee "$RUN_OUT/pytest.txt"
+    # shellcheck disable=SC2086 - a list of test paths; written as it runs, so a call cut short keeps what ran
+    timeout "${GPU_TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" $GPU_TESTS \
+        > "$RUN_OUT/pytest.txt" 2>&1
+    tests=$?
+    tail -40 "$RUN_OUT/pytest.txt"
+    [ "$status" -ne 0 ] || status=$tests
 fi
 exit "$status"

@@ -247,8 +247,8 @@ def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], in
     from diffusers import UNet3DConditionModel
 
     unknown = set(levers) - {"math", "triton", "layout", "fp8"}
-    if unknown:
-        return f"failed: unknown levers {sorted(unknown)}"
+    if unknown or {"math", "triton"} <= set(levers):
+        return f"failed: levers {levers}: math or triton (not both), layout, fp8"
     if "math" in levers:
         torch.nn.functional.scaled_dot_product_attention = short_attention
     inductor_config.force_layout_optimization = "layout" in levers
@@ -287,6 +287,7 @@ def kernel_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
     from services.denoiser import short_attention as sa
 
     rows, totals = [], {"sdpa_default": 0.0, **{f"triton_w{w}": 0.0 for w in (1, 2, 4)}}
+    default_warps = sa.NUM_WARPS
     for (q_shape, k_shape), count in shapes.items():
         b, h, sq, d = q_shape
         if k_shape[2] != sq or sq > sa.MAX_SEQUENCE:
@@ -310,7 +311,8 @@ def kernel_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
                 totals[f"triton_w{warps}"] += ms * count
             except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
                 row[f"triton_w{warps}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-        sa.NUM_WARPS = 2
+            finally:
+                sa.NUM_WARPS = default_warps
         rows.append(row)
     return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
 

@@ -106,9 +106,11 @@ def weight_layout(module: torch.nn.Module) -> list[list[str]]:
 
 def module_state(module: torch.nn.Module) -> list[str]:
     """What of ``module``'s Python state its traced graph depends on beyond its config and weights: train or
-    eval mode, and the classes of its attention processors (diffusers' ``set_attn_processor`` swaps them)."""
+    eval mode, and the classes of its attention processors (diffusers' ``set_attn_processor`` swaps them),
+    with the ``VERSION`` of the project's own (short_attention.py: its code's digest)."""
     processors = getattr(module, "attn_processors", None)
-    names = sorted({type(p).__name__ for p in processors.values()}) if isinstance(processors, dict) else []
+    classes = {type(p) for p in processors.values()} if isinstance(processors, dict) else set()
+    names = sorted(c.__name__ + (f"@{c.VERSION}" if getattr(c, "VERSION", "") else "") for c in classes)
     return [f"training={bool(module.training)}", *(f"attn={n}" for n in names)]
 
 

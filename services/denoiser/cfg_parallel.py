@@ -138,13 +138,14 @@ class CfgParallel:
     def start(cls, model: str, device: torch.device, other: torch.device, dtype: torch.dtype,
               short_attention: str = "sdpa", start_seconds: float = 600.0) -> "CfgParallel":
         """Start the follower on ``other`` and join it; RuntimeError if it exits or does not join in time.
-        ``short_attention``: the kind the leader's engine uses (the follower's rows then run the same kernels)."""
+        ``short_attention``: the kind the leader's engine uses, so the follower's rows run the same kernels (on
+        a CUDA device; a CPU follower keeps SDPA)."""
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
         command = [sys.executable, "-m", "services.denoiser.cfg_parallel", "--model", model, "--device", str(other),
                    "--dtype", str(dtype).removeprefix("torch."), "--init-method", init_method,
-                   "--short-attention", "sdpa" if short_attention == "sdpa" else "auto"]   # auto: sdpa on a CPU
+                   "--short-attention", short_attention if other.type == "cuda" else "sdpa"]
         follower = subprocess.Popen(command, start_new_session=True)
         joined: list[BaseException | None] = []
         thread = threading.Thread(target=lambda: joined.append(_try(join, init_method, 0, device)), daemon=True)

@@ -19,9 +19,11 @@ Dynamo's ahead-of-time compile see it in the graph, and CUDA graphs capture it l
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -35,6 +37,11 @@ MAX_HEAD_DIM = 128
 NUM_WARPS = 2                # a 16x64 tile: more warps only wait on each other
 KINDS = ("auto", "triton", "sdpa")   # --short-attention: auto = triton where it is available, else sdpa
 CHECK_TOLERANCE = 2e-2       # relative error against SDPA (float32 reference) the startup check allows
+HALF = (torch.float16, torch.bfloat16)    # what the kernel computes in (float32 inputs keep SDPA)
+# This file's code, in the precompiled packages' key (aot.module_state): a package traced with an older
+# kernel or processor is rebuilt, never loaded (its first output is compared with eager's, which already
+# runs the new code, within a tolerance: that would not notice a small change).
+CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 try:                                                   # a CPU build of torch comes without Triton
     import triton
@@ -85,6 +92,9 @@ if triton is not None:
         """[batch, sequence, heads, head_dim] q, k, v (last dimension contiguous) -> softmax(q k^T / sqrt(d)) v,
         the same layout, contiguous."""
         batch, sequence, heads, dim = q.shape
+        torch._check(k.shape == q.shape and v.shape == q.shape, lambda: "q, k and v must have one shape")
+        torch._check(q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,
+                     lambda: "q, k and v must be contiguous in their last dimension")
         out = torch.empty((batch, sequence, heads, dim), device=q.device, dtype=q.dtype)
         torch.library.wrap_triton(_short_attention_kernel)[(batch * heads,)](
             q, k, v, out, heads, sequence, dim, dim ** -0.5,
@@ -94,16 +104,26 @@ if triton is not None:
         return out
 
 
-def fits(hidden_states: torch.Tensor, heads: int) -> bool:
-    """Whether a [batch, sequence, channels] input's self-attention is one the kernel takes."""
-    if hidden_states.ndim != 3 or hidden_states.shape[-1] % heads:
-        return False
-    return ((hidden_states.is_cuda or INTERPRETED) and hidden_states.dtype in (torch.float16, torch.bfloat16)
-            and hidden_states.shape[1] <= MAX_SEQUENCE and hidden_states.shape[-1] // heads <= MAX_HEAD_DIM)
+def head_dim(attn: Attention) -> int | None:
+    """The width of one head of ``attn``'s q, k and v, or None when they differ or do not split evenly."""
+    widths = {attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features}
+    if len(widths) != 1 or widths.pop() % attn.heads:
+        return None
+    return attn.to_q.out_features // attn.heads
+
+
+def fits(hidden_states: torch.Tensor, attn: Attention) -> bool:
+    """Whether a [batch, sequence, channels] input's self-attention through ``attn`` is one the kernel takes."""
+    dim = head_dim(attn)
+    return (hidden_states.ndim == 3 and dim is not None and dim <= MAX_HEAD_DIM
+            and (hidden_states.is_cuda or INTERPRETED) and hidden_states.dtype in HALF
+            and hidden_states.shape[1] <= MAX_SEQUENCE)
 
 
 class ShortAttnProcessor(AttnProcessor2_0):
     """AttnProcessor2_0, but a short self-attention on the GPU runs as ``short_attention``."""
+
+    VERSION = CODE_VERSION
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
@@ -111,53 +131,66 @@ class ShortAttnProcessor(AttnProcessor2_0):
         plain = (encoder_hidden_states is None and attention_mask is None and attn.spatial_norm is None
                  and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None and not args
                  and not kwargs)
-        if not plain or not fits(hidden_states, attn.heads):
+        if not plain or not fits(hidden_states, attn):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         batch, sequence, _ = hidden_states.shape
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        split = (batch, sequence, attn.heads, head_dim)
+        split = (batch, sequence, attn.heads, query.shape[-1] // attn.heads)
         out = short_attention(query.view(split), key.view(split), value.view(split))
-        out = attn.to_out[1](attn.to_out[0](out.view(batch, sequence, attn.heads * head_dim)))
+        out = attn.to_out[1](attn.to_out[0](out.view(batch, sequence, query.shape[-1])))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
 
 
-def check(device: torch.device, dtype: torch.dtype) -> float:
-    """The kernel's relative error against float32 attention on random inputs of the temporal shape (and a
-    sequence that is not a power of two) on this device."""
+def check(device: torch.device, dtype: torch.dtype, head_dims: Iterable[int] = (64,)) -> float:
+    """The kernel's worst relative error against float32 attention on random inputs on this device, for each
+    of ``head_dims`` and each tile it compiles for sequences: 16 frames, a sequence that is not a power of
+    two, and one of the 32-row tile (so no variant is first built, unchecked, inside a request)."""
     worst = 0.0
     generator = torch.Generator(device=device).manual_seed(0)
-    for sequence in (16, 13):
-        q, k, v = (torch.randn(24, sequence, 5, 64, device=device, dtype=dtype, generator=generator)
-                   for _ in range(3))
-        reference = torch.nn.functional.scaled_dot_product_attention(
-            *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-        got = short_attention(q, k, v).float()
-        worst = max(worst, float((got - reference).norm() / reference.norm()))
+    for dim in sorted(set(head_dims)):
+        for sequence in (16, 13, 24):
+            q, k, v = (torch.randn(24, sequence, 2, dim, device=device, dtype=dtype, generator=generator)
+                       for _ in range(3))
+            reference = torch.nn.functional.scaled_dot_product_attention(
+                *(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+            got = short_attention(q, k, v).float()
+            worst = max(worst, float((got - reference).norm() / reference.norm()))
     return worst
 
 
 def install(unet: torch.nn.Module, kind: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Put ShortAttnProcessor on every attention of ``unet`` (any module holding diffusers Attentions) for ``kind`` "triton" (or "auto" where the kernel
-    is available), after ``check`` on this device; returns the kind in use: "triton" or "sdpa".
-    Raises ValueError for "triton" where the kernel cannot run."""
+    """Put ShortAttnProcessor on every attention of ``unet`` (any module holding diffusers Attentions) for
+    ``kind`` "triton", or "auto" where the kernel can run, after ``check`` on this device with the model's
+    head widths; returns the kind in use: "triton" or "sdpa" (also for float32, which the kernel does not
+    compute in). For "triton", raises ValueError where the kernel cannot run or does not pass the check;
+    "auto" logs why and keeps SDPA."""
     if kind not in KINDS:
         raise ValueError(f"short attention {kind!r} is unknown; choose {' or '.join(KINDS)}")
-    if kind == "sdpa" or (kind == "auto" and not available(device)):
+    if kind == "sdpa" or (kind == "auto" and not (available(device) and dtype in HALF)):
         return "sdpa"
-    if not available(device):
-        raise ValueError(f"--short-attention triton needs a CUDA device and Triton; this engine runs on {device}"
-                         + ("" if triton is not None else " and Triton is not installed"))
-    error = check(device, dtype)
-    if not error <= CHECK_TOLERANCE:
-        log.warning(kv("short_attention_unusable", rel_err=f"{error:.2e}", tolerance=CHECK_TOLERANCE,
+    if not available(device) or dtype not in HALF:
+        raise ValueError(f"--short-attention triton needs a CUDA device, Triton and fp16 or bf16; this engine "
+                         f"runs on {device} in {str(dtype).removeprefix('torch.')}"
+                         + ("" if triton is not None else ", and Triton is not installed"))
+    attentions = [m for m in unet.modules() if isinstance(m, Attention)]
+    dims = {d for d in map(head_dim, attentions) if d is not None and d <= MAX_HEAD_DIM}
+    try:
+        error = check(device, dtype, dims or (64,))
+        problem = "" if error <= CHECK_TOLERANCE else f"relative error {error:.2e} > {CHECK_TOLERANCE}"
+    except Exception as failure:  # noqa: BLE001 - a kernel that does not build here (Triton, the GPU)
+        error, problem = float("nan"), f"{type(failure).__name__}: {failure}"[:300]
+    if problem:
+        if kind == "triton":
+            raise ValueError(f"--short-attention triton: the kernel fails its check on {device} ({problem}); "
+                             "use --short-attention sdpa")
+        log.warning(kv("short_attention_unusable", problem=problem,
                        fix="kept scaled_dot_product_attention; report the GPU and the Triton version"))
         return "sdpa"
-    attentions = [m for m in unet.modules() if isinstance(m, Attention)]
     for attention in attentions:
         attention.set_processor(ShortAttnProcessor())
-    log.info(kv("short_attention", kernel="triton", attentions=len(attentions), rel_err=f"{error:.2e}"))
+    log.info(kv("short_attention", kernel="triton", attentions=len(attentions), head_dims=",".join(map(str, sorted(dims))),
+                rel_err=f"{error:.2e}"))
     return "triton"

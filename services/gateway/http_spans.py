@@ -6,7 +6,9 @@ the child of that header's span (a trace of its own without one), named by OpenT
 conventions (``POST /v1/videos``: the method and the route template, never the raw path), and carries
 the job it made or read (``t2v.job_id``); the job itself stays its own trace (its root is recorded at its
 end, possibly by another gateway), joined to this span by that id, as for gRPC. No header, query,
-body or key is recorded. Installed only when tracing is on; outermost, so refusals (401, 429) are spans too.
+body, key or raw path (``url.path``, which the conventions ask for, would carry every video id; the job id
+is an attribute of its own) is recorded; the caller's ``tracestate`` goes on with its trace, as W3C
+requires. Installed only when tracing is on; outermost, so refusals (401, 429) are spans too.
 """
 
 from __future__ import annotations
@@ -19,22 +21,28 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common.tracing import JOB_ID, TRACEPARENT, TRACESTATE, Tracing
+from services.gateway.answers import AnswerWatch
 from services.gateway.domain import JOB_ID_PATTERN
 from services.gateway.metrics import HTTP_METHODS, OTHER, route_template
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _CARRIED = (TRACEPARENT.encode(), TRACESTATE.encode())
+# OpenTelemetry's known methods; another is "_OTHER" (its span named "HTTP"), the method as sent kept apart
+KNOWN_METHODS = frozenset({*HTTP_METHODS, "CONNECT", "TRACE"})
 
 
 def span_name(method: str, route: str) -> str:
-    """OpenTelemetry's HTTP server span name: "GET /v1/videos/{video_id}", or the method alone off any route."""
+    """OpenTelemetry's HTTP server span name: "GET /v1/videos/{video_id}", the method alone off any route,
+    "HTTP" for a method it does not know."""
+    if method not in KNOWN_METHODS:
+        return "HTTP"
     return method if route == OTHER else f"{method} {route}"
 
 
 class HttpRequestSpans:
     """ASGI middleware: one SERVER span per HTTP request, current while the app answers it (so the job it
-    submits names it), ended when its answer ends (just before its last body message, as the metrics count
-    it) or when the app ends without one. Status ERROR for a 5xx answer and for none at all."""
+    submits names it), ended when its answer ends (answers.py, as the metrics count it) or when the app
+    ends without one. Status ERROR, with ``error.type``, for a 5xx answer and for none at all."""
 
     def __init__(self, app: Any, tracing: Tracing, routes: Iterable[Any] = ()) -> None:
         self.app = app
@@ -48,16 +56,16 @@ class HttpRequestSpans:
         carrier = {name.decode("latin-1"): value.decode("latin-1")
                    for name, value in scope.get("headers", ()) if name.lower() in _CARRIED}
         parent = _PROPAGATOR.extract(carrier)
-        method = scope["method"] if scope["method"] in HTTP_METHODS else "_OTHER"
-        span = self.tracing.tracer.start_span(method, context=parent, kind=SpanKind.SERVER, attributes={
-            "http.request.method": method, "url.scheme": scope.get("scheme", "http"),
-            "network.protocol.version": scope.get("http_version", "")})
-        status, ended = [0], [False]
+        sent_method = str(scope["method"])
+        method = sent_method if sent_method in KNOWN_METHODS else "_OTHER"
+        attributes = {"http.request.method": method, "url.scheme": scope.get("scheme", "http"),
+                      "network.protocol.version": scope.get("http_version", "")}
+        if method == "_OTHER":
+            attributes["http.request.method_original"] = sent_method[:32]
+        span = self.tracing.tracer.start_span(span_name(method, OTHER), context=parent, kind=SpanKind.SERVER,
+                                              attributes=attributes)
 
-        def end() -> None:
-            if ended[0]:
-                return
-            ended[0] = True
+        def end(status: int) -> None:
             route = route_template(scope, self.routes)
             span.update_name(span_name(method, route))
             if route != OTHER:
@@ -65,26 +73,22 @@ class HttpRequestSpans:
             video_id = (scope.get("path_params") or {}).get("video_id")
             if isinstance(video_id, str) and JOB_ID_PATTERN.fullmatch(video_id):
                 span.set_attribute(JOB_ID, video_id)
-            if status[0]:
-                span.set_attribute("http.response.status_code", status[0])
-            if status[0] >= 500 or not status[0]:
-                span.set_status(Status(StatusCode.ERROR, str(status[0]) if status[0] else "no answer"))
+            if status:
+                span.set_attribute("http.response.status_code", status)
+            if status >= 500 or not status:
+                error = str(status) if status else "no_answer"      # the client left before an answer
+                span.set_attribute("error.type", error)
+                span.set_status(Status(StatusCode.ERROR, error))
             span.end()
 
-        async def sending(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                end()
-            await send(message)
-
+        answer = AnswerWatch(send, end)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
-            await self.app(scope, receive, sending)
+            await self.app(scope, receive, answer)
         except Exception:
-            if status[0] == 0:
-                status[0] = 500                # what Starlette's ServerErrorMiddleware, outside this one, answers
+            if answer.status == 0:
+                answer.status = 500            # what Starlette's ServerErrorMiddleware, outside this one, answers
             raise
         finally:
             otel_context.detach(token)
-            end()
+            answer.finish()

@@ -40,6 +40,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common.metrics import DURATION_BUCKETS, ServiceMetrics
+from services.gateway.answers import AnswerWatch
 from services.gateway.domain import JobRecord, JobStatus, Progress, Result, RunEvent, StageStarted
 from services.gateway.observer import JobObserver
 from t2v.v1 import gateway_pb2
@@ -326,12 +327,11 @@ def route_template(scope: dict[str, Any], routes: Iterable[Any] = ()) -> str:
 
 
 class HttpRequestMetrics:
-    """ASGI middleware, outermost in the HTTP API: every request, refused ones (401, 429) included, is
-    counted and timed by ``GatewayMetrics.http_request`` when its answer ends: just before its last body
-    message goes to the server, so a client that has its answer finds it counted on the next scrape (after
-    the app returns, the count raced the client's next request), else when the app ends without one (an
-    error, a client gone). ``routes``: the API's routes (``APIRouter.routes``, the app's own), to name the
-    route of a request the router did not mark as its."""
+    """ASGI middleware, outside the API-key door: every request, refused ones (401, 429) included, is counted
+    and timed by ``GatewayMetrics.http_request`` when its answer ends (answers.py: just before its last
+    bytes go to the server, so a client that has its answer finds it counted on its next scrape), else
+    when the app ends without one (an error, a client gone). ``routes``: the API's routes
+    (``APIRouter.routes``, the app's own), to name the route of a request the router did not mark as its."""
 
     def __init__(self, app: Any, metrics: GatewayMetrics, routes: Iterable[Any] = ()) -> None:
         self.app = app
@@ -342,26 +342,14 @@ class HttpRequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started, status, counted = time.monotonic(), [0], [False]
-
-        def count() -> None:
-            if not counted[0]:
-                counted[0] = True
-                self.metrics.http_request(scope["method"], route_template(scope, self.routes), status[0],
-                                          time.monotonic() - started)
-
-        async def sending(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                count()
-            await send(message)
-
+        started = time.monotonic()
+        answer = AnswerWatch(send, lambda status: self.metrics.http_request(
+            scope["method"], route_template(scope, self.routes), status, time.monotonic() - started))
         try:
-            await self.app(scope, receive, sending)
+            await self.app(scope, receive, answer)
         except Exception:
-            if status[0] == 0:
-                status[0] = 500            # what Starlette's ServerErrorMiddleware, outside this one, answers
+            if answer.status == 0:
+                answer.status = 500            # what Starlette's ServerErrorMiddleware, outside this one, answers
             raise
         finally:
-            count()
+            answer.finish()

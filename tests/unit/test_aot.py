@@ -186,6 +186,11 @@ def test_the_state_names_the_mode_and_the_attention_processors() -> None:
     model.set_attn_processor(AttnProcessor())
     assert aot.module_state(model.train()) == ["training=True", "attn=AttnProcessor"]
     assert aot.module_state(TinyUNet(0)) == ["training=False"], "a module without attention processors"
+    from services.denoiser import short_attention
+
+    model.set_attn_processor(short_attention.ShortAttnProcessor())     # the project's own: its code's digest too
+    assert aot.module_state(model.eval()) == ["training=False",
+                                              f"attn=ShortAttnProcessor@{short_attention.CODE_VERSION}"]
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,10 +48,40 @@ def test_auto_keeps_sdpa_where_the_kernel_cannot_run_and_triton_says_why() -> No
     assert sa.install(unet, "auto", torch.device("cpu"), torch.float32) == "sdpa"
     assert sa.install(unet, "sdpa", torch.device("cpu"), torch.float32) == "sdpa"
     assert {name: type(p) for name, p in unet.attn_processors.items()} == before
-    with pytest.raises(ValueError, match="--short-attention triton needs a CUDA device"):
+    with pytest.raises(ValueError, match="--short-attention triton needs a CUDA device, Triton and fp16 or bf16; "
+                                         "this engine runs on cpu in float32"):
         sa.install(unet, "triton", torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="choose auto or triton or sdpa"):
         sa.install(unet, "flash", torch.device("cpu"), torch.float32)
+
+
+def test_a_kernel_that_fails_its_check_stops_triton_and_leaves_auto_on_sdpa(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Where the kernel should run but does not build (a Triton error, an unsupported GPU) or computes other
+    numbers: --short-attention triton stops the start with one line, auto keeps SDPA and says why; float32,
+    which the kernel does not compute in, is SDPA for auto. (The device is made to look able: the policy,
+    not the kernel, is tested here.)"""
+    unet = embedded_unet()
+    before = {name: type(p) for name, p in unet.attn_processors.items()}
+    monkeypatch.setattr(sa, "available", lambda device: True)
+    asked: list[set[int]] = []
+
+    def broken(device: torch.device, dtype: torch.dtype, head_dims: Any = (64,)) -> float:
+        asked.append(set(head_dims))
+        raise RuntimeError("OutOfResources: shared memory")
+
+    monkeypatch.setattr(sa, "check", broken)
+    assert sa.install(unet, "auto", torch.device("cuda"), torch.float32) == "sdpa" and not asked
+    with pytest.raises(ValueError, match=r"the kernel fails its check on cuda \(RuntimeError: OutOfResources"):
+        sa.install(unet, "triton", torch.device("cuda"), torch.float16)
+    assert asked == [{8}]                            # the embedded UNet's heads: 64 and 128 channels in 8 and 16
+    with caplog.at_level("WARNING", logger="denoiser.short_attention"):
+        assert sa.install(unet, "auto", torch.device("cuda"), torch.float16) == "sdpa"
+    assert "short_attention_unusable" in caplog.text and "OutOfResources" in caplog.text
+    monkeypatch.setattr(sa, "check", lambda device, dtype, head_dims=(64,): 0.5)     # other numbers
+    with pytest.raises(ValueError, match="relative error 5.00e-01 > 0.02"):
+        sa.install(unet, "triton", torch.device("cuda"), torch.float16)
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == before
 
 
 def test_the_processor_is_attnprocessor2_0_bit_for_bit_where_the_kernel_does_not_apply() -> None:
@@ -62,8 +93,17 @@ def test_the_processor_is_attnprocessor2_0_bit_for_bit_where_the_kernel_does_not
     unet.set_attn_processor(sa.ShortAttnProcessor())
     assert {type(p) for p in unet.attn_processors.values()} == {sa.ShortAttnProcessor}
     assert torch.equal(forward(unet, x), expected)
-    assert not sa.fits(torch.zeros(4, 16, 64), 8)                      # the CPU
-    assert not sa.fits(torch.zeros(4, 16, 64, 2), 8)                   # not [batch, sequence, channels]
+    attention = unet.down_blocks[0].temp_attentions[0].transformer_blocks[0].attn1
+    assert sa.head_dim(attention) == 8
+    assert not sa.fits(torch.zeros(4, 16, 64), attention)              # the CPU
+    assert not sa.fits(torch.zeros(4, 16, 64, 2), attention)           # not [batch, sequence, channels]
+
+
+def test_the_head_width_is_the_projections_not_the_inputs() -> None:
+    from diffusers.models.attention_processor import Attention
+
+    assert sa.head_dim(Attention(query_dim=64, heads=2, dim_head=160)) == 160        # 320 wide, not 64 / 2
+    assert sa.head_dim(Attention(query_dim=64, heads=4, dim_head=16)) == 16
 
 
 def test_the_setting_is_checked_at_start() -> None:
@@ -106,7 +146,13 @@ for batch, sequence, heads, dim in [(6, 16, 5, 64), (5, 13, 8, 8), (3, 1, 2, 16)
     report["kernel"].append({"shape": [batch, sequence, heads, dim], "same_shape": list(got.shape) == list(q.shape),
                              "contiguous": got.is_contiguous(), "dtype": str(got.dtype),
                              "rel_err": float((got.float() - reference).norm() / reference.norm())})
-report["check"] = sa.check(torch.device("cpu"), torch.float16)
+report["check"] = sa.check(torch.device("cpu"), torch.float16, (64, 8))
+strided = torch.randn(4, 16, 64, 2).half().transpose(2, 3)            # [4, 16, 2, 64], its last stride 2
+try:
+    sa.short_attention(strided, strided, strided)
+    report["strided"] = "computed"
+except RuntimeError as refused:
+    report["strided"] = str(refused)
 model = sys.argv[1]
 exact = UNet3DConditionModel.from_pretrained(model, dtype=torch.float32).eval().down_blocks[0]
 block = UNet3DConditionModel.from_pretrained(model, dtype=torch.float16).eval().down_blocks[0]
@@ -158,6 +204,7 @@ def test_the_kernel_under_tritons_interpreter_is_attention_and_the_unet_with_it_
         assert row["same_shape"] and row["contiguous"] and row["dtype"] == "torch.float16", row
         assert row["rel_err"] < 1e-3, row                          # fp16 rounding: SDPA in fp16 is ~3e-4
     assert report["check"] < sa.CHECK_TOLERANCE / 10
+    assert "contiguous in their last dimension" in report["strided"], report["strided"]   # never wrong numbers
     assert report["installed"] == "triton"
     assert report["kernel_calls"] == [[2, 16, 8, 8], [4, 16, 8, 8]], report       # spatial self, temporal (x2)
     for triton_err, sdpa_err in zip(report["triton_err"], report["sdpa_err"]):
