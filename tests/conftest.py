@@ -87,6 +87,24 @@ class RunningStage:
         return self.servicer.http.url.rstrip("/")
 
 
+def http_call(url: str, method: str = "GET", body: dict | None = None, headers: dict[str, str] | None = None,
+              timeout: float = 30) -> tuple[int, bytes]:
+    """One HTTP request (a JSON body when given): its status and body, an error status included."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={**({"Content-Type": "application/json"} if data else {}),
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
 def start_stage(servicer: Any, service_name: str, add: Callable[[Any, grpc.Server], None],
                 load: bool = True, interceptors: list[grpc.ServerInterceptor] | None = None) -> RunningStage:
     metrics = getattr(servicer, "metrics", None)    # as serve() does: /metrics, model load, the stream cap

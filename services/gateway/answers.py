@@ -36,6 +36,19 @@ class AnswerWatch:
                 self.finish()
         await self._send(message)
 
+    async def serve(self, app: Callable[..., Awaitable[None]], scope: dict[str, Any], receive: Any) -> None:
+        """Run the ASGI ``app`` with this watch as its ``send``. An exception before any answer is the 500
+        that Starlette's ServerErrorMiddleware, outside the middleware, answers; the answer ends here at the
+        latest."""
+        try:
+            await app(scope, receive, self)
+        except Exception:
+            if self.status == 0:
+                self.status = 500
+            raise
+        finally:
+            self.finish()
+
     def finish(self) -> None:
         """The answer's end (the app ended, or the last of it goes out now); later calls do nothing."""
         if not self._ended:

@@ -84,11 +84,6 @@ class HttpRequestSpans:
         answer = AnswerWatch(send, end)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         try:
-            await self.app(scope, receive, answer)
-        except Exception:
-            if answer.status == 0:
-                answer.status = 500            # what Starlette's ServerErrorMiddleware, outside this one, answers
-            raise
+            await answer.serve(self.app, scope, receive)
         finally:
             otel_context.detach(token)
-            answer.finish()

@@ -345,11 +345,4 @@ class HttpRequestMetrics:
         started = time.monotonic()
         answer = AnswerWatch(send, lambda status: self.metrics.http_request(
             scope["method"], route_template(scope, self.routes), status, time.monotonic() - started))
-        try:
-            await self.app(scope, receive, answer)
-        except Exception:
-            if answer.status == 0:
-                answer.status = 500            # what Starlette's ServerErrorMiddleware, outside this one, answers
-            raise
-        finally:
-            answer.finish()
+        await answer.serve(self.app, scope, receive)

@@ -19,7 +19,6 @@ import urllib.request
 from typing import Iterator
 
 import json
-import urllib.error
 
 import grpc
 import pytest
@@ -32,8 +31,8 @@ from services.denoiser import engine as eng
 from services.denoiser.metrics import DenoiserMetrics
 from t2v.v1 import (decoder_pb2, decoder_pb2_grpc, denoiser_pb2, denoiser_pb2_grpc, text_encoder_pb2,
                     text_encoder_pb2_grpc)
-from tests.conftest import (EMBEDDING_DIM, RunningStage, free_port, start_decoder, start_denoiser, start_gateway,
-                            start_text_encoder, stop_gateway, stop_stage, wait_for as wait_until)
+from tests.conftest import (EMBEDDING_DIM, RunningStage, free_port, http_call, start_decoder, start_denoiser,
+                            start_gateway, start_text_encoder, stop_gateway, stop_stage, wait_for as wait_until)
 from tests.monitoring import PROMETHEUS_OWN, exposition_names, names_used, recorded
 from tests.promtool import promtool_check
 
@@ -196,15 +195,7 @@ def gateway(text_encoder, denoiser, decoder, tmp_path_factory) -> Iterator[Runni
 
 
 def http(gateway: RunningStage, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(gateway.http_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read()
+    return http_call(gateway.http_url + path, method, body)
 
 
 def test_gateway_counts_http_requests_by_route_template(gateway):

@@ -8,8 +8,6 @@ admin key sees and cancels every job."""
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +16,7 @@ import grpc
 import pytest
 
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2
-from tests.conftest import RunningStage, wait_for
+from tests.conftest import RunningStage, http_call, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +73,7 @@ def refused_like_a_stranger(call: Callable[[], Any], job_id: str, stranger_detai
 
 
 def http(gateway: RunningStage, key: str, method: str, path: str) -> tuple[int, bytes]:
-    request = urllib.request.Request(gateway.http_url + path, method=method,
-                                     headers={"Authorization": f"Bearer {key}"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read()
+    return http_call(gateway.http_url + path, method, headers={"Authorization": f"Bearer {key}"})
 
 
 def test_another_keys_jobs_are_invisible_over_grpc_and_the_admin_sees_all(gateway: RunningStage) -> None:

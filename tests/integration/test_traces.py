@@ -37,8 +37,8 @@ from services.common.tracing import TRACES_PATH, traces_url
 from services.denoiser.server import SERVICE_NAME as DENOISER_SERVICE
 from services.gateway.tenancy import tenant_of
 from t2v.v1 import denoiser_pb2_grpc, gateway_pb2, gateway_pb2_grpc, generation_pb2
-from tests.conftest import (RunningStage, ServiceProcess, start_decoder, start_denoiser, start_gateway, start_stage,
-                            start_text_encoder, stop_gateway, stop_stage, wait_for)
+from tests.conftest import (RunningStage, ServiceProcess, http_call, start_decoder, start_denoiser, start_gateway,
+                            start_stage, start_text_encoder, stop_gateway, stop_stage, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -421,21 +421,10 @@ def test_a_retried_stage_call_is_one_client_span_with_a_retry_event_and_a_server
     assert_no_key_anywhere(receiver)
 
 
-def http_call(gateway: RunningStage, method: str, path: str, body: dict | None = None,
-              headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    import urllib.error
-    import urllib.request
-
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(gateway.http_url + path, data=data, method=method, headers={
-        "Authorization": f"Bearer {API_KEY}", **({"Content-Type": "application/json"} if data else {}),
-        **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read()
+def http_as_caller(gateway: RunningStage, method: str, path: str, body: dict | None = None,
+                   headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """An HTTP API call with the test's key (``headers`` added, or replacing it)."""
+    return http_call(gateway.http_url + path, method, body, {"Authorization": f"Bearer {API_KEY}", **(headers or {})})
 
 
 def test_http_requests_are_server_spans_in_the_callers_trace_naming_their_job(mesh: Mesh, keys_file: str) -> None:
@@ -447,16 +436,16 @@ def test_http_requests_are_server_spans_in_the_callers_trace_naming_their_job(me
                             otlp_endpoint=receiver.endpoint, api_keys_file=keys_file, http_port=0)
     caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     try:
-        status, answer = http_call(gateway, "POST", "/v1/videos", {"prompt": "a red ball", "size": "32x32",
+        status, answer = http_as_caller(gateway, "POST", "/v1/videos", {"prompt": "a red ball", "size": "32x32",
                                                                      "num_frames": 2, "num_inference_steps": 2},
                                    headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"})
         assert status == 200, answer
         video_id = json.loads(answer)["id"]
-        wait_for(lambda: json.loads(http_call(gateway, "GET", f"/v1/videos/{video_id}")[1])["status"]
+        wait_for(lambda: json.loads(http_as_caller(gateway, "GET", f"/v1/videos/{video_id}")[1])["status"]
                  in ("completed", "failed"), 120, "the video to finish")
-        assert http_call(gateway, "GET", f"/v1/videos/{video_id}/content")[0] == 200
-        assert http_call(gateway, "GET", "/no/such/page")[0] == 404
-        assert http_call(gateway, "GET", "/v1/videos", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert http_as_caller(gateway, "GET", f"/v1/videos/{video_id}/content")[0] == 200
+        assert http_as_caller(gateway, "GET", "/no/such/page")[0] == 404
+        assert http_as_caller(gateway, "GET", "/v1/videos", headers={"Authorization": "Bearer wrong"})[0] == 401
         record = gateway.servicer.jobs.store.get(video_id)
         flush(gateway.servicer)
     finally:

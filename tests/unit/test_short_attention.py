@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 from diffusers import UNet3DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
 
 from services.denoiser import short_attention as sa
 
