@@ -828,6 +828,17 @@ class JobService:
                 log.info(kv("lease_regained", job_id=record.job_id))
                 return None
             self._runs[record.job_id] = run
+        # A job ended between the store's claim and the line above (cancelled right after it was submitted) was
+        # ended with no run here to stop: look again now that a cancel finds the run, or the stages would make
+        # every step of a job nobody waits for.
+        try:
+            now_stored = self.store.get(record.job_id)
+        except Exception:  # noqa: BLE001 - the store just answered the claim; if it is gone now, the run runs
+            now_stored = record
+        if now_stored is None or now_stored.status.is_terminal:
+            with self._lock:
+                run.ended = True
+            run.control.cancel()
         waited = max(0.0, (self._now_ms() - record.created_ms) / 1000)
         self._departures.departed(still_waiting=True)
         log.info(kv("job_started", job_id=record.job_id, queued_seconds=round(waited, 3), run=record.runs,

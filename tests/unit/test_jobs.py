@@ -571,6 +571,29 @@ def test_a_run_that_loses_its_lease_stops_and_its_watchers_keep_following(make_s
     assert not any(isinstance(update, Finished) for update in seen), seen
 
 
+def test_a_cancel_between_the_claim_and_the_run_stops_the_run(make_service) -> None:
+    """A cancel that lands after the store gave the job to this gateway but before its run was registered (a job
+    cancelled right after it was submitted) once found no run to stop: the job read CANCELLED while its stages
+    ran every step to the end. Now the claim looks again once the run is registered."""
+    runner = FakeRunner()
+    service = make_service(runner)
+    claim = service.store.claim
+    cancelled: list[str] = []
+
+    def claim_then_cancel(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        claimed = claim(*args, **kwargs)
+        if claimed is not None and not cancelled:
+            cancelled.append(claimed.record.job_id)
+            service.cancel(claimed.record.job_id)       # lands before the claim registers the run
+        return claimed
+
+    service.store.claim = claim_then_cancel        # type: ignore[method-assign]
+    job = service.submit(JobRequest(params(steps=200)))
+    wait_for(lambda: cancelled and not service._runs, what="the run to leave")
+    assert cancelled == [job.job_id] and status_of(service, job.job_id) == JobStatus.CANCELLED
+    assert job.job_id not in runner.finished, "its stages ran to the end for a cancelled job"
+
+
 # --- live previews ------------------------------------------------------------------------------------------
 class PreviewRunner:
     """Stages and steps like FakeRunner, and a Preview after every ``preview_every``-th step as the orchestrator
