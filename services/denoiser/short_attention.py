@@ -10,7 +10,8 @@ it reads q, k and v once and writes the output once, what any attention must mov
 ``ShortAttnProcessor`` is diffusers' AttnProcessor2_0 for the case the UNet3D has (self-attention on a
 [batch, sequence, channels] input, no mask, no norms on q/k): short sequences on a CUDA device go through
 the kernel, everything else through AttnProcessor2_0 itself. ``install`` puts it on a UNet after a check
-of the kernel against scaled_dot_product_attention on this GPU (a mismatch keeps SDPA and says so).
+of the kernel against float32 attention on this GPU (with ``auto`` a kernel that fails it keeps SDPA and
+says so; with ``triton`` the start stops).
 
 Exact in the sense the product's other kernels are: the same operations up to fp16 rounding (SDPA's own
 backends differ as much); the kernel registers as a ``torch.library.triton_op``, so torch.compile and
@@ -105,11 +106,12 @@ if triton is not None:
 
 
 def head_dim(attn: Attention) -> int | None:
-    """The width of one head of ``attn``'s q, k and v, or None when they differ or do not split evenly."""
-    widths = {attn.to_q.out_features, attn.to_k.out_features, attn.to_v.out_features}
-    if len(widths) != 1 or widths.pop() % attn.heads:
+    """The width of one head of ``attn``'s q, k and v (as diffusers sized their projections, whatever module
+    does them now: an FP8 or LoRA one too), or None when q's and k/v's differ or do not split evenly."""
+    inner = int(attn.inner_dim)
+    if getattr(attn, "inner_kv_dim", inner) != inner or inner % attn.heads:
         return None
-    return attn.to_q.out_features // attn.heads
+    return inner // attn.heads
 
 
 def fits(hidden_states: torch.Tensor, attn: Attention) -> bool:
@@ -191,6 +193,6 @@ def install(unet: torch.nn.Module, kind: str, device: torch.device, dtype: torch
         return "sdpa"
     for attention in attentions:
         attention.set_processor(ShortAttnProcessor())
-    log.info(kv("short_attention", kernel="triton", attentions=len(attentions), head_dims=",".join(map(str, sorted(dims))),
-                rel_err=f"{error:.2e}"))
+    log.info(kv("short_attention", kernel="triton", attentions=len(attentions),
+                head_dims=",".join(map(str, sorted(dims))), rel_err=f"{error:.2e}"))
     return "triton"
