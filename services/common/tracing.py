@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import random
 import threading
@@ -47,6 +48,10 @@ JOB_ID = "t2v.job_id"
 TENANT = "t2v.tenant"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+# OpenTelemetry's W3C parsing warns about a malformed traceparent or tracestate by quoting it: text a caller
+# controls, a log line per request. A malformed header only starts a trace of its own, so they stay quiet.
+for _quoting in ("opentelemetry.trace.propagation.tracecontext", "opentelemetry.trace.span"):
+    logging.getLogger(_quoting).setLevel(logging.ERROR)
 # gRPC status codes that make a server span an error (OpenTelemetry's RPC conventions): the others are the
 # client's doing (INVALID_ARGUMENT, NOT_FOUND, ...) and are an error of the client's span only.
 _SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,

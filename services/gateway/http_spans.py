@@ -31,6 +31,23 @@ _CARRIED = (TRACEPARENT.encode(), TRACESTATE.encode())
 KNOWN_METHODS = frozenset({*HTTP_METHODS, "CONNECT", "TRACE"})
 
 
+def trace_carrier(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The W3C trace headers of a request as the propagator reads them: a ``traceparent`` sent more than once
+    is none (which one was meant cannot be known: the request starts a trace of its own), ``tracestate``
+    headers are joined in order, as W3C Trace Context says."""
+    found: dict[str, list[str]] = {}
+    for name, value in headers:
+        if name.lower() in _CARRIED:
+            found.setdefault(name.lower().decode("latin-1"), []).append(value.decode("latin-1"))
+    parents = found.get(TRACEPARENT, [])
+    if len(parents) != 1:
+        return {}
+    carrier = {TRACEPARENT: parents[0]}
+    if found.get(TRACESTATE):
+        carrier[TRACESTATE] = ",".join(found[TRACESTATE])
+    return carrier
+
+
 def span_name(method: str, route: str) -> str:
     """OpenTelemetry's HTTP server span name: "GET /v1/videos/{video_id}", the method alone off any route,
     "HTTP" for a method it does not know."""
@@ -53,9 +70,7 @@ class HttpRequestSpans:
         if scope["type"] != "http" or not self.tracing.enabled:
             await self.app(scope, receive, send)
             return
-        carrier = {name.decode("latin-1"): value.decode("latin-1")
-                   for name, value in scope.get("headers", ()) if name.lower() in _CARRIED}
-        parent = _PROPAGATOR.extract(carrier)
+        parent = _PROPAGATOR.extract(trace_carrier(scope.get("headers", ())))
         sent_method = str(scope["method"])
         method = sent_method if sent_method in KNOWN_METHODS else "_OTHER"
         attributes = {"http.request.method": method, "url.scheme": scope.get("scheme", "http"),

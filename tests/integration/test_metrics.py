@@ -198,6 +198,27 @@ def http(gateway: RunningStage, method: str, path: str, body: dict | None = None
     return http_call(gateway.http_url + path, method, body)
 
 
+def test_a_client_that_hangs_up_mid_body_is_a_client_error_not_a_500(gateway, caplog) -> None:
+    """A POST whose client resets the connection before its body has come was answered and counted as a 500,
+    with a traceback in the log (starlette's ClientDisconnect): it is 499 now, a 4xx, and one info line."""
+    import socket
+    import struct
+    from urllib.parse import urlparse
+
+    _, before = scrape(gateway.metrics_url)
+    url = urlparse(gateway.http_url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{\"prompt\":")
+        time.sleep(0.5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))     # a reset, not a FIN
+    counted = lambda status: delta(before, scrape(gateway.metrics_url)[1], "t2v_gateway_http_requests_total",  # noqa: E731
+                                   method="POST", route="/v1/videos", status=status)
+    wait_until(lambda: counted("4xx") == 1, 10, "the hang-up to be counted")
+    assert counted("5xx") == 0
+    assert "http_failed" not in caplog.text and "Exception in ASGI application" not in caplog.text
+
+
 def test_gateway_counts_http_requests_by_route_template(gateway):
     _, before = scrape(gateway.metrics_url)
     status, answer = http(gateway, "POST", "/v1/videos", {"prompt": "a red ball", "num_inference_steps": 2,
