@@ -195,6 +195,14 @@ def load_package(path: Path, device: torch.device, weights: Mapping[str, torch.T
     return model
 
 
+def precompile_available() -> bool:
+    """Whether this torch has Dynamo's ahead-of-time compile of modules (2.11-2.13 do; it is experimental)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return all(hasattr(OptimizedModule, name) for name in
+               ("_aot_compile", "_save_aot_compiled_module", "_load_aot_compiled_module"))
+
+
 def dynamo_module(unet: torch.nn.Module) -> Any:
     """``unet`` under torch.compile as a precompiled package needs it: one graph (fullgraph), static shapes,
     and only the guards that can be saved (tensor metadata, grad mode); the key of its file stands for the

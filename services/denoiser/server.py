@@ -112,16 +112,10 @@ def compile_backend(config: DenoiserConfig) -> str:
     """The backend --compile-backend names, ``auto`` resolved: precompiled packages where there is a compile
     cache to keep them in, else torch.compile."""
     if config.compile_backend == "auto":
+        from services.denoiser.aot import precompile_available
+
         return "precompile" if config.compile_cache and precompile_available() else "inductor"
     return config.compile_backend
-
-
-def precompile_available() -> bool:
-    """Whether this torch has Dynamo's ahead-of-time compile of modules (2.11-2.13 do; it is experimental)."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return all(hasattr(OptimizedModule, name) for name in
-               ("_aot_compile", "_save_aot_compiled_module", "_load_aot_compiled_module"))
 
 
 def check_compile(config: DenoiserConfig) -> None:

@@ -914,9 +914,11 @@ class JobService:
             run.stage, run.waiting_for, write = event.stage, "", True
         elif isinstance(event, Progress):
             run.step, run.total_steps, run.waiting_for = event.step, event.total, ""
-            with self._lock:               # a retry from an earlier step: the kept preview is of the broken try
-                if run.preview is not None and run.preview.step > event.step:
-                    run.preview = None
+            kept = run.preview             # a retry from an earlier step: the kept preview is of the broken try
+            if kept is not None and kept.step > event.step:
+                with self._lock:           # (the lock only then: this runs at every step of every job)
+                    if run.preview is kept:
+                        run.preview = None
             write = event.step == event.total or now - run.last_progress_write >= self.settings.progress_write_seconds
         elif isinstance(event, Waiting):
             run.waiting_for = event.text
