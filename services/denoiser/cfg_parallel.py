@@ -136,7 +136,7 @@ class CfgParallel:
 
     @classmethod
     def start(cls, model: str, device: torch.device, other: torch.device, dtype: torch.dtype,
-              short_attention: str = "sdpa", start_seconds: float = 600.0) -> "CfgParallel":
+              short_attention: str = "auto", start_seconds: float = 600.0) -> "CfgParallel":
         """Start the follower on ``other`` and join it; RuntimeError if it exits or does not join in time.
         ``short_attention``: the kind the leader's engine uses, so the follower's rows run the same kernels (on
         a CUDA device; a CPU follower keeps SDPA)."""
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", required=True)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--init-method", required=True, help="torch.distributed init method, e.g. tcp://127.0.0.1:P")
-    parser.add_argument("--short-attention", default="sdpa", help="as the denoiser's --short-attention")
+    parser.add_argument("--short-attention", default="auto", help="as the denoiser's --short-attention")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="level=%(levelname)s logger=%(name)s %(message)s")
     device = resolve_device(args.device)

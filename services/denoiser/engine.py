@@ -263,7 +263,7 @@ class DenoiseEngine:
                  observer: EngineObserver | None = None, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR,
                  deep_cache_interval: int = 4, deep_cache_branch: int | None = 0,
                  deep_cache_compile: bool = False, latent_rgb: LatentRgb | None = None,
-                 short_attention: str = "sdpa") -> None:
+                 short_attention: str = "auto") -> None:
         """``vae_scale_factor``: pixels per latent along a side, the model's VAE's (``from_folder`` reads it
         from the folder); latents are height / factor x width / factor. ``latent_rgb``: the model's latent ->
         RGB map for previews (``from_folder`` reads vae/latent_rgb.json); None = previews unavailable.

@@ -75,11 +75,12 @@ class DenoiserConfig(ModelConfig):
     deep_cache_branch: int = setting(0, "DeepCache's skip branch: layers of the first resolution the shallow path "
                                         "runs (0 = the fewest: ~10% of the UNet's FLOPs on the 1.7B model, fastest; "
                                         "-1 = the whole first down- and last up-block, ~34%, most faithful)")
-    short_attention: str = setting("sdpa", "self-attention of short sequences (the temporal attention's 16 "
-                                           "frames): sdpa (PyTorch's fused kernels, whose tiles are mostly "
-                                           "padding there), triton (one kernel a position and head, checked "
-                                           "against SDPA at start; not yet timed on a GPU), auto (= triton on "
-                                           "a CUDA device with Triton)")
+    short_attention: str = setting("auto", "self-attention of short sequences (the temporal attention's 16 "
+                                           "frames): auto (= triton on a CUDA device with Triton, in fp16 or "
+                                           "bf16, where its check at start passes; else sdpa), triton (one "
+                                           "kernel a position and head: 58.6 -> 9.8 ms of a 32-row forward on "
+                                           "an H200, docs/benchmarks.md run F), sdpa (PyTorch's fused kernels, "
+                                           "whose tiles are mostly padding there)")
     deep_cache_compile: bool = setting(False, "with compile_rows, torch.compile DeepCache's two forwards for those "
                                               "rows too (four more compilations for two sizes; not measured to the "
                                               "end on a GPU yet: off, they run as eager CUDA graphs)")
