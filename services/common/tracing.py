@@ -27,7 +27,7 @@ import logging
 import os
 import random
 import threading
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 from opentelemetry import context as otel_context
@@ -247,6 +247,25 @@ def rpc_attributes(full_method: str) -> dict[str, str]:
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
+def trace_carrier(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The W3C trace fields of a call's headers or metadata (names in any case) as the propagator reads
+    them: a ``traceparent`` sent more than once is none (which one was meant cannot be known: the call starts
+    a trace of its own), ``tracestate`` fields are joined in order, as W3C Trace Context says. For gRPC
+    metadata and HTTP headers alike (services/gateway/http_spans.py)."""
+    found: dict[str, list[str]] = {}
+    for name, value in pairs:
+        name = name.lower() if isinstance(name, str) else ""
+        if name in (TRACEPARENT, TRACESTATE) and isinstance(value, str):
+            found.setdefault(name, []).append(value)
+    parents = found.get(TRACEPARENT, [])
+    if len(parents) != 1:
+        return {}
+    carrier = {TRACEPARENT: parents[0]}
+    if found.get(TRACESTATE):
+        carrier[TRACESTATE] = ",".join(found[TRACESTATE])
+    return carrier
+
+
 def span_name(full_method: str) -> str:
     """"/t2v.v1.Denoiser/Denoise" -> "t2v.v1.Denoiser/Denoise" (the RPC conventions' span name)."""
     return full_method.lstrip("/")
@@ -266,9 +285,7 @@ class TraceInterceptor(grpc.ServerInterceptor):
         self.tracing = tracing
 
     def _start(self, method: str, metadata: Any, request: Any) -> tuple[Span, otel_context.Context]:
-        carrier = {name: value for name, value in metadata or ()
-                   if name in (TRACEPARENT, TRACESTATE) and isinstance(value, str)}
-        parent = _PROPAGATOR.extract(carrier)
+        parent = _PROPAGATOR.extract(trace_carrier(metadata or ()))
         attributes: dict[str, Any] = rpc_attributes(method)
         job_id = getattr(request, "request_id", "")
         if isinstance(job_id, str) and job_id:

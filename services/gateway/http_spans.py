@@ -20,32 +20,19 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from services.common.tracing import JOB_ID, TRACEPARENT, TRACESTATE, Tracing
+from services.common.tracing import JOB_ID, Tracing, trace_carrier
 from services.gateway.answers import AnswerWatch
 from services.gateway.domain import JOB_ID_PATTERN
 from services.gateway.metrics import HTTP_METHODS, OTHER, route_template
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-_CARRIED = (TRACEPARENT.encode(), TRACESTATE.encode())
 # OpenTelemetry's known methods; another is "_OTHER" (its span named "HTTP"), the method as sent kept apart
 KNOWN_METHODS = frozenset({*HTTP_METHODS, "CONNECT", "TRACE"})
 
 
-def trace_carrier(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The W3C trace headers of a request as the propagator reads them: a ``traceparent`` sent more than once
-    is none (which one was meant cannot be known: the request starts a trace of its own), ``tracestate``
-    headers are joined in order, as W3C Trace Context says."""
-    found: dict[str, list[str]] = {}
-    for name, value in headers:
-        if name.lower() in _CARRIED:
-            found.setdefault(name.lower().decode("latin-1"), []).append(value.decode("latin-1"))
-    parents = found.get(TRACEPARENT, [])
-    if len(parents) != 1:
-        return {}
-    carrier = {TRACEPARENT: parents[0]}
-    if found.get(TRACESTATE):
-        carrier[TRACESTATE] = ",".join(found[TRACESTATE])
-    return carrier
+def header_carrier(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """``trace_carrier`` of an ASGI request's headers (bytes, latin-1 as HTTP/1.1 sends them)."""
+    return trace_carrier((name.decode("latin-1"), value.decode("latin-1")) for name, value in headers)
 
 
 def span_name(method: str, route: str) -> str:
@@ -70,7 +57,7 @@ class HttpRequestSpans:
         if scope["type"] != "http" or not self.tracing.enabled:
             await self.app(scope, receive, send)
             return
-        parent = _PROPAGATOR.extract(trace_carrier(scope.get("headers", ())))
+        parent = _PROPAGATOR.extract(header_carrier(scope.get("headers", ())))
         sent_method = str(scope["method"])
         method = sent_method if sent_method in KNOWN_METHODS else "_OTHER"
         attributes = {"http.request.method": method, "url.scheme": scope.get("scheme", "http"),

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from services.common.tracing import Tracing
-from services.gateway.http_spans import span_name, trace_carrier
+from services.gateway.http_spans import header_carrier, span_name
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 OTHER = "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01"
@@ -17,15 +17,15 @@ OTHER = "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01"
 def test_one_traceparent_is_the_parent_and_tracestate_headers_are_joined_in_order() -> None:
     headers = [(b"traceparent", PARENT.encode()), (b"Tracestate", b"a=1"), (b"content-type", b"x"),
                (b"tracestate", b"b=2")]
-    assert trace_carrier(headers) == {"traceparent": PARENT, "tracestate": "a=1,b=2"}
-    assert trace_carrier([(b"TRACEPARENT", PARENT.encode())]) == {"traceparent": PARENT}
-    assert trace_carrier([(b"tracestate", b"a=1")]) == {}                     # no parent: nothing to continue
+    assert header_carrier(headers) == {"traceparent": PARENT, "tracestate": "a=1,b=2"}
+    assert header_carrier([(b"TRACEPARENT", PARENT.encode())]) == {"traceparent": PARENT}
+    assert header_carrier([(b"tracestate", b"a=1")]) == {}                     # no parent: nothing to continue
 
 
 def test_a_traceparent_sent_twice_is_none() -> None:
     """Which was meant cannot be known (W3C's test suite: a new trace); the last one used to win."""
-    assert trace_carrier([(b"traceparent", PARENT.encode()), (b"traceparent", OTHER.encode())]) == {}
-    assert trace_carrier([(b"traceparent", PARENT.encode())] * 2) == {}
+    assert header_carrier([(b"traceparent", PARENT.encode()), (b"traceparent", OTHER.encode())]) == {}
+    assert header_carrier([(b"traceparent", PARENT.encode())] * 2) == {}
 
 
 def test_span_names_follow_the_http_conventions() -> None:
@@ -44,3 +44,23 @@ def test_a_malformed_trace_header_leaves_no_log_line_quoting_it(caplog: pytest.L
         TraceState.from_header(["a=\u00e9\u00ff", "k" * 300 + "=v"])
     assert context is not None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_grpc_call_with_traceparent_twice_starts_a_trace_of_its_own() -> None:
+    """The stages' SERVER spans read gRPC metadata as the gateway reads HTTP headers (the last traceparent
+    used to win); one traceparent is still the parent."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from services.common.tracing import TraceInterceptor
+
+    interceptor = TraceInterceptor(Tracing(TracerProvider().get_tracer("test")))
+    request = type("Request", (), {"request_id": "job-1"})()
+    twice, _ = interceptor._start("/t2v.v1.TextEncoder/Encode", [("traceparent", PARENT), ("traceparent", OTHER)],
+                                  request)
+    once, _ = interceptor._start("/t2v.v1.TextEncoder/Encode", [("traceparent", OTHER), ("tracestate", "a=1")],
+                                 request)
+    assert twice.parent is None
+    assert once.parent is not None and once.parent.trace_id == int(OTHER.split("-")[1], 16)
+    assert once.get_span_context().trace_state.get("a") == "1"
+    for span in (twice, once):
+        span.end()
