@@ -1,4 +1,4 @@
-"""The text encoder's Prometheus metrics: encode time, prompts encoded, prompts truncated."""
+"""The text encoder's Prometheus metrics: encode time, prompts encoded and truncated, prompts a forward."""
 
 from __future__ import annotations
 
@@ -11,15 +11,22 @@ class TextEncoderMetrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__("text_encoder", registry)
         r = self.registry
-        self.encode_seconds = Histogram("t2v_text_encoder_encode_duration_seconds", "Time to encode the prompts "
-                                        "of one call (CLIP text model forward, copy to the CPU), in seconds",
+        self.encode_seconds = Histogram("t2v_text_encoder_encode_duration_seconds", "Time of the forward that "
+                                        "encoded one call's prompts (CLIP text model, copy to the CPU; shared "
+                                        "with the calls batched with it), in seconds",
                                         buckets=DURATION_BUCKETS, registry=r)
         self.prompts = Counter("t2v_text_encoder_prompts", "Prompts encoded (a negative prompt counts as one)",
                                registry=r)
         self.truncated = Counter("t2v_text_encoder_prompts_truncated", "Prompts longer than the model's 77 "
                                  "tokens, whose end was dropped", registry=r)
+        self.batch_prompts = Histogram("t2v_text_encoder_batch_prompts", "Prompts in one forward, of all the "
+                                       "Encode calls that shared it", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+                                       registry=r)
 
     def encoded(self, prompts: int, truncated: int, seconds: float) -> None:
         self.encode_seconds.observe(seconds)
         self.prompts.inc(prompts)
         self.truncated.inc(truncated)
+
+    def batched(self, prompts: int) -> None:
+        self.batch_prompts.observe(prompts)

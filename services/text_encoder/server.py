@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,6 +15,7 @@ from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, run_stage
 from services.common.tracing import Tracing
 from services.common.tensors import to_proto
+from services.text_encoder.batcher import EncodeBatcher
 from services.text_encoder.encoder import TextEncoder
 from services.text_encoder.metrics import TextEncoderMetrics
 from t2v.v1 import text_encoder_pb2, text_encoder_pb2_grpc
@@ -29,6 +29,9 @@ class TextEncoderConfig(ModelConfig):
     port: int = setting(50051, "port to listen on (0 = any free port)")
     max_prompts: int = setting(16, "most prompts in one Encode call")
     max_prompt_chars: int = setting(10_000, "longest prompt accepted, in characters")
+    batch_prompts: int = setting(64, "most prompts in one forward: Encode calls that arrive while the model is "
+                                     "busy share its next forward, up to this many prompts (1 = each call "
+                                     "alone); a call that finds the model idle never waits")
 
 
 class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
@@ -38,10 +41,18 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         self.metrics = TextEncoderMetrics()
         self.tracing = Tracing.for_service("t2v-text-encoder", config.otlp_endpoint)   # off unless an endpoint is set
         self.encoder: TextEncoder | None = None
+        self.batcher: EncodeBatcher | None = None
+        if config.batch_prompts < 1:
+            raise ValueError(f"--batch-prompts is {config.batch_prompts}; it must be at least 1")
 
     def load(self) -> None:
         device = resolve_device(self.config.device)
         self.encoder = TextEncoder(self.config.model, device, resolve_dtype(self.config.dtype, device))
+        self.batcher = EncodeBatcher(self.encoder.encode, self.config.batch_prompts, self.metrics.batched)
+
+    def close(self, timeout: float) -> None:
+        if self.batcher is not None:
+            self.batcher.close(timeout)
 
     def _check(self, prompts: Sequence[str]) -> None:
         if not prompts:
@@ -59,16 +70,14 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         self.gate.check()
         prompts = list(request.prompts)
         self._check(prompts)
-        assert self.encoder is not None
-        started = time.perf_counter()
-        embeddings = to_proto(self.encoder.encode(prompts))   # copies to the CPU: the GPU work is done
-        seconds = time.perf_counter() - started
+        assert self.encoder is not None and self.batcher is not None
+        encoded = self.batcher.encode(prompts)                # on the CPU: the GPU work is done
         reports = self.encoder.report(prompts)
-        self.metrics.encoded(len(prompts), sum(r.truncated for r in reports), seconds)
+        self.metrics.encoded(len(prompts), sum(r.truncated for r in reports), encoded.seconds)
         log.info(kv("encoded", job_id=request.request_id, prompts=len(prompts),
-                    truncated=sum(r.truncated for r in reports)))
+                    truncated=sum(r.truncated for r in reports), batch_prompts=encoded.batch_prompts))
         return text_encoder_pb2.EncodeResponse(
-            embeddings=embeddings,
+            embeddings=to_proto(encoded.embeddings),
             prompts=[text_encoder_pb2.PromptInfo(num_tokens=r.num_tokens, truncated=r.truncated,
                                                  dropped_text=r.dropped_text) for r in reports])
 

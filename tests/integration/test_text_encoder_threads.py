@@ -42,3 +42,39 @@ def test_concurrent_encode_and_report_give_the_single_threaded_answers(text_enco
         thread.join(120)
     assert not any(t.is_alive() for t in threads), "an encode call hangs"
     assert failures == [], f"{len(failures)} of 1200 calls went wrong, e.g. {failures[:3]}"
+
+
+def test_concurrent_encode_calls_over_grpc_share_forwards_and_each_gets_its_own_rows(text_encoder_stage):
+    """Calls that arrive while a forward runs share the next one (services/text_encoder/batcher.py): every
+    call still gets the rows it would get alone, and the stage counts fewer forwards than calls."""
+    from services.common.tensors import from_proto
+    from t2v.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+
+    servicer = text_encoder_stage.servicer
+    expected = [servicer.encoder.encode(p).clone() for p in PROMPTS]
+    registry = servicer.metrics.registry
+    before = {name: registry.get_sample_value(f"t2v_text_encoder_batch_prompts_{name}") or 0.0
+              for name in ("count", "sum")}
+    failures: list[str] = []
+    answered: list[int] = []
+
+    def work(index: int) -> None:
+        stub = text_encoder_pb2_grpc.TextEncoderStub(text_encoder_stage.channel())
+        for round_ in range(20):
+            which = (index + round_) % len(PROMPTS)
+            answer = stub.Encode(text_encoder_pb2.EncodeRequest(prompts=PROMPTS[which]), timeout=60)
+            answered.append(which)
+            if not torch.allclose(from_proto(answer.embeddings), expected[which], rtol=1e-4, atol=1e-5):
+                failures.append(f"thread {index} round {round_}: prompts {which} gave another answer")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(t.is_alive() for t in threads), "an Encode call hangs"
+    assert failures == [] and len(answered) == 160, failures[:3]
+    forwards = registry.get_sample_value("t2v_text_encoder_batch_prompts_count") - before["count"]
+    prompts = registry.get_sample_value("t2v_text_encoder_batch_prompts_sum") - before["sum"]
+    assert prompts == 2 * 160                                # every prompt encoded once
+    assert forwards < 160, "no two of 160 concurrent calls shared a forward"

@@ -1,0 +1,128 @@
+"""Encode calls that arrive while the text model is busy share its next forward.
+
+Why: in a burst (16 clients at once) every Encode ran its own CLIP forward, one after another on a GPU
+that the denoiser shares, so the last request reached the denoiser about a second after the first and
+ran that far behind the batch it joined (docs/benchmarks.md, run F). A CLIP text model's rows are
+independent (each prompt is padded to 77 tokens; the causal mask and the optional attention mask are
+per row), so a call's embeddings do not depend on what shares its forward.
+
+No call waits for company: a call that finds the model idle runs at once, alone; only the calls that
+arrive during a forward are gathered for the next one. ``take_batch`` decides (oldest first, within a
+prompt budget); ``EncodeBatcher`` runs the forwards on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from services.common.logs import kv
+
+log = logging.getLogger("text_encoder")
+
+
+def take_batch(pending_prompts: Sequence[int], max_prompts: int) -> int:
+    """How many of the pending calls (oldest first, given as their prompt counts) go into the next
+    forward: the oldest always, even alone above ``max_prompts``; then each next one while the total stays
+    within ``max_prompts``. First come, first served: a call is never passed by a later, smaller one."""
+    if not pending_prompts:
+        return 0
+    taken, total = 1, pending_prompts[0]
+    for prompts in pending_prompts[1:]:
+        if total + prompts > max_prompts:
+            break
+        taken, total = taken + 1, total + prompts
+    return taken
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One call's rows (on the CPU) and the forward they came from."""
+    embeddings: torch.Tensor
+    seconds: float          # the shared forward's time, its copy to the CPU included
+    batch_prompts: int      # prompts in that forward, all calls together
+
+
+@dataclass
+class _Call:
+    prompts: list[str]
+    result: Future = field(default_factory=Future)
+
+
+class EncodeBatcher:
+    """Runs ``encode`` (prompts -> [n, tokens, hidden]) on one thread for every caller, a batch of the
+    calls waiting at a time (``take_batch``); ``on_batch(prompts)`` hears of each forward's size."""
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_prompts: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        if max_prompts < 1:
+            raise ValueError(f"max_prompts is {max_prompts}; it must be at least 1")
+        self._encode, self.max_prompts, self._on_batch = encode, max_prompts, on_batch
+        self._pending: list[_Call] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="encode-batcher", daemon=True)
+        self._thread.start()
+
+    def encode(self, prompts: list[str]) -> Encoded:
+        """This call's embeddings, from the next forward that has room for it; raises what the forward
+        raised, or RuntimeError once the batcher is closed."""
+        call = _Call(list(prompts))
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the text encoder is stopping")
+            self._pending.append(call)
+            self._wake.notify()
+        return call.result.result()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish the calls already waiting, then stop the thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _next_batch(self) -> list[_Call] | None:
+        with self._wake:
+            while not self._pending and not self._closed:
+                self._wake.wait()
+            if not self._pending:
+                return None
+            taken = take_batch([len(c.prompts) for c in self._pending], self.max_prompts)
+            batch, self._pending = self._pending[:taken], self._pending[taken:]
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._forward(batch)
+
+    def _forward(self, batch: list[_Call]) -> None:
+        """One forward for ``batch``; whatever goes wrong reaches its callers, never this thread's loop
+        (a dead loop would leave every later call waiting)."""
+        prompts = [p for call in batch for p in call.prompts]
+        started = time.perf_counter()
+        try:
+            rows = self._encode(prompts).to("cpu")            # one copy (and one sync) for the whole batch
+            seconds = time.perf_counter() - started
+            at = 0
+            for call in batch:
+                call.result.set_result(Encoded(rows[at:at + len(call.prompts)], seconds, len(prompts)))
+                at += len(call.prompts)
+        except BaseException as error:  # noqa: BLE001 - every caller of this forward hears why
+            for call in batch:
+                if not call.result.done():
+                    call.result.set_exception(error)
+            log.warning(kv("encode_failed", calls=len(batch), prompts=len(prompts),
+                           error=f"{type(error).__name__}: {error}"[:300]))
+            return
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(prompts))
+            except Exception as error:  # noqa: BLE001 - a metric must not stop the encoder
+                log.warning(kv("encode_metrics_failed", error=f"{type(error).__name__}: {error}"[:300]))

@@ -1,0 +1,135 @@
+"""Encode calls that arrive while the text model is busy share its next forward (services/text_encoder/batcher.py).
+
+The forwards are the embedded model's real CLIP text model; a gate holds the first forward open so that the
+calls behind it are known to have arrived while it ran.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from services.common.config import DEFAULT_MODEL
+from services.text_encoder.batcher import EncodeBatcher, take_batch
+from services.text_encoder.encoder import TextEncoder
+
+
+def test_the_oldest_call_always_goes_and_no_call_passes_an_older_one() -> None:
+    assert take_batch([], 64) == 0
+    assert take_batch([2, 2, 2], 64) == 3
+    assert take_batch([2, 2, 2], 4) == 2
+    assert take_batch([16, 2], 8) == 1                 # alone above the budget rather than never
+    assert take_batch([2, 16, 2], 8) == 1              # the 2 behind the 16 waits its turn
+    assert take_batch([2, 2], 1) == 1
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    return TextEncoder(DEFAULT_MODEL, torch.device("cpu"), torch.float32)
+
+
+class Gated:
+    """The encoder's forward, held at its start until ``release`` while ``hold`` is set; records each forward's prompts."""
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        self.encoder, self.forwards = encoder, []
+        self.hold, self.entered, self.release = True, threading.Event(), threading.Event()
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        self.forwards.append(list(prompts))
+        if self.hold:
+            self.hold = False
+            self.entered.set()
+            assert self.release.wait(30)
+        return self.encoder.encode(prompts)
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_calls_that_arrive_during_a_forward_share_the_next_and_get_their_own_rows(encoder: TextEncoder) -> None:
+    gated = Gated(encoder)
+    sizes: list[int] = []
+    batcher = EncodeBatcher(gated, max_prompts=64, on_batch=sizes.append)
+    calls = [["", "a cat"], ["", "a red ball bouncing"], ["blurry", "a dog on a beach", "waves"], ["", "rain"]]
+    results: dict[int, object] = {}
+    first = threading.Thread(target=lambda: results.setdefault(0, batcher.encode(calls[0])))
+    first.start()
+    assert gated.entered.wait(10)                          # the first call runs alone, at once
+    others = [threading.Thread(target=lambda i=i: results.setdefault(i, batcher.encode(calls[i]))) for i in (1, 2, 3)]
+    for thread in others:
+        thread.start()
+    wait_until(lambda: len(batcher._pending) == 3)
+    gated.release.set()
+    for thread in [first, *others]:
+        thread.join(30)
+    batcher.close()
+    assert gated.forwards == [calls[0], calls[1] + calls[2] + calls[3]]
+    assert sizes == [2, 7]
+    for i, prompts in enumerate(calls):
+        got = results[i]
+        alone = encoder.encode(prompts)
+        assert got.embeddings.shape == alone.shape and got.embeddings.device.type == "cpu"
+        torch.testing.assert_close(got.embeddings, alone, rtol=1e-4, atol=1e-5)     # rows do not mix
+        assert got.batch_prompts == (2 if i == 0 else 7)
+
+
+def test_the_prompt_budget_splits_a_queue_into_forwards_in_arrival_order(encoder: TextEncoder) -> None:
+    gated = Gated(encoder)
+    batcher = EncodeBatcher(gated, max_prompts=4)
+    threads = [threading.Thread(target=batcher.encode, args=([f"prompt {i}", ""],)) for i in range(4)]
+    threads[0].start()
+    assert gated.entered.wait(10)
+    for i, thread in enumerate(threads[1:], start=1):
+        thread.start()
+        wait_until(lambda i=i: len(batcher._pending) == i)          # so the arrival order is known
+    gated.release.set()
+    for thread in threads:
+        thread.join(30)
+    batcher.close()
+    assert gated.forwards == [["prompt 0", ""], ["prompt 1", "", "prompt 2", ""], ["prompt 3", ""]]
+
+
+def test_a_failing_forward_fails_its_callers_only_and_the_next_forward_runs(encoder: TextEncoder) -> None:
+    failures = iter([RuntimeError("CUDA out of memory")])
+
+    def flaky(prompts: list[str]) -> torch.Tensor:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return encoder.encode(prompts)
+
+    batcher = EncodeBatcher(flaky, max_prompts=64)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        batcher.encode(["a cat"])
+    assert batcher.encode(["a cat"]).embeddings.shape[0] == 1
+    batcher.close()
+
+
+def test_close_finishes_what_waits_and_refuses_what_comes_after(encoder: TextEncoder) -> None:
+    gated = Gated(encoder)
+    batcher = EncodeBatcher(gated, max_prompts=64)
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(batcher.encode(["a cat"]))) for _ in range(2)]
+    threads[0].start()
+    assert gated.entered.wait(10)
+    threads[1].start()
+    wait_until(lambda: len(batcher._pending) == 1)
+    closing = threading.Thread(target=batcher.close)
+    closing.start()
+    gated.release.set()
+    closing.join(30)
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 2 and not batcher._thread.is_alive()
+    with pytest.raises(RuntimeError, match="stopping"):
+        batcher.encode(["a cat"])
+    with pytest.raises(ValueError, match="at least 1"):
+        EncodeBatcher(gated, max_prompts=0)
