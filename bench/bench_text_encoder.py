@@ -3,7 +3,7 @@
 Why: 16 requests at once reached the denoiser over about a second when every Encode ran its own forward
 (docs/benchmarks.md, run F), and the denoiser's batch waited on the last of them. This starts the real
 text_encoder stage (gRPC on a loopback port, the model of ``--model``) with ``--batch-prompts 1`` (each
-call alone, as before) and with the default 64, and sends ``--burst`` Encode calls of a prompt and the
+call alone, one forward after another) and with the default 64, and sends ``--burst`` Encode calls of a prompt and the
 empty negative prompt at the same instant (a barrier), ``--runs`` times each, interleaved: the time until
 the last answer and the forwards the stage ran.
 
@@ -57,9 +57,8 @@ class Stage:
 
 def burst(port: int, calls: int) -> list[float]:
     """Each call's seconds from the common start to its answer."""
-    stubs = [text_encoder_pb2_grpc.TextEncoderStub(grpc.insecure_channel(f"127.0.0.1:{port}",
-                                                                          options=message_options(64 << 20)))
-             for _ in range(calls)]
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=message_options(64 << 20)) for _ in range(calls)]
+    stubs = [text_encoder_pb2_grpc.TextEncoderStub(channel) for channel in channels]
     for stub in stubs:                                      # connected before the clock starts
         stub.Encode(text_encoder_pb2.EncodeRequest(prompts=["warm", ""]), timeout=60)
     barrier, done = threading.Barrier(calls + 1), [0.0] * calls
@@ -76,6 +75,8 @@ def burst(port: int, calls: int) -> list[float]:
     barrier.wait()
     for thread in threads:
         thread.join(120)
+    for channel in channels:
+        channel.close()
     return done
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--burst", type=int, default=16)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--out", type=Path, required=True)
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from services.common.errors import Unavailable
 from services.common.logs import kv
 
 log = logging.getLogger("text_encoder")
@@ -57,10 +58,11 @@ class _Call:
 
 class EncodeBatcher:
     """Runs ``encode`` (prompts -> [n, tokens, hidden]) on one thread for every caller, a batch of the
-    calls waiting at a time (``take_batch``); ``on_batch(prompts)`` hears of each forward's size."""
+    calls waiting at a time (``take_batch``); ``on_batch(prompts, seconds)`` hears of each forward before
+    its callers are answered."""
 
     def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_prompts: int,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
         if max_prompts < 1:
             raise ValueError(f"max_prompts is {max_prompts}; it must be at least 1")
         self._encode, self.max_prompts, self._on_batch = encode, max_prompts, on_batch
@@ -70,16 +72,20 @@ class EncodeBatcher:
         self._thread = threading.Thread(target=self._run, name="encode-batcher", daemon=True)
         self._thread.start()
 
-    def encode(self, prompts: list[str]) -> Encoded:
-        """This call's embeddings, from the next forward that has room for it; raises what the forward
-        raised, or RuntimeError once the batcher is closed."""
+    def submit(self, prompts: list[str]) -> Future:
+        """A Future of this call's ``Encoded``, from the next forward that has room for it; cancelling it
+        before that forward starts takes the call out. Raises Unavailable once the batcher is closed."""
         call = _Call(list(prompts))
         with self._wake:
-            if self._closed:
-                raise RuntimeError("the text encoder is stopping")
+            if self._closed or not self._thread.is_alive():
+                raise Unavailable("the text encoder is stopping; send the call to another replica")
             self._pending.append(call)
             self._wake.notify()
-        return call.result.result()
+        return call.result
+
+    def encode(self, prompts: list[str], timeout: float | None = None) -> Encoded:
+        """``submit`` and wait: raises what the forward raised, or TimeoutError after ``timeout`` seconds."""
+        return self.submit(prompts).result(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish the calls already waiting, then stop the thread."""
@@ -90,39 +96,57 @@ class EncodeBatcher:
 
     def _next_batch(self) -> list[_Call] | None:
         with self._wake:
-            while not self._pending and not self._closed:
-                self._wake.wait()
-            if not self._pending:
-                return None
-            taken = take_batch([len(c.prompts) for c in self._pending], self.max_prompts)
-            batch, self._pending = self._pending[:taken], self._pending[taken:]
-            return batch
+            while True:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                self._pending = [c for c in self._pending if not c.result.cancelled()]
+                if not self._pending:
+                    if self._closed:
+                        return None
+                    continue
+                taken = take_batch([len(c.prompts) for c in self._pending], self.max_prompts)
+                batch, self._pending = self._pending[:taken], self._pending[taken:]
+                batch = [c for c in batch if c.result.set_running_or_notify_cancel()]   # no cancel after this
+                if batch:
+                    return batch
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._forward(batch)
+        while True:
+            try:
+                batch = self._next_batch()
+            except BaseException as error:  # noqa: BLE001 - the loop must outlive anything: callers wait on it
+                log.error(kv("encode_batcher_error", error=f"{type(error).__name__}: {error}"[:300]))
+                continue
+            if batch is None:
+                return
+            if not self._forward(batch) and len(batch) > 1:
+                for call in batch:                  # too big together (out of memory, say): each call alone
+                    self._forward([call])
 
-    def _forward(self, batch: list[_Call]) -> None:
-        """One forward for ``batch``; whatever goes wrong reaches its callers, never this thread's loop
-        (a dead loop would leave every later call waiting)."""
+    def _forward(self, batch: list[_Call]) -> bool:
+        """One forward for ``batch``; True when it answered its callers. On failure a batch of one call hears
+        why (its own exception), a larger one is left to be tried call by call."""
         prompts = [p for call in batch for p in call.prompts]
         started = time.perf_counter()
         try:
             rows = self._encode(prompts).to("cpu")            # one copy (and one sync) for the whole batch
-            seconds = time.perf_counter() - started
-            at = 0
-            for call in batch:
-                call.result.set_result(Encoded(rows[at:at + len(call.prompts)], seconds, len(prompts)))
-                at += len(call.prompts)
-        except BaseException as error:  # noqa: BLE001 - every caller of this forward hears why
-            for call in batch:
-                if not call.result.done():
-                    call.result.set_exception(error)
+        except BaseException as error:  # noqa: BLE001 - the callers hear why; this thread goes on
             log.warning(kv("encode_failed", calls=len(batch), prompts=len(prompts),
-                           error=f"{type(error).__name__}: {error}"[:300]))
-            return
+                           error=f"{type(error).__name__}: {error}"[:300],
+                           then="each call alone" if len(batch) > 1 else "the call fails"))
+            if len(batch) == 1:
+                failure = RuntimeError(f"the text model failed: {type(error).__name__}: {error}"[:500])
+                failure.__cause__ = error
+                batch[0].result.set_exception(failure)
+            return False
+        seconds = time.perf_counter() - started
         if self._on_batch is not None:
             try:
-                self._on_batch(len(prompts))
+                self._on_batch(len(prompts), seconds)
             except Exception as error:  # noqa: BLE001 - a metric must not stop the encoder
                 log.warning(kv("encode_metrics_failed", error=f"{type(error).__name__}: {error}"[:300]))
+        at = 0
+        for call in batch:
+            call.result.set_result(Encoded(rows[at:at + len(call.prompts)], seconds, len(prompts)))
+            at += len(call.prompts)
+        return True

@@ -11,9 +11,9 @@ class TextEncoderMetrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__("text_encoder", registry)
         r = self.registry
-        self.encode_seconds = Histogram("t2v_text_encoder_encode_duration_seconds", "Time of the forward that "
-                                        "encoded one call's prompts (CLIP text model, copy to the CPU; shared "
-                                        "with the calls batched with it), in seconds",
+        self.encode_seconds = Histogram("t2v_text_encoder_encode_duration_seconds", "Time of one forward of "
+                                        "the text model (CLIP, copy to the CPU), for the prompts of every "
+                                        "Encode call batched into it, in seconds",
                                         buckets=DURATION_BUCKETS, registry=r)
         self.prompts = Counter("t2v_text_encoder_prompts", "Prompts encoded (a negative prompt counts as one)",
                                registry=r)
@@ -23,10 +23,12 @@ class TextEncoderMetrics(ServiceMetrics):
                                        "Encode calls that shared it", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
                                        registry=r)
 
-    def encoded(self, prompts: int, truncated: int, seconds: float) -> None:
-        self.encode_seconds.observe(seconds)
+    def encoded(self, prompts: int, truncated: int) -> None:
+        """One Encode call answered."""
         self.prompts.inc(prompts)
         self.truncated.inc(truncated)
 
-    def batched(self, prompts: int) -> None:
+    def batched(self, prompts: int, seconds: float) -> None:
+        """One forward run, for ``prompts`` of one or more calls."""
+        self.encode_seconds.observe(seconds)
         self.batch_prompts.observe(prompts)

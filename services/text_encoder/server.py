@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Sequence
 
 import grpc
 
 from services.common.config import ModelConfig, parse_config, setting
-from services.common.errors import InvalidArgument, grpc_errors
+from services.common.errors import Cancelled, DeadlineExceeded, InvalidArgument, grpc_errors
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, run_stage
@@ -38,12 +40,12 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, config: TextEncoderConfig) -> None:
         self.config = config
         self.gate = ReadyGate("text_encoder")
+        if config.batch_prompts < 1:
+            raise ValueError(f"--batch-prompts is {config.batch_prompts}; it must be at least 1")
         self.metrics = TextEncoderMetrics()
         self.tracing = Tracing.for_service("t2v-text-encoder", config.otlp_endpoint)   # off unless an endpoint is set
         self.encoder: TextEncoder | None = None
         self.batcher: EncodeBatcher | None = None
-        if config.batch_prompts < 1:
-            raise ValueError(f"--batch-prompts is {config.batch_prompts}; it must be at least 1")
 
     def load(self) -> None:
         device = resolve_device(self.config.device)
@@ -71,9 +73,16 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         prompts = list(request.prompts)
         self._check(prompts)
         assert self.encoder is not None and self.batcher is not None
-        encoded = self.batcher.encode(prompts)                # on the CPU: the GPU work is done
+        pending = self.batcher.submit(prompts)
+        context.add_callback(pending.cancel)                  # a call that goes away before its forward leaves
+        try:
+            encoded = pending.result(timeout=context.time_remaining())    # on the CPU: the GPU work is done
+        except FutureTimeout:
+            raise DeadlineExceeded("the call's deadline passed while it waited for the text model") from None
+        except CancelledError:
+            raise Cancelled("the call was cancelled before its prompts were encoded") from None
         reports = self.encoder.report(prompts)
-        self.metrics.encoded(len(prompts), sum(r.truncated for r in reports), encoded.seconds)
+        self.metrics.encoded(len(prompts), sum(r.truncated for r in reports))
         log.info(kv("encoded", job_id=request.request_id, prompts=len(prompts),
                     truncated=sum(r.truncated for r in reports), batch_prompts=encoded.batch_prompts))
         return text_encoder_pb2.EncodeResponse(

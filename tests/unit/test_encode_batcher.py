@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from services.common.config import DEFAULT_MODEL
+from services.common.errors import Unavailable
 from services.text_encoder.batcher import EncodeBatcher, take_batch
 from services.text_encoder.encoder import TextEncoder
 
@@ -32,7 +33,8 @@ def encoder() -> TextEncoder:
 
 
 class Gated:
-    """The encoder's forward, held at its start until ``release`` while ``hold`` is set; records each forward's prompts."""
+    """The encoder's forward, held at its start until ``release`` while ``hold`` is set; records each
+    forward's prompts."""
 
     def __init__(self, encoder: TextEncoder) -> None:
         self.encoder, self.forwards = encoder, []
@@ -57,16 +59,16 @@ def wait_until(condition, seconds: float = 10.0) -> None:
 def test_calls_that_arrive_during_a_forward_share_the_next_and_get_their_own_rows(encoder: TextEncoder) -> None:
     gated = Gated(encoder)
     sizes: list[int] = []
-    batcher = EncodeBatcher(gated, max_prompts=64, on_batch=sizes.append)
+    batcher = EncodeBatcher(gated, max_prompts=64, on_batch=lambda prompts, seconds: sizes.append(prompts))
     calls = [["", "a cat"], ["", "a red ball bouncing"], ["blurry", "a dog on a beach", "waves"], ["", "rain"]]
     results: dict[int, object] = {}
     first = threading.Thread(target=lambda: results.setdefault(0, batcher.encode(calls[0])))
     first.start()
     assert gated.entered.wait(10)                          # the first call runs alone, at once
     others = [threading.Thread(target=lambda i=i: results.setdefault(i, batcher.encode(calls[i]))) for i in (1, 2, 3)]
-    for thread in others:
+    for waiting, thread in enumerate(others, start=1):
         thread.start()
-    wait_until(lambda: len(batcher._pending) == 3)
+        wait_until(lambda waiting=waiting: len(batcher._pending) == waiting)      # so the arrival order is known
     gated.release.set()
     for thread in [first, *others]:
         thread.join(30)
@@ -97,20 +99,56 @@ def test_the_prompt_budget_splits_a_queue_into_forwards_in_arrival_order(encoder
     assert gated.forwards == [["prompt 0", ""], ["prompt 1", "", "prompt 2", ""], ["prompt 3", ""]]
 
 
-def test_a_failing_forward_fails_its_callers_only_and_the_next_forward_runs(encoder: TextEncoder) -> None:
-    failures = iter([RuntimeError("CUDA out of memory")])
+def test_a_forward_that_fails_is_tried_call_by_call_and_each_caller_hears_its_own_error(encoder: TextEncoder) -> None:
+    """Out of memory for 7 prompts together need not be for 2 alone; a call that fails alone hears why, in an
+    exception of its own (one shared by the callers grows a traceback per re-raise)."""
+    gated = Gated(encoder)
 
-    def flaky(prompts: list[str]) -> torch.Tensor:
-        failure = next(failures, None)
-        if failure is not None:
-            raise failure
-        return encoder.encode(prompts)
+    def too_big(prompts: list[str]) -> torch.Tensor:
+        if len(prompts) > 2 or "poison" in prompts:
+            raise RuntimeError("CUDA out of memory")
+        return gated(prompts)
 
-    batcher = EncodeBatcher(flaky, max_prompts=64)
-    with pytest.raises(RuntimeError, match="CUDA out of memory"):
-        batcher.encode(["a cat"])
-    assert batcher.encode(["a cat"]).embeddings.shape[0] == 1
+    batcher = EncodeBatcher(too_big, max_prompts=64)
+    results: dict[int, object] = {}
+
+    def call(i: int, prompts: list[str]) -> None:
+        try:
+            results[i] = batcher.encode(prompts)
+        except RuntimeError as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=call, args=(0, ["", "first"]))]
+    threads[0].start()
+    assert gated.entered.wait(10)
+    for i, prompts in enumerate([["", "a cat"], ["", "poison"], ["", "rain"]], start=1):
+        threads.append(threading.Thread(target=call, args=(i, prompts)))
+        threads[-1].start()
+        wait_until(lambda i=i: len(batcher._pending) == i)
+    gated.release.set()
+    for thread in threads:
+        thread.join(30)
+    assert [results[i].embeddings.shape[0] for i in (0, 1, 3)] == [2, 2, 2]
+    assert "the text model failed: RuntimeError: CUDA out of memory" in str(results[2])
+    assert gated.forwards[1:] == [["", "a cat"], ["", "rain"]]                  # the 6 together never ran
+    assert batcher.encode(["a cat"]).embeddings.shape[0] == 1                  # and the thread goes on
     batcher.close()
+
+
+def test_a_call_cancelled_before_its_forward_is_never_encoded(encoder: TextEncoder) -> None:
+    gated = Gated(encoder)
+    batcher = EncodeBatcher(gated, max_prompts=64)
+    first = threading.Thread(target=batcher.encode, args=(["", "first"],))
+    first.start()
+    assert gated.entered.wait(10)
+    gone = batcher.submit(["", "gone"])
+    kept = batcher.submit(["", "kept"])
+    assert gone.cancel()
+    gated.release.set()
+    assert kept.result(30).embeddings.shape[0] == 2
+    first.join(30)
+    batcher.close()
+    assert gated.forwards == [["", "first"], ["", "kept"]]
 
 
 def test_close_finishes_what_waits_and_refuses_what_comes_after(encoder: TextEncoder) -> None:
@@ -129,7 +167,7 @@ def test_close_finishes_what_waits_and_refuses_what_comes_after(encoder: TextEnc
     for thread in threads:
         thread.join(30)
     assert len(results) == 2 and not batcher._thread.is_alive()
-    with pytest.raises(RuntimeError, match="stopping"):
+    with pytest.raises(Unavailable, match="stopping; send the call to another replica"):
         batcher.encode(["a cat"])
     with pytest.raises(ValueError, match="at least 1"):
         EncodeBatcher(gated, max_prompts=0)
