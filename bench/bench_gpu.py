@@ -520,7 +520,9 @@ def main() -> None:
     dtype = torch.float32 if a.quick else torch.float16
     report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "steps": a.steps, "frames": a.frames, "size": a.size,
-                    "phases": phases, "argv": sys.argv[1:], "host": host_info(), "max_batch": a.max_batch}
+                    "phases": phases, "argv": sys.argv[1:], "host": host_info(), "max_batch": a.max_batch,
+                    "settings_env": {k: v for k, v in os.environ.items() if k.startswith("T2V_")   # the mesh's
+                                     and not any(w in k for w in ("KEY", "SECRET", "TOKEN", "PASSWORD", "DSN"))}}
     try:
         import triton
         report["triton"] = triton.__version__

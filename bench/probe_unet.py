@@ -19,7 +19,8 @@ one process and one call, each step guarded by a time budget:
    ``kernel``: the Triton kernel (services/denoiser/short_attention.py) on the temporal shapes at 1, 2 and 4
    warps; ``--variants``: the whole UNet compiled with a combination of levers, each one compilation:
    ``math`` (short sequences' attention as matrix products) or ``triton`` (the product's kernel, through
-   its processor), ``layout`` (Inductor's channels-last layout forced), ``fp8`` (as step 3), e.g.
+   its processor), ``layout`` (Inductor's channels-last layout forced), ``fp8`` (as step 3), ``conv2d``
+   (the temporal convolutions as 2-D ones, services/denoiser/temporal_conv.py), e.g.
    ``--variants triton+layout,triton+layout+fp8`` (step ``variants``);
 6. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
    CUDA events, against a 32-row step.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -241,14 +243,14 @@ def attention_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
 
 def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
                      reference: torch.Tensor, baseline_ms: float | None) -> dict[str, Any] | str:
-    """A fresh UNet with ``levers`` (math or triton, layout, fp8; see the module's docstring), compiled for
-    these inputs: its compile time, graph replay, error against the exact eager output, kernels."""
+    """A fresh UNet with ``levers`` (math or triton, layout, fp8, conv2d; see the module's docstring), compiled
+    for these inputs: its compile time, graph replay, error against the exact eager output, kernels."""
     import torch._inductor.config as inductor_config
     from diffusers import UNet3DConditionModel
 
-    unknown = set(levers) - {"math", "triton", "layout", "fp8"}
+    unknown = set(levers) - {"math", "triton", "layout", "fp8", "conv2d"}
     if unknown or {"math", "triton"} <= set(levers):
-        return f"failed: levers {levers}: math or triton (not both), layout, fp8"
+        return f"failed: levers {levers}: math or triton (not both), layout, fp8, conv2d"
     if "math" in levers:
         torch.nn.functional.scaled_dot_product_attention = short_attention
     inductor_config.force_layout_optimization = "layout" in levers
@@ -259,6 +261,10 @@ def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], in
             from services.denoiser import short_attention as sa
 
             facts["short_attention"] = sa.install(unet, "triton", torch.device("cuda"), torch.float16)
+        if "conv2d" in levers:
+            from services.denoiser import temporal_conv
+
+            facts["temporal_conv2d"] = temporal_conv.install(unet, "conv2d")
         if "fp8" in levers:
             facts["fp8_linears"] = to_fp8(unet, rowwise=True)
         torch._dynamo.reset()
@@ -327,7 +333,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--steps", default="profile,cudnn,preview,attention,kernel,variants,fp8,rows64")
     parser.add_argument("--variants", default="math,math+layout",
-                        help="comma-separated lever combinations for the step variants: math|triton, layout, fp8")
+                        help="comma-separated lever combinations for the step variants: math|triton, layout, fp8, conv2d")
     parser.add_argument("--compile-s", type=float, default=130.0, help="what one compilation is expected to take")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -352,8 +358,9 @@ def main() -> None:
         done("make_model_s", round(time.perf_counter() - started, 1))
     import platform
     import subprocess
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo; nproc"], capture_output=True, text=True)
-    report["host"] = {"cpu": cpu.stdout.strip(), "python": platform.python_version()}
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"], capture_output=True, text=True)
+    report["host"] = {"cpu": cpu.stdout.split(":", 1)[-1].strip(), "cpus": os.cpu_count(),
+                      "python": platform.python_version()}
     unet = UNet3DConditionModel.from_pretrained(f"{a.model}/unet", dtype=torch.float16).to("cuda").eval()
     dim = unet.config.cross_attention_dim
     steps = a.steps.split(",")

@@ -106,12 +106,15 @@ def weight_layout(module: torch.nn.Module) -> list[list[str]]:
 
 def module_state(module: torch.nn.Module) -> list[str]:
     """What of ``module``'s Python state its traced graph depends on beyond its config and weights: train or
-    eval mode, and the classes of its attention processors (diffusers' ``set_attn_processor`` swaps them),
-    with the ``VERSION`` of the project's own (short_attention.py: its code's digest)."""
+    eval mode, the classes of its attention processors (diffusers' ``set_attn_processor`` swaps them), with
+    the ``VERSION`` of the project's own (short_attention.py: its code's digest), and the project's own
+    layers swapped in (those whose class has a ``VERSION``: temporal_conv.py's)."""
     processors = getattr(module, "attn_processors", None)
     classes = {type(p) for p in processors.values()} if isinstance(processors, dict) else set()
     names = sorted(c.__name__ + (f"@{c.VERSION}" if getattr(c, "VERSION", "") else "") for c in classes)
-    return [f"training={bool(module.training)}", *(f"attn={n}" for n in names)]
+    layers = sorted({f"{type(m).__name__}@{type(m).VERSION}" for m in module.modules()
+                     if getattr(type(m), "VERSION", "")})
+    return [f"training={bool(module.training)}", *(f"attn={n}" for n in names), *(f"layer={n}" for n in layers)]
 
 
 def device_label(device: torch.device) -> str:

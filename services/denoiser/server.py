@@ -32,6 +32,7 @@ from services.denoiser.compile_cache import load_plans, save_plans
 from services.denoiser.metrics import DenoiserMetrics
 from services.denoiser.sampling import SCHEDULERS
 from services.denoiser.short_attention import KINDS as SHORT_ATTENTION_KINDS
+from services.denoiser.temporal_conv import KINDS as TEMPORAL_CONV_KINDS
 from t2v.v1 import denoiser_pb2, denoiser_pb2_grpc, generation_pb2, tensor_pb2
 
 SERVICE_NAME = "t2v.v1.Denoiser"
@@ -78,9 +79,13 @@ class DenoiserConfig(ModelConfig):
     short_attention: str = setting("auto", "self-attention of short sequences (the temporal attention's 16 "
                                            "frames): auto (= triton on a CUDA device with Triton, in fp16 or "
                                            "bf16, where its check at start passes; else sdpa), triton (one "
-                                           "kernel a position and head: 58.6 -> 9.8 ms of a 32-row forward on "
+                                           "kernel a position and head: 58.6 -> 9.9 ms of a 32-row forward on "
                                            "an H200, docs/benchmarks.md run F), sdpa (PyTorch's fused kernels, "
                                            "whose tiles are mostly padding there)")
+    temporal_conv: str = setting("conv3d", "the temporal convolutions (kernel 3x1x1 over frames): conv3d (as "
+                                           "diffusers has them), conv2d (the same sums as a 2-D convolution "
+                                           "over frames x pixels, which torch.compile lays out channels-last; "
+                                           "not yet timed on a GPU)")
     deep_cache_compile: bool = setting(False, "with compile_rows, torch.compile DeepCache's two forwards for those "
                                               "rows too (four more compilations for two sizes; not measured to the "
                                               "end on a GPU yet: off, they run as eager CUDA graphs)")
@@ -124,6 +129,9 @@ def check_compile(config: DenoiserConfig) -> None:
     if config.short_attention not in SHORT_ATTENTION_KINDS:
         raise ValueError(f"--short-attention {config.short_attention!r} is unknown; choose "
                          f"{' or '.join(SHORT_ATTENTION_KINDS)}")
+    if config.temporal_conv not in TEMPORAL_CONV_KINDS:
+        raise ValueError(f"--temporal-conv {config.temporal_conv!r} is unknown; choose "
+                         f"{' or '.join(TEMPORAL_CONV_KINDS)}")
     if config.compile_backend != "auto" and config.compile_backend not in eng.COMPILE_BACKENDS:
         raise ValueError(f"--compile-backend {config.compile_backend!r} is unknown; choose auto or "
                          f"{' or '.join(eng.COMPILE_BACKENDS)}")
@@ -283,7 +291,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 max_batch=self.config.max_batch, max_jobs=self.config.max_jobs, observer=self.metrics,
                 deep_cache_interval=self.config.deep_cache_interval,
                 deep_cache_branch=None if self.config.deep_cache_branch < 0 else self.config.deep_cache_branch,
-                deep_cache_compile=self.config.deep_cache_compile, short_attention=self.config.short_attention)
+                deep_cache_compile=self.config.deep_cache_compile, short_attention=self.config.short_attention,
+                temporal_conv=self.config.temporal_conv)
             loaded = time.monotonic()
             if compile_rows:
                 engine.use_compile(compile_rows, backend=compile_backend(self.config),
@@ -323,7 +332,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
     def _start_cfg_parallel(self, engine: eng.DenoiseEngine, device: torch.device) -> CfgParallel:
         other = second_device(device, self.config.cfg_parallel_device)
-        split = CfgParallel.start(self.config.model, device, other, engine.dtype, engine.short_attention)
+        split = CfgParallel.start(self.config.model, device, other, engine.dtype, engine.short_attention,
+                                  engine.temporal_conv)
         log.info(kv("cfg_parallel", devices=f"{device},{other}"))
         return split
 
@@ -331,7 +341,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         """What the engine's bucket times depend on besides the GPU and software (the cache folder's key)."""
         return {"unet": json.loads(json.dumps(dict(engine.unet.config), sort_keys=True, default=str)),
                 "dtype": str(engine.dtype), "buckets": engine.warm_rows(), "compile_rows": sorted(engine.compile_rows),
-                "compile_backend": engine.compile_backend, "short_attention": engine.short_attention}
+                "compile_backend": engine.compile_backend, "short_attention": engine.short_attention,
+                "temporal_conv": engine.temporal_conv}
 
     def close(self, timeout: float) -> None:
         if self.engine is not None:
