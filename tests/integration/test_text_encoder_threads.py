@@ -19,6 +19,16 @@ PROMPTS = [["", "a cat"], ["", "a red ball bouncing on green grass"], ["", "a ve
            ["blurry", "a dog running on a beach at sunset, cinematic"]]
 
 
+def run_in_threads(work, count: int) -> None:
+    """``work(i)`` on ``count`` threads at once, to the end; fails if a call hangs."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(t.is_alive() for t in threads), "an encode call hangs"
+
+
 def test_concurrent_encode_and_report_give_the_single_threaded_answers(text_encoder_stage):
     encoder = text_encoder_stage.servicer.encoder
     expected = [(encoder.encode(p).clone(), encoder.report(p)) for p in PROMPTS]
@@ -35,12 +45,7 @@ def test_concurrent_encode_and_report_give_the_single_threaded_answers(text_enco
             if not torch.allclose(embeddings, expected[which][0], atol=1e-5) or reports != expected[which][1]:
                 failures.append(f"thread {index} round {round_}: prompts {which} gave another answer")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not any(t.is_alive() for t in threads), "an encode call hangs"
+    run_in_threads(work, 8)
     assert failures == [], f"{len(failures)} of 1200 calls went wrong, e.g. {failures[:3]}"
 
 
@@ -67,12 +72,7 @@ def test_concurrent_encode_calls_over_grpc_share_forwards_and_each_gets_its_own_
             if not torch.allclose(from_proto(answer.embeddings), expected[which], rtol=1e-4, atol=1e-5):
                 failures.append(f"thread {index} round {round_}: prompts {which} gave another answer")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not any(t.is_alive() for t in threads), "an Encode call hangs"
+    run_in_threads(work, 8)
     assert failures == [] and len(answered) == 160, failures[:3]
     forwards = registry.get_sample_value("t2v_text_encoder_batch_prompts_count") - before["count"]
     prompts = registry.get_sample_value("t2v_text_encoder_batch_prompts_sum") - before["sum"]
