@@ -78,6 +78,7 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         try:
             encoded = pending.result(timeout=context.time_remaining())    # on the CPU: the GPU work is done
         except FutureTimeout:
+            pending.cancel()                                  # not encoded later for nobody
             raise DeadlineExceeded("the call's deadline passed while it waited for the text model") from None
         except CancelledError:
             raise Cancelled("the call was cancelled before its prompts were encoded") from None
