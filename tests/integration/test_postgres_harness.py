@@ -37,9 +37,10 @@ def test_it_listens_on_loopback_and_a_socket_in_its_own_folder(postgres_server: 
     with psycopg.connect(host=str(postgres_server.socket_dir), port=postgres_server.port, user="postgres",
                          dbname=postgres_server.database) as connection:
         assert connection.execute("SELECT current_user").fetchone() == ("postgres",)
-    # under root the server runs as the unprivileged postgres user, never as root
-    owner = postgres_server.psql("SELECT pg_backend_pid()")[0][0]
-    assert os.stat(f"/proc/{owner}").st_uid != 0
+        # under root the server runs as the unprivileged postgres user, never as root; the backend is looked
+        # at while its connection is open (psql's own had sometimes exited by then: /proc/<pid> was gone)
+        backend = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert os.stat(f"/proc/{backend}").st_uid != 0
 
 
 def test_two_databases_are_isolated(postgres_server: PostgresServer) -> None:

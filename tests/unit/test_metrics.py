@@ -232,12 +232,14 @@ def test_grpc_errors_works_for_a_servicer_without_metrics() -> None:
 
 def test_text_encoder_metrics() -> None:
     m = TextEncoderMetrics()
-    m.encoded(prompts=2, truncated=1, seconds=0.05)
-    m.encoded(prompts=1, truncated=0, seconds=0.01)
+    m.encoded(prompts=2, truncated=1)                    # two calls answered ...
+    m.encoded(prompts=1, truncated=0)
+    m.batched(prompts=3, seconds=0.05)                   # ... by one forward
     assert value(m, "t2v_text_encoder_prompts_total") == 3
     assert value(m, "t2v_text_encoder_prompts_truncated_total") == 1
-    assert value(m, "t2v_text_encoder_encode_duration_seconds_count") == 2
-    assert value(m, "t2v_text_encoder_encode_duration_seconds_sum") == pytest.approx(0.06)
+    assert value(m, "t2v_text_encoder_encode_duration_seconds_count") == 1
+    assert value(m, "t2v_text_encoder_encode_duration_seconds_sum") == pytest.approx(0.05)
+    assert value(m, "t2v_text_encoder_batch_prompts_sum") == 3
 
 
 def test_denoiser_metrics_observe_the_engine() -> None:
