@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -42,10 +42,22 @@ def take_batch(pending_prompts: Sequence[int], max_prompts: int) -> int:
     return taken
 
 
+def live(call: "_Call") -> bool:
+    """Whether a waiting call is still wanted: not cancelled and its caller still there (a gone caller's
+    Future is cancelled here, so nothing waits on it)."""
+    if call.result.cancelled():
+        return False
+    if not call.alive():
+        call.result.cancel()
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Encoded:
-    """One call's rows (on the CPU) and the forward they came from."""
+    """One call's rows (on the CPU), what ``describe`` said of its prompts, and the forward they came from."""
     embeddings: torch.Tensor
+    reports: list[Any]      # describe(prompts), one item a prompt ([] without describe)
     seconds: float          # the shared forward's time, its copy to the CPU included
     batch_prompts: int      # prompts in that forward, all calls together
 
@@ -53,29 +65,35 @@ class Encoded:
 @dataclass
 class _Call:
     prompts: list[str]
+    alive: Callable[[], bool]           # False once its caller is gone (a gRPC call's is_active)
     result: Future = field(default_factory=Future)
 
 
 class EncodeBatcher:
     """Runs ``encode`` (prompts -> [n, tokens, hidden]) on one thread for every caller, a batch of the
-    calls waiting at a time (``take_batch``); ``on_batch(prompts, seconds)`` hears of each forward before
-    its callers are answered."""
+    calls waiting at a time (``take_batch``); ``describe`` (prompts -> one report a prompt, the token
+    counts) runs there too, after the forward, so that no caller's handler competes with the next forward
+    for the tokenizer; ``on_batch(prompts, seconds)`` hears of each forward before its callers are
+    answered. A call whose caller is gone (``alive``) before its forward is dropped, never encoded."""
 
     def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_prompts: int,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None,
+                 describe: Callable[[list[str]], list[Any]] | None = None) -> None:
         if max_prompts < 1:
             raise ValueError(f"max_prompts is {max_prompts}; it must be at least 1")
         self._encode, self.max_prompts, self._on_batch = encode, max_prompts, on_batch
+        self._describe = describe
         self._pending: list[_Call] = []
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="encode-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, prompts: list[str]) -> Future:
-        """A Future of this call's ``Encoded``, from the next forward that has room for it; cancelling it
-        before that forward starts takes the call out. Raises Unavailable once the batcher is closed."""
-        call = _Call(list(prompts))
+    def submit(self, prompts: list[str], alive: Callable[[], bool] = lambda: True) -> Future:
+        """A Future of this call's ``Encoded``, from the next forward that has room for it; cancelling it, or
+        ``alive()`` turning False, before that forward starts takes the call out. Raises Unavailable once the
+        batcher is closed."""
+        call = _Call(list(prompts), alive)
         with self._wake:
             if self._closed or not self._thread.is_alive():
                 raise Unavailable("the text encoder is stopping; send the call to another replica")
@@ -99,7 +117,7 @@ class EncodeBatcher:
             while True:
                 while not self._pending and not self._closed:
                     self._wake.wait()
-                self._pending = [c for c in self._pending if not c.result.cancelled()]
+                self._pending = [c for c in self._pending if live(c)]
                 if not self._pending:
                     if self._closed:
                         return None
@@ -121,7 +139,10 @@ class EncodeBatcher:
                 return
             if not self._forward(batch) and len(batch) > 1:
                 for call in batch:                  # too big together (out of memory, say): each call alone
-                    self._forward([call])
+                    if call.alive():
+                        self._forward([call])
+                    else:
+                        call.result.set_exception(Unavailable("the caller went away"))
 
     def _forward(self, batch: list[_Call]) -> bool:
         """One forward for ``batch``; True when it answered its callers. On failure a batch of one call hears
@@ -140,6 +161,12 @@ class EncodeBatcher:
                 batch[0].result.set_exception(failure)
             return False
         seconds = time.perf_counter() - started
+        try:
+            reports = self._describe(prompts) if self._describe is not None else []
+        except Exception as error:  # noqa: BLE001 - as a failed forward: the callers hear why
+            for call in batch:
+                call.result.set_exception(RuntimeError(f"describing the prompts failed: {error}"[:500]))
+            return True
         if self._on_batch is not None:
             try:
                 self._on_batch(len(prompts), seconds)
@@ -147,6 +174,7 @@ class EncodeBatcher:
                 log.warning(kv("encode_metrics_failed", error=f"{type(error).__name__}: {error}"[:300]))
         at = 0
         for call in batch:
-            call.result.set_result(Encoded(rows[at:at + len(call.prompts)], seconds, len(prompts)))
-            at += len(call.prompts)
+            n = len(call.prompts)
+            call.result.set_result(Encoded(rows[at:at + n], reports[at:at + n], seconds, len(prompts)))
+            at += n
         return True

@@ -20,7 +20,7 @@ class TextEncoderMetrics(ServiceMetrics):
         self.truncated = Counter("t2v_text_encoder_prompts_truncated", "Prompts longer than the model's 77 "
                                  "tokens, whose end was dropped", registry=r)
         self.batch_prompts = Histogram("t2v_text_encoder_batch_prompts", "Prompts in one forward, of all the "
-                                       "Encode calls that shared it", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+                                       "Encode calls that shared it", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
                                        registry=r)
 
     def encoded(self, prompts: int, truncated: int) -> None:

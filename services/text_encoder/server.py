@@ -23,6 +23,7 @@ from services.text_encoder.metrics import TextEncoderMetrics
 from t2v.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
 SERVICE_NAME = "t2v.v1.TextEncoder"
+MAX_BATCH_PROMPTS = 1024       # the batch-size histogram's last bucket; far past where a forward stops gaining
 log = logging.getLogger("text_encoder")
 
 
@@ -33,15 +34,32 @@ class TextEncoderConfig(ModelConfig):
     max_prompt_chars: int = setting(10_000, "longest prompt accepted, in characters")
     batch_prompts: int = setting(64, "most prompts in one forward: Encode calls that arrive while the model is "
                                      "busy share its next forward, up to this many prompts (1 = each call "
-                                     "alone); a call that finds the model idle never waits")
+                                     "alone; at most 1024); a call that finds the model idle never waits")
+
+
+def _wait_seconds(context: grpc.ServicerContext) -> float | None:
+    """How long a call may wait for its forward: until its deadline; forever without one (gRPC reports
+    "none" as about 1e9 s, more than a wait can be given)."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < 1e6 else None
+
+
+def _gone(context: grpc.ServicerContext) -> DeadlineExceeded | Cancelled:
+    """Why a call ended before its answer: its deadline, or its client."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return DeadlineExceeded("the call's deadline passed while it waited for the text model")
+    return Cancelled("the call was cancelled before its prompts were encoded")
 
 
 class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, config: TextEncoderConfig) -> None:
         self.config = config
         self.gate = ReadyGate("text_encoder")
-        if config.batch_prompts < 1:
-            raise ValueError(f"--batch-prompts is {config.batch_prompts}; it must be at least 1")
+        if not 1 <= config.batch_prompts <= MAX_BATCH_PROMPTS:
+            raise ValueError(f"--batch-prompts is {config.batch_prompts}; it must be 1 to {MAX_BATCH_PROMPTS}")
+        if config.max_prompts < 1:
+            raise ValueError(f"--max-prompts is {config.max_prompts}; it must be at least 1")
         self.metrics = TextEncoderMetrics()
         self.tracing = Tracing.for_service("t2v-text-encoder", config.otlp_endpoint)   # off unless an endpoint is set
         self.encoder: TextEncoder | None = None
@@ -50,7 +68,8 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
     def load(self) -> None:
         device = resolve_device(self.config.device)
         self.encoder = TextEncoder(self.config.model, device, resolve_dtype(self.config.dtype, device))
-        self.batcher = EncodeBatcher(self.encoder.encode, self.config.batch_prompts, self.metrics.batched)
+        self.batcher = EncodeBatcher(self.encoder.encode, self.config.batch_prompts, self.metrics.batched,
+                                     describe=self.encoder.report)
 
     def close(self, timeout: float) -> None:
         if self.batcher is not None:
@@ -73,16 +92,21 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         prompts = list(request.prompts)
         self._check(prompts)
         assert self.encoder is not None and self.batcher is not None
-        pending = self.batcher.submit(prompts)
-        context.add_callback(pending.cancel)                  # a call that goes away before its forward leaves
+        if not context.is_active():                           # it ended before this handler ran: no work for nobody
+            raise _gone(context)
+        pending = self.batcher.submit(prompts, alive=context.is_active)
+        if not context.add_callback(pending.cancel):          # False: the call has already ended
+            pending.cancel()
         try:
-            encoded = pending.result(timeout=context.time_remaining())    # on the CPU: the GPU work is done
+            encoded = pending.result(timeout=_wait_seconds(context))      # on the CPU: the GPU work is done
         except FutureTimeout:
             pending.cancel()                                  # not encoded later for nobody
             raise DeadlineExceeded("the call's deadline passed while it waited for the text model") from None
         except CancelledError:
-            raise Cancelled("the call was cancelled before its prompts were encoded") from None
-        reports = self.encoder.report(prompts)
+            raise _gone(context) from None
+        if not context.is_active():
+            raise _gone(context)
+        reports = encoded.reports
         self.metrics.encoded(len(prompts), sum(r.truncated for r in reports))
         log.info(kv("encoded", job_id=request.request_id, prompts=len(prompts),
                     truncated=sum(r.truncated for r in reports), batch_prompts=encoded.batch_prompts))

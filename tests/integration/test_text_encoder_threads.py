@@ -78,3 +78,13 @@ def test_concurrent_encode_calls_over_grpc_share_forwards_and_each_gets_its_own_
     prompts = registry.get_sample_value("t2v_text_encoder_batch_prompts_sum") - before["sum"]
     assert prompts == 2 * 160                                # every prompt encoded once
     assert forwards < 160, "no two of 160 concurrent calls shared a forward"
+
+
+def test_a_call_with_no_deadline_is_answered(text_encoder_stage):
+    """grpcurl without -max-time, a stub called without a timeout: gRPC reports the time remaining as about
+    1e9 s, which a wait cannot be given (it was INTERNAL with an OverflowError, every time)."""
+    from t2v.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+
+    stub = text_encoder_pb2_grpc.TextEncoderStub(text_encoder_stage.channel())
+    answer = stub.Encode(text_encoder_pb2.EncodeRequest(prompts=["a cat", "a very long prompt " * 30]))
+    assert [p.truncated for p in answer.prompts] == [False, True]

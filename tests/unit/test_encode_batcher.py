@@ -171,3 +171,24 @@ def test_close_finishes_what_waits_and_refuses_what_comes_after(encoder: TextEnc
         batcher.encode(["a cat"])
     with pytest.raises(ValueError, match="at least 1"):
         EncodeBatcher(gated, max_prompts=0)
+
+
+def test_a_call_whose_caller_is_gone_before_its_forward_is_never_encoded(encoder: TextEncoder) -> None:
+    """A gRPC call past its deadline or hung up (``alive`` False) costs no forward: an attacker's calls with
+    a 1 ms deadline made the stage encode for nobody."""
+    gated = Gated(encoder)
+    batcher = EncodeBatcher(gated, max_prompts=64, describe=encoder.report)
+    first = threading.Thread(target=batcher.encode, args=(["", "first"],))
+    first.start()
+    assert gated.entered.wait(10)
+    caller = {"there": True}
+    gone = batcher.submit(["", "gone"], alive=lambda: caller["there"])
+    kept = batcher.submit(["", "a very long prompt " * 30])
+    caller["there"] = False
+    gated.release.set()
+    encoded = kept.result(30)
+    first.join(30)
+    batcher.close()
+    assert gated.forwards == [["", "first"], ["", "a very long prompt " * 30]] and gone.cancelled()
+    assert encoded.reports == encoder.report(["", "a very long prompt " * 30])      # the reports come along
+    assert encoded.reports[1].truncated and not encoded.reports[0].truncated
