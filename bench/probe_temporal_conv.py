@@ -28,6 +28,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bench.probe_unet import kernel_families  # noqa: E402 - the probe's kernel families, transposes apart
+
 
 class Slice(nn.Module):
     def __init__(self, channels: int, frames: int) -> None:
@@ -43,25 +45,6 @@ class Slice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.after(self.temporal(self.before(x), num_frames=self.frames))
-
-
-def families(fn) -> dict[str, float]:
-    """GPU ms of one call by kernel family: cuDNN's layout transposes apart."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for event in prof.key_averages():
-        name = event.key
-        family = ("transposes" if "nchwToNhwc" in name or "nhwcToNchw" in name else
-                  "triton" if name.startswith("triton") else
-                  "convolution" if "fprop" in name or "conv" in name.lower() else "other")
-        out[family] = out.get(family, 0.0) + event.device_time_total / 1e3
-    return {k: round(v, 3) for k, v in out.items()}
 
 
 def main() -> None:
@@ -104,7 +87,7 @@ def main() -> None:
             row = {"kind": kind, "swapped": swapped, "compile_s": round(compile_s, 1), "ms": round(times[5], 3),
                    "ms_min": round(times[0], 3), "rel_err_vs_conv3d": round(float((out.float() - reference).norm()
                                                                                / reference.norm()), 6),
-                   "families_ms": families(lambda: compiled(x))}
+                   "families_ms": kernel_families(lambda: compiled(x))["ms"]}
             report[kind] = row
             print(json.dumps(row), flush=True)
             (a.out / "probe_temporal_conv.json").write_text(json.dumps(report, indent=2))

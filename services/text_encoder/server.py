@@ -23,6 +23,7 @@ from services.text_encoder.metrics import TextEncoderMetrics
 from t2v.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 
 SERVICE_NAME = "t2v.v1.TextEncoder"
+DEADLINE_PASSED = "the call's deadline passed while it waited for the text model"
 MAX_BATCH_PROMPTS = 1024       # the batch-size histogram's last bucket; far past where a forward stops gaining
 log = logging.getLogger("text_encoder")
 
@@ -48,7 +49,7 @@ def _gone(context: grpc.ServicerContext) -> DeadlineExceeded | Cancelled:
     """Why a call ended before its answer: its deadline, or its client."""
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
-        return DeadlineExceeded("the call's deadline passed while it waited for the text model")
+        return DeadlineExceeded(DEADLINE_PASSED)
     return Cancelled("the call was cancelled before its prompts were encoded")
 
 
@@ -101,7 +102,7 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
             encoded = pending.result(timeout=_wait_seconds(context))      # on the CPU: the GPU work is done
         except FutureTimeout:
             pending.cancel()                                  # not encoded later for nobody
-            raise DeadlineExceeded("the call's deadline passed while it waited for the text model") from None
+            raise DeadlineExceeded(DEADLINE_PASSED) from None
         except CancelledError:
             raise _gone(context) from None
         if not context.is_active():
