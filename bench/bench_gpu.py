@@ -528,8 +528,13 @@ def main() -> None:
         report["triton"] = triton.__version__
     except ImportError:
         report["triton"] = None
+    import av
     import diffusers
+    import grpc
     report["diffusers"] = diffusers.__version__
+    # the decoder's MP4 encoding is CPU work in PyAV's own FFmpeg: its version moves the non-GPU share
+    report["packages"] = {"av": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+                          "grpc": grpc.__version__}
     try:
         run_phases(a, phases, device, dtype, report)
     finally:

@@ -4,7 +4,9 @@
 #   SCRIPT=bench/bench_deepcache.py RUN_OUT=$OUT/dc bash bench/gpu_run.sh ...   (another script, its --out)
 #   WHL=../../.whl bash bench/gpu_run.sh ...   (the packages elsewhere: a branch's copy under .gl/ in the checkout)
 #   GPU_TESTS="tests/unit/test_short_attention.py" bash bench/gpu_run.sh ...   (then those tests, their CUDA
-#       cases included, under the image's pytest, within GPU_TESTS_TIMEOUT s; output in $RUN_OUT/pytest.txt)
+#       cases included, under the image's pytest, within GPU_TESTS_TIMEOUT s; output in $RUN_OUT/pytest.txt;
+#       TESTS_FIRST=1 runs them before the script, so a script cut off by the call's limit cannot take them along)
+# Build .whl with bench/pack_gpu_site.sh.
 # Needs, carried as `.whl` (about 29 MB, see docs/benchmarks.md): .whl/site.tar.xz, the packages the
 # device image lacks, installed for Python 3.12 with `pip install --target` (diffusers without its
 # other pipelines, PyAV with its extension modules stripped, grpcio, protobuf, fastapi and the rest),
@@ -25,14 +27,19 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 -c "import torch, triton, grpc, diffusers, av, fastapi, pydantic; print('torch', torch.__version__, 'triton', triton.__version__, 'grpc', grpc.__version__, 'diffusers', diffusers.__version__, 'av', av.__version__)" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
-python3 "$SCRIPT" --out "$RUN_OUT" "$@" 2>&1 | tee "$RUN_OUT/log.txt"
-status=${PIPESTATUS[0]}
-if [ -n "${GPU_TESTS:-}" ]; then
+run_tests() {
+    [ -n "${GPU_TESTS:-}" ] || return 0
     # shellcheck disable=SC2086 - a list of test paths; written as it runs, so a call cut short keeps what ran
     timeout "${GPU_TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" $GPU_TESTS \
         > "$RUN_OUT/pytest.txt" 2>&1
-    tests=$?
+    local tests=$?
     tail -40 "$RUN_OUT/pytest.txt"
-    [ "$status" -ne 0 ] || status=$tests
-fi
+    return $tests
+}
+tests=0
+if [ -n "${TESTS_FIRST:-}" ]; then run_tests; tests=$?; fi
+python3 "$SCRIPT" --out "$RUN_OUT" "$@" 2>&1 | tee "$RUN_OUT/log.txt"
+status=${PIPESTATUS[0]}
+if [ -z "${TESTS_FIRST:-}" ]; then run_tests; tests=$?; fi
+[ "$status" -ne 0 ] || status=$tests
 exit "$status"

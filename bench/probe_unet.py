@@ -20,8 +20,13 @@ one process and one call, each step guarded by a time budget:
    warps; ``--variants``: the whole UNet compiled with a combination of levers, each one compilation:
    ``math`` (short sequences' attention as matrix products) or ``triton`` (the product's kernel, through
    its processor), ``layout`` (Inductor's channels-last layout forced), ``fp8`` (as step 3), ``conv2d``
-   (the temporal convolutions as 2-D ones, services/denoiser/temporal_conv.py), e.g.
-   ``--variants triton+layout,triton+layout+fp8`` (step ``variants``);
+   (the temporal convolutions as 2-D ones, services/denoiser/temporal_conv.py), and Inductor's own tuning:
+   ``coord`` (coordinate-descent tuning of its Triton kernels' block sizes: the fused elementwise and
+   normalisation work), ``mm1x1`` (1x1 convolutions as matrix products), ``autotune`` (max-autotune for
+   matrix products: Triton templates timed against cuBLAS, with the elementwise epilogue fused), e.g.
+   ``--variants triton+layout,triton+layout+fp8`` (step ``variants``). The SDPA baseline is compiled first
+   only when ``baseline`` (or a step that needs it) is in ``--steps``; a variant that would outlast the
+   budget is stopped (an alarm) and recorded as such;
 6. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
    CUDA events, against a 32-row step.
 (Packages of compiled buckets: bench/probe_packages.py, which builds them through services/denoiser/aot.py itself.)
@@ -241,6 +246,32 @@ def attention_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
     return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
 
 
+LEVERS = {"math", "triton", "layout", "fp8", "conv2d", "coord", "mm1x1", "autotune"}
+
+
+class OutOfTime(Exception):
+    """Raised by the alarm when a variant's compilation would outlast the probe's budget."""
+
+
+def within(seconds: float, work: Callable[[], Any]) -> Any:
+    """``work()``, or "stopped: ..." if it is still running after ``seconds`` (SIGALRM: the call's results so
+    far still come back instead of the device's limit killing the whole probe)."""
+    import signal
+
+    def ring(signum: int, frame: Any) -> None:
+        raise OutOfTime(f"stopped after {seconds:.0f} s: the probe's budget")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(max(1, int(seconds)))
+    try:
+        return work()
+    except OutOfTime as exc:
+        return f"stopped: {exc}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], inputs: tuple[torch.Tensor, ...],
                      reference: torch.Tensor, baseline_ms: float | None) -> dict[str, Any] | str:
     """A fresh UNet with ``levers`` (math or triton, layout, fp8, conv2d; see the module's docstring), compiled
@@ -248,12 +279,16 @@ def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], in
     import torch._inductor.config as inductor_config
     from diffusers import UNet3DConditionModel
 
-    unknown = set(levers) - {"math", "triton", "layout", "fp8", "conv2d"}
+    unknown = set(levers) - LEVERS
     if unknown or {"math", "triton"} <= set(levers):
-        return f"failed: levers {levers}: math or triton (not both), layout, fp8, conv2d"
+        return f"failed: levers {levers}: math or triton (not both), {', '.join(sorted(LEVERS - {'math', 'triton'}))}"
     if "math" in levers:
         torch.nn.functional.scaled_dot_product_attention = short_attention
-    inductor_config.force_layout_optimization = "layout" in levers
+    tuning = {"force_layout_optimization": "layout" in levers, "coordinate_descent_tuning": "coord" in levers,
+              "conv_1x1_as_mm": "mm1x1" in levers, "max_autotune_gemm": "autotune" in levers}
+    before = {name: getattr(inductor_config, name) for name in tuning}
+    for name, value in tuning.items():
+        setattr(inductor_config, name, value)
     try:
         unet = UNet3DConditionModel.from_pretrained(f"{model}/unet", dtype=torch.float16).to("cuda").eval()
         facts: dict[str, Any] = {}
@@ -279,11 +314,16 @@ def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], in
         facts["max_abs_err"] = round(float((out - reference).abs().max()), 4)
         facts["profile"] = kernel_families(lambda: call(compiled)(*inputs))
         return facts
+    except OutOfTime:
+        raise
     except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
+        if isinstance(exc.__cause__ or exc.__context__, OutOfTime):
+            raise OutOfTime(str(exc.__cause__ or exc.__context__)) from exc
         return f"failed: {type(exc).__name__}: {exc}"[:800]
     finally:
         torch.nn.functional.scaled_dot_product_attention = _SDPA
-        inductor_config.force_layout_optimization = False
+        for name, value in before.items():
+            setattr(inductor_config, name, value)
 
 
 def kernel_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
@@ -333,7 +373,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--steps", default="profile,cudnn,preview,attention,kernel,variants,fp8,rows64")
     parser.add_argument("--variants", default="math,math+layout",
-                        help="comma-separated lever combinations for the step variants: math|triton, layout, fp8, conv2d")
+                        help="comma-separated lever combinations for the step variants: math|triton, layout, fp8, conv2d, "
+                             "coord, mm1x1, autotune")
     parser.add_argument("--compile-s", type=float, default=130.0, help="what one compilation is expected to take")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -372,7 +413,7 @@ def main() -> None:
         x32 = random_inputs(32, dim)
         reference = call(unet)(*x32).float()
         compiled = torch.compile(unet, dynamic=False)
-        if set(steps) & {"profile", "cudnn", "variants", "preview", "rows64", "baseline"}:
+        if set(steps) & {"profile", "cudnn", "preview", "rows64", "baseline"}:
             started = time.perf_counter()
             call(compiled)(*x32)
             torch.cuda.synchronize()
@@ -401,8 +442,8 @@ def main() -> None:
             if left() < a.compile_s + 30:
                 done(f"variant_{variant}", f"skipped: {left():.0f} s left")
                 continue
-            done(f"variant_{variant}", compiled_variant(a.model, variant.split("+"), call, x32, reference,
-                                                        report.get("baseline_32_graph_ms")))
+            done(f"variant_{variant}", within(left() - 15, lambda: compiled_variant(
+                a.model, variant.split("+"), call, x32, reference, report.get("baseline_32_graph_ms"))))
         if "preview" in steps:
             from services.common.latent_rgb import LatentRgb
 

@@ -82,10 +82,11 @@ class DenoiserConfig(ModelConfig):
                                            "kernel a position and head: 58.6 -> 9.9 ms of a 32-row forward on "
                                            "an H200, docs/benchmarks.md run F), sdpa (PyTorch's fused kernels, "
                                            "whose tiles are mostly padding there)")
-    temporal_conv: str = setting("conv3d", "the temporal convolutions (kernel 3x1x1 over frames): conv3d (as "
-                                           "diffusers has them), conv2d (the same sums as a 2-D convolution "
-                                           "over frames x pixels, which torch.compile lays out channels-last; "
-                                           "not yet timed on a GPU)")
+    temporal_conv: str = setting("auto", "the temporal convolutions (kernel 3x1x1 over frames): auto (= conv2d "
+                                         "on a CUDA device, else conv3d), conv2d (the same sums as a 2-D "
+                                         "convolution over frames x pixels, which torch.compile lays out "
+                                         "channels-last: a compiled 32-row forward 3% faster on an H200, "
+                                         "docs/benchmarks.md run G), conv3d (as diffusers has them)")
     deep_cache_compile: bool = setting(False, "with compile_rows, torch.compile DeepCache's two forwards for those "
                                               "rows too (four more compilations for two sizes; not measured to the "
                                               "end on a GPU yet: off, they run as eager CUDA graphs)")

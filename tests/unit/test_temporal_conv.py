@@ -68,8 +68,19 @@ def test_the_embedded_unet_with_2d_temporal_convolutions_is_the_same_unet() -> N
     assert not any(isinstance(m, nn.Conv3d) for m in swapped.modules())
     assert module_state(swapped) == [*before, f"layer=TemporalConv2d@{tc.CODE_VERSION}"]   # a new package key
     torch.testing.assert_close(forward(swapped, rows=4), forward(exact, rows=4), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="choose conv3d or conv2d"):
-        tc.install(swapped, "fast")
+    for kind in ("fast", "auto"):                                       # auto is resolve's to settle
+        with pytest.raises(ValueError, match="choose conv3d or conv2d"):
+            tc.install(swapped, kind)
+
+
+def test_auto_is_conv2d_on_a_cuda_device_and_conv3d_elsewhere() -> None:
+    """Where it was timed to pay (docs/benchmarks.md run G): the GPU; the CPU keeps diffusers' layers."""
+    assert tc.resolve("auto", torch.device("cuda")) == "conv2d"
+    assert tc.resolve("auto", torch.device("cpu")) == "conv3d"
+    assert tc.resolve("conv3d", torch.device("cuda")) == "conv3d"
+    assert tc.resolve("conv2d", torch.device("cpu")) == "conv2d"
+    with pytest.raises(ValueError, match="choose auto or conv3d or conv2d"):
+        tc.resolve("conv1d", torch.device("cpu"))
 
 
 def test_the_setting_is_checked_at_start_and_reaches_the_engine() -> None:
@@ -80,13 +91,16 @@ def test_the_setting_is_checked_at_start_and_reaches_the_engine() -> None:
     from services.denoiser.server import DenoiserConfig, check_compile
 
     config = parse_config(DenoiserConfig, [], "t2v serve denoiser", "d")
-    assert config.temporal_conv == "conv3d"                     # until a GPU run times conv2d
-    with pytest.raises(ValueError, match="--temporal-conv 'conv1d' is unknown; choose conv3d or conv2d"):
+    assert config.temporal_conv == "auto"
+    with pytest.raises(ValueError, match="--temporal-conv 'conv1d' is unknown; choose auto or conv3d or conv2d"):
         check_compile(replace(config, temporal_conv="conv1d"))
     scheduler = json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())
     engine = eng.DenoiseEngine(embedded_unet(), scheduler, torch.device("cpu"), torch.float32, temporal_conv="conv2d")
     assert engine.temporal_conv == "conv2d"
     assert any(isinstance(m, tc.TemporalConv2d) for m in engine.unet.modules())
+    engine = eng.DenoiseEngine(embedded_unet(), scheduler, torch.device("cpu"), torch.float32)
+    assert engine.temporal_conv == "conv3d"                     # auto, on the CPU: the plan's identity names it
+    assert not any(isinstance(m, tc.TemporalConv2d) for m in engine.unet.modules())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
