@@ -332,7 +332,7 @@ STAGES = {1: "text_encoder", 2: "denoiser", 3: "decoder"}   # port offset -> the
 
 BREAKDOWN = {  # service port offset -> metric sums worth reporting per video
     0: ["t2v_gateway_stage_duration_seconds_sum", "t2v_gateway_queue_wait_seconds_sum"],
-    1: ["t2v_text_encoder_encode_duration_seconds_sum"],
+    1: ["t2v_text_encoder_encode_duration_seconds_sum", "t2v_text_encoder_encode_duration_seconds_count"],
     2: ["t2v_denoiser_step_duration_seconds_sum", "t2v_denoiser_batch_size_sum", "t2v_denoiser_batch_size_count",
         "t2v_denoiser_batch_size_bucket"],
     3: ["t2v_decoder_vae_decode_duration_seconds_sum", "t2v_decoder_mp4_encode_duration_seconds_sum"],
@@ -428,9 +428,14 @@ def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, m
             t.join()
         wall = time.perf_counter() - start
         assert len(latencies) == concurrency, "some requests failed"
+        after = scrape(a)
+        # where a burst's first second goes (queue wait, each stage as the gateway sees it, the encoder's
+        # own forwards): the same per-video breakdown as the latency runs', under load
         target["throughput"][concurrency] = {"wall_s": wall, "videos_per_s": concurrency / wall,
                                              "mean_latency_s": statistics.mean(latencies),
-                                             **batch_sizes(before, scrape(a))}
+                                             "per_video_breakdown_s": {k: (after[k] - before.get(k, 0.0)) / concurrency
+                                                                       for k in after if "bucket" not in k},
+                                             **batch_sizes(before, after)}
         rate = max(rate, concurrency / wall)
         log(f"mesh concurrency {concurrency} (cache {mode}): {concurrency / wall:.3f} videos/s, wall {wall:.1f} s",
             target["throughput"][concurrency])
@@ -521,7 +526,8 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "steps": a.steps, "frames": a.frames, "size": a.size,
                     "phases": phases, "argv": sys.argv[1:], "host": host_info(), "max_batch": a.max_batch,
-                    "settings_env": {k: v for k, v in os.environ.items() if k.startswith("T2V_")   # the mesh's
+                    "settings_env": {k: v for k, v in os.environ.items()   # the mesh's, and Inductor's tuning
+                                     if k.startswith(("T2V_", "TORCHINDUCTOR_"))
                                      and not any(w in k for w in ("KEY", "SECRET", "TOKEN", "PASSWORD", "DSN"))}}
     try:
         import triton

@@ -212,10 +212,14 @@ class Submitted:
 
 class Submitters:
     """Threads that submit ``plan`` round-robin over the gateways; a gateway that fails (dead, draining) is
-    skipped for the next one, as a client with several addresses does."""
+    skipped for the next one, as a client with several addresses does. Each thread submits ``burst`` jobs
+    back to back, then waits ``pace`` seconds a job: the threads' bursts coincide, so every burst queues
+    more jobs than the slots take, however fast the machine runs them (at a steady pace a fast machine
+    kept up, and no jobs waited together)."""
 
-    def __init__(self, gateways: list[Gateway], plan: list[str], threads: int = 4, pace: float = 0.0) -> None:
-        self.gateways, self.plan, self.pace = gateways, plan, pace
+    def __init__(self, gateways: list[Gateway], plan: list[str], threads: int = 4, pace: float = 0.0,
+                 burst: int = 1) -> None:
+        self.gateways, self.plan, self.pace, self.burst = gateways, plan, pace, burst
         self.accepted: dict[str, Submitted] = {}
         self.failed_attempts = Counter[str]()     # code -> count: a call that failed may still have stored a job
         self.unexpected: list[str] = []           # failures other than UNAVAILABLE, with their details
@@ -237,7 +241,7 @@ class Submitters:
             raise HarnessError(f"the submitters did not finish in {timeout:g} s ({len(self.accepted)} accepted)")
 
     def _run(self) -> None:
-        while True:
+        for submitted in itertools.count(1):
             with self._lock:
                 item = next(self._next, None)
             if item is None:
@@ -260,7 +264,8 @@ class Submitters:
             else:
                 with self._lock:
                     self.errors.append(f"job {index} was refused 200 times")
-            time.sleep(self.pace)
+            if submitted % self.burst == 0:
+                time.sleep(self.pace * self.burst)
 
 
 def test_200_jobs_survive_a_sigkilled_and_a_restarted_gateway(cluster: Cluster, replicas: list[Gateway]) -> None:
@@ -277,9 +282,9 @@ def _run_the_200(cluster: Cluster, a: Gateway, b: Gateway, c: Gateway) -> None:
     plan = [("high", "normal", "low")[i % 3] for i in range(JOBS)]
     random.Random(7).shuffle(plan)
     finished_before = len(log_events(cluster, "job_finished"))
-    # ~8 jobs/s for ~25 s, twice what the mesh runs here: the queue backs up, and submissions go on through the
-    # SIGKILL and the restart (a client whose gateway fails tries the next)
-    submitters = Submitters([a, b, c], plan, threads=4, pace=0.45).start()
+    # ~8 jobs/s for ~25 s in bursts of 4 x 12 (six times the slots): the queue backs up on any machine, and
+    # submissions go on through the SIGKILL and the restart (a client whose gateway fails tries the next)
+    submitters = Submitters([a, b, c], plan, threads=4, pace=0.45, burst=12).start()
 
     # a's clients: Generate streams opened on a, longer jobs, in flight when a dies.
     wait_until(lambda: len(log_events(cluster, "job_finished")) - finished_before >= 30, 90,
