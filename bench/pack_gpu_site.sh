@@ -11,8 +11,7 @@ set -euo pipefail
 VENV=${VENV:-.venv}
 DEST=${DEST:-.whl}
 PKGS="diffusers grpcio grpcio-health-checking grpcio-reflection protobuf fastapi starlette uvicorn pydantic
-pydantic-core annotated-types typing-inspection annotated-doc python-multipart opentelemetry-api
-importlib-metadata av"
+pydantic-core annotated-types typing-inspection annotated-doc python-multipart opentelemetry-api av"
 WHEELS="typing-extensions prometheus-client"   # installed over the image's older ones, as plain wheels
 
 pinned() {  # NAME -> NAME==VERSION as this checkout's venv has it
@@ -41,5 +40,5 @@ tar -C "$work/site" -cf - . | xz -9e -T0 > "$DEST/site.tar.xz"
 wheels=()
 for p in $WHEELS; do wheels+=("$(pinned "$p")"); done
 python3 -m pip download -q --no-deps -d "$DEST" "${platform[@]}" "${wheels[@]}"
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+# .whl/ is in .gitignore, so it travels only when a device call names it in `carry`
 du -sh "$DEST"/*

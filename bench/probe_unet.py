@@ -249,26 +249,43 @@ def attention_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
 LEVERS = {"math", "triton", "layout", "fp8", "conv2d", "coord", "mm1x1", "autotune"}
 
 
-class OutOfTime(Exception):
-    """Raised by the alarm when a variant's compilation would outlast the probe's budget."""
+class OutOfTime(BaseException):
+    """Raised by the alarm when a variant's compilation would outlast the probe's budget. A BaseException, so
+    the ``except Exception`` of the code it interrupts (Inductor's autotuning skips a failing choice so) does
+    not swallow it."""
+
+
+def stopped_by_alarm(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is OutOfTime or was raised while handling it (anywhere down its chain)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OutOfTime):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def within(seconds: float, work: Callable[[], Any]) -> Any:
     """``work()``, or "stopped: ..." if it is still running after ``seconds`` (SIGALRM: the call's results so
-    far still come back instead of the device's limit killing the whole probe)."""
+    far still come back instead of the device's limit killing the whole probe). The alarm rings again every
+    5 s until the work gives up, in case a handler swallowed it. A stopped variant may leave CUDA mid-capture
+    or Dynamo mid-trace: the probe runs nothing on the GPU after one (``main``)."""
     import signal
 
     def ring(signum: int, frame: Any) -> None:
         raise OutOfTime(f"stopped after {seconds:.0f} s: the probe's budget")
 
     previous = signal.signal(signal.SIGALRM, ring)
-    signal.alarm(max(1, int(seconds)))
+    signal.setitimer(signal.ITIMER_REAL, max(1.0, seconds), 5.0)
     try:
         return work()
-    except OutOfTime as exc:
-        return f"stopped: {exc}"
+    except BaseException as exc:
+        if stopped_by_alarm(exc):
+            return f"stopped: after {seconds:.0f} s, the probe's budget"
+        raise
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
@@ -314,11 +331,9 @@ def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], in
         facts["max_abs_err"] = round(float((out - reference).abs().max()), 4)
         facts["profile"] = kernel_families(lambda: call(compiled)(*inputs))
         return facts
-    except OutOfTime:
-        raise
     except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
-        if isinstance(exc.__cause__ or exc.__context__, OutOfTime):
-            raise OutOfTime(str(exc.__cause__ or exc.__context__)) from exc
+        if stopped_by_alarm(exc):
+            raise
         return f"failed: {type(exc).__name__}: {exc}"[:800]
     finally:
         torch.nn.functional.scaled_dot_product_attention = _SDPA
@@ -438,12 +453,19 @@ def main() -> None:
             done("attention_32", attention_bench(shapes))
         if "kernel" in steps:
             done("kernel_32", kernel_bench(attention_shapes(lambda: call(unet)(*x32))))
+        stopped = False
         for variant in (a.variants.split(",") if "variants" in steps else []):
-            if left() < a.compile_s + 30:
-                done(f"variant_{variant}", f"skipped: {left():.0f} s left")
+            if stopped or left() < a.compile_s + 30:
+                done(f"variant_{variant}", "skipped: " + ("a variant before was stopped" if stopped
+                                                          else f"{left():.0f} s left"))
                 continue
-            done(f"variant_{variant}", within(left() - 15, lambda: compiled_variant(
-                a.model, variant.split("+"), call, x32, reference, report.get("baseline_32_graph_ms"))))
+            result = within(left() - 15, lambda: compiled_variant(
+                a.model, variant.split("+"), call, x32, reference, report.get("baseline_32_graph_ms")))
+            stopped = isinstance(result, str) and result.startswith("stopped")
+            done(f"variant_{variant}", result)
+        if stopped:                                        # the GPU may be mid-capture: nothing more runs on it
+            done("seconds", round(time.monotonic() - began, 1))
+            return
         if "preview" in steps:
             from services.common.latent_rgb import LatentRgb
 

@@ -117,6 +117,20 @@ def module_state(module: torch.nn.Module) -> list[str]:
     return [f"training={bool(module.training)}", *(f"attn={n}" for n in names), *(f"layer={n}" for n in layers)]
 
 
+# Inductor's settings that choose which kernels it generates (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 and
+# TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 in the environment set two of them; docs/benchmarks.md's run H tries them)
+INDUCTOR_TUNING = ("coordinate_descent_tuning", "max_autotune", "max_autotune_gemm", "conv_1x1_as_mm",
+                   "force_layout_optimization")
+
+
+def inductor_tuning() -> dict[str, Any]:
+    """Those settings as this process has them: in a package's key and the batch plan's identity, so a
+    package or a plan made under other ones (other kernels, other times) is rebuilt, never reused."""
+    import torch._inductor.config as inductor_config
+
+    return {name: getattr(inductor_config, name, None) for name in INDUCTOR_TUNING}
+
+
 def device_label(device: torch.device) -> str:
     """"cuda:1", "cpu": the compiled code names the GPU it was built for (Inductor's DeviceGuard and streams),
     so a package of cuda:0 must never serve cuda:1 (two replicas on one compile-cache volume)."""
@@ -147,7 +161,8 @@ def package_name(config: Mapping[str, Any], *, kind: str, rows: int, sample_shap
     key = {"config": json.loads(json.dumps(_architecture(config), sort_keys=True, default=str)),
            "dtype": str(dtype), "timestep_dtype": str(timestep_dtype), "device": device, "rows": int(rows),
            "sample": [int(s) for s in sample_shape], "tokens": int(tokens), "code": code,
-           "layout": [list(item) for item in layout], "state": list(state), "format": FORMAT, "kind": kind}
+           "layout": [list(item) for item in layout], "state": list(state), "format": FORMAT, "kind": kind,
+           "tuning": inductor_tuning()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     readable = (f"{name or 'module'}-r{rows}-{'x'.join(map(str, sample_shape))}-t{tokens}-"
                 f"{str(dtype).removeprefix('torch.')}-{device}")

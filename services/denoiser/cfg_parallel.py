@@ -136,7 +136,7 @@ class CfgParallel:
 
     @classmethod
     def start(cls, model: str, device: torch.device, other: torch.device, dtype: torch.dtype,
-              short_attention: str = "auto", temporal_conv: str = "auto",
+              short_attention: str = "auto", temporal_conv: str = "conv3d",
               start_seconds: float = 600.0) -> "CfgParallel":
         """Start the follower on ``other`` and join it; RuntimeError if it exits or does not join in time.
         ``short_attention``: the kind the leader's engine uses, so the follower's rows run the same kernels (on
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--init-method", required=True, help="torch.distributed init method, e.g. tcp://127.0.0.1:P")
     parser.add_argument("--short-attention", default="auto", help="as the denoiser's --short-attention")
-    parser.add_argument("--temporal-conv", default="auto", help="as the denoiser's --temporal-conv")
+    parser.add_argument("--temporal-conv", default="conv3d", help="conv3d or conv2d: the kind the leader's engine uses")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="level=%(levelname)s logger=%(name)s %(message)s")
     device = resolve_device(args.device)

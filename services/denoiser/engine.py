@@ -53,7 +53,6 @@ from services.denoiser import batching, sampling
 from services.denoiser.deepcache import DeepCacheUNet
 from services.denoiser.short_attention import install as install_short_attention
 from services.denoiser.temporal_conv import install as install_temporal_conv
-from services.denoiser.temporal_conv import resolve as resolve_temporal_conv
 
 log = logging.getLogger("denoiser.engine")
 
@@ -265,18 +264,17 @@ class DenoiseEngine:
                  observer: EngineObserver | None = None, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR,
                  deep_cache_interval: int = 4, deep_cache_branch: int | None = 0,
                  deep_cache_compile: bool = False, latent_rgb: LatentRgb | None = None,
-                 short_attention: str = "auto", temporal_conv: str = "auto") -> None:
+                 short_attention: str = "auto", temporal_conv: str = "conv3d") -> None:
         """``vae_scale_factor``: pixels per latent along a side, the model's VAE's (``from_folder`` reads it
         from the folder); latents are height / factor x width / factor. ``latent_rgb``: the model's latent ->
         RGB map for previews (``from_folder`` reads vae/latent_rgb.json); None = previews unavailable.
         ``short_attention``: "triton" runs the self-attention of short sequences (the temporal attention's
         frames) as one Triton kernel, "auto" where it is available, "sdpa" never (short_attention.py).
         ``temporal_conv``: "conv2d" runs the temporal convolutions as 2-D ones, which Inductor lays out
-        channels-last; "conv3d" as diffusers has them; "auto" conv2d on a CUDA device (temporal_conv.py).
-        ``self.temporal_conv`` is the kind in use."""
+        channels-last; "conv3d" as diffusers has them (temporal_conv.py; the server settles its "auto")."""
         self.unet = unet
-        self.temporal_conv = resolve_temporal_conv(temporal_conv, device)
-        install_temporal_conv(unet, self.temporal_conv)      # before the processors: it swaps layers, they swap calls
+        self.temporal_conv = temporal_conv
+        install_temporal_conv(unet, temporal_conv)      # before the processors: it swaps layers, they swap calls
         self.short_attention = install_short_attention(unet, short_attention, device, dtype)
         if latent_rgb is not None and latent_rgb.channels != int(unet.config.in_channels):
             # a map fitted for another model: previews unavailable (each asking job is told), the videos are made

@@ -33,6 +33,7 @@ from services.denoiser.metrics import DenoiserMetrics
 from services.denoiser.sampling import SCHEDULERS
 from services.denoiser.short_attention import KINDS as SHORT_ATTENTION_KINDS
 from services.denoiser.temporal_conv import KINDS as TEMPORAL_CONV_KINDS
+from services.denoiser.temporal_conv import resolve as resolve_temporal_conv
 from t2v.v1 import denoiser_pb2, denoiser_pb2_grpc, generation_pb2, tensor_pb2
 
 SERVICE_NAME = "t2v.v1.Denoiser"
@@ -83,10 +84,11 @@ class DenoiserConfig(ModelConfig):
                                            "an H200, docs/benchmarks.md run F), sdpa (PyTorch's fused kernels, "
                                            "whose tiles are mostly padding there)")
     temporal_conv: str = setting("auto", "the temporal convolutions (kernel 3x1x1 over frames): auto (= conv2d "
-                                         "on a CUDA device, else conv3d), conv2d (the same sums as a 2-D "
-                                         "convolution over frames x pixels, which torch.compile lays out "
-                                         "channels-last: a compiled 32-row forward 3% faster on an H200, "
-                                         "docs/benchmarks.md run G), conv3d (as diffusers has them)")
+                                         "on a CUDA device with --compile-rows, else conv3d), conv2d (the same "
+                                         "sums as a 2-D convolution over frames x pixels, which torch.compile "
+                                         "lays out channels-last: a compiled 32-row forward 3% faster on an "
+                                         "H200, docs/benchmarks.md run G; eager forwards not timed), conv3d (as "
+                                         "diffusers has them)")
     deep_cache_compile: bool = setting(False, "with compile_rows, torch.compile DeepCache's two forwards for those "
                                               "rows too (four more compilations for two sizes; not measured to the "
                                               "end on a GPU yet: off, they run as eager CUDA graphs)")
@@ -293,7 +295,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 deep_cache_interval=self.config.deep_cache_interval,
                 deep_cache_branch=None if self.config.deep_cache_branch < 0 else self.config.deep_cache_branch,
                 deep_cache_compile=self.config.deep_cache_compile, short_attention=self.config.short_attention,
-                temporal_conv=self.config.temporal_conv)
+                temporal_conv=resolve_temporal_conv(self.config.temporal_conv, device, compiled=bool(compile_rows)))
             loaded = time.monotonic()
             if compile_rows:
                 engine.use_compile(compile_rows, backend=compile_backend(self.config),
@@ -340,10 +342,12 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
     def _plan_identity(self, engine: eng.DenoiseEngine) -> dict:
         """What the engine's bucket times depend on besides the GPU and software (the cache folder's key)."""
+        from services.denoiser.aot import inductor_tuning
+
         return {"unet": json.loads(json.dumps(dict(engine.unet.config), sort_keys=True, default=str)),
                 "dtype": str(engine.dtype), "buckets": engine.warm_rows(), "compile_rows": sorted(engine.compile_rows),
                 "compile_backend": engine.compile_backend, "short_attention": engine.short_attention,
-                "temporal_conv": engine.temporal_conv}
+                "temporal_conv": engine.temporal_conv, "inductor": inductor_tuning()}
 
     def close(self, timeout: float) -> None:
         if self.engine is not None:

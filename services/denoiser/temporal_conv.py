@@ -10,10 +10,10 @@ own, so the 2-D form computes the same numbers (to the order of a sum) and Induc
 spatial convolutions around it. Merging H and W is a view for the layouts a TemporalConvLayer sees (its
 input is a permuted [B*F, C, H, W], channels-first or channels-last).
 
-``install(unet, "conv2d")`` swaps them; "conv3d" leaves diffusers'. The default, "auto", is conv2d on a CUDA
-device, where it was timed (the compiled 32-row forward 422.1 -> 409.3 ms on an H200, the mesh's 413.8 ->
-398.2 ms: docs/benchmarks.md run G), and conv3d elsewhere: on the CPU there are no cuDNN transposes to save
-and it was not timed.
+``install(unet, "conv2d")`` swaps them; "conv3d" leaves diffusers'. The denoiser's default, "auto", is conv2d
+where it was timed to pay: on a CUDA device with compiled buckets (the compiled 32-row forward 422.1 -> 409.3
+ms on an H200, the mesh's 413.8 -> 398.2 ms: docs/benchmarks.md run G); conv3d elsewhere. Eager forwards
+(no Inductor layout pass, so nothing for the swap to remove) and the CPU were not timed.
 """
 
 from __future__ import annotations
@@ -58,13 +58,14 @@ class TemporalConv2d(nn.Module):
         return y.reshape(batch, y.shape[1], y.shape[2], height, width)
 
 
-def resolve(kind: str, device: torch.device) -> str:
-    """The kind ``kind`` means on ``device``: "auto" is conv2d on a CUDA device, conv3d elsewhere (see the
-    module's docstring); another kind is itself. ValueError for an unknown kind."""
+def resolve(kind: str, device: torch.device, compiled: bool) -> str:
+    """The kind ``kind`` means on ``device`` for a UNet with (``compiled``) or without torch.compile'd
+    buckets: "auto" is conv2d on a CUDA device with compiled buckets, conv3d otherwise (see the module's
+    docstring); another kind is itself. ValueError for an unknown kind."""
     if kind not in KINDS:
         raise ValueError(f"temporal convolution {kind!r} is unknown; choose {' or '.join(KINDS)}")
     if kind == "auto":
-        return "conv2d" if device.type == "cuda" else "conv3d"
+        return "conv2d" if device.type == "cuda" and compiled else "conv3d"
     return kind
 
 

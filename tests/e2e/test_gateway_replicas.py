@@ -213,12 +213,13 @@ class Submitted:
 class Submitters:
     """Threads that submit ``plan`` round-robin over the gateways; a gateway that fails (dead, draining) is
     skipped for the next one, as a client with several addresses does. Each thread submits ``burst`` jobs
-    back to back, then waits ``pace`` seconds a job: the threads' bursts coincide, so every burst queues
-    more jobs than the slots take, however fast the machine runs them (at a steady pace a fast machine
-    kept up, and no jobs waited together)."""
+    back to back, then waits ``pace`` seconds a job: a burst larger than the slots queues jobs however fast
+    the machine runs them (at a steady pace a fast machine kept up, and too few jobs waited together)."""
 
     def __init__(self, gateways: list[Gateway], plan: list[str], threads: int = 4, pace: float = 0.0,
                  burst: int = 1) -> None:
+        if burst < 1:
+            raise ValueError(f"burst {burst}: at least one job a burst")
         self.gateways, self.plan, self.pace, self.burst = gateways, plan, pace, burst
         self.accepted: dict[str, Submitted] = {}
         self.failed_attempts = Counter[str]()     # code -> count: a call that failed may still have stored a job
@@ -282,7 +283,7 @@ def _run_the_200(cluster: Cluster, a: Gateway, b: Gateway, c: Gateway) -> None:
     plan = [("high", "normal", "low")[i % 3] for i in range(JOBS)]
     random.Random(7).shuffle(plan)
     finished_before = len(log_events(cluster, "job_finished"))
-    # ~8 jobs/s for ~25 s in bursts of 4 x 12 (six times the slots): the queue backs up on any machine, and
+    # ~8 jobs/s for ~25 s in bursts of 12 a thread (more than the 8 slots): the queue backs up on any machine, and
     # submissions go on through the SIGKILL and the restart (a client whose gateway fails tries the next)
     submitters = Submitters([a, b, c], plan, threads=4, pace=0.45, burst=12).start()
 

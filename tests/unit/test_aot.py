@@ -169,6 +169,13 @@ def test_the_name_changes_with_everything_the_code_depends_on_and_nothing_else()
     assert aot.code_version(module).endswith(" none"), "a module of no versioned package"
     with pytest.raises(ValueError, match="precompile or aoti"):
         aot.package_name(**{**base, "kind": "tensorrt"})
+    # Inductor's kernel tuning (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1, ...): other kernels, another package
+    import torch._inductor.config as inductor_config
+
+    for setting in aot.INDUCTOR_TUNING:
+        with inductor_config.patch({setting: not getattr(inductor_config, setting)}):
+            assert aot.package_name(**base) != name, setting
+    assert aot.package_name(**base) == name
     import diffusers
     from diffusers.models.embeddings import TimestepEmbedding
 

@@ -73,14 +73,17 @@ def test_the_embedded_unet_with_2d_temporal_convolutions_is_the_same_unet() -> N
             tc.install(swapped, kind)
 
 
-def test_auto_is_conv2d_on_a_cuda_device_and_conv3d_elsewhere() -> None:
-    """Where it was timed to pay (docs/benchmarks.md run G): the GPU; the CPU keeps diffusers' layers."""
-    assert tc.resolve("auto", torch.device("cuda")) == "conv2d"
-    assert tc.resolve("auto", torch.device("cpu")) == "conv3d"
-    assert tc.resolve("conv3d", torch.device("cuda")) == "conv3d"
-    assert tc.resolve("conv2d", torch.device("cpu")) == "conv2d"
+def test_auto_is_conv2d_on_a_cuda_device_with_compiled_buckets_and_conv3d_elsewhere() -> None:
+    """Where it was timed to pay (docs/benchmarks.md run G): compiled buckets on a GPU; eager forwards and the
+    CPU keep diffusers' layers."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert tc.resolve("auto", cuda, compiled=True) == "conv2d"
+    assert tc.resolve("auto", cuda, compiled=False) == "conv3d"
+    assert tc.resolve("auto", cpu, compiled=True) == "conv3d"
+    assert tc.resolve("conv3d", cuda, compiled=True) == "conv3d"
+    assert tc.resolve("conv2d", cpu, compiled=False) == "conv2d"
     with pytest.raises(ValueError, match="choose auto or conv3d or conv2d"):
-        tc.resolve("conv1d", torch.device("cpu"))
+        tc.resolve("conv1d", cpu, compiled=False)
 
 
 def test_the_setting_is_checked_at_start_and_reaches_the_engine() -> None:
@@ -99,8 +102,10 @@ def test_the_setting_is_checked_at_start_and_reaches_the_engine() -> None:
     assert engine.temporal_conv == "conv2d"
     assert any(isinstance(m, tc.TemporalConv2d) for m in engine.unet.modules())
     engine = eng.DenoiseEngine(embedded_unet(), scheduler, torch.device("cpu"), torch.float32)
-    assert engine.temporal_conv == "conv3d"                     # auto, on the CPU: the plan's identity names it
+    assert engine.temporal_conv == "conv3d"                     # the engine's own default: diffusers' layers
     assert not any(isinstance(m, tc.TemporalConv2d) for m in engine.unet.modules())
+    with pytest.raises(ValueError, match="not one to install"):  # the server settles auto, not the engine
+        eng.DenoiseEngine(embedded_unet(), scheduler, torch.device("cpu"), torch.float32, temporal_conv="auto")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
