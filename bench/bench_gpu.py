@@ -371,16 +371,34 @@ def gpu_seconds(a) -> float:
     return sum(v for k, v in samples.items() if any(k.startswith(n) for n in GPU_SECONDS.values()))
 
 
-def generate(stub, a, seed: int, steps: int | None = None, cache: str = "") -> float:
+ARRIVALS = {"stage": lambda e: f"{gateway_pb2.Stage.Name(e.stage.stage).removeprefix('STAGE_').lower()}_started",
+            "progress": lambda e: "first_step", "result": lambda e: "video"}
+
+
+def generate(stub, a, seed: int, steps: int | None = None, cache: str = "",
+             marks: dict[str, float] | None = None, since: float | None = None) -> float:
+    """One video through the gateway's Generate; its seconds. ``marks`` gets, for each of ARRIVALS' events,
+    the seconds from ``since`` (default: this call's start) to its first arrival at the client."""
     params = generation_pb2.GenerationParams(prompt=PROMPT, num_frames=a.frames, height=a.size, width=a.size,
                                              num_inference_steps=steps or a.steps, seed=seed, cache=cache)
     start = time.perf_counter()
     result = None
     for event in stub.Generate(gateway_pb2.GenerateRequest(params=params), timeout=1800):
+        kind = event.WhichOneof("event")
+        if marks is not None and kind in ARRIVALS:
+            marks.setdefault(ARRIVALS[kind](event), time.perf_counter() - (start if since is None else since))
         if event.HasField("result"):
             result = event.result
     assert result is not None and result.video, "no video came back"
     return time.perf_counter() - start
+
+
+def arrivals(marks: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per event, the first, median and last request's seconds since the burst began: when a burst's
+    requests reached each stage, their first denoising step and their video."""
+    names = sorted({k for m in marks for k in m}, key=lambda k: statistics.median(m[k] for m in marks if k in m))
+    return {k: {"first": min(v), "median": statistics.median(v), "last": max(v)}
+            for k in names for v in [[m[k] for m in marks if k in m]]}
 
 
 def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict:
@@ -419,9 +437,11 @@ def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, m
             continue
         before = scrape(a)
         latencies: list[float] = []
-        threads = [threading.Thread(target=lambda i=i: latencies.append(
-            generate(stub, a, seed0 + 1000 * concurrency + i, cache=mode))) for i in range(concurrency)]
+        marks: list[dict[str, float]] = [{} for _ in range(concurrency)]
         start = time.perf_counter()
+        threads = [threading.Thread(target=lambda i=i: latencies.append(generate(
+            stub, a, seed0 + 1000 * concurrency + i, cache=mode, marks=marks[i], since=start)))
+            for i in range(concurrency)]
         for t in threads:
             t.start()
         for t in threads:
@@ -433,6 +453,7 @@ def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, m
         # own forwards): the same per-video breakdown as the latency runs', under load
         target["throughput"][concurrency] = {"wall_s": wall, "videos_per_s": concurrency / wall,
                                              "mean_latency_s": statistics.mean(latencies),
+                                             "arrivals_s": arrivals(marks),
                                              "per_video_breakdown_s": {k: (after[k] - before.get(k, 0.0)) / concurrency
                                                                        for k in after if "bucket" not in k},
                                              **batch_sizes(before, after)}
@@ -667,6 +688,9 @@ def summarise(r: dict) -> str:
                      f"{t.get('forwards_over_16', 0):.0f} forwards over 16) | {t['videos_per_s']:.3f} videos/s "
                      f"(UNet at {mfu(t['videos_per_s'])} of the ceiling{vs_compiled}) | "
                      f"{t['videos_per_s'] * peer if peer else float('nan'):.2f}x the peer's videos/s |")
+        if t.get("arrivals_s"):
+            burst = ", ".join(f"{k} {v['first']:.2f}/{v['median']:.2f}/{v['last']:.2f}" for k, v in t["arrivals_s"].items())
+            lines.append(f"| ... its requests at the client, s after the burst (first/median/last) | {burst} | |")
     for key, deep in mesh.items():
         if not key.startswith("cache_") or "latency_s" not in deep:
             continue
