@@ -15,6 +15,16 @@ import pytest
 from tests.conftest import free_base_port
 
 ROOT = Path(__file__).resolve().parents[2]
+EVENTS = {"text_encoder_started", "denoiser_started", "first_step", "decoder_started", "video"}
+
+
+def assert_arrivals(arrivals: dict) -> None:
+    """Every stage's first/median/last arrival of a burst, in order within each and across the pipeline."""
+    assert set(arrivals) == EVENTS, arrivals
+    assert all(0 <= v["first"] <= v["median"] <= v["last"] for v in arrivals.values()), arrivals
+    firsts = [arrivals[k]["first"] for k in ("text_encoder_started", "denoiser_started", "first_step",
+                                               "decoder_started", "video")]
+    assert firsts == sorted(firsts), arrivals
 
 
 @pytest.mark.slow
@@ -31,7 +41,19 @@ def test_the_gpu_benchmark_runs_its_quick_mode_on_the_cpu(tmp_path: Path) -> Non
     assert mesh["starts"] and mesh["starts"][0]["seconds"] > 0 and "warm" in mesh["starts"][0]
     assert len(mesh["latencies_s"]) == 2 and 0 <= mesh["non_gpu_share"] < 1
     assert mesh["throughput"]["2"]["videos_per_s"] > 0
+    assert_arrivals(mesh["throughput"]["2"]["arrivals_s"])
     assert mesh["cache_deep"]["throughput"]["2"]["videos_per_s"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| mesh latency, concurrency 1" in table and "cache deep" in table
     assert (tmp_path / "logs.tgz").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_burst_benchmark_times_each_request_at_each_stage(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "bench/bench_burst.py", "--requests", "3", "--steps", "2", "--out",
+                           str(tmp_path), "--base-port", str(free_base_port())],
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_arrivals(json.loads((tmp_path / "burst.json").read_text())["arrivals_s"])
+    assert "denoiser_started: first" in proc.stdout
