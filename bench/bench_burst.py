@@ -28,8 +28,7 @@ for path in (ROOT, ROOT / "bench"):
 
 import grpc  # noqa: E402
 
-from bench_gpu import arrivals, generate, host_info  # noqa: E402
-from t2v.up import health_status  # noqa: E402
+from bench_gpu import arrivals, generate, host_info, wait_serving  # noqa: E402
 from t2v.v1 import gateway_pb2_grpc  # noqa: E402
 
 
@@ -49,12 +48,7 @@ def main() -> None:
                              "--log-dir", str(a.out / "logs")], env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
-        for port in range(a.base_port, a.base_port + 4):
-            while health_status(f"127.0.0.1:{port}") != 1:
-                if mesh.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the mesh did not start; logs in {a.out / 'logs'}")
-                time.sleep(0.5)
+        wait_serving(mesh, a.base_port, a.out / "logs", 300)
         stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(f"127.0.0.1:{a.base_port}"))
         generate(stub, a, 999_999, steps=2)                     # warm-up
         marks: list[dict[str, float]] = [{} for _ in range(a.requests)]

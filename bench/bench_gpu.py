@@ -265,13 +265,19 @@ def start_mesh(model: str, a, log_dir: Path, extra_env: dict[str, str] | None = 
     cmd = [sys.executable, "-m", "t2v", "up", "--model", model, "--device", device, "--dtype", dtype,
            "--base-port", str(a.base_port), "--log-dir", str(log_dir), "--start-timeout", "900"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
-    deadline = time.monotonic() + 900
-    for port in range(a.base_port, a.base_port + 4):
+    wait_serving(proc, a.base_port, log_dir, 900)
+    return proc, time.monotonic() - started
+
+
+def wait_serving(proc: subprocess.Popen, base_port: int, log_dir: Path, timeout: float) -> None:
+    """Until the four services of the mesh ``proc`` started at ``base_port`` answer SERVING; SystemExit if it
+    exits or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    for port in range(base_port, base_port + 4):
         while health_status(f"127.0.0.1:{port}") != 1:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the mesh did not start; logs in {log_dir}")
             time.sleep(0.5)
-    return proc, time.monotonic() - started
 
 
 def wait_for_deferred_captures(log_dir: Path, serving_s: float, timeout: float = 180.0) -> float | None:
