@@ -402,9 +402,12 @@ def generate(stub, a, seed: int, steps: int | None = None, cache: str = "",
 def arrivals(marks: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per event, the first, median and last request's seconds since the burst began: when a burst's
     requests reached each stage, their first denoising step and their video."""
-    names = sorted({k for m in marks for k in m}, key=lambda k: statistics.median(m[k] for m in marks if k in m))
-    return {k: {"first": min(v), "median": statistics.median(v), "last": max(v)}
-            for k in names for v in [[m[k] for m in marks if k in m]]}
+    seconds: dict[str, list[float]] = {}
+    for request in marks:
+        for name, at in request.items():
+            seconds.setdefault(name, []).append(at)
+    spread = {name: {"first": min(v), "median": statistics.median(v), "last": max(v)} for name, v in seconds.items()}
+    return dict(sorted(spread.items(), key=lambda item: item[1]["median"]))
 
 
 def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict:

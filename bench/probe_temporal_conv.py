@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.probe_unet import kernel_families  # noqa: E402 - the probe's kernel families, transposes apart
+from bench.probe_unet import event_median, kernel_families  # noqa: E402 - the probe's timing and kernel families
 
 
 class Slice(nn.Module):
@@ -71,22 +71,11 @@ def main() -> None:
             out = compiled(x)
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - started
-            for _ in range(3):
-                compiled(x)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(10):
-                start.record()
-                compiled(x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            times.sort()
+            ms = event_median(lambda: compiled(x), warmup=3) * 1e3
             if reference is None:
                 reference = out.float()
-            row = {"kind": kind, "swapped": swapped, "compile_s": round(compile_s, 1), "ms": round(times[5], 3),
-                   "ms_min": round(times[0], 3), "rel_err_vs_conv3d": round(float((out.float() - reference).norm()
-                                                                               / reference.norm()), 6),
+            row = {"kind": kind, "swapped": swapped, "compile_s": round(compile_s, 1), "ms": round(ms, 3),
+                   "rel_err_vs_conv3d": round(float((out.float() - reference).norm() / reference.norm()), 6),
                    "families_ms": kernel_families(lambda: compiled(x))["ms"]}
             report[kind] = row
             print(json.dumps(row), flush=True)
