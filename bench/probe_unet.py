@@ -27,7 +27,10 @@ one process and one call, each step guarded by a time budget:
    ``--variants triton+layout,triton+layout+fp8`` (step ``variants``). The SDPA baseline is compiled first
    only when ``baseline`` (or a step that needs it) is in ``--steps``; a variant that would outlast the
    budget is stopped (an alarm) and recorded as such;
-6. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
+6. ``vae``: the decoder's VAE (fp16, 256x256 frames) at 4 to 64 frames a forward, channels-last too, and 16
+   videos decoded as the decoder serves a burst today (16 threads, 4 frames a forward each) against one
+   thread decoding the same 256 frames 64 at a time: what batching the tail's decoding would save;
+7. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
    CUDA events, against a 32-row step.
 (Packages of compiled buckets: bench/probe_packages.py, which builds them through services/denoiser/aot.py itself.)
 
@@ -378,6 +381,65 @@ def kernel_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
     return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
 
 
+def vae_bench(model: str) -> dict[str, Any]:
+    """Step ``vae``: the VAE's decode time by frames a forward, and a burst's 16 videos decoded the decoder's
+    way (a thread a call, ``chunk_size`` 4) against one batched pass (see the module's docstring)."""
+    import threading
+
+    from services.decoder.vae import VaeDecoder
+
+    decoder = VaeDecoder(model, torch.device("cuda"), torch.float16, chunk_size=4)
+    vae = decoder.vae
+    result: dict[str, Any] = {"ms_a_forward": {}, "ms_a_frame": {}}
+    g = torch.Generator(device="cuda").manual_seed(3)
+    videos = [torch.randn(1, 4, FRAMES, LATENT, LATENT, device="cuda", dtype=torch.float16, generator=g)
+              for _ in range(16)]
+    with torch.inference_mode():
+        for layout in ("contiguous", "channels_last"):
+            if layout == "channels_last":
+                vae.to(memory_format=torch.channels_last)
+            for frames in (4, 8, 16, 32, 64):
+                x = torch.randn(frames, 4, LATENT, LATENT, device="cuda", dtype=torch.float16, generator=g)
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                ms = event_median(lambda: vae.decode(x).sample, repeat=5, warmup=1) * 1e3
+                result["ms_a_forward"][f"{layout}_{frames}"] = round(ms, 2)
+                result["ms_a_frame"][f"{layout}_{frames}"] = round(ms / frames, 3)
+        vae.to(memory_format=torch.contiguous_format)
+
+        def burst_threads() -> None:          # what 16 Decode calls at once do today (MP4 encoding left out)
+            threads = [threading.Thread(target=decoder.decode, args=(v,)) for v in videos]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        def one_pass(chunk: int) -> Callable[[], None]:
+            def run() -> None:
+                flat = torch.cat([v[0].permute(1, 0, 2, 3) for v in videos])     # 256 frames
+                for part in flat.split(chunk):
+                    images = vae.decode(part / vae.config.scaling_factor).sample
+                    host = torch.empty(images.shape, dtype=torch.float32, pin_memory=True)
+                    host.copy_(images.float(), non_blocking=True)
+                torch.cuda.synchronize()
+            return run
+
+        for name, fn in (("burst_16_threads_chunk4_s", burst_threads), ("one_thread_chunk16_s", one_pass(16)),
+                         ("one_thread_chunk64_s", one_pass(64))):
+            fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            result[name] = round(statistics.median(times), 4)
+    del decoder, vae
+    torch.cuda.empty_cache()
+    return result
+
+
 def main() -> None:
     import faulthandler
 
@@ -386,7 +448,7 @@ def main() -> None:
     parser.add_argument("--model", default="/tmp/t2v-full")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget-s", type=float, default=420.0)
-    parser.add_argument("--steps", default="profile,cudnn,preview,attention,kernel,variants,fp8,rows64")
+    parser.add_argument("--steps", default="profile,cudnn,preview,attention,kernel,variants,fp8,rows64,vae")
     parser.add_argument("--variants", default="math,math+layout",
                         help="comma-separated lever combinations for the step variants: math|triton, layout, fp8, conv2d, "
                              "coord, mm1x1, autotune")
@@ -417,9 +479,14 @@ def main() -> None:
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"], capture_output=True, text=True)
     report["host"] = {"cpu": cpu.stdout.split(":", 1)[-1].strip(), "cpus": os.cpu_count(),
                       "python": platform.python_version()}
+    steps = a.steps.split(",")
+    if "vae" in steps:
+        try:
+            done("vae", vae_bench(a.model))
+        except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
+            done("vae", f"failed: {type(exc).__name__}: {exc}"[:600])
     unet = UNet3DConditionModel.from_pretrained(f"{a.model}/unet", dtype=torch.float16).to("cuda").eval()
     dim = unet.config.cross_attention_dim
-    steps = a.steps.split(",")
 
     def call(module: torch.nn.Module) -> Callable[..., torch.Tensor]:
         return lambda x, t, e: module(x, t, encoder_hidden_states=e, return_dict=False)[0]

@@ -1,4 +1,5 @@
-"""The decoder's Prometheus metrics: VAE decode time, MP4 encode time, MP4 size, frames decoded."""
+"""The decoder's Prometheus metrics: VAE decode time, MP4 encode time, MP4 size, frames decoded, frames a
+shared VAE forward."""
 
 from __future__ import annotations
 
@@ -22,10 +23,16 @@ class DecoderMetrics(ServiceMetrics):
         self.mp4_bytes = Histogram("t2v_decoder_mp4_size_bytes", "Size of each MP4 returned, in bytes "
                                    "(_sum: all bytes sent)", buckets=SIZE_BUCKETS, registry=r)
         self.frames = Counter("t2v_decoder_frames_decoded", "Video frames decoded by the VAE", registry=r)
+        self.batch_frames = Histogram("t2v_decoder_vae_batch_frames", "Frames in one shared VAE forward, of all "
+                                      "the Decode calls whose chunks it decoded", buckets=(1, 2, 4, 8, 16, 32, 64, 128,
+                                                                                      256, 512, 1024), registry=r)
 
     def decoded(self, frames: int, seconds: float) -> None:
         self.vae_seconds.observe(seconds)
         self.frames.inc(frames)
+
+    def batched(self, frames: int) -> None:
+        self.batch_frames.observe(frames)
 
     def encoded(self, mp4_bytes: int, seconds: float) -> None:
         self.mp4_seconds.observe(seconds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from concurrent.futures import CancelledError
 from typing import Iterator, Sequence
 
 import grpc
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from services.common.config import ModelConfig, parse_config, setting
-from services.common.errors import InvalidArgument, grpc_errors
+from services.common.errors import Cancelled, InvalidArgument, grpc_errors
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, run_stage
@@ -33,6 +34,9 @@ class DecoderConfig(ModelConfig):
     chunk_size: int = setting(4, "frames decoded by the VAE at a time; each chunk is encoded to MP4 on the CPU "
                                  "while the GPU decodes the next, so only the last chunk's encoding adds to a "
                                  "call's time (with 16 frames, 4 of them); lower it if a long video runs out of memory")
+    batch_megapixels: float = setting(4.2, "output megapixels one VAE forward decodes for the calls decoding at "
+                                           "once, their chunks together (4.2: 64 frames of 256x256); a call alone "
+                                           "still runs its own chunks at once; 0 = each call its own forwards")
     crf: int = setting(18, "H.264 quality, 0 (lossless) to 51 (worst)")
     x264_preset: str = setting("veryfast", "x264 speed/size trade-off: ultrafast ... veryslow (veryfast: ~2x "
                                            "faster than medium, files ~10% larger)")
@@ -44,8 +48,14 @@ class DecoderConfig(ModelConfig):
     max_size: int = setting(1024, "largest height or width of a video accepted, in pixels")
 
 
+MAX_BATCH_MEGAPIXELS = 1024.0
+
+
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     def __init__(self, config: DecoderConfig) -> None:
+        if not 0 <= config.batch_megapixels <= MAX_BATCH_MEGAPIXELS:
+            raise ValueError(f"--batch-megapixels is {config.batch_megapixels}; it must be 0 (off) to "
+                             f"{MAX_BATCH_MEGAPIXELS:g}")
         self.config = config
         self.gate = ReadyGate("decoder")
         self.metrics = DecoderMetrics()
@@ -56,7 +66,12 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         check_x264_settings(self.config.crf, self.config.x264_preset, self.config.x264_tune)   # a typo stops the start
         device = resolve_device(self.config.device)
         self.vae = VaeDecoder(self.config.model, device, resolve_dtype(self.config.dtype, device),
-                              chunk_size=self.config.chunk_size)
+                              chunk_size=self.config.chunk_size,
+                              batch_pixels=round(self.config.batch_megapixels * 1e6), on_batch=self.metrics.batched)
+
+    def close(self, timeout: float) -> None:
+        if self.vae is not None:
+            self.vae.close(timeout)
 
     @grpc_errors
     def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.ServicerContext
@@ -83,7 +98,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
 
         def chunks() -> Iterator[np.ndarray]:
             nonlocal count
-            for frames in self.vae.iter_decode(latents, timing):
+            for frames in self.vae.iter_decode(latents, timing, alive=context.is_active):
                 if not torch.isfinite(frames).all():    # else to_uint8 makes them a silently broken video
                     raise InvalidArgument(f"decoding gave NaN or Inf pixels: the latents' values (up to "
                                           f"{float(latents.abs().max()):.3g}) are far outside what this VAE "
@@ -94,8 +109,11 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                     kept.append(frames)
                 yield to_uint8(frames)
 
-        video = encode_mp4(chunks(), request.fps, width, height, self.config.crf, self.config.x264_preset,
-                           self.config.x264_tune)
+        try:
+            video = encode_mp4(chunks(), request.fps, width, height, self.config.crf, self.config.x264_preset,
+                               self.config.x264_tune)
+        except CancelledError:                  # its chunks left the shared forwards' queue: the caller went away
+            raise Cancelled("the call ended before its video was decoded") from None
         self.metrics.decoded(count, timing.vae_seconds)
         # What the decode did not hide: the MP4 encoding and the hand-over of frames on the CPU.
         self.metrics.encoded(len(video), max(0.0, time.perf_counter() - started - timing.vae_seconds))

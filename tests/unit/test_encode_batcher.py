@@ -14,7 +14,8 @@ import torch
 
 from services.common.config import DEFAULT_MODEL
 from services.common.errors import Unavailable
-from services.text_encoder.batcher import EncodeBatcher, take_batch
+from services.common.call_batcher import take_batch
+from services.text_encoder.batcher import EncodeBatcher
 from services.text_encoder.encoder import TextEncoder
 
 
@@ -25,6 +26,8 @@ def test_the_oldest_call_always_goes_and_no_call_passes_an_older_one() -> None:
     assert take_batch([16, 2], 8) == 1                 # alone above the budget rather than never
     assert take_batch([2, 16, 2], 8) == 1              # the 2 behind the 16 waits its turn
     assert take_batch([2, 2], 1) == 1
+    assert take_batch([2, 2, 2], 64, kinds=["a", "a", "b"]) == 2      # another kind waits for its own forward
+    assert take_batch([2, 2, 2], 64, kinds=["a", "b", "a"]) == 1      # and the item behind it waits too
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_calls_that_arrive_during_a_forward_share_the_next_and_get_their_own_row
     others = [threading.Thread(target=lambda i=i: results.setdefault(i, batcher.encode(calls[i]))) for i in (1, 2, 3)]
     for waiting, thread in enumerate(others, start=1):
         thread.start()
-        wait_until(lambda waiting=waiting: len(batcher._pending) == waiting)      # so the arrival order is known
+        wait_until(lambda waiting=waiting: batcher.waiting() == waiting)      # so the arrival order is known
     gated.release.set()
     for thread in [first, *others]:
         thread.join(30)
@@ -91,7 +94,7 @@ def test_the_prompt_budget_splits_a_queue_into_forwards_in_arrival_order(encoder
     assert gated.entered.wait(10)
     for i, thread in enumerate(threads[1:], start=1):
         thread.start()
-        wait_until(lambda i=i: len(batcher._pending) == i)          # so the arrival order is known
+        wait_until(lambda i=i: batcher.waiting() == i)          # so the arrival order is known
     gated.release.set()
     for thread in threads:
         thread.join(30)
@@ -124,7 +127,7 @@ def test_a_forward_that_fails_is_tried_call_by_call_and_each_caller_hears_its_ow
     for i, prompts in enumerate([["", "a cat"], ["", "poison"], ["", "rain"]], start=1):
         threads.append(threading.Thread(target=call, args=(i, prompts)))
         threads[-1].start()
-        wait_until(lambda i=i: len(batcher._pending) == i)
+        wait_until(lambda i=i: batcher.waiting() == i)
     gated.release.set()
     for thread in threads:
         thread.join(30)
@@ -159,14 +162,14 @@ def test_close_finishes_what_waits_and_refuses_what_comes_after(encoder: TextEnc
     threads[0].start()
     assert gated.entered.wait(10)
     threads[1].start()
-    wait_until(lambda: len(batcher._pending) == 1)
+    wait_until(lambda: batcher.waiting() == 1)
     closing = threading.Thread(target=batcher.close)
     closing.start()
     gated.release.set()
     closing.join(30)
     for thread in threads:
         thread.join(30)
-    assert len(results) == 2 and not batcher._thread.is_alive()
+    assert len(results) == 2 and batcher.stopped()
     with pytest.raises(Unavailable, match="stopping; send the call to another replica"):
         batcher.encode(["a cat"])
     with pytest.raises(ValueError, match="at least 1"):

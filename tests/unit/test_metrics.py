@@ -266,6 +266,9 @@ def test_decoder_metrics() -> None:
     m = DecoderMetrics()
     m.decoded(frames=16, seconds=0.4)
     m.encoded(mp4_bytes=50_000, seconds=0.1)
+    m.batched(frames=48)
+    assert value(m, "t2v_decoder_vae_batch_frames_bucket", le="32.0") == 0
+    assert value(m, "t2v_decoder_vae_batch_frames_bucket", le="64.0") == 1
     assert value(m, "t2v_decoder_frames_decoded_total") == 16
     assert value(m, "t2v_decoder_vae_decode_duration_seconds_sum") == pytest.approx(0.4)
     assert value(m, "t2v_decoder_mp4_encode_duration_seconds_sum") == pytest.approx(0.1)

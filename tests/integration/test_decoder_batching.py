@@ -1,0 +1,178 @@
+"""Decode calls at once share the VAE's forwards (services/decoder/vae.py with ``batch_pixels``).
+
+The VAE is the embedded model's real one on the CPU; a gate holds the first forward open so that the chunks
+behind it are known to have arrived while it ran.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import CancelledError
+
+import pytest
+import torch
+
+from services.common.errors import Unavailable
+from services.decoder.server import DecoderConfig, DecoderServicer
+from services.decoder.vae import DecodeTiming, VaeDecoder
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def video(seed: int, frames: int = 4) -> torch.Tensor:
+    return torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+class Gate:
+    """Wraps the VAE's forward: holds the first one at its start until ``release``; records each forward's
+    frame count; fails any forward that holds a latent above ``poison``, or more than ``most`` frames."""
+
+    def __init__(self, decoder: VaeDecoder, poison: float | None = None, most: int | None = None) -> None:
+        self.frames_of = decoder._frames
+        self.forwards: list[int] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.poison, self.most = poison, most
+        decoder._frames = self
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        self.forwards.append(latents.shape[0])
+        if len(self.forwards) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        if self.most is not None and latents.shape[0] > self.most:
+            raise RuntimeError("CUDA out of memory (a stand-in: this forward is too big)")
+        if self.poison is not None and bool((latents.abs() > self.poison).any()):
+            raise RuntimeError("a forward that fails")
+        return self.frames_of(latents)
+
+
+@pytest.fixture(scope="module")
+def alone(model_dir) -> VaeDecoder:
+    return VaeDecoder(model_dir, torch.device("cpu"), torch.float32, chunk_size=2)
+
+
+def run_calls(decoder: VaeDecoder, gate: Gate, latents: list[torch.Tensor],
+              alive: list | None = None) -> dict[int, object]:
+    """The first call starts and holds the gate; the others then queue their chunks; then the gate opens.
+    Each call's frames (or what it raised) by index."""
+    results: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        try:
+            results[i] = torch.cat(list(decoder.iter_decode(latents[i], DecodeTiming(),
+                                                            alive=(alive[i] if alive else lambda: True))))
+        except BaseException as error:  # noqa: BLE001 - the test reads it
+            results[i] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(latents))]
+    threads[0].start()
+    assert gate.entered.wait(10)
+    queued = decoder.waiting()
+    for n, thread in enumerate(threads[1:], start=1):
+        thread.start()
+        wait_until(lambda n=n: decoder.waiting() == queued + 2 * n)     # two chunks a call ahead
+    gate.release.set()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def test_calls_decoding_at_once_share_forwards_and_get_their_own_frames(model_dir, alone) -> None:
+    sizes: list[int] = []
+    decoder = VaeDecoder(model_dir, torch.device("cpu"), torch.float32, chunk_size=2, batch_pixels=10 ** 9,
+                         on_batch=sizes.append)
+    gate = Gate(decoder)
+    latents = [video(i) for i in range(3)]
+    results = run_calls(decoder, gate, latents)
+    decoder.close()
+    assert max(gate.forwards) > 2                       # chunks of different calls shared a forward
+    assert sum(gate.forwards) == 12 and sorted(sizes) == sorted(gate.forwards)
+    for i, frames in results.items():
+        torch.testing.assert_close(frames, alone.decode(latents[i]), rtol=1e-4, atol=1e-5)   # frames do not mix
+
+
+def test_the_pixel_budget_bounds_a_shared_forward(model_dir) -> None:
+    chunk_pixels = 2 * 64 * 64                          # 2 latent frames of 8x8, 8 pixels a latent a side
+    decoder = VaeDecoder(model_dir, torch.device("cpu"), torch.float32, chunk_size=2, batch_pixels=3 * chunk_pixels)
+    gate = Gate(decoder)
+    run_calls(decoder, gate, [video(i) for i in range(4)])
+    decoder.close()
+    assert max(gate.forwards) > 2 and all(frames <= 6 for frames in gate.forwards)
+
+
+def test_a_shared_forward_that_fails_is_tried_chunk_by_chunk_and_only_its_caller_hears(model_dir, alone) -> None:
+    decoder = VaeDecoder(model_dir, torch.device("cpu"), torch.float32, chunk_size=2, batch_pixels=10 ** 9)
+    latents = [video(i) for i in range(3)]
+    latents[2][0, 0, 3, 0, 0] = 1e5                     # the last chunk of call 2 always fails
+    gate = Gate(decoder, poison=1000.0, most=2)         # and every shared forward runs out of memory
+    results = run_calls(decoder, gate, latents)
+    decoder.close()
+    assert isinstance(results[2], RuntimeError) and "the VAE failed: RuntimeError: a forward that fails" in str(results[2])
+    for i in (0, 1):
+        torch.testing.assert_close(results[i], alone.decode(latents[i]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_call_whose_caller_is_gone_is_never_decoded(model_dir) -> None:
+    decoder = VaeDecoder(model_dir, torch.device("cpu"), torch.float32, chunk_size=2, batch_pixels=10 ** 9)
+    gate = Gate(decoder)
+    gone = threading.Event()
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault(0, decoder.decode(video(0))))
+    first.start()
+    assert gate.entered.wait(10)
+    queued = decoder.waiting()
+
+    def second() -> None:
+        try:
+            results[1] = list(decoder.iter_decode(video(1), alive=lambda: not gone.is_set()))
+        except BaseException as error:  # noqa: BLE001 - the test reads it
+            results[1] = error
+
+    other = threading.Thread(target=second)
+    other.start()
+    wait_until(lambda: decoder.waiting() == queued + 2)    # its chunks wait behind the held forward
+    gone.set()                                              # then its caller goes away
+    gate.release.set()
+    first.join(30)
+    other.join(30)
+    decoder.close()
+    assert isinstance(results[0], torch.Tensor) and isinstance(results[1], CancelledError)
+    assert sum(gate.forwards) == 4                          # the first call's frames only
+
+
+def test_a_closed_decoder_refuses_new_calls_and_the_setting_is_checked(model_dir) -> None:
+    decoder = VaeDecoder(model_dir, torch.device("cpu"), torch.float32, chunk_size=2, batch_pixels=10 ** 9)
+    decoder.close()
+    with pytest.raises(Unavailable, match="stopping"):
+        decoder.decode(video(0))
+    with pytest.raises(ValueError, match="--batch-megapixels"):
+        DecoderServicer(DecoderConfig(batch_megapixels=-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs on the lent GPU)")
+def test_on_cuda_shared_forwards_give_each_call_its_frames_and_time(model_dir) -> None:
+    device = torch.device("cuda")
+    batched = VaeDecoder(model_dir, device, torch.float16, chunk_size=4, batch_pixels=10 ** 9)
+    single = VaeDecoder(model_dir, device, torch.float16, chunk_size=4)
+    latents = [video(i, frames=16) for i in range(6)]
+    results: dict[int, tuple[torch.Tensor, float]] = {}
+
+    def call(i: int) -> None:
+        timing = DecodeTiming()
+        results[i] = (torch.cat(list(batched.iter_decode(latents[i], timing))), timing.vae_seconds)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(latents))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    batched.close()
+    for i, (frames, seconds) in results.items():
+        assert frames.device.type == "cpu" and seconds > 0
+        torch.testing.assert_close(frames, single.decode(latents[i]), rtol=0, atol=2e-3)    # fp16 kernels may differ
