@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Hashable, Sequence, TypeVar
 
-from services.common.errors import Unavailable
+from services.common.errors import ResourceExhausted, Unavailable
 from services.common.logs import kv
 
 Item = TypeVar("Item")
@@ -50,6 +50,12 @@ class _Pending(Generic[Item]):
     result: Future = field(default_factory=Future)
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a forward failed for want of memory (torch's OutOfMemoryError says "out of memory"): the
+    caller hears RESOURCE_EXHAUSTED, which may pass if it tries again later, not INTERNAL."""
+    return isinstance(error, MemoryError) or "out of memory" in str(error).lower()
+
+
 def live(pending: _Pending) -> bool:
     """Whether a waiting item is still wanted: not cancelled and its caller still there (a gone caller's
     Future is cancelled here, so nothing waits on it)."""
@@ -65,7 +71,8 @@ class CallBatcher(Generic[Item, Result]):
     """Runs ``forward`` (items -> one result an item, in order) on one thread for every caller, a batch of
     the items waiting at a time (``take_batch`` on ``size(item)`` within ``budget``, of one ``kind(item)``).
     An item whose caller is gone (``alive``) before its forward is dropped, never run. A forward that raises
-    is tried again item by item, so each caller hears its own error (``failure``: what failed, in words)."""
+    is tried again item by item, so each caller hears its own error (``failure``: what failed, in words;
+    ResourceExhausted when the item alone ran out of memory, RuntimeError otherwise)."""
 
     def __init__(self, forward: Callable[[list[Item]], list[Result]], budget: int, size: Callable[[Item], int],
                  *, name: str, failure: str, stopping: str, log: logging.Logger,
@@ -154,7 +161,8 @@ class CallBatcher(Generic[Item, Result]):
                                  error=f"{type(error).__name__}: {error}"[:300],
                                  then="each item alone" if len(batch) > 1 else "the call fails"))
             if len(batch) == 1:
-                failure = RuntimeError(f"{self._failure}: {type(error).__name__}: {error}"[:500])
+                kind = ResourceExhausted if out_of_memory(error) else RuntimeError
+                failure = kind(f"{self._failure}: {type(error).__name__}: {error}"[:500])
                 failure.__cause__ = error
                 batch[0].result.set_exception(failure)
             return False

@@ -113,7 +113,7 @@ def test_a_shared_forward_that_fails_is_tried_chunk_by_chunk_and_only_its_caller
     gate = Gate(decoder, poison=1000.0, most=2)         # and every shared forward runs out of memory
     results = run_calls(decoder, gate, latents)
     decoder.close()
-    assert isinstance(results[2], RuntimeError) and "the VAE failed: RuntimeError: a forward that fails" in str(results[2])
+    assert type(results[2]) is RuntimeError and "the VAE failed: RuntimeError: a forward that fails" in str(results[2])
     for i in (0, 1):
         torch.testing.assert_close(results[i], alone.decode(latents[i]), rtol=1e-4, atol=1e-5)
 

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from services.common.config import DEFAULT_MODEL
-from services.common.errors import Unavailable
 from services.common.call_batcher import take_batch
+from services.common.config import DEFAULT_MODEL
+from services.common.errors import ResourceExhausted, Unavailable
 from services.text_encoder.batcher import EncodeBatcher
 from services.text_encoder.encoder import TextEncoder
 
@@ -118,7 +118,7 @@ def test_a_forward_that_fails_is_tried_call_by_call_and_each_caller_hears_its_ow
     def call(i: int, prompts: list[str]) -> None:
         try:
             results[i] = batcher.encode(prompts)
-        except RuntimeError as error:
+        except (RuntimeError, ResourceExhausted) as error:
             results[i] = error
 
     threads = [threading.Thread(target=call, args=(0, ["", "first"]))]
@@ -132,6 +132,7 @@ def test_a_forward_that_fails_is_tried_call_by_call_and_each_caller_hears_its_ow
     for thread in threads:
         thread.join(30)
     assert [results[i].embeddings.shape[0] for i in (0, 1, 3)] == [2, 2, 2]
+    assert isinstance(results[2], ResourceExhausted)         # RESOURCE_EXHAUSTED over gRPC: try again later
     assert "the text model failed: RuntimeError: CUDA out of memory" in str(results[2])
     assert gated.forwards[1:] == [["", "a cat"], ["", "rain"]]                  # the 6 together never ran
     assert batcher.encode(["a cat"]).embeddings.shape[0] == 1                  # and the thread goes on
