@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from services.common.config import ModelConfig, parse_config, setting
-from services.common.errors import Cancelled, InvalidArgument, grpc_errors
+from services.common.errors import Cancelled, DeadlineExceeded, InvalidArgument, grpc_errors
 from services.common.logs import kv
 from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, run_stage
@@ -113,10 +113,15 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             video = encode_mp4(chunks(), request.fps, width, height, self.config.crf, self.config.x264_preset,
                                self.config.x264_tune)
         except CancelledError:                  # its chunks left the shared forwards' queue: the caller went away
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("the call's deadline passed before its video was decoded") from None
             raise Cancelled("the call ended before its video was decoded") from None
         self.metrics.decoded(count, timing.vae_seconds)
-        # What the decode did not hide: the MP4 encoding and the hand-over of frames on the CPU.
-        self.metrics.encoded(len(video), max(0.0, time.perf_counter() - started - timing.vae_seconds))
+        # What the decode did not hide: the MP4 encoding and the hand-over of frames on the CPU. Not the time
+        # its chunks waited for other calls' shared forwards either (waited_seconds counts that wait).
+        self.metrics.encoded(len(video), max(0.0, time.perf_counter() - started
+                                              - max(timing.vae_seconds, timing.waited_seconds)))
         log.info(kv("decoded", job_id=request.request_id, frames=count, width=width, height=height,
                     mp4_bytes=len(video)))
         response = decoder_pb2.DecodeResponse(video=video, mime_type="video/mp4", num_frames=count,

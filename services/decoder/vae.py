@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -48,6 +49,7 @@ class DecodeTiming:
     among its chunks by their frames)."""
 
     vae_seconds: float = 0.0
+    waited_seconds: float = 0.0                 # wall time the caller was blocked on its chunks (queue included)
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,9 @@ class DecodedChunk:
         else:
             self.done.synchronize()
             timing.vae_seconds += self.start.elapsed_time(self.done) / 1e3 * self.share
-        return self.frames
+        # A view into a shared forward's output would keep all of it (pinned memory on a GPU) alive for as
+        # long as this caller holds its chunk (return_frames holds them all): a copy of its own frames.
+        return self.frames if self.share == 1 else self.frames.clone()
 
 
 class VaeDecoder:
@@ -150,6 +154,18 @@ class VaeDecoder:
                 log.warning(kv("vae_batch_metrics_failed", error=f"{type(error).__name__}: {error}"[:300]))
         return decoded
 
+    @staticmethod
+    def _wait(pending: Future, alive: Callable[[], bool]) -> "DecodedChunk":
+        """The chunk's result; CancelledError as soon as ``alive`` turns False (the batcher drops a waiting
+        chunk only when it forms its next forward, which may be a long forward away)."""
+        while True:
+            try:
+                return pending.result(timeout=0.05)
+            except FutureTimeout:
+                if not alive():
+                    pending.cancel()
+                    raise CancelledError() from None
+
     def _launch(self, chunk: torch.Tensor, alive: Callable[[], bool]) -> Future:
         if self._batcher is not None:
             return self._batcher.submit(chunk, alive)
@@ -174,10 +190,13 @@ class VaeDecoder:
         in_flight = [self._launch(chunk, alive) for chunk in chunks[:2]]
         try:
             for k in range(len(chunks)):
-                decoded = in_flight.pop(0).result()
+                asked = time.perf_counter()
+                decoded = self._wait(in_flight.pop(0), alive)
                 if k + 2 < len(chunks):
                     in_flight.append(self._launch(chunks[k + 2], alive))
-                yield decoded.collect(timing)
+                frames = decoded.collect(timing)
+                timing.waited_seconds += time.perf_counter() - asked
+                yield frames
         finally:
             for pending in in_flight:            # a caller that stopped early: nothing decoded for nobody
                 pending.cancel()

@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import CancelledError
 
+import grpc
 import pytest
 import torch
 
@@ -176,3 +177,91 @@ def test_on_cuda_shared_forwards_give_each_call_its_frames_and_time(model_dir) -
     for i, (frames, seconds) in results.items():
         assert frames.device.type == "cpu" and seconds > 0
         torch.testing.assert_close(frames, single.decode(latents[i]), rtol=0, atol=2e-3)    # fp16 kernels may differ
+
+
+# --- a real decoder stage over gRPC ------------------------------------------------------------------------
+
+def _decode_request(seed: int, frames: int = 2):
+    from services.common.tensors import to_proto
+    from t2v.v1 import decoder_pb2
+
+    return decoder_pb2.DecodeRequest(latents=to_proto(video(seed, frames)), fps=8)
+
+
+def test_waiting_for_other_calls_forwards_is_not_counted_as_mp4_encoding(model_dir) -> None:
+    """t2v_decoder_mp4_encode_duration_seconds is wall time less the call's VAE share: a call whose chunk
+    waited 1 s behind another call's forward must not report that second as MP4 encoding."""
+    from t2v.v1 import decoder_pb2_grpc
+    from tests.conftest import start_decoder, stop_stage
+
+    stage = start_decoder(chunk_size=2)
+    try:
+        vae = stage.servicer.vae
+        gate = Gate(vae)
+        stub = decoder_pb2_grpc.DecoderStub(stage.channel())
+        first = stub.Decode.future(_decode_request(0), timeout=60)
+        assert gate.entered.wait(10)
+        second = stub.Decode.future(_decode_request(1), timeout=60)
+        wait_until(lambda: vae.waiting() == 1)             # its one chunk waits behind the held forward
+        time.sleep(1.0)
+        gate.release.set()
+        first.result(), second.result()
+        mp4 = stage.servicer.metrics.registry.get_sample_value("t2v_decoder_mp4_encode_duration_seconds_sum")
+        assert mp4 < 0.5, f"{mp4:.2f} s of MP4 encoding reported for two 2-frame 64x64 videos"
+    finally:
+        stop_stage(stage)
+
+
+def test_a_cancelled_call_waiting_for_a_forward_frees_its_handler_at_once(model_dir) -> None:
+    """A call cancelled (or past its deadline) while its chunks wait behind a long forward: its handler thread
+    returns at once, as the text encoder's does, instead of staying blocked until that forward ends."""
+    from t2v.v1 import decoder_pb2_grpc
+    from tests.conftest import start_decoder, stop_stage
+
+    stage = start_decoder(chunk_size=2)
+    try:
+        vae = stage.servicer.vae
+        gate = Gate(vae)
+        stub = decoder_pb2_grpc.DecoderStub(stage.channel())
+        first = stub.Decode.future(_decode_request(0), timeout=60)
+        assert gate.entered.wait(10)
+        late = stub.Decode.future(_decode_request(1), timeout=1.0)       # a deadline passes while it waits
+        wait_until(lambda: vae.waiting() == 1)
+        with pytest.raises(grpc.RpcError):
+            late.result()
+        # its handler is gone within a second or two of the deadline while the forward is still held (its code:
+        # DEADLINE_EXCEEDED, or CANCELLED when the client's end of the deadline reached the server first)
+        wait_until(lambda: stage.servicer.metrics.registry.get_sample_value(
+            "t2v_grpc_requests_in_progress", {"method": "Decode"}) == 1.0, seconds=2.0)
+        assert not gate.release.is_set()
+        gate.release.set()
+        first.result()
+    finally:
+        gate.release.set()
+        stop_stage(stage)
+
+
+def test_a_chunk_of_a_shared_forward_does_not_keep_the_other_calls_frames_alive(model_dir) -> None:
+    """A chunk handed out from a shared forward is its own memory, not a view that keeps the whole forward's
+    output (on a GPU, pinned memory) alive while one call (return_frames keeps every chunk) holds it."""
+    decoder = VaeDecoder(model_dir, torch.device("cpu"), torch.float32, chunk_size=2, batch_pixels=10 ** 9)
+    gate = Gate(decoder)
+    held: dict[int, list[torch.Tensor]] = {}
+
+    def call(i: int) -> None:
+        held[i] = list(decoder.iter_decode(video(i), DecodeTiming()))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    threads[0].start()
+    assert gate.entered.wait(10)
+    for n, thread in enumerate(threads[1:], start=1):
+        thread.start()
+        wait_until(lambda n=n: decoder.waiting() == 2 * n)
+    gate.release.set()
+    for thread in threads:
+        thread.join(30)
+    decoder.close()
+    assert max(gate.forwards) > 2                           # some chunks did share a forward
+    for chunks in held.values():
+        for chunk in chunks:
+            assert chunk.untyped_storage().nbytes() == chunk.nbytes
