@@ -52,7 +52,7 @@ class EncodeBatcher:
         self._encode, self.max_prompts, self._on_batch = encode, max_prompts, on_batch
         self._describe = describe
         self._calls: CallBatcher[list[str], Encoded] = CallBatcher(
-            self._forward, max_prompts, len, name="encode-batcher", failure="the text model failed",
+            self._forward, max_prompts, len, name="encode-batcher", failure="encoding the prompts failed",
             stopping="the text encoder is stopping; send the call to another replica", log=log)
 
     def submit(self, prompts: list[str], alive: Callable[[], bool] = lambda: True) -> Future:

@@ -133,7 +133,7 @@ def test_a_forward_that_fails_is_tried_call_by_call_and_each_caller_hears_its_ow
         thread.join(30)
     assert [results[i].embeddings.shape[0] for i in (0, 1, 3)] == [2, 2, 2]
     assert isinstance(results[2], ResourceExhausted)         # RESOURCE_EXHAUSTED over gRPC: try again later
-    assert "the text model failed: RuntimeError: CUDA out of memory" in str(results[2])
+    assert "encoding the prompts failed: RuntimeError: CUDA out of memory" in str(results[2])
     assert gated.forwards[1:] == [["", "a cat"], ["", "rain"]]                  # the 6 together never ran
     assert batcher.encode(["a cat"]).embeddings.shape[0] == 1                  # and the thread goes on
     batcher.close()
