@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from concurrent.futures import CancelledError
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import grpc
