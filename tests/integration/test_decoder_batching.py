@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import CancelledError
+from contextlib import contextmanager
+from typing import Iterator
 
 import grpc
 import pytest
@@ -188,45 +190,44 @@ def _decode_request(seed: int, frames: int = 2):
     return decoder_pb2.DecodeRequest(latents=to_proto(video(seed, frames)), fps=8)
 
 
-def test_waiting_for_other_calls_forwards_is_not_counted_as_mp4_encoding(model_dir) -> None:
-    """t2v_decoder_mp4_encode_duration_seconds is wall time less the call's VAE share: a call whose chunk
-    waited 1 s behind another call's forward must not report that second as MP4 encoding."""
+@contextmanager
+def held_stage() -> Iterator[tuple[object, Gate, object, object]]:
+    """A real decoder stage (chunks of 2 frames) whose first Decode call holds its first forward open:
+    (stage, gate, stub, that call's future). The gate is released and the stage stopped on the way out."""
     from t2v.v1 import decoder_pb2_grpc
     from tests.conftest import start_decoder, stop_stage
 
     stage = start_decoder(chunk_size=2)
+    gate = Gate(stage.servicer.vae)
     try:
-        vae = stage.servicer.vae
-        gate = Gate(vae)
         stub = decoder_pb2_grpc.DecoderStub(stage.channel())
         first = stub.Decode.future(_decode_request(0), timeout=60)
         assert gate.entered.wait(10)
+        yield stage, gate, stub, first
+    finally:
+        gate.release.set()
+        stop_stage(stage)
+
+
+def test_waiting_for_other_calls_forwards_is_not_counted_as_mp4_encoding(model_dir) -> None:
+    """t2v_decoder_mp4_encode_duration_seconds is wall time less the call's VAE share: a call whose chunk
+    waited 1 s behind another call's forward must not report that second as MP4 encoding."""
+    with held_stage() as (stage, gate, stub, first):
         second = stub.Decode.future(_decode_request(1), timeout=60)
-        wait_until(lambda: vae.waiting() == 1)             # its one chunk waits behind the held forward
+        wait_until(lambda: stage.servicer.vae.waiting() == 1)     # its one chunk waits behind the held forward
         time.sleep(1.0)
         gate.release.set()
         first.result(), second.result()
         mp4 = stage.servicer.metrics.registry.get_sample_value("t2v_decoder_mp4_encode_duration_seconds_sum")
         assert mp4 < 0.5, f"{mp4:.2f} s of MP4 encoding reported for two 2-frame 64x64 videos"
-    finally:
-        stop_stage(stage)
 
 
 def test_a_cancelled_call_waiting_for_a_forward_frees_its_handler_at_once(model_dir) -> None:
     """A call cancelled (or past its deadline) while its chunks wait behind a long forward: its handler thread
     returns at once, as the text encoder's does, instead of staying blocked until that forward ends."""
-    from t2v.v1 import decoder_pb2_grpc
-    from tests.conftest import start_decoder, stop_stage
-
-    stage = start_decoder(chunk_size=2)
-    try:
-        vae = stage.servicer.vae
-        gate = Gate(vae)
-        stub = decoder_pb2_grpc.DecoderStub(stage.channel())
-        first = stub.Decode.future(_decode_request(0), timeout=60)
-        assert gate.entered.wait(10)
+    with held_stage() as (stage, gate, stub, first):
         late = stub.Decode.future(_decode_request(1), timeout=1.0)       # a deadline passes while it waits
-        wait_until(lambda: vae.waiting() == 1)
+        wait_until(lambda: stage.servicer.vae.waiting() == 1)
         with pytest.raises(grpc.RpcError):
             late.result()
         # its handler is gone within a second or two of the deadline while the forward is still held (its code:
@@ -236,9 +237,6 @@ def test_a_cancelled_call_waiting_for_a_forward_frees_its_handler_at_once(model_
         assert not gate.release.is_set()
         gate.release.set()
         first.result()
-    finally:
-        gate.release.set()
-        stop_stage(stage)
 
 
 def test_a_chunk_of_a_shared_forward_does_not_keep_the_other_calls_frames_alive(model_dir) -> None:
