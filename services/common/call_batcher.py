@@ -10,7 +10,8 @@ these; what a forward does with its items stays theirs.
 
 No call waits for company: an item that finds the model idle runs at once, alone; only the items that
 arrive during a forward are gathered for the next one. ``take_batch`` decides (oldest first, within a
-budget, of the oldest's kind); ``CallBatcher`` runs the forwards on its own thread.
+budget, of the oldest's kind: another kind is stepped over); ``CallBatcher`` runs the forwards on its own
+thread.
 """
 
 from __future__ import annotations
@@ -28,18 +29,22 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-def take_batch(sizes: Sequence[int], budget: int, kinds: Sequence[Hashable] | None = None) -> int:
-    """How many of the pending items (oldest first, given as their sizes) go into the next forward: the
-    oldest always, even alone above ``budget``; then each next one while the total stays within ``budget``
-    and it is of the oldest's kind (``kinds``: items of different kinds, frames of two sizes say, cannot
-    share a forward). First come, first served: an item is never passed by a later, smaller one."""
+def take_batch(sizes: Sequence[int], budget: int, kinds: Sequence[Hashable] | None = None) -> list[int]:
+    """Which of the pending items (oldest first, given as their sizes) go into the next forward, by index:
+    the oldest always, even alone above ``budget``; then each next one of the oldest's kind while the total
+    stays within ``budget``. Items of another kind (``kinds``: frames of two sizes cannot share a forward)
+    are stepped over, not waited behind: the oldest of them leads a later forward. Within a kind, first
+    come, first served: an item is never passed by a later, smaller one."""
     if not sizes:
-        return 0
-    taken, total = 1, sizes[0]
-    for i, size in enumerate(sizes[1:], start=1):
-        if total + size > budget or (kinds is not None and kinds[i] != kinds[0]):
+        return []
+    taken, total = [0], sizes[0]
+    for i in range(1, len(sizes)):
+        if kinds is not None and kinds[i] != kinds[0]:
+            continue
+        if total + sizes[i] > budget:
             break
-        taken, total = taken + 1, total + size
+        taken.append(i)
+        total += sizes[i]
     return taken
 
 
@@ -126,8 +131,9 @@ class CallBatcher(Generic[Item, Result]):
                         return None
                     continue
                 kinds = [self._kind(p.item) for p in self._pending] if self._kind is not None else None
-                taken = take_batch([self._size(p.item) for p in self._pending], self.budget, kinds)
-                batch, self._pending = self._pending[:taken], self._pending[taken:]
+                taken = set(take_batch([self._size(p.item) for p in self._pending], self.budget, kinds))
+                batch = [p for i, p in enumerate(self._pending) if i in taken]
+                self._pending = [p for i, p in enumerate(self._pending) if i not in taken]
                 batch = [p for p in batch if p.result.set_running_or_notify_cancel()]   # no cancel after this
                 if batch:
                     return batch

@@ -28,8 +28,8 @@ def wait_until(condition, seconds: float = 10.0) -> None:
         time.sleep(0.005)
 
 
-def video(seed: int, frames: int = 4) -> torch.Tensor:
-    return torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(seed))
+def video(seed: int, frames: int = 4, side: int = 8) -> torch.Tensor:
+    return torch.randn(1, 4, frames, side, side, generator=torch.Generator().manual_seed(seed))
 
 
 class Gate:
@@ -98,6 +98,19 @@ def test_calls_decoding_at_once_share_forwards_and_get_their_own_frames(model_di
     assert sum(gate.forwards) == 12 and sorted(sizes) == sorted(gate.forwards)
     for i, frames in results.items():
         torch.testing.assert_close(frames, alone.decode(latents[i]), rtol=1e-4, atol=1e-5)   # frames do not mix
+
+
+def test_calls_of_another_frame_size_are_stepped_over_not_waited_behind(model_dir, alone) -> None:
+    """Sizes alternating in the queue (12x12, 8x8, 12x12, 8x8 latents behind a held call) share two forwards,
+    one a size, instead of running one call at a time in arrival order."""
+    decoder = VaeDecoder(model_dir, torch.device("cpu"), torch.float32, chunk_size=2, batch_pixels=10 ** 9)
+    gate = Gate(decoder)
+    latents = [video(0)] + [video(i, side=12 if i % 2 else 8) for i in range(1, 5)]
+    results = run_calls(decoder, gate, latents)
+    decoder.close()
+    assert len(gate.forwards) == 3, gate.forwards           # the held one, then one forward a frame size
+    for i, frames in results.items():
+        torch.testing.assert_close(frames, alone.decode(latents[i]), rtol=1e-4, atol=1e-5)
 
 
 def test_the_pixel_budget_bounds_a_shared_forward(model_dir) -> None:

@@ -20,14 +20,15 @@ from services.text_encoder.encoder import TextEncoder
 
 
 def test_the_oldest_call_always_goes_and_no_call_passes_an_older_one() -> None:
-    assert take_batch([], 64) == 0
-    assert take_batch([2, 2, 2], 64) == 3
-    assert take_batch([2, 2, 2], 4) == 2
-    assert take_batch([16, 2], 8) == 1                 # alone above the budget rather than never
-    assert take_batch([2, 16, 2], 8) == 1              # the 2 behind the 16 waits its turn
-    assert take_batch([2, 2], 1) == 1
-    assert take_batch([2, 2, 2], 64, kinds=["a", "a", "b"]) == 2      # another kind waits for its own forward
-    assert take_batch([2, 2, 2], 64, kinds=["a", "b", "a"]) == 1      # and the item behind it waits too
+    assert take_batch([], 64) == []
+    assert take_batch([2, 2, 2], 64) == [0, 1, 2]
+    assert take_batch([2, 2, 2], 4) == [0, 1]
+    assert take_batch([16, 2], 8) == [0]               # alone above the budget rather than never
+    assert take_batch([2, 16, 2], 8) == [0]            # the 2 behind the 16 waits its turn
+    assert take_batch([2, 2], 1) == [0]
+    assert take_batch([2, 2, 2], 64, kinds=["a", "a", "b"]) == [0, 1]     # another kind waits for its own forward
+    assert take_batch([2, 2, 2], 64, kinds=["a", "b", "a"]) == [0, 2]     # but is stepped over, not waited behind
+    assert take_batch([2, 2, 16, 2], 8, kinds=["a", "b", "a", "a"]) == [0]  # within a kind: no passing
 
 
 @pytest.fixture(scope="module")
