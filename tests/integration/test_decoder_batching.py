@@ -19,13 +19,7 @@ import torch
 from services.common.errors import Unavailable
 from services.decoder.server import DecoderConfig, DecoderServicer
 from services.decoder.vae import DecodeTiming, VaeDecoder
-
-
-def wait_until(condition, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+from tests.conftest import start_decoder, stop_stage, wait_for
 
 
 def video(seed: int, frames: int = 4, side: int = 8) -> torch.Tensor:
@@ -79,7 +73,7 @@ def run_calls(decoder: VaeDecoder, gate: Gate, latents: list[torch.Tensor],
     queued = decoder.waiting()
     for n, thread in enumerate(threads[1:], start=1):
         thread.start()
-        wait_until(lambda n=n: decoder.waiting() == queued + 2 * n)     # two chunks a call ahead
+        wait_for(lambda n=n: decoder.waiting() == queued + 2 * n, 10, "two chunks a call to queue")
     gate.release.set()
     for thread in threads:
         thread.join(30)
@@ -152,7 +146,7 @@ def test_a_call_whose_caller_is_gone_is_never_decoded(model_dir) -> None:
 
     other = threading.Thread(target=second)
     other.start()
-    wait_until(lambda: decoder.waiting() == queued + 2)    # its chunks wait behind the held forward
+    wait_for(lambda: decoder.waiting() == queued + 2, 10, "its chunks to queue behind the held forward")
     gone.set()                                              # then its caller goes away
     gate.release.set()
     first.join(30)
@@ -208,7 +202,6 @@ def held_stage() -> Iterator[tuple[object, Gate, object, object]]:
     """A real decoder stage (chunks of 2 frames) whose first Decode call holds its first forward open:
     (stage, gate, stub, that call's future). The gate is released and the stage stopped on the way out."""
     from t2v.v1 import decoder_pb2_grpc
-    from tests.conftest import start_decoder, stop_stage
 
     stage = start_decoder(chunk_size=2)
     gate = Gate(stage.servicer.vae)
@@ -227,7 +220,7 @@ def test_waiting_for_other_calls_forwards_is_not_counted_as_mp4_encoding(model_d
     waited 1 s behind another call's forward must not report that second as MP4 encoding."""
     with held_stage() as (stage, gate, stub, first):
         second = stub.Decode.future(_decode_request(1), timeout=60)
-        wait_until(lambda: stage.servicer.vae.waiting() == 1)     # its one chunk waits behind the held forward
+        wait_for(lambda: stage.servicer.vae.waiting() == 1, 10, "its chunk to queue behind the held forward")
         time.sleep(1.0)
         gate.release.set()
         first.result(), second.result()
@@ -240,13 +233,14 @@ def test_a_cancelled_call_waiting_for_a_forward_frees_its_handler_at_once(model_
     returns at once, as the text encoder's does, instead of staying blocked until that forward ends."""
     with held_stage() as (stage, gate, stub, first):
         late = stub.Decode.future(_decode_request(1), timeout=1.0)       # a deadline passes while it waits
-        wait_until(lambda: stage.servicer.vae.waiting() == 1)
+        wait_for(lambda: stage.servicer.vae.waiting() == 1, 10, "the chunk to queue")
         with pytest.raises(grpc.RpcError):
             late.result()
         # its handler is gone within a second or two of the deadline while the forward is still held (its code:
         # DEADLINE_EXCEEDED, or CANCELLED when the client's end of the deadline reached the server first)
-        wait_until(lambda: stage.servicer.metrics.registry.get_sample_value(
-            "t2v_grpc_requests_in_progress", {"method": "Decode"}) == 1.0, seconds=2.0)
+        wait_for(lambda: stage.servicer.metrics.registry.get_sample_value(
+            "t2v_grpc_requests_in_progress", {"method": "Decode"}) == 1.0,
+            timeout=2.0, what="the late call's handler to return")
         assert not gate.release.is_set()
         gate.release.set()
         first.result()
@@ -267,7 +261,7 @@ def test_a_chunk_of_a_shared_forward_does_not_keep_the_other_calls_frames_alive(
     assert gate.entered.wait(10)
     for n, thread in enumerate(threads[1:], start=1):
         thread.start()
-        wait_until(lambda n=n: decoder.waiting() == 2 * n)
+        wait_for(lambda n=n: decoder.waiting() == 2 * n, 10, "the chunks to queue")
     gate.release.set()
     for thread in threads:
         thread.join(30)
