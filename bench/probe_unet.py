@@ -23,14 +23,19 @@ one process and one call, each step guarded by a time budget:
    (the temporal convolutions as 2-D ones, services/denoiser/temporal_conv.py), and Inductor's own tuning:
    ``coord`` (coordinate-descent tuning of its Triton kernels' block sizes: the fused elementwise and
    normalisation work), ``mm1x1`` (1x1 convolutions as matrix products), ``autotune`` (max-autotune for
-   matrix products: Triton templates timed against cuBLAS, with the elementwise epilogue fused), e.g.
+   matrix products: Triton templates timed against cuBLAS, with the elementwise epilogue fused), and
+   ``qkv`` (diffusers' fused projections: one q/k/v matrix product a self-attention, one k/v a
+   cross-attention, read by the product's processor), e.g.
    ``--variants triton+layout,triton+layout+fp8`` (step ``variants``). The SDPA baseline is compiled first
    only when ``baseline`` (or a step that needs it) is in ``--steps``; a variant that would outlast the
    budget is stopped (an alarm) and recorded as such;
 6. ``vae``: the decoder's VAE (fp16, 256x256 frames) at 4 to 64 frames a forward, channels-last too, and 16
    videos decoded as the decoder serves a burst today (16 threads, 4 frames a forward each) against one
    thread decoding the same 256 frames 64 at a time: what batching the tail's decoding would save;
-7. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
+7. ``mp4``: the decoder's MP4 encoding (services/decoder/video.py, x264 veryfast/zerolatency) of a 16-frame
+   256x256 video of VAE output, alone and 16 at once on 16 threads (a burst's tail), for x264 thread
+   counts 0 (its own choice), 1, 2 and 4: what ``--x264-threads`` does to the decode tail;
+8. ``preview``: a live preview's map (engine.DenoiseEngine.preview) on one request's latents on the GPU,
    CUDA events, against a 32-row step.
 (Packages of compiled buckets: bench/probe_packages.py, which builds them through services/denoiser/aot.py itself.)
 
@@ -129,9 +134,15 @@ def kernel_families(fn: Callable[[], None]) -> dict[str, Any]:
         totals[family(event.name)] = totals.get(family(event.name), 0.0) + us
         top[event.name] = top.get(event.name, 0.0) + us
     whole = sum(totals.values()) or 1.0
+    kinds: dict[str, float] = {}                   # Inductor's names: red(uction), per(sistent reduction), poi(ntwise)
+    for name, us in top.items():
+        if name.startswith("triton_"):
+            kind = name.split("_")[1]
+            kinds[kind] = kinds.get(kind, 0.0) + us
     return {"ms": {k: round(v / 1e3, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+            "triton_by_kind_ms": {k: round(v / 1e3, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "share": {k: round(v / whole, 3) for k, v in totals.items()},
-            "top_kernels_ms": {k[:110]: round(v / 1e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]}}
+            "top_kernels_ms": {k[:110]: round(v / 1e3, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:30]}}
 
 
 class Fp8Linear(torch.nn.Module):
@@ -249,7 +260,7 @@ def attention_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
     return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
 
 
-LEVERS = {"math", "triton", "layout", "fp8", "conv2d", "coord", "mm1x1", "autotune"}
+LEVERS = {"math", "triton", "layout", "fp8", "conv2d", "coord", "mm1x1", "autotune", "qkv"}
 
 
 class OutOfTime(BaseException):
@@ -312,6 +323,9 @@ def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], in
     try:
         unet = UNet3DConditionModel.from_pretrained(f"{model}/unet", dtype=torch.float16).to("cuda").eval()
         facts: dict[str, Any] = {}
+        if "qkv" in levers:                                # before the processor: it reads the fused ones
+            unet.fuse_qkv_projections()
+            facts["fused_attentions"] = sum(bool(getattr(m, "fused_projections", False)) for m in unet.modules())
         if "triton" in levers:
             from services.denoiser import short_attention as sa
 
@@ -379,6 +393,44 @@ def kernel_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
                 sa.NUM_WARPS = default_warps
         rows.append(row)
     return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
+
+
+def mp4_bench(model: str, device: str = "cuda", dtype: torch.dtype = torch.float16) -> dict[str, Any]:
+    """Step ``mp4``: seconds to encode one 16-frame 256x256 video of the VAE's output, alone (median of 5)
+    and 16 at once on 16 threads as the decoder's calls at a burst's end do (median of 3, wall and a
+    video), for each x264 thread count (see the module's docstring)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.decoder.vae import VaeDecoder, to_uint8
+    from services.decoder.video import encode_mp4
+
+    decoder = VaeDecoder(model, torch.device(device), dtype, chunk_size=4)
+    g = torch.Generator(device=device).manual_seed(5)
+    latents = torch.randn(1, 4, FRAMES, LATENT, LATENT, device=device, dtype=dtype, generator=g)
+    with torch.inference_mode():
+        frames = [to_uint8(decoder.decode(latents))]
+    del decoder
+    height, width = frames[0].shape[1:3]
+    result: dict[str, Any] = {"frames": int(sum(len(c) for c in frames)), "size": [int(width), int(height)]}
+
+    def encode(threads: int) -> float:
+        started = time.perf_counter()
+        encode_mp4(frames, 8, width, height, threads=threads)
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(16) as pool:
+        for threads in (0, 1, 2, 4):
+            encode(threads)
+            alone = statistics.median(encode(threads) for _ in range(5))
+            walls, each = [], []
+            for _ in range(3):
+                started = time.perf_counter()
+                times = list(pool.map(encode, [threads] * 16))
+                walls.append(time.perf_counter() - started)
+                each.append(statistics.mean(times))
+            result[f"threads_{threads}"] = {"alone_s": round(alone, 4), "burst_16_wall_s": round(statistics.median(walls), 4),
+                                            "burst_16_mean_video_s": round(statistics.median(each), 4)}
+    return result
 
 
 def vae_bench(model: str) -> dict[str, Any]:
@@ -451,7 +503,7 @@ def main() -> None:
     parser.add_argument("--steps", default="profile,cudnn,preview,attention,kernel,variants,fp8,rows64,vae")
     parser.add_argument("--variants", default="math,math+layout",
                         help="comma-separated lever combinations for the step variants: math|triton, layout, fp8, conv2d, "
-                             "coord, mm1x1, autotune")
+                             "coord, mm1x1, autotune, qkv")
     parser.add_argument("--compile-s", type=float, default=130.0, help="what one compilation is expected to take")
     a = parser.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -480,6 +532,11 @@ def main() -> None:
     report["host"] = {"cpu": cpu.stdout.split(":", 1)[-1].strip(), "cpus": os.cpu_count(),
                       "python": platform.python_version()}
     steps = a.steps.split(",")
+    if "mp4" in steps:
+        try:
+            done("mp4", mp4_bench(a.model))
+        except Exception as exc:  # noqa: BLE001 - a probe: record why and go on
+            done("mp4", f"failed: {type(exc).__name__}: {exc}"[:600])
     if "vae" in steps:
         try:
             done("vae", vae_bench(a.model))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
 from services.common.logs import kv
 
@@ -123,7 +123,9 @@ def fits(hidden_states: torch.Tensor, attn: Attention) -> bool:
 
 
 class ShortAttnProcessor(AttnProcessor2_0):
-    """AttnProcessor2_0, but a short self-attention on the GPU runs as ``short_attention``."""
+    """AttnProcessor2_0, but a short self-attention on the GPU runs as ``short_attention``. On an Attention
+    whose projections diffusers fused (``fuse_projections``: one q/k/v matrix product instead of three, one
+    k/v for a cross-attention) it reads the fused ones, and its fallback is FusedAttnProcessor2_0."""
 
     VERSION = CODE_VERSION
 
@@ -133,11 +135,17 @@ class ShortAttnProcessor(AttnProcessor2_0):
         plain = (encoder_hidden_states is None and attention_mask is None and attn.spatial_norm is None
                  and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None and not args
                  and not kwargs)
+        fused = bool(getattr(attn, "fused_projections", False))
         if not plain or not fits(hidden_states, attn):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            fallback = FusedAttnProcessor2_0 if fused else AttnProcessor2_0
+            return fallback.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                     *args, **kwargs)
         residual = hidden_states
         batch, sequence, _ = hidden_states.shape
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if fused:                                     # strided views of one product: the kernel takes them
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         split = (batch, sequence, attn.heads, query.shape[-1] // attn.heads)
         out = short_attention(query.view(split), key.view(split), value.view(split))
         out = attn.to_out[1](attn.to_out[0](out.view(batch, sequence, query.shape[-1])))

@@ -98,6 +98,31 @@ def test_the_processor_is_attnprocessor2_0_bit_for_bit_where_the_kernel_does_not
     assert not sa.fits(torch.zeros(4, 16, 64, 2), attention)           # not [batch, sequence, channels]
 
 
+def test_on_fused_projections_the_fallback_is_diffusers_fused_processor_bit_for_bit() -> None:
+    """With diffusers' fused q/k/v projections (``fuse_qkv_projections``: one matrix product where there
+    were three), the processor's fallback is FusedAttnProcessor2_0's exactly, and the UNet is the unfused
+    one up to float32 rounding. The fused weights are then scaled, so that a processor still reading
+    to_q/to_k/to_v (the originals, kept) would give the unscaled output and fail."""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    x = inputs("cpu", torch.float32)
+    plain = forward(embedded_unet(), x)
+    unet = embedded_unet()
+    unet.fuse_qkv_projections()
+    expected = forward(unet, x)
+    for module in unet.modules():                                 # fused weights that are not the originals:
+        if getattr(module, "fused_projections", False):           # only a processor reading them sees it
+            with torch.no_grad():
+                (module.to_qkv if hasattr(module, "to_qkv") else module.to_kv).weight.mul_(1.5)
+    changed = forward(unet, x)
+    unet.set_attn_processor(sa.ShortAttnProcessor())
+    assert torch.equal(forward(unet, x), changed)
+    assert not torch.allclose(changed, expected, atol=1e-3)
+    unet.set_attn_processor(FusedAttnProcessor2_0())
+    assert torch.equal(forward(unet, x), changed)
+    assert torch.allclose(expected, plain, atol=1e-5, rtol=1e-4), float((expected - plain).abs().max())
+
+
 def test_the_head_width_is_the_projections_not_the_inputs() -> None:
     from diffusers.models.attention_processor import Attention
 
@@ -175,6 +200,14 @@ with torch.inference_mode():
     sa.short_attention = lambda q, k, v: calls.append(tuple(q.shape)) or kernel(q, k, v)
     triton = layers(block.temp_attentions[0], block.attentions[0], torch.Tensor.half)
 report["kernel_calls"] = sorted(set(calls))
+for module in block.modules():                              # one q/k/v matrix product (fuse_qkv_projections)
+    if isinstance(module, sa.Attention):
+        module.fuse_projections()
+calls.clear()
+with torch.inference_mode():
+    fused = layers(block.temp_attentions[0], block.attentions[0], torch.Tensor.half)
+report["fused_kernel_calls"] = sorted(set(calls))
+report["fused_err"] = [float((a - r).norm() / r.norm()) for a, r in zip(fused, reference)]
 report["sdpa_err"] = [float((a - r).norm() / r.norm()) for a, r in zip(sdpa, reference)]
 report["triton_err"] = [float((a - r).norm() / r.norm()) for a, r in zip(triton, reference)]
 print(json.dumps(report))
@@ -210,6 +243,9 @@ def test_the_kernel_under_tritons_interpreter_is_attention_and_the_unet_with_it_
     assert report["kernel_calls"] == [[2, 16, 8, 8], [4, 16, 8, 8]], report       # spatial self, temporal (x2)
     for triton_err, sdpa_err in zip(report["triton_err"], report["sdpa_err"]):
         assert triton_err <= 1.5 * sdpa_err + 1e-4, report
+    assert report["fused_kernel_calls"] == report["kernel_calls"], report          # fused: the kernel still runs
+    for fused_err, sdpa_err in zip(report["fused_err"], report["sdpa_err"]):
+        assert fused_err <= 1.5 * sdpa_err + 1e-4, report
 
 
 # --- on a CUDA device ------------------------------------------------------------------------------
@@ -262,3 +298,22 @@ def test_the_unet_with_the_kernel_eager_compiled_and_graphed() -> None:
 
     assert err(eager) <= 2 * err(sdpa) + 1e-3, (err(eager), err(sdpa))
     assert err(compiled) <= 2 * err(sdpa) + 1e-3 and torch.equal(graphed, compiled), (err(compiled), err(sdpa))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and Triton")
+def test_the_unet_with_fused_projections_and_the_kernel_compiled_is_the_same_unet() -> None:
+    """bench/probe_unet.py's ``qkv`` lever as the product would run it: fused q/k/v projections, the kernel,
+    compiled, in fp16, as close to float32 as the unfused UNet with SDPA."""
+    x = inputs("cuda", torch.float16, rows=4)
+    exact = forward(embedded_unet("cuda", torch.float32), tuple(t.float() if t.is_floating_point() else t for t in x))
+    sdpa = forward(embedded_unet("cuda", torch.float16), x).float()
+    unet = embedded_unet("cuda", torch.float16)
+    unet.fuse_qkv_projections()
+    assert sa.install(unet, "triton", torch.device("cuda"), torch.float16) == "triton"
+    with torch.inference_mode():
+        compiled = forward(torch.compile(unet, dynamic=False, fullgraph=True), x).float()
+
+    def err(a: torch.Tensor) -> float:
+        return float((a - exact).norm() / exact.norm())
+
+    assert err(compiled) <= 2 * err(sdpa) + 1e-3, (err(compiled), err(sdpa))
