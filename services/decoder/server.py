@@ -19,6 +19,7 @@ from services.common.model_folder import resolve_device, resolve_dtype
 from services.common.server import ReadyGate, run_stage
 from services.common.tracing import Tracing
 from services.common.tensors import check_finite, from_proto, to_proto
+from services.decoder.encode_threads import EncodeThreads
 from services.decoder.metrics import DecoderMetrics
 from services.decoder.vae import DecodeTiming, VaeDecoder, to_uint8
 from services.decoder.video import check_x264_settings, encode_mp4
@@ -43,10 +44,10 @@ class DecoderConfig(ModelConfig):
     x264_tune: str = setting("zerolatency", "x264 tune ('' = x264's default); zerolatency encodes each frame as "
                                             "it arrives (no lookahead, no B-frames), so the encoding overlaps the "
                                             "VAE instead of waiting for the end; files are larger at the same crf")
-    x264_threads: int = setting(0, "x264 threads a video, 0 to 64 (0 = x264's own choice: 1.5 a CPU core, at most "
-                                   "4 for a 256x256 frame); with many videos encoding at once, a lower count "
-                                   "keeps them from crowding the cores (on 2 cores a 16-frame 256x256 video took "
-                                   "24 ms with 2 threads, 36 ms with 4)")
+    x264_threads: int = setting(0, "x264 threads a video, 0 to 64; 0 = by load: the decoder's cores (its CPU limit "
+                                   "included) divided by the calls in it, at least 1, which x264 clips to what the "
+                                   "frame allows (4 for 256x256): a call alone gets x264's own choice, 16 videos "
+                                   "at once on 16 cores 1 thread each (docs/benchmarks.md run I)")
     max_frames: int = setting(256, "most frames accepted in one video")
     max_fps: int = setting(60, "highest frame rate accepted")
     max_size: int = setting(1024, "largest height or width of a video accepted, in pixels")
@@ -59,7 +60,7 @@ MAX_X264_THREADS = 64
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     def __init__(self, config: DecoderConfig) -> None:
         if not 0 <= config.x264_threads <= MAX_X264_THREADS:
-            raise ValueError(f"--x264-threads is {config.x264_threads}; it must be 0 (x264's own choice) to "
+            raise ValueError(f"--x264-threads is {config.x264_threads}; it must be 0 (by load) to "
                              f"{MAX_X264_THREADS}")
         if not 0 <= config.batch_megapixels <= MAX_BATCH_MEGAPIXELS:
             raise ValueError(f"--batch-megapixels is {config.batch_megapixels}; it must be 0 (off) to "
@@ -69,6 +70,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         self.metrics = DecoderMetrics()
         self.tracing = Tracing.for_service("t2v-decoder", config.otlp_endpoint)   # off unless an endpoint is set
         self.vae: VaeDecoder | None = None
+        self.encode_threads = EncodeThreads(config.x264_threads)
 
     def load(self) -> None:
         check_x264_settings(self.config.crf, self.config.x264_preset, self.config.x264_tune)   # a typo stops the start
@@ -118,8 +120,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                 yield to_uint8(frames)
 
         try:
-            video = encode_mp4(chunks(), request.fps, width, height, self.config.crf, self.config.x264_preset,
-                               self.config.x264_tune, self.config.x264_threads)
+            with self.encode_threads.counting_call():
+                video = encode_mp4(chunks(), request.fps, width, height, self.config.crf, self.config.x264_preset,
+                                   self.config.x264_tune, self.encode_threads.threads_for_video)
         except CancelledError:                  # its chunks left the shared forwards' queue: the caller went away
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import av
 import numpy as np
 
 
 def encode_mp4(chunks: Iterable[np.ndarray], fps: int, width: int, height: int, crf: int = 18,
-               preset: str = "veryfast", tune: str = "zerolatency", threads: int = 0) -> bytes:
+               preset: str = "veryfast", tune: str = "zerolatency", threads: int | Callable[[], int] = 0) -> bytes:
     """Chunks of [n, H, W, 3] uint8 RGB frames -> MP4 bytes. Height and width must be even (yuv420p).
 
     Chunks are encoded as they arrive, so a producer (the VAE on a GPU) can work on the next one.
@@ -21,7 +21,8 @@ def encode_mp4(chunks: Iterable[np.ndarray], fps: int, width: int, height: int, 
     flush at the end, which no GPU work hides (16 frames of 256x256 noise on a 2-core dev machine:
     42-50 ms in all, about half of it in the flush; with zerolatency no flush). The cost: a larger
     file at the same ``crf`` (1.5-1.7x on smooth test clips). ``threads`` is x264's (0 = its own
-    choice, 1.5 a CPU core).
+    choice), or a function asked for it when the first chunk arrives (the decoder's EncodeThreads: how
+    crowded the cores are then, not when the call came in).
     """
     if height % 2 or width % 2:
         raise ValueError(f"frames are {width}x{height}; H.264 in yuv420p needs an even width and height")
@@ -31,9 +32,15 @@ def encode_mp4(chunks: Iterable[np.ndarray], fps: int, width: int, height: int, 
         with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
             stream = container.add_stream("libx264", rate=Fraction(fps))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset, **({"tune": tune} if tune else {}),
-                              **({"threads": str(threads)} if threads else {})}
-            for chunk in chunks:
+
+            def x264_options(count: int) -> dict[str, str]:
+                return {"crf": str(crf), "preset": preset, **({"tune": tune} if tune else {}),
+                        **({"threads": str(count)} if count else {})}
+
+            stream.options = x264_options(0 if callable(threads) else threads)   # the flush's, if no chunk comes
+            for index, chunk in enumerate(chunks):
+                if index == 0 and callable(threads):   # x264 opens at the first frame, with the options set by then
+                    stream.options = x264_options(threads())
                 for frame in chunk:
                     image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
                     container.mux(stream.encode(image))

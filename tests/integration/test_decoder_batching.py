@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from services.common.errors import Unavailable
+from services.decoder.encode_threads import EncodeThreads
 from services.decoder.server import DecoderConfig, DecoderServicer
 from services.decoder.vae import DecodeTiming, VaeDecoder
 from tests.conftest import start_decoder, stop_stage, wait_for
@@ -190,24 +191,25 @@ def test_on_cuda_shared_forwards_give_each_call_its_frames_and_time(model_dir) -
 
 # --- a real decoder stage over gRPC ------------------------------------------------------------------------
 
-def _decode_request(seed: int, frames: int = 2):
+def _decode_request(seed: int, frames: int = 2, side: int = 8):
     from services.common.tensors import to_proto
     from t2v.v1 import decoder_pb2
 
-    return decoder_pb2.DecodeRequest(latents=to_proto(video(seed, frames)), fps=8)
+    return decoder_pb2.DecodeRequest(latents=to_proto(video(seed, frames, side)), fps=8)
 
 
 @contextmanager
-def held_stage() -> Iterator[tuple[object, Gate, object, object]]:
-    """A real decoder stage (chunks of 2 frames) whose first Decode call holds its first forward open:
-    (stage, gate, stub, that call's future). The gate is released and the stage stopped on the way out."""
+def held_stage(side: int = 8) -> Iterator[tuple[object, Gate, object, object]]:
+    """A real decoder stage (chunks of 2 frames) whose first Decode call (latents ``side`` square) holds its
+    first forward open: (stage, gate, stub, that call's future). The gate is released and the stage stopped
+    on the way out."""
     from t2v.v1 import decoder_pb2_grpc
 
     stage = start_decoder(chunk_size=2)
     gate = Gate(stage.servicer.vae)
     try:
         stub = decoder_pb2_grpc.DecoderStub(stage.channel())
-        first = stub.Decode.future(_decode_request(0), timeout=60)
+        first = stub.Decode.future(_decode_request(0, side=side), timeout=60)
         assert gate.entered.wait(10)
         yield stage, gate, stub, first
     finally:
@@ -226,6 +228,36 @@ def test_waiting_for_other_calls_forwards_is_not_counted_as_mp4_encoding(model_d
         first.result(), second.result()
         mp4 = stage.servicer.metrics.registry.get_sample_value("t2v_decoder_mp4_encode_duration_seconds_sum")
         assert mp4 < 0.5, f"{mp4:.2f} s of MP4 encoding reported for two 2-frame 64x64 videos"
+
+
+def test_videos_decoded_at_once_share_the_cores_out_for_x264_the_first_one_too(model_dir) -> None:
+    """Four calls on 4 cores (the count set, so the test reads the same on any machine): each video's x264
+    threads (written by x264 in the MP4) are 1, the first call's too, though it came in alone, because a video
+    takes its count when its first frames arrive. A call alone afterwards gets the 4 cores, which x264 clips
+    to 2 for a 128x128 frame (a 64x64 one gets 1 whatever it is given, so the frames are 128x128)."""
+    from tests.unit.test_video import x264_options
+
+    # Each video's count is read only once all four have asked: otherwise a call scheduled late could see the
+    # first ones already gone and take more threads (a race of this test, not of the decoder's rule).
+    asked, count = threading.Barrier(4), EncodeThreads.threads_for_video
+
+    def counted_together(self: EncodeThreads) -> int:
+        counted = count(self)
+        asked.wait(30)
+        return counted
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EncodeThreads, "threads_for_video", counted_together)
+        with held_stage(side=16) as (stage, gate, stub, first):
+            stage.servicer.encode_threads.cores = 4
+            others = [stub.Decode.future(_decode_request(seed, side=16), timeout=60) for seed in (1, 2, 3)]
+            wait_for(lambda: stage.servicer.vae.waiting() == 3, 10, "three chunks to queue behind the held forward")
+            gate.release.set()
+            burst = [x264_options(call.result().video).get("threads") for call in [first, *others]]
+            patch.undo()
+            alone = x264_options(stub.Decode(_decode_request(4, side=16), timeout=60).video).get("threads")
+    assert burst == ["1"] * 4, burst
+    assert alone == "2", alone
 
 
 def test_a_cancelled_call_waiting_for_a_forward_frees_its_handler_at_once(model_dir) -> None:

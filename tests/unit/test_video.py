@@ -47,7 +47,7 @@ def test_x264_threads_is_passed_to_x264_and_checked() -> None:
     frames = np.random.default_rng(0).integers(0, 255, (2, 256, 256, 3), dtype=np.uint8)   # x264 caps threads by rows
     assert x264_options(encode_mp4([frames], 8, 256, 256, threads=4))["threads"] == "4"
     assert x264_options(encode_mp4([frames], 8, 256, 256, threads=1))["threads"] == "1"
-    assert DecoderConfig().x264_threads == 0                       # x264's own choice unless set
+    assert DecoderConfig().x264_threads == 0                       # by load unless set (encode_threads.py)
     with pytest.raises(ValueError, match="--x264-threads is 65"):
         DecoderServicer(DecoderConfig(x264_threads=65))
 
