@@ -25,7 +25,8 @@ one process and one call, each step guarded by a time budget:
    normalisation work), ``mm1x1`` (1x1 convolutions as matrix products), ``autotune`` (max-autotune for
    matrix products: Triton templates timed against cuBLAS, with the elementwise epilogue fused), and
    ``qkv`` (diffusers' fused projections: one q/k/v matrix product a self-attention, one k/v a
-   cross-attention, read by the product's processor), e.g.
+   cross-attention, read by the product's processor), ``xattn`` (the cross-attention's keys and values once
+   a video, all its frames' queries in one call: services/denoiser/cross_attention.py), e.g.
    ``--variants triton+layout,triton+layout+fp8`` (step ``variants``). The SDPA baseline is compiled first
    only when ``baseline`` (or a step that needs it) is in ``--steps``; a variant that would outlast the
    budget is stopped (an alarm) and recorded as such;
@@ -260,7 +261,7 @@ def attention_bench(shapes: dict[tuple, int]) -> dict[str, Any]:
     return {"shapes": rows, "ms_a_forward": {k: round(v, 2) for k, v in totals.items()}}
 
 
-LEVERS = {"math", "triton", "layout", "fp8", "conv2d", "coord", "mm1x1", "autotune", "qkv"}
+LEVERS = {"math", "triton", "layout", "fp8", "conv2d", "coord", "mm1x1", "autotune", "qkv", "xattn"}
 
 
 class OutOfTime(BaseException):
@@ -311,6 +312,8 @@ def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], in
     from diffusers import UNet3DConditionModel
 
     unknown = set(levers) - LEVERS
+    if {"qkv", "xattn"} <= set(levers):                # the per-video path steps aside for fused projections
+        return f"failed: levers {levers}: qkv and xattn do not combine (cross_attention.py falls back)"
     if unknown or {"math", "triton"} <= set(levers):
         return f"failed: levers {levers}: math or triton (not both), {', '.join(sorted(LEVERS - {'math', 'triton'}))}"
     if "math" in levers:
@@ -334,6 +337,10 @@ def compiled_variant(model: str, levers: list[str], call: Callable[..., Any], in
             from services.denoiser import temporal_conv
 
             facts["temporal_conv2d"] = temporal_conv.install(unet, "conv2d")
+        if "xattn" in levers:                              # last: it wraps the processor the kernel put on
+            from services.denoiser import cross_attention
+
+            facts["cross_attentions_once_a_video"] = cross_attention.install(unet, "video")
         if "fp8" in levers:
             facts["fp8_linears"] = to_fp8(unet, rowwise=True)
         torch._dynamo.reset()

@@ -52,6 +52,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from services.common.logs import kv
+from services.denoiser.cross_attention import call_kwargs
 
 log = logging.getLogger("denoiser.aot")
 
@@ -81,7 +82,8 @@ class UNetForward(torch.nn.Module):
         self.unet = unet
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+        return self.unet(sample, timesteps, encoder_hidden_states=embeddings, return_dict=False,
+                         **call_kwargs(self.unet, sample))[0]
 
 
 # --- the key -------------------------------------------------------------------------------------------
@@ -107,10 +109,15 @@ def weight_layout(module: torch.nn.Module) -> list[list[str]]:
 def module_state(module: torch.nn.Module) -> list[str]:
     """What of ``module``'s Python state its traced graph depends on beyond its config and weights: train or
     eval mode, the classes of its attention processors (diffusers' ``set_attn_processor`` swaps them), with
-    the ``VERSION`` of the project's own (short_attention.py: its code's digest), and the project's own
-    layers swapped in (those whose class has a ``VERSION``: temporal_conv.py's)."""
+    the ``VERSION`` of the project's own (short_attention.py: its code's digest; cross_attention.py's, and the
+    processor it wraps), and the project's own layers swapped in (those whose class has a ``VERSION``:
+    temporal_conv.py's)."""
     processors = getattr(module, "attn_processors", None)
-    classes = {type(p) for p in processors.values()} if isinstance(processors, dict) else set()
+    classes: set[type] = set()
+    for processor in processors.values() if isinstance(processors, dict) else ():
+        while processor is not None:                  # and the one a wrapper calls (cross_attention.py's)
+            classes.add(type(processor))
+            processor = getattr(processor, "inner", None)
     names = sorted(c.__name__ + (f"@{c.VERSION}" if getattr(c, "VERSION", "") else "") for c in classes)
     layers = sorted({f"{type(m).__name__}@{type(m).VERSION}" for m in module.modules()
                      if getattr(type(m), "VERSION", "")})
@@ -237,8 +244,11 @@ def precompile_forward(unet: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) 
     sample, timesteps, embeddings = inputs
     compiled = dynamo_module(unet)
     with torch._dynamo.config.patch(enable_aot_compile=True), torch.inference_mode():
+        # Dynamo traces the bound forward, not __call__: the UNet's hooks do not run, so the frame count the
+        # cross-attention once a video reads is passed here (cross_attention.py), and at every call below.
         compiled._aot_compile([ModelInput((sample, timesteps), {"encoder_hidden_states": embeddings,
-                                                                 "return_dict": False}, [])])
+                                                                 "return_dict": False,
+                                                                 **call_kwargs(unet, sample)}, [])])
     return compiled
 
 
@@ -273,7 +283,8 @@ def precompiled_forward(unet: torch.nn.Module, compiled: Any) -> Forward:
     function.disable_guard_check()
 
     def forward(sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        return function(unet, sample, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+        return function(unet, sample, timesteps, encoder_hidden_states=embeddings, return_dict=False,
+                        **call_kwargs(unet, sample))[0]
 
     return forward
 

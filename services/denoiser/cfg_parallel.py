@@ -136,18 +136,18 @@ class CfgParallel:
 
     @classmethod
     def start(cls, model: str, device: torch.device, other: torch.device, dtype: torch.dtype,
-              short_attention: str = "auto", temporal_conv: str = "conv3d",
+              short_attention: str = "auto", temporal_conv: str = "conv3d", cross_attention: str = "video",
               start_seconds: float = 600.0) -> "CfgParallel":
         """Start the follower on ``other`` and join it; RuntimeError if it exits or does not join in time.
         ``short_attention``: the kind the leader's engine uses, so the follower's rows run the same kernels (on
-        a CUDA device; a CPU follower keeps SDPA); ``temporal_conv`` likewise."""
+        a CUDA device; a CPU follower keeps SDPA); ``temporal_conv`` and ``cross_attention`` likewise."""
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
         command = [sys.executable, "-m", "services.denoiser.cfg_parallel", "--model", model, "--device", str(other),
                    "--dtype", str(dtype).removeprefix("torch."), "--init-method", init_method,
                    "--short-attention", short_attention if other.type == "cuda" else "sdpa",
-                   "--temporal-conv", temporal_conv]
+                   "--temporal-conv", temporal_conv, "--cross-attention", cross_attention]
         follower = subprocess.Popen(command, start_new_session=True)
         joined: list[BaseException | None] = []
         thread = threading.Thread(target=lambda: joined.append(_try(join, init_method, 0, device)), daemon=True)
@@ -214,13 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--init-method", required=True, help="torch.distributed init method, e.g. tcp://127.0.0.1:P")
     parser.add_argument("--short-attention", default="auto", help="as the denoiser's --short-attention")
     parser.add_argument("--temporal-conv", default="conv3d", help="conv3d or conv2d: the kind the leader's engine uses")
+    parser.add_argument("--cross-attention", default="video", help="video or frame: the kind the leader's engine uses")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="level=%(levelname)s logger=%(name)s %(message)s")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     _exit_with_parent()
     engine = DenoiseEngine.from_folder(args.model, device, dtype, short_attention=args.short_attention,
-                                       temporal_conv=args.temporal_conv)
+                                       temporal_conv=args.temporal_conv, cross_attention=args.cross_attention)
     join(args.init_method, FOLLOWER, device)
     log.info(f"event=follower_ready device={device} dtype={dtype}")
     try:

@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from services.denoiser.cross_attention import attention_kwargs
+
+
 class DeepCacheUNet:
     """``full(sample, timesteps, embeddings) -> (noise, features)`` and
     ``shallow(sample, timesteps, embeddings, features) -> noise`` for one UNet3DConditionModel.
@@ -78,12 +81,12 @@ class DeepCacheUNet:
             num_frames, dim=0, output_size=encoder_hidden_states.shape[0] * num_frames)
         sample = sample.permute(0, 2, 1, 3, 4).reshape((sample.shape[0] * num_frames, -1) + sample.shape[3:])
         sample = unet.conv_in(sample)
+        # transformer_in and the temporal attentions attend over frames (no prompt): no frame count for them
         sample = unet.transformer_in(sample, num_frames=num_frames, cross_attention_kwargs=None,
                                      return_dict=False)[0]
         return sample, emb, encoder_hidden_states, num_frames
 
-    @staticmethod
-    def _layer(block: Any, i: int, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor,
+    def _layer(self, block: Any, i: int, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor,
                num_frames: int) -> torch.Tensor:
         """Layer ``i`` of a 3D down- or up-block (its input already concatenated with the skip connection
         for an up-block), as the block's forward runs it."""
@@ -91,7 +94,8 @@ class DeepCacheUNet:
         sample = block.temp_convs[i](sample, num_frames=num_frames)
         if getattr(block, "has_cross_attention", False):
             sample = block.attentions[i](sample, encoder_hidden_states=encoder_hidden_states,
-                                         cross_attention_kwargs=None, return_dict=False)[0]
+                                         cross_attention_kwargs=attention_kwargs(self.unet, num_frames),
+                                         return_dict=False)[0]
             sample = block.temp_attentions[i](sample, num_frames=num_frames, cross_attention_kwargs=None,
                                               return_dict=False)[0]
         return sample
@@ -126,14 +130,15 @@ class DeepCacheUNet:
             if getattr(downsample_block, "has_cross_attention", False):
                 sample, res_samples = downsample_block(
                     hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states,
-                    attention_mask=None, num_frames=num_frames, cross_attention_kwargs=None)
+                    attention_mask=None, num_frames=num_frames,
+                    cross_attention_kwargs=attention_kwargs(unet, num_frames))
             else:
                 sample, res_samples = downsample_block(hidden_states=sample, temb=emb, num_frames=num_frames)
             down_block_res_samples += res_samples
 
         if unet.mid_block is not None:
             sample = unet.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states, attention_mask=None,
-                                    num_frames=num_frames, cross_attention_kwargs=None)
+                                    num_frames=num_frames, cross_attention_kwargs=attention_kwargs(unet, num_frames))
 
         for upsample_block in unet.up_blocks[:-1]:
             res_samples = down_block_res_samples[-len(upsample_block.resnets):]
@@ -144,7 +149,7 @@ class DeepCacheUNet:
                 sample = upsample_block(
                     hidden_states=sample, temb=emb, res_hidden_states_tuple=res_samples,
                     encoder_hidden_states=encoder_hidden_states, upsample_size=upsample_size, attention_mask=None,
-                    num_frames=num_frames, cross_attention_kwargs=None)
+                    num_frames=num_frames, cross_attention_kwargs=attention_kwargs(unet, num_frames))
             else:
                 sample = upsample_block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res_samples,
                                         upsample_size=upsample_size, num_frames=num_frames)

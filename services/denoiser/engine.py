@@ -50,6 +50,7 @@ from services.common.contract import CACHE_MODES, DEFAULT_VAE_SCALE_FACTOR
 from services.common.latent_rgb import LatentRgb, map_to_rgb
 from services.common.model_folder import model_part, vae_scale_factor
 from services.denoiser import batching, sampling
+from services.denoiser.cross_attention import install as install_cross_attention
 from services.denoiser.deepcache import DeepCacheUNet
 from services.denoiser.short_attention import install as install_short_attention
 from services.denoiser.temporal_conv import install as install_temporal_conv
@@ -264,18 +265,22 @@ class DenoiseEngine:
                  observer: EngineObserver | None = None, vae_scale_factor: int = DEFAULT_VAE_SCALE_FACTOR,
                  deep_cache_interval: int = 4, deep_cache_branch: int | None = 0,
                  deep_cache_compile: bool = False, latent_rgb: LatentRgb | None = None,
-                 short_attention: str = "auto", temporal_conv: str = "conv3d") -> None:
+                 short_attention: str = "auto", temporal_conv: str = "conv3d", cross_attention: str = "video") -> None:
         """``vae_scale_factor``: pixels per latent along a side, the model's VAE's (``from_folder`` reads it
         from the folder); latents are height / factor x width / factor. ``latent_rgb``: the model's latent ->
         RGB map for previews (``from_folder`` reads vae/latent_rgb.json); None = previews unavailable.
         ``short_attention``: "triton" runs the self-attention of short sequences (the temporal attention's
         frames) as one Triton kernel, "auto" where it is available, "sdpa" never (short_attention.py).
         ``temporal_conv``: "conv2d" runs the temporal convolutions as 2-D ones, which Inductor lays out
-        channels-last; "conv3d" as diffusers has them (temporal_conv.py; the server settles its "auto")."""
+        channels-last; "conv3d" as diffusers has them (temporal_conv.py; the server settles its "auto").
+        ``cross_attention``: "video" projects a video's prompt to keys and values once and attends all its
+        frames to them in one call, "frame" once a frame as diffusers does (cross_attention.py)."""
         self.unet = unet
         self.temporal_conv = temporal_conv
         install_temporal_conv(unet, temporal_conv)      # before the processors: it swaps layers, they swap calls
         self.short_attention = install_short_attention(unet, short_attention, device, dtype)
+        # last: it wraps the processors the line above chose; "frame" where there is no cross-attention to share
+        self.cross_attention = "video" if install_cross_attention(unet, cross_attention) else "frame"
         if latent_rgb is not None and latent_rgb.channels != int(unet.config.in_channels):
             # a map fitted for another model: previews unavailable (each asking job is told), the videos are made
             log.warning(kv("latent_rgb_unusable", map_channels=latent_rgb.channels,

@@ -31,6 +31,7 @@ from services.denoiser import sampling
 from services.denoiser.compile_cache import load_plans, save_plans
 from services.denoiser.metrics import DenoiserMetrics
 from services.denoiser.sampling import SCHEDULERS
+from services.denoiser.cross_attention import KINDS as CROSS_ATTENTION_KINDS
 from services.denoiser.short_attention import KINDS as SHORT_ATTENTION_KINDS
 from services.denoiser.temporal_conv import KINDS as TEMPORAL_CONV_KINDS
 from services.denoiser.temporal_conv import resolve as resolve_temporal_conv
@@ -89,6 +90,11 @@ class DenoiserConfig(ModelConfig):
                                          "lays out channels-last: a compiled 32-row forward 3% faster on an "
                                          "H200, docs/benchmarks.md run G; eager forwards not timed), conv3d (as "
                                          "diffusers has them)")
+    cross_attention: str = setting("video", "the prompt's cross-attention: video (its keys and values projected "
+                                            "once a video and all its frames' queries attended to them in one "
+                                            "call: the same numbers to rounding, 15 of 16 projections fewer at "
+                                            "16 frames; a compiled 32-row forward 1.2% faster on an H200, "
+                                            "docs/benchmarks.md run J), frame (once a frame, as diffusers does)")
     deep_cache_compile: bool = setting(False, "with compile_rows, torch.compile DeepCache's two forwards for those "
                                               "rows too (four more compilations for two sizes; not measured to the "
                                               "end on a GPU yet: off, they run as eager CUDA graphs)")
@@ -135,6 +141,9 @@ def check_compile(config: DenoiserConfig) -> None:
     if config.temporal_conv not in TEMPORAL_CONV_KINDS:
         raise ValueError(f"--temporal-conv {config.temporal_conv!r} is unknown; choose "
                          f"{' or '.join(TEMPORAL_CONV_KINDS)}")
+    if config.cross_attention not in CROSS_ATTENTION_KINDS:
+        raise ValueError(f"--cross-attention {config.cross_attention!r} is unknown; choose "
+                         f"{' or '.join(CROSS_ATTENTION_KINDS)}")
     if config.compile_backend != "auto" and config.compile_backend not in eng.COMPILE_BACKENDS:
         raise ValueError(f"--compile-backend {config.compile_backend!r} is unknown; choose auto or "
                          f"{' or '.join(eng.COMPILE_BACKENDS)}")
@@ -295,7 +304,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 deep_cache_interval=self.config.deep_cache_interval,
                 deep_cache_branch=None if self.config.deep_cache_branch < 0 else self.config.deep_cache_branch,
                 deep_cache_compile=self.config.deep_cache_compile, short_attention=self.config.short_attention,
-                temporal_conv=resolve_temporal_conv(self.config.temporal_conv, device, compiled=bool(compile_rows)))
+                temporal_conv=resolve_temporal_conv(self.config.temporal_conv, device, compiled=bool(compile_rows)),
+                cross_attention=self.config.cross_attention)
             loaded = time.monotonic()
             if compile_rows:
                 engine.use_compile(compile_rows, backend=compile_backend(self.config),
@@ -336,7 +346,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def _start_cfg_parallel(self, engine: eng.DenoiseEngine, device: torch.device) -> CfgParallel:
         other = second_device(device, self.config.cfg_parallel_device)
         split = CfgParallel.start(self.config.model, device, other, engine.dtype, engine.short_attention,
-                                  engine.temporal_conv)
+                                  engine.temporal_conv, engine.cross_attention)
         log.info(kv("cfg_parallel", devices=f"{device},{other}"))
         return split
 
@@ -347,7 +357,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         return {"unet": json.loads(json.dumps(dict(engine.unet.config), sort_keys=True, default=str)),
                 "dtype": str(engine.dtype), "buckets": engine.warm_rows(), "compile_rows": sorted(engine.compile_rows),
                 "compile_backend": engine.compile_backend, "short_attention": engine.short_attention,
-                "temporal_conv": engine.temporal_conv, "inductor": inductor_tuning()}
+                "temporal_conv": engine.temporal_conv, "cross_attention": engine.cross_attention,
+                "inductor": inductor_tuning()}
 
     def close(self, timeout: float) -> None:
         if self.engine is not None:
