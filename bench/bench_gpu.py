@@ -13,6 +13,8 @@ Builds the full text-to-video-ms-1.7b architecture with random weights (the real
      through --compile-backend inductor, precompile or aoti), latency at concurrency 1, throughput at each
      --concurrency, the batch sizes the denoiser ran
   levers: one UNet forward as CUDA graphs, NCHW against channels-last, at a few batch sizes
+Every phase and mesh round also records the host's CPUs (bench/host_load.py: busy and steal shares, one
+core's speed before it): a lent host's CPU moves the CPU-bound figures between calls.
 Each phase and each mesh round is skipped if it would end past --budget-s (the device tool stops a
 command at 10 minutes); what was skipped is written down. Writes results.json (after every phase),
 results.md and logs.tgz (the services' logs) to --out. `--quick` runs the same on the CPU with the
@@ -45,6 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.host_load import describe, watch  # noqa: E402
 from services.common.config import DEFAULT_MODEL  # noqa: E402
 from t2v.up import health_status  # noqa: E402
 from t2v.v1 import gateway_pb2, gateway_pb2_grpc, generation_pb2  # noqa: E402
@@ -432,12 +435,14 @@ def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, m
     """Latency at concurrency 1 and throughput at each --concurrency, every request with ``cache=mode``."""
     seed0 = {"none": 0, "deep": 500_000}.get(mode, 900_000)    # seeds unique across modes and rounds
     gpu_before, before = gpu_seconds(a), scrape(a)
-    lat = [generate(stub, a, seed0 + i, cache=mode) for i in range(a.latency_runs)]
+    with watch() as cpu:
+        lat = [generate(stub, a, seed0 + i, cache=mode) for i in range(a.latency_runs)]
     gpu, after = gpu_seconds(a) - gpu_before, scrape(a)
     per_video = {k: (after[k] - before.get(k, 0.0)) / len(lat) for k in after}
     target.update({"latency_s": statistics.median(lat), "latencies_s": lat, "latency": spread(lat),
                    "gpu_s_per_video": gpu / len(lat), "non_gpu_share": 1 - gpu / sum(lat),
-                   "per_video_breakdown_s": per_video, "stage_minus_gpu_s": stage_minus_gpu(per_video)})
+                   "per_video_breakdown_s": per_video, "stage_minus_gpu_s": stage_minus_gpu(per_video),
+                   "host_load": cpu.figures})
     log(f"mesh latency (cache {mode})", target["latency"])
     rate = 1 / statistics.median(lat)     # videos/s known so far, to guess each round's length
     for concurrency in a.concurrency:
@@ -447,22 +452,23 @@ def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, m
         before = scrape(a)
         latencies: list[float] = []
         marks: list[dict[str, float]] = [{} for _ in range(concurrency)]
-        start = time.perf_counter()
-        threads = [threading.Thread(target=lambda i=i: latencies.append(generate(
-            stub, a, seed0 + 1000 * concurrency + i, cache=mode, marks=marks[i], since=start)))
-            for i in range(concurrency)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
+        with watch() as cpu:
+            start = time.perf_counter()
+            threads = [threading.Thread(target=lambda i=i: latencies.append(generate(
+                stub, a, seed0 + 1000 * concurrency + i, cache=mode, marks=marks[i], since=start)))
+                for i in range(concurrency)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - start
         assert len(latencies) == concurrency, "some requests failed"
         after = scrape(a)
         # where a burst's first second goes (queue wait, each stage as the gateway sees it, the encoder's
         # own forwards): the same per-video breakdown as the latency runs', under load
         target["throughput"][concurrency] = {"wall_s": wall, "videos_per_s": concurrency / wall,
                                              "mean_latency_s": statistics.mean(latencies),
-                                             "arrivals_s": arrivals(marks),
+                                             "arrivals_s": arrivals(marks), "host_load": cpu.figures,
                                              "per_video_breakdown_s": {k: (after[k] - before.get(k, 0.0)) / concurrency
                                                                        for k in after if "bucket" not in k},
                                              **batch_sizes(before, after)}
@@ -606,28 +612,35 @@ def run_phases(a, phases: list[str], device, dtype, report: dict) -> None:
     for phase in phases:
         if not fits(a, guesses[phase], phase, report):
             continue
-        if phase == "peer":
-            report["peer"] = bench_peer(a.model, device, dtype, a)
-        elif phase == "compiled-peer":
-            # Its own Inductor cache, emptied: the compile it reports is a cold one, as a user's first.
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = "/tmp/t2v-peer-inductor"
-            os.environ["TRITON_CACHE_DIR"] = "/tmp/t2v-peer-inductor/triton"
-            shutil.rmtree("/tmp/t2v-peer-inductor", ignore_errors=True)
-            report["compiled_peer"] = bench_peer(a.model, device, dtype, a, compiled=True)
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
-            os.environ.pop("TRITON_CACHE_DIR")
-        elif phase == "floor":
-            report["floor"] = bench_compute_floor(a.model, device, dtype, a)
-        elif phase == "levers":
-            report["levers"] = bench_levers(a.model, device, dtype, a)
-        elif phase == "mesh":
-            report["mesh"] = bench_mesh(a.model, a, a.out, report)
-        else:
-            raise SystemExit(f"unknown phase {phase!r}")
-        log(phase, "done" if phase == "mesh" else report.get(phase.replace("-", "_")))
+        with watch() as cpu:
+            run_phase(a, phase, device, dtype, report)
+        report.setdefault("host_load", {})[phase] = cpu.figures
+        log(phase, "done" if phase == "mesh" else report.get(phase.replace("-", "_")), "host", describe(cpu.figures))
         save()
     (a.out / "results.md").write_text(summarise(report))
     print(summarise(report))
+
+
+def run_phase(a, phase: str, device, dtype, report: dict) -> None:
+    """One of --phases, its results into ``report``."""
+    if phase == "peer":
+        report["peer"] = bench_peer(a.model, device, dtype, a)
+    elif phase == "compiled-peer":
+        # Its own Inductor cache, emptied: the compile it reports is a cold one, as a user's first.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = "/tmp/t2v-peer-inductor"
+        os.environ["TRITON_CACHE_DIR"] = "/tmp/t2v-peer-inductor/triton"
+        shutil.rmtree("/tmp/t2v-peer-inductor", ignore_errors=True)
+        report["compiled_peer"] = bench_peer(a.model, device, dtype, a, compiled=True)
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+        os.environ.pop("TRITON_CACHE_DIR")
+    elif phase == "floor":
+        report["floor"] = bench_compute_floor(a.model, device, dtype, a)
+    elif phase == "levers":
+        report["levers"] = bench_levers(a.model, device, dtype, a)
+    elif phase == "mesh":
+        report["mesh"] = bench_mesh(a.model, a, a.out, report)
+    else:
+        raise SystemExit(f"unknown phase {phase!r}")
 
 
 def summarise(r: dict) -> str:
@@ -712,6 +725,13 @@ def summarise(r: dict) -> str:
             speedup = f", {t['videos_per_s'] / exact['videos_per_s']:.2f}x cache none" if exact else ""
             lines.append(f"| mesh throughput, concurrency {c}, cache {mode} (mean batch {t.get('mean_batch') or 0:.1f})"
                          f" | {t['videos_per_s']:.3f} videos/s{speedup} | |")
+    for phase, figures in r.get("host_load", {}).items():
+        lines.append(f"| host CPUs during the {phase} phase ({figures.get('seconds')} s) | {describe(figures)} | |")
+    if mesh.get("host_load"):
+        lines.append(f"| ... during the mesh's latency runs | {describe(mesh['host_load'])} | |")
+    for c, t in mesh.get("throughput", {}).items():
+        if t.get("host_load"):
+            lines.append(f"| ... during the mesh's {c} concurrent | {describe(t['host_load'])} | |")
     plan = next((s["batch_plan"] for s in reversed(mesh.get("starts", [])) if "batch_plan" in s), None)
     if plan:
         lines.append(f"| denoiser batch plan (bucket rows: ms a forward; cap in rows) | {plan.get('ms')}; "

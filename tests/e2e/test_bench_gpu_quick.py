@@ -43,8 +43,12 @@ def test_the_gpu_benchmark_runs_its_quick_mode_on_the_cpu(tmp_path: Path) -> Non
     assert mesh["throughput"]["2"]["videos_per_s"] > 0
     assert_arrivals(mesh["throughput"]["2"]["arrivals_s"])
     assert mesh["cache_deep"]["throughput"]["2"]["videos_per_s"] > 0
+    for figures in (*report["host_load"].values(), mesh["host_load"], mesh["throughput"]["2"]["host_load"]):
+        assert 0 < figures["busy_share"] <= 1 and 0 <= figures["steal_share"] < 1 and figures["core_ms_before"] > 0
+    assert set(report["host_load"]) == {"peer", "floor", "mesh"}
     table = (tmp_path / "results.md").read_text()
     assert "| mesh latency, concurrency 1" in table and "cache deep" in table
+    assert "| host CPUs during the peer phase" in table and "| ... during the mesh's 2 concurrent | busy" in table
     assert (tmp_path / "logs.tgz").stat().st_size > 0
 
 
