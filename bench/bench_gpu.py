@@ -442,7 +442,7 @@ def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, m
     target.update({"latency_s": statistics.median(lat), "latencies_s": lat, "latency": spread(lat),
                    "gpu_s_per_video": gpu / len(lat), "non_gpu_share": 1 - gpu / sum(lat),
                    "per_video_breakdown_s": per_video, "stage_minus_gpu_s": stage_minus_gpu(per_video),
-                   "host_load": cpu.figures})
+                   "host_load": cpu})
     log(f"mesh latency (cache {mode})", target["latency"])
     rate = 1 / statistics.median(lat)     # videos/s known so far, to guess each round's length
     for concurrency in a.concurrency:
@@ -468,7 +468,7 @@ def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, m
         # own forwards): the same per-video breakdown as the latency runs', under load
         target["throughput"][concurrency] = {"wall_s": wall, "videos_per_s": concurrency / wall,
                                              "mean_latency_s": statistics.mean(latencies),
-                                             "arrivals_s": arrivals(marks), "host_load": cpu.figures,
+                                             "arrivals_s": arrivals(marks), "host_load": cpu,
                                              "per_video_breakdown_s": {k: (after[k] - before.get(k, 0.0)) / concurrency
                                                                        for k in after if "bucket" not in k},
                                              **batch_sizes(before, after)}
@@ -614,8 +614,8 @@ def run_phases(a, phases: list[str], device, dtype, report: dict) -> None:
             continue
         with watch() as cpu:
             run_phase(a, phase, device, dtype, report)
-        report.setdefault("host_load", {})[phase] = cpu.figures
-        log(phase, "done" if phase == "mesh" else report.get(phase.replace("-", "_")), "host", describe(cpu.figures))
+        report.setdefault("host_load", {})[phase] = cpu
+        log(phase, "done" if phase == "mesh" else report.get(phase.replace("-", "_")), "host", describe(cpu))
         save()
     (a.out / "results.md").write_text(summarise(report))
     print(summarise(report))

@@ -18,7 +18,6 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -64,23 +63,16 @@ def core_ms(repeats: int = 5) -> float:
     return round(statistics.median(times), 2)
 
 
-@dataclass
-class Load:
-    """A phase's figures; ``figures`` is filled when ``watch``'s block ends."""
-
-    figures: dict[str, float | int | None] = field(default_factory=dict)
-
-
 @contextmanager
-def watch(stat: Path = PROC_STAT) -> Iterator[Load]:
-    """Times one core before the block, and gives the block's busy and steal shares when it ends (also when
-    it raises, so a phase cut short keeps them)."""
-    load = Load({"core_ms_before": core_ms(), "cpus": os.cpu_count()})
+def watch(stat: Path = PROC_STAT) -> Iterator[dict[str, float | int | None]]:
+    """A dict of the block's figures: one core's time before it, and, filled in when the block ends (also
+    when it raises, so a phase cut short keeps them), its busy and steal shares and its seconds."""
+    figures: dict[str, float | int | None] = {"core_ms_before": core_ms(), "cpus": os.cpu_count()}
     before, started = read_cpu(stat), time.monotonic()
     try:
-        yield load
+        yield figures
     finally:
-        load.figures.update(shares(before, read_cpu(stat)), seconds=round(time.monotonic() - started, 1))
+        figures.update(shares(before, read_cpu(stat)), seconds=round(time.monotonic() - started, 1))
 
 
 def describe(figures: dict[str, float | int | None]) -> str:

@@ -18,12 +18,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from services.denoiser import cross_attention as ca
 from services.denoiser.aot import module_state
-
-MODEL = Path(__file__).resolve().parents[2] / "models" / "t2v-world"
-
-
-def embedded_unet(device: str = "cpu", dtype: torch.dtype = torch.float32) -> UNet3DConditionModel:
-    return UNet3DConditionModel.from_pretrained(MODEL / "unet", dtype=dtype).to(device).eval().requires_grad_(False)
+from tests.unit.test_short_attention import CUDA, MODEL, embedded_unet
 
 
 def inputs(rows: int = 4, frames: int = 16, size: int = 8, seed: int = 0, device: str = "cpu",
@@ -184,9 +179,7 @@ def test_the_setting_is_checked_at_start_reaches_the_engine_and_its_batch_plan()
     assert set(map(type, frame.unet.attn_processors.values())) == {AttnProcessor2_0}
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and __import__("services.denoiser.short_attention",
-                                                                   fromlist=["triton"]).triton is not None),
-                    reason="needs a CUDA device and Triton")
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and Triton")
 def test_with_the_kernel_in_fp16_compiled_it_is_as_close_to_float32_as_without() -> None:
     """As the product serves it on a GPU: the short-attention kernel wrapped, fp16, torch.compile'd whole."""
     from services.denoiser import short_attention as sa

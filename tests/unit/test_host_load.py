@@ -34,8 +34,8 @@ def test_without_proc_stat_or_elapsed_time_the_shares_are_none_and_nothing_fails
     assert host_load.shares(missing, same) == none and host_load.shares(same, same) == none
     with host_load.watch(tmp_path / "absent") as load:
         pass
-    assert load.figures["busy_share"] is None and load.figures["core_ms_before"] > 0
-    assert host_load.describe(load.figures).startswith("busy n/a, steal n/a, one core ")
+    assert load["busy_share"] is None and load["core_ms_before"] > 0
+    assert host_load.describe(load).startswith("busy n/a, steal n/a, one core ")
 
 
 def test_a_block_that_raises_keeps_its_figures(tmp_path: Path) -> None:
@@ -45,4 +45,4 @@ def test_a_block_that_raises_keeps_its_figures(tmp_path: Path) -> None:
             raise RuntimeError("a phase cut short")
     except RuntimeError:
         pass
-    assert "seconds" in load.figures and load.figures["busy_share"] is None    # the file did not move
+    assert "seconds" in load and load["busy_share"] is None    # the file did not move
