@@ -14,7 +14,8 @@ Builds the full text-to-video-ms-1.7b architecture with random weights (the real
      --concurrency, the batch sizes the denoiser ran
   levers: one UNet forward as CUDA graphs, NCHW against channels-last, at a few batch sizes
 Every phase and mesh round also records the host's CPUs (bench/host_load.py: busy and steal shares, one
-core's speed before it): a lent host's CPU moves the CPU-bound figures between calls.
+core's speed before it; in each mesh round the CPU seconds of each service and of what it started): a lent
+host's CPU moves the CPU-bound figures between calls.
 Each phase and each mesh round is skipped if it would end past --budget-s (the device tool stops a
 command at 10 minutes); what was skipped is written down. Writes results.json (after every phase),
 results.md and logs.tgz (the services' logs) to --out. `--quick` runs the same on the CPU with the
@@ -431,11 +432,12 @@ def restart_env(a, attempt: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in entries[attempt - 1].split(",") if "=" in item)
 
 
-def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, mode: str) -> None:
-    """Latency at concurrency 1 and throughput at each --concurrency, every request with ``cache=mode``."""
+def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, mode: str, mesh_pid: int) -> None:
+    """Latency at concurrency 1 and throughput at each --concurrency, every request with ``cache=mode``; each
+    round's host figures with the CPU seconds of the mesh's processes (``mesh_pid``: `t2v up`) by role."""
     seed0 = {"none": 0, "deep": 500_000}.get(mode, 900_000)    # seeds unique across modes and rounds
     gpu_before, before = gpu_seconds(a), scrape(a)
-    with watch() as cpu:
+    with watch(root=mesh_pid) as cpu:
         lat = [generate(stub, a, seed0 + i, cache=mode) for i in range(a.latency_runs)]
     gpu, after = gpu_seconds(a) - gpu_before, scrape(a)
     per_video = {k: (after[k] - before.get(k, 0.0)) / len(lat) for k in after}
@@ -452,7 +454,7 @@ def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, m
         before = scrape(a)
         latencies: list[float] = []
         marks: list[dict[str, float]] = [{} for _ in range(concurrency)]
-        with watch() as cpu:
+        with watch(root=mesh_pid) as cpu:
             start = time.perf_counter()
             threads = [threading.Thread(target=lambda i=i: latencies.append(generate(
                 stub, a, seed0 + 1000 * concurrency + i, cache=mode, marks=marks[i], since=start)))
@@ -504,7 +506,7 @@ def bench_mesh(model: str, a, out: Path, report: dict) -> dict:
         for mode in a.caches:
             # cache=none fills the top level (as before the cache parameter); each other mode its own key
             target = results if mode == "none" else results.setdefault(f"cache_{mode}", {"throughput": {}})
-            mesh_rounds(stub, a, out, report, results, target, mode)
+            mesh_rounds(stub, a, out, report, results, target, mode, proc.pid)
         return results
     finally:
         channel.close()
