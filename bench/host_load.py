@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 PROC = Path("/proc")
+TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PROC_STAT = PROC / "stat"
 # /proc/stat's "cpu" line, in order (proc(5)); guest time is already counted in user and nice
 FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
@@ -67,50 +68,61 @@ def core_ms(repeats: int = 5) -> float:
     return round(statistics.median(times), 2)
 
 
-def read_process(folder: Path) -> tuple[int, float, str] | None:
-    """(parent pid, CPU seconds: user + system, its role) of the process whose /proc folder this is, or None
-    if it is gone or unreadable. The role is the stage of a ``t2v serve STAGE`` command line, else ""."""
+def read_stat(folder: Path) -> tuple[int, float, float] | None:
+    """(parent pid, its own CPU seconds: user + system, its reaped children's: cutime + cstime) of the process
+    whose /proc folder this is, or None if it is gone or its stat unreadable."""
     try:
         stat = (folder / "stat").read_text()
-        argv = (folder / "cmdline").read_bytes().split(b"\0")
-    except OSError:
+        fields = stat[stat.rindex(")") + 2:].split()     # after "pid (comm) ": comm may hold spaces and ')'
+        return (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS_PER_S,
+                (int(fields[13]) + int(fields[14])) / TICKS_PER_S)
+    except (OSError, ValueError, IndexError):
         return None
-    fields = stat[stat.rindex(")") + 2:].split()      # after "pid (comm) ": comm may hold spaces and ')'
-    ticks = os.sysconf("SC_CLK_TCK")
-    words = [w.decode(errors="replace") for w in argv]
-    role = words[words.index("serve") + 1] if "serve" in words[:-1] else ""
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks, role
 
 
-def tree_cpu(root: int, proc: Path = PROC) -> dict[int, tuple[str, float]]:
-    """Each live process at or under ``root``: its role and CPU seconds so far. Roles: a service's own
-    (``denoiser``), what it started (``denoiser children``), and the rest (``other``: ``t2v up`` itself)."""
-    processes: dict[int, tuple[int, float, str]] = {}
-    for folder in proc.glob("[0-9]*"):
-        found = read_process(folder)
-        if found is not None:
-            processes[int(folder.name)] = found
-    tree: dict[int, tuple[str, float]] = {}
-    for pid, (_, seconds, role) in processes.items():
+def stage_of(folder: Path) -> str:
+    """The STAGE of a ``t2v serve STAGE`` command line, else "" (also when it cannot be read)."""
+    try:
+        words = [w.decode(errors="replace") for w in (folder / "cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return ""
+    at = next((i for i, w in enumerate(words[1:-1], 1) if w == "serve" and Path(words[i - 1]).name == "t2v"), None)
+    return words[at + 1] if at is not None else ""
+
+
+def tree_cpu(root: int, proc: Path = PROC) -> dict[str, float]:
+    """CPU seconds so far of ``root`` and every live process under it, summed by role: a service's own
+    (``denoiser``: its process), what it started (``denoiser children``: the processes under it, and those
+    it or they have reaped), and the rest (``other``: ``t2v up`` itself and what it reaped)."""
+    processes = {int(f.name): found for f in proc.glob("[0-9]*") if (found := read_stat(f)) is not None}
+    stages: dict[int, str] = {}
+    totals: dict[str, float] = {}
+    for pid, (_, own, reaped) in processes.items():
         chain, at = [], pid
         while at in processes and at != root and len(chain) < 64:    # up to the root, or not under it
             chain.append(at)
             at = processes[at][0]
         if at != root:
             continue
-        service = next((processes[p][2] for p in chain if processes[p][2]), "")
-        tree[pid] = ("other" if not service else service if role == service else f"{service} children", seconds)
-    return tree
+        for p in chain:                       # the command lines of the tree only: another's may be slow to read
+            if p not in stages:
+                stages[p] = stage_of(proc / str(p))
+        owner = next((p for p in reversed(chain) if stages[p]), None)    # the service nearest the root
+        if owner is None:
+            totals["other"] = totals.get("other", 0.0) + own + reaped
+            continue
+        children = f"{stages[owner]} children"
+        mine = stages[owner] if pid == owner else children      # a forked child keeps its parent's command line
+        totals[mine] = totals.get(mine, 0.0) + own
+        totals[children] = totals.get(children, 0.0) + reaped
+    return totals
 
 
-def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
-    """CPU seconds each role spent between two ``tree_cpu`` readings: the processes alive at the second, each
-    from its first reading (0 if it started in between). One that exited in between is not counted (its
-    time is its parent's only once reaped, and then as the parent's children's time, which stat leaves out)."""
-    spent: dict[str, float] = {}
-    for pid, (role, seconds) in after.items():
-        spent[role] = spent.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
-    return {role: round(seconds, 2) for role, seconds in sorted(spent.items())}
+def cpu_by_role(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each role spent between two ``tree_cpu`` readings. A process that exits in between still
+    counts, as its parent's reaped children's time, once the parent has waited for it; one whose parent died
+    first leaves the tree (to init) and takes its time along, so a role's figure can then come out low."""
+    return {role: round(after[role] - before.get(role, 0.0), 2) for role in sorted(after)}
 
 
 @contextmanager
@@ -120,8 +132,8 @@ def watch(stat: Path = PROC_STAT, root: int | None = None, proc: Path = PROC
     when it raises, so a phase cut short keeps them), its busy and steal shares and its seconds; with
     ``root`` (the mesh's pid), ``cpu_s``: the CPU seconds each role of ``tree_cpu`` spent in the block."""
     figures: dict = {"core_ms_before": core_ms(), "cpus": os.cpu_count()}
+    tree_before = tree_cpu(root, proc) if root is not None else {}     # its own time left out of the block's
     before, started = read_cpu(stat), time.monotonic()
-    tree_before = tree_cpu(root, proc) if root is not None else {}
     try:
         yield figures
     finally:

@@ -48,32 +48,42 @@ def test_a_block_that_raises_keeps_its_figures(tmp_path: Path) -> None:
     assert "seconds" in load and load["busy_share"] is None    # the file did not move
 
 
-def fake_process(proc: Path, pid: int, parent: int, ticks: tuple[int, int], argv: list[str], comm: str = "python"
-                 ) -> None:
+def fake_process(proc: Path, pid: int, parent: int, ticks: tuple[int, int], argv: list[str], comm: str = "python",
+                 reaped: tuple[int, int] = (0, 0)) -> None:
     folder = proc / str(pid)
-    folder.mkdir()
-    #          pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
-    folder.joinpath("stat").write_text(f"{pid} ({comm}) S {parent} 1 1 0 -1 0 0 0 0 0 {ticks[0]} {ticks[1]} 0 0\n")
+    folder.mkdir(exist_ok=True)
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime
+    # priority nice num_threads itrealvalue starttime ...
+    folder.joinpath("stat").write_text(f"{pid} ({comm}) S {parent} 1 1 0 -1 0 0 0 0 0 {ticks[0]} {ticks[1]} "
+                                       f"{reaped[0]} {reaped[1]} 20 0 1 0 1000 0 0\n")
     folder.joinpath("cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
 
 
 def test_the_mesh_processes_cpu_is_summed_by_service_and_what_each_started(tmp_path: Path) -> None:
-    hz = host_load.os.sysconf("SC_CLK_TCK")
+    hz = host_load.TICKS_PER_S
     proc = tmp_path / "proc"
     proc.mkdir()
+    denoiser = ["python", "-m", "t2v", "serve", "denoiser", "--port", "1"]
     fake_process(proc, 10, 1, (hz, 0), ["python", "-m", "t2v", "up"])
-    fake_process(proc, 11, 10, (2 * hz, hz), ["python", "-m", "t2v", "serve", "denoiser", "--port", "1"])
-    fake_process(proc, 12, 10, (hz, 0), ["python", "-m", "t2v", "serve", "decoder"], comm="odd ) name")
+    fake_process(proc, 11, 10, (2 * hz, hz), denoiser)
+    fake_process(proc, 12, 10, (hz, 0), ["/usr/bin/t2v", "serve", "decoder"], comm="odd ) name")
     fake_process(proc, 13, 11, (hz, 0), ["python", "-m", "torch._inductor.compile_worker"])
     fake_process(proc, 14, 13, (hz, hz), ["python", "worker"])                 # a grandchild: still the denoiser's
-    fake_process(proc, 20, 1, (50 * hz, 0), ["python", "-m", "t2v", "serve", "denoiser"])   # not under the root
+    fake_process(proc, 17, 11, (hz, 0), denoiser)                             # forked: the same command line
+    fake_process(proc, 18, 10, (hz, 0), ["python", "-m", "other", "serve", "x"])   # "serve", not t2v's
+    fake_process(proc, 20, 1, (50 * hz, 0), denoiser)                         # not under the root
+    (proc / "21").mkdir()                                                     # a stat that is not one
+    (proc / "21" / "stat").write_text("garbage")
     before = host_load.tree_cpu(10, proc)
-    assert before == {10: ("other", 1.0), 11: ("denoiser", 3.0), 12: ("decoder", 1.0),
-                      13: ("denoiser children", 1.0), 14: ("denoiser children", 2.0)}
-    after = {**before, 11: ("denoiser", 3.5), 14: ("denoiser children", 4.0), 15: ("decoder children", 0.25)}
-    del after[13]                                                              # exited in between: not counted
-    assert host_load.cpu_by_role(before, after) == {"decoder": 0.0, "decoder children": 0.25, "denoiser": 0.5,
-                                                    "denoiser children": 2.0, "other": 0.0}
+    assert before == {"decoder": 1.0, "decoder children": 0.0, "denoiser": 3.0, "denoiser children": 4.0, "other": 2.0}
+    # the forked 17 works 0.5 s more, exits and 11 reaps it; 14 works 2 s; 15 starts under the decoder
+    (proc / "17" / "stat").unlink()
+    fake_process(proc, 11, 10, (2 * hz, 2 * hz), denoiser, reaped=(hz, hz // 2))
+    fake_process(proc, 14, 13, (2 * hz, 2 * hz), ["python", "worker"])
+    fake_process(proc, 15, 12, (hz // 4, 0), ["python", "x264"])
+    after = host_load.tree_cpu(10, proc)
+    assert host_load.cpu_by_role(before, after) == {"decoder": 0.0, "decoder children": 0.25, "denoiser": 1.0,
+                                                    "denoiser children": 0.5 + 2.0, "other": 0.0}
     with host_load.watch(tmp_path / "absent", root=10, proc=proc) as load:
         fake_process(proc, 16, 12, (hz, 0), ["python", "x264"])
     assert load["cpu_s"] == {"decoder": 0.0, "decoder children": 1.0, "denoiser": 0.0, "denoiser children": 0.0,
@@ -83,5 +93,4 @@ def test_the_mesh_processes_cpu_is_summed_by_service_and_what_each_started(tmp_p
 
 
 def test_this_process_is_found_under_its_parent_in_the_real_proc() -> None:
-    tree = host_load.tree_cpu(host_load.os.getppid())
-    assert host_load.os.getpid() in tree and tree[host_load.os.getpid()][1] > 0
+    assert host_load.tree_cpu(host_load.os.getppid()).get("other", 0) > 0      # pytest's own CPU, at least
