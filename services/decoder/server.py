@@ -48,6 +48,10 @@ class DecoderConfig(ModelConfig):
                                    "included) divided by the calls in it, at least 1, which x264 clips to what the "
                                    "frame allows (4 for 256x256): a call alone gets x264's own choice, 16 videos "
                                    "at once on 16 cores 1 thread each (docs/benchmarks.md run I)")
+    torch_threads: int = setting(0, "threads for torch's CPU work, 0 to 256; 0 = 1 on a GPU (there that work is the "
+                                    "frames' conversion to bytes, and OpenMP's idle threads spin after each of its "
+                                    "steps: 16 threads burned 1.4 CPU seconds a video on an H200 host, docs/benchmarks"
+                                    ".md run K), torch's own choice on the CPU (where the VAE runs on them)")
     max_frames: int = setting(256, "most frames accepted in one video")
     max_fps: int = setting(60, "highest frame rate accepted")
     max_size: int = setting(1024, "largest height or width of a video accepted, in pixels")
@@ -55,6 +59,12 @@ class DecoderConfig(ModelConfig):
 
 MAX_BATCH_MEGAPIXELS = 1024.0
 MAX_X264_THREADS = 64
+MAX_TORCH_THREADS = 256
+
+
+def torch_threads_for(setting: int, device: torch.device) -> int:
+    """The threads to give torch's CPU work (0 = leave torch's default): ``--torch-threads``, or by device."""
+    return setting or (1 if device.type == "cuda" else 0)
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
@@ -62,6 +72,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         if not 0 <= config.x264_threads <= MAX_X264_THREADS:
             raise ValueError(f"--x264-threads is {config.x264_threads}; it must be 0 (by load) to "
                              f"{MAX_X264_THREADS}")
+        if not 0 <= config.torch_threads <= MAX_TORCH_THREADS:
+            raise ValueError(f"--torch-threads is {config.torch_threads}; it must be 0 (by device) to "
+                             f"{MAX_TORCH_THREADS}")
         if not 0 <= config.batch_megapixels <= MAX_BATCH_MEGAPIXELS:
             raise ValueError(f"--batch-megapixels is {config.batch_megapixels}; it must be 0 (off) to "
                              f"{MAX_BATCH_MEGAPIXELS:g}")
@@ -75,6 +88,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     def load(self) -> None:
         check_x264_settings(self.config.crf, self.config.x264_preset, self.config.x264_tune)   # a typo stops the start
         device = resolve_device(self.config.device)
+        if threads := torch_threads_for(self.config.torch_threads, device):
+            torch.set_num_threads(threads)
         self.vae = VaeDecoder(self.config.model, device, resolve_dtype(self.config.dtype, device),
                               chunk_size=self.config.chunk_size,
                               batch_pixels=round(self.config.batch_megapixels * 1e6), on_batch=self.metrics.batched)

@@ -9,7 +9,9 @@ import av
 import numpy as np
 import pytest
 
-from services.decoder.server import DecoderConfig, DecoderServicer
+import torch
+
+from services.decoder.server import DecoderConfig, DecoderServicer, torch_threads_for
 from services.decoder.video import check_x264_settings, encode_mp4
 
 FRAMES = np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
@@ -50,6 +52,23 @@ def test_x264_threads_is_passed_to_x264_and_checked() -> None:
     assert DecoderConfig().x264_threads == 0                       # by load unless set (encode_threads.py)
     with pytest.raises(ValueError, match="--x264-threads is 65"):
         DecoderServicer(DecoderConfig(x264_threads=65))
+
+
+def test_torch_gets_one_cpu_thread_on_a_gpu_its_default_on_the_cpu_or_what_is_set() -> None:
+    # On a GPU the decoder's torch CPU work is the frames' conversion to bytes; with torch's default team of
+    # one OpenMP thread a core, the idle ones spin after each step (1.4 CPU s a video on a 16-core host).
+    assert DecoderConfig().torch_threads == 0
+    assert torch_threads_for(0, torch.device("cuda")) == 1
+    assert torch_threads_for(0, torch.device("cpu")) == 0          # the VAE runs on them: torch's own choice
+    assert torch_threads_for(3, torch.device("cuda")) == 3
+    with pytest.raises(ValueError, match="--torch-threads is 257"):
+        DecoderServicer(DecoderConfig(torch_threads=257))
+    before = torch.get_num_threads()
+    try:
+        DecoderServicer(DecoderConfig(device="cpu", torch_threads=1)).load()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_check_x264_settings_accepts_the_defaults_and_names_a_bad_tune() -> None:
