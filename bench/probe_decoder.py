@@ -5,7 +5,9 @@ Why: in the mesh on lent H200 hosts the decoder process used 1.0-1.8 CPU seconds
 figures, docs/benchmarks.md run K) for 0.06 s of VAE and ~0.03 s of x264 work, and its MP4 step, what the
 VAE does not hide, took 0.11 s a video against 0.03 s for the same encoding in a process of its own (run I).
 This starts the real stage (``t2v serve decoder``, gRPC on a loopback port) with each ``--variants`` entry's
-environment and tells which threads the CPU time goes to.
+environment and tells which threads the CPU time goes to (run K found torch's OpenMP team spinning: hence
+``--torch-threads``). py-spy, where installed (``--profile``), records the variants named (its ``--native``
+cannot go with ``--nonblocking``, which run K tried: Python stacks only).
 
     python bench/probe_decoder.py --model /tmp/t2v-full --device cuda --out /tmp/dec
     python bench/probe_decoder.py --out /tmp/dec --calls 3 --frames 4        # embedded model, CPU
@@ -97,7 +99,7 @@ def run_variant(a, name: str, env: dict[str, str], port: int, out: Path, profile
         spy = None
         if profile and shutil.which("py-spy"):
             spy = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--rate", "500", "--format", "raw",
-                                    "--threads", "--native", "--nonblocking", "--output",
+                                    "--threads", "--nonblocking", "--output",
                                     str(out / f"py-spy-{name}.txt"), "--duration", str(a.profile_s)],
                                    stdout=(out / f"py-spy-{name}.log").open("w"), stderr=subprocess.STDOUT)
             time.sleep(1.0)

@@ -64,3 +64,19 @@ def test_the_burst_benchmark_times_each_request_at_each_stage(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_arrivals(json.loads((tmp_path / "burst.json").read_text())["arrivals_s"])
     assert "denoiser_started: first" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_decoder_probe_reports_each_environment_and_the_torch_threads_it_asked_for(tmp_path: Path) -> None:
+    base = free_base_port()
+    proc = subprocess.run([sys.executable, "bench/probe_decoder.py", "--out", str(tmp_path), "--calls", "2",
+                           "--frames", "4", "--size", "64", "--idle-s", "0.5", "--base-port", str(base),
+                           "--variants", "default;one=T2V_TORCH_THREADS=1"],
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    variants = json.loads((tmp_path / "decoder.json").read_text())["variants"]
+    assert set(variants) == {"default", "one"} and variants["one"]["env"] == {"T2V_TORCH_THREADS": "1"}
+    for figures in variants.values():
+        assert len(figures["walls_s"]) == 2 and figures["vae_s_per_call"] > 0 and figures["cpu_s_per_call"] > 0
+        assert figures["busiest_threads_s"] and figures["idle_cpu_cores"] < 0.5
