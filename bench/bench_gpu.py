@@ -273,11 +273,11 @@ def start_mesh(model: str, a, log_dir: Path, extra_env: dict[str, str] | None = 
     return proc, time.monotonic() - started
 
 
-def wait_serving(proc: subprocess.Popen, base_port: int, log_dir: Path, timeout: float) -> None:
-    """Until the four services of the mesh ``proc`` started at ``base_port`` answer SERVING; SystemExit if it
-    exits or ``timeout`` seconds pass first."""
+def wait_serving(proc: subprocess.Popen, base_port: int, log_dir: Path, timeout: float, services: int = 4) -> None:
+    """Until the ``services`` services of ``proc`` (the mesh's four) on the ports from ``base_port`` answer
+    SERVING; SystemExit if it exits or ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout
-    for port in range(base_port, base_port + 4):
+    for port in range(base_port, base_port + services):
         while health_status(f"127.0.0.1:{port}") != 1:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the mesh did not start; logs in {log_dir}")
@@ -361,17 +361,24 @@ def stage_minus_gpu(per_video: dict[str, float]) -> dict[str, float]:
     return result
 
 
-def scrape(a) -> dict[str, float]:
-    """Every metric sample named in BREAKDOWN, from each service's /metrics (gRPC port + 100)."""
+def metric_samples(port: int, names: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """The samples of the service's /metrics (on ``port``) whose line starts with one of ``names``."""
     from urllib.request import urlopen
 
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith(tuple(names)):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def scrape(a) -> dict[str, float]:
+    """Every metric sample named in BREAKDOWN, from each service's /metrics (gRPC port + 100)."""
     samples: dict[str, float] = {}
     for offset, names in BREAKDOWN.items():
-        text = urlopen(f"http://127.0.0.1:{a.base_port + offset + 100}/metrics", timeout=10).read().decode()
-        for line in text.splitlines():
-            if any(line.startswith(n) for n in names):
-                key, value = line.rsplit(" ", 1)
-                samples[key] = float(value)
+        samples.update(metric_samples(a.base_port + offset + 100, names))
     return samples
 
 
@@ -424,12 +431,17 @@ def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict:
             "forwards_over_16": count - le16}
 
 
+def parse_env(entry: str) -> dict[str, str]:
+    """'VAR=VALUE,VAR=VALUE' -> a dict of them (items without '=' left out)."""
+    return dict(item.split("=", 1) for item in entry.split(",") if "=" in item)
+
+
 def restart_env(a, attempt: int) -> dict[str, str]:
     """The extra environment of start ``attempt`` (0 = the first): --restart-env's entry for it."""
     entries = a.restart_env.split(";") if a.restart_env else []
     if attempt == 0 or attempt > len(entries):
         return {}
-    return dict(item.split("=", 1) for item in entries[attempt - 1].split(",") if "=" in item)
+    return parse_env(entries[attempt - 1])
 
 
 def mesh_rounds(stub, a, out: Path, report: dict, results: dict, target: dict, mode: str, mesh_pid: int) -> None:

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.request import urlopen
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -34,11 +33,11 @@ if str(ROOT) not in sys.path:
 import grpc  # noqa: E402
 import torch  # noqa: E402
 
+from bench.bench_gpu import metric_samples, parse_env, stop_mesh, wait_serving  # noqa: E402
 from bench.host_load import PROC, TICKS_PER_S, read_stat  # noqa: E402
 from services.common.config import DEFAULT_MODEL  # noqa: E402
 from services.common.server import message_options  # noqa: E402
 from services.common.tensors import to_proto  # noqa: E402
-from t2v.up import health_status  # noqa: E402
 from t2v.v1 import decoder_pb2, decoder_pb2_grpc  # noqa: E402
 
 METRICS = ("t2v_decoder_vae_decode_duration_seconds_sum", "t2v_decoder_mp4_encode_duration_seconds_sum")
@@ -58,22 +57,18 @@ def threads_cpu(pid: int) -> dict[str, float]:
     return found
 
 
-def metrics(port: int) -> dict[str, float]:
-    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith(METRICS)}
-
-
 def start(a, env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    """``t2v serve decoder`` with ``env`` on ``port`` (its /metrics on port + 100), once SERVING."""
     cmd = [sys.executable, "-m", "t2v", "serve", "decoder", "--model", a.model, "--device", a.device,
            "--port", str(port), "--metrics-port", str(port + 100)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, cwd=ROOT, start_new_session=True,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while health_status(f"127.0.0.1:{port}") != 1:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the decoder did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
+    with log.open("w") as output:
+        proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, cwd=ROOT,
+                                start_new_session=True, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(proc, port, log.parent, 300, services=1)
+    except SystemExit:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return proc
 
 
@@ -94,7 +89,7 @@ def run_variant(a, name: str, env: dict[str, str], port: int, out: Path, profile
     try:
         for i in range(2):                       # warm-up: cuDNN's choices, the pinned-memory cache, x264
             decode(i)
-        before, threads_before = metrics(port + 100), threads_cpu(proc.pid)
+        before, threads_before = metric_samples(port + 100, METRICS), threads_cpu(proc.pid)
         process_before = read_stat(PROC / str(proc.pid))[1]
         spy = None
         if profile and shutil.which("py-spy"):
@@ -107,14 +102,14 @@ def run_variant(a, name: str, env: dict[str, str], port: int, out: Path, profile
         walls = [decode(10 + i) for i in range(a.calls)]
         wall = time.perf_counter() - started
         process_after = read_stat(PROC / str(proc.pid))[1]
-        after, threads_after = metrics(port + 100), threads_cpu(proc.pid)
+        after, threads_after = metric_samples(port + 100, METRICS), threads_cpu(proc.pid)
         idle_before = read_stat(PROC / str(proc.pid))[1]
         time.sleep(a.idle_s)                     # the same process doing nothing: does anything spin?
         idle_cpu = read_stat(PROC / str(proc.pid))[1] - idle_before
         if spy is not None:
             spy.wait(timeout=a.profile_s + 60)
         per_thread = {k: round(v - threads_before.get(k, 0.0), 3) for k, v in threads_after.items()}
-        busiest = dict(sorted(((k, v) for k, v in per_thread.items() if v > 0), key=lambda kv: -kv[1])[:12])
+        busiest = dict(sorted(((k, v) for k, v in per_thread.items() if v > 0), key=lambda kv: -kv[1])[:24])
         return {"env": env, "calls": a.calls, "wall_s": statistics.median(walls), "walls_s": walls,
                 "vae_s_per_call": (after[METRICS[0]] - before[METRICS[0]]) / a.calls,
                 "mp4_unhidden_s_per_call": (after[METRICS[1]] - before[METRICS[1]]) / a.calls,
@@ -123,8 +118,7 @@ def run_variant(a, name: str, env: dict[str, str], port: int, out: Path, profile
                 "idle_cpu_cores": idle_cpu / a.idle_s, "busiest_threads_s": busiest, "threads": len(threads_after)}
     finally:
         channel.close()
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
+        stop_mesh(proc)
 
 
 def main() -> None:
@@ -150,7 +144,7 @@ def main() -> None:
                     "cpus": os.cpu_count(), "ticks_per_s": TICKS_PER_S, "variants": {}}
     for index, entry in enumerate(v for v in a.variants.split(";") if v):
         name, _, settings = entry.partition("=")
-        env = dict(item.split("=", 1) for item in settings.split(",") if "=" in item)
+        env = parse_env(settings)
         report["variants"][name] = run_variant(a, name, env, a.base_port + 2 * index, a.out,
                                                name in a.profile.split(","))
         print(name, json.dumps(report["variants"][name]), flush=True)

@@ -48,10 +48,11 @@ class DecoderConfig(ModelConfig):
                                    "included) divided by the calls in it, at least 1, which x264 clips to what the "
                                    "frame allows (4 for 256x256): a call alone gets x264's own choice, 16 videos "
                                    "at once on 16 cores 1 thread each (docs/benchmarks.md run I)")
-    torch_threads: int = setting(0, "threads for torch's CPU work, 0 to 256; 0 = 1 on a GPU (there that work is the "
-                                    "frames' conversion to bytes, and OpenMP's idle threads spin after each of its "
-                                    "steps: 16 threads burned 1.4 CPU seconds a video on an H200 host, docs/benchmarks"
-                                    ".md run K), torch's own choice on the CPU (where the VAE runs on them)")
+    torch_threads: int = setting(0, "threads for torch's CPU work, 0 to 256 (set, it wins over OMP_NUM_THREADS); "
+                                    "0 = 1 on a GPU (there that work is the NaN check and the frames' conversion to "
+                                    "bytes, and OpenMP's idle threads spin after each step: a 16-core H200 host's "
+                                    "team burned 1.1-1.4 CPU seconds a video, docs/benchmarks.md run K), torch's "
+                                    "own choice on the CPU (where the VAE runs on them)")
     max_frames: int = setting(256, "most frames accepted in one video")
     max_fps: int = setting(60, "highest frame rate accepted")
     max_size: int = setting(1024, "largest height or width of a video accepted, in pixels")
