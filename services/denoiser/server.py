@@ -378,7 +378,8 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             raise ResourceExhausted(str(exc)) from None
         except eng.EngineStopped as exc:
             raise Unavailable(str(exc)) from None
-        context.add_callback(job.cancel)
+        if not context.add_callback(job.cancel):   # False: the call ended before it was watched (its caller
+            job.cancel()                           # cancelled, its deadline passed); else the job ran for nobody
         log.info(kv("accepted", job_id=checked.request_id, frames=checked.num_frames, height=checked.height,
                     width=checked.width, steps=checked.num_inference_steps, scheduler=checked.scheduler,
                     checkpoint_every=checked.checkpoint_every, cache=checked.cache,
