@@ -302,6 +302,8 @@ def wait_for_deferred_captures(log_dir: Path, serving_s: float, timeout: float =
 
 
 def stop_mesh(proc: subprocess.Popen) -> None:
+    """Ctrl-C to a process group started with ``start_new_session`` (`t2v up`, or one `t2v serve` stage) and wait:
+    the services drain and stop as an operator's would."""
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=120)
 

@@ -93,10 +93,10 @@ def run_variant(a, name: str, env: dict[str, str], port: int, out: Path, profile
         process_before = read_stat(PROC / str(proc.pid))[1]
         spy = None
         if profile and shutil.which("py-spy"):
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--rate", "500", "--format", "raw",
-                                    "--threads", "--nonblocking", "--output",
-                                    str(out / f"py-spy-{name}.txt"), "--duration", str(a.profile_s)],
-                                   stdout=(out / f"py-spy-{name}.log").open("w"), stderr=subprocess.STDOUT)
+            with (out / f"py-spy-{name}.log").open("w") as spy_log:
+                spy = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--rate", "500", "--format",
+                                        "raw", "--threads", "--nonblocking", "--output", str(out / f"py-spy-{name}.txt"),
+                                        "--duration", str(a.profile_s)], stdout=spy_log, stderr=subprocess.STDOUT)
             time.sleep(1.0)
         started = time.perf_counter()
         walls = [decode(10 + i) for i in range(a.calls)]
